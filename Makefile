@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CORES  ?= all
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv lint her2st report clean
+
+venv: $(STAMP)
+
+# torch first (the local CPU build), then everything else constrained to it, so that no
+# dependency can pull the multi-GB CUDA torch/torchvision wheels.
+$(STAMP): requirements.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/pip check
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+her2st: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/her2st.yaml
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores 1 --report results/report/report.html
+
+clean:
+	rm -rf results logs .snakemake

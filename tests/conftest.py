@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: the package path and the real data shipped beside the checkout."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+HER2ST = SHARED_DATA / "her2st"
+XENIUM_CROP = SHARED_DATA / "xenium_breast_crop"
+
+
+@pytest.fixture(scope="session")
+def her2st_dir() -> Path:
+    if not (HER2ST / "B4" / "B4.tsv.gz").is_file():
+        pytest.skip(f"real HER2ST data not found at {HER2ST} (only present in the developers' "
+                    "checkout and CI, not shipped with the project)")
+    return HER2ST
+
+
+@pytest.fixture(scope="session")
+def xenium_crop_dir() -> Path:
+    if not (XENIUM_CROP / "transcripts_small.csv").is_file():
+        pytest.skip(f"real Xenium crop not found at {XENIUM_CROP} (developers' checkout and CI "
+                    "only)")
+    return XENIUM_CROP

@@ -1,0 +1,349 @@
+"""Diff-ST network: CAM, disentangling, CIGC graph, curriculum, ablations and a one-batch overfit."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from histomap.models.diffst import (
+    ConditionalUNet, CrossModalModulation, CurriculumSchedule, DiffST, DiffSTConfig,
+    Disentangler, GeneGraph, coexpression_adjacency, local_cross_gram, normalize_adjacency,
+    select_subpatches, split_subpatches, subpatch_entropy)
+from histomap.models.diffusion import GaussianDiffusion
+
+G, HR, LR, IMG, GRID = 3, 16, 4, 32, 4
+
+
+def tiny_cfg(**overrides) -> DiffSTConfig:
+    base = dict(base_channels=8, channel_mult=(1, 2), tissue_channels=8, cell_channels=8,
+                attn_channels=8, fusion_channels=8, gene_node_channels=4, cell_grid=GRID,
+                cell_patch_px=8, cam_region=3)
+    base.update(overrides)
+    return DiffSTConfig(**base)
+
+
+def graded_image(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """H&E stand-in whose sub-patch k (row-major) holds k + 1 equally frequent grey levels, so its
+    entropy (and the complexity ranking) grows with k; patch 0 is flat. ``seed`` shuffles pixels."""
+    g = torch.Generator().manual_seed(seed)
+    cell = IMG // GRID
+    img = torch.empty(batch, 3, IMG, IMG)
+    for k in range(GRID * GRID):
+        r, c = divmod(k, GRID)
+        levels = 0.1 + 0.05 * (torch.arange(cell * cell) % (k + 1)).float()
+        for i in range(batch):
+            shuffled = levels[torch.randperm(cell * cell, generator=g)].reshape(cell, cell)
+            img[i, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = shuffled
+    return img
+
+
+def batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"lr_map": torch.rand((n, G, LR, LR), generator=g), "image": graded_image(n, seed)}
+
+
+def assert_all_grads(module: torch.nn.Module) -> None:
+    for name, p in module.named_parameters():
+        assert p.grad is not None, f"no gradient reaches {name}"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"zero gradient at {name}"
+
+
+# ------------------------------------------------------------------------------------------ CAM
+@pytest.mark.parametrize("mode,region", [("channel", 3), ("channel", 2), ("spatial", 3)])
+def test_cam_shapes_gradients_and_cross_dependence(mode, region):
+    torch.manual_seed(0)
+    cam = CrossModalModulation(8, region, mode)
+    f_y = torch.randn(2, 8, 6, 6, requires_grad=True)
+    f_h = torch.randn(2, 8, 6, 6, requires_grad=True)
+    y_out, h_out = cam(f_y, f_h)
+    assert y_out.shape == f_y.shape and h_out.shape == f_h.shape
+    # each modality's output is modulated by the other one
+    (grad_h,) = torch.autograd.grad(y_out.pow(2).sum(), f_h, retain_graph=True)
+    (grad_y,) = torch.autograd.grad(h_out.pow(2).sum(), f_y, retain_graph=True)
+    assert grad_h.abs().sum() > 0 and grad_y.abs().sum() > 0
+    w = torch.randn_like(y_out)
+    ((y_out * w).sum() + (h_out * w.flip(1)).sum()).backward()
+    assert_all_grads(cam)
+
+
+def test_local_cross_gram_matches_unfolded_regions():
+    g = torch.Generator().manual_seed(1)
+    y, h = torch.randn((1, 3, 7, 7), generator=g), torch.randn((1, 3, 7, 7), generator=g)
+    a = 3
+    gram = local_cross_gram(y, h, a)                                    # (1, 7, 7, C, C)
+    a_y = F.unfold(y, a, padding=1).reshape(1, 3, a * a, 7, 7)          # zero-padded regions
+    a_h = F.unfold(h, a, padding=1).reshape(1, 3, a * a, 7, 7)
+    for p in [(3, 3), (1, 5)]:                                          # interior pixels
+        A_y, A_h = a_y[0, :, :, p[0], p[1]].T, a_h[0, :, :, p[0], p[1]].T  # (a^2, C)
+        assert torch.allclose(gram[0, p[0], p[1]], A_y.T @ A_h / (a * a), atol=1e-5)
+    # corner: the mean over the 4 in-image neighbours
+    A_y, A_h = y[0, :, :2, :2].reshape(3, 4).T, h[0, :, :2, :2].reshape(3, 4).T
+    assert torch.allclose(gram[0, 0, 0], A_y.T @ A_h / 4, atol=1e-5)
+
+
+def test_spatial_cam_requires_divisible_grid():
+    cam = CrossModalModulation(4, 4, "spatial")
+    with pytest.raises(ValueError, match="divisible"):
+        cam(torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6))
+
+
+def test_disentangling_loss_and_gradients():
+    torch.manual_seed(0)
+    dis = Disentangler(8, 12)
+    f_y = torch.randn(2, 8, 5, 5)
+    f_h = torch.randn(2, 8, 5, 5)
+    fused, loss = dis(f_y, f_h)
+    assert fused.shape == (2, 12, 5, 5)
+    assert torch.isfinite(loss) and loss.item() > 0
+    (fused.pow(2).mean() + loss).backward()
+    assert_all_grads(dis)
+    # hand value without normalisation: ||1 - 0|| / ||2 - 0|| = 1/2
+    raw = Disentangler(2, 2, normalize=False)
+    ones = torch.ones(1, 2, 3, 3)
+    value = raw.loss(ones, 0 * ones, 2 * ones, 0 * ones)
+    assert value.item() == pytest.approx(0.5, rel=1e-5)
+    # normalised: scaling the shared or unique parts does not change the loss
+    s_y, s_h, u_y, u_h = (torch.randn(1, 4, 3, 3) for _ in range(4))
+    assert dis.loss(s_y, s_h, u_y, u_h).item() == pytest.approx(
+        dis.loss(0.01 * s_y, 0.01 * s_h, 10 * u_y, 10 * u_h).item(), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ CIGC graph
+def test_coexpression_adjacency_hand_example(caplog):
+    x = np.array([[1, 0, 2],
+                  [2, 1, 0],
+                  [0, 3, 1],
+                  [1, 1, 1]], dtype=float)
+    # totals 4, 5, 4; sum_o min(x_i, x_j) = 2 for every pair
+    # p(0|1) = 2/5, p(1|0) = 2/4 -> 0.45; p(0|2) = p(2|0) = 2/4 -> 0.5; p(1|2) = 2/4, p(2|1) = 2/5
+    expected = np.array([[1.0, 0.45, 0.5],
+                         [0.45, 1.0, 0.45],
+                         [0.5, 0.45, 1.0]])
+    assert np.allclose(coexpression_adjacency(x), expected)
+    # binarised: every gene is on in 3 obs, every pair in 2 -> 2/3
+    binary = coexpression_adjacency(x, binarize=True)
+    assert np.allclose(binary, np.where(np.eye(3, dtype=bool), 1.0, 2 / 3))
+    import scipy.sparse as sp
+    assert np.allclose(coexpression_adjacency(sp.csr_matrix(x)), expected)
+    with caplog.at_level(logging.WARNING, logger="histomap.models.diffst"):
+        silent = coexpression_adjacency(np.c_[x, np.zeros(4)])
+    assert "never expressed" in caplog.text
+    assert silent[3, 3] == 1 and (silent[3, :3] == 0).all()
+    with pytest.raises(ValueError, match="non-negative"):
+        coexpression_adjacency(-x)
+
+
+def test_normalize_adjacency():
+    a = torch.tensor([[1.0, 1.0], [1.0, 3.0]])       # degrees 2 and 4
+    n = normalize_adjacency(a)
+    expected = torch.tensor([[1 / 2, 1 / math.sqrt(8)], [1 / math.sqrt(8), 3 / 4]])
+    assert torch.allclose(n, expected)
+
+
+def test_gene_graph_shapes_gradients_and_coupling():
+    torch.manual_seed(0)
+    graph = GeneGraph(3, node_channels=4, alpha=0.2)
+    maps = torch.randn(2, 3, 5, 5)
+    out = graph(maps)
+    assert out.shape == (2, 3, 4, 5, 5)
+    out.pow(2).mean().backward()
+    assert_all_grads(graph)
+    # identity graph: gene 0's nodes ignore gene 1; a co-expression graph couples them
+    bumped = maps.clone()
+    bumped[:, 1] += 1.0
+    with torch.no_grad():
+        assert torch.allclose(graph(maps)[:, 0], graph(bumped)[:, 0])
+        graph.set_adjacency(np.array([[1, 0.9, 0], [0.9, 1, 0], [0, 0, 1.0]]))
+        assert not torch.allclose(graph(maps)[:, 0], graph(bumped)[:, 0])
+        assert torch.allclose(graph(maps)[:, 2], graph(bumped)[:, 2])   # gene 2 is not linked
+        # residual mix: alpha = 0 returns the node embeddings unchanged
+        graph.alpha = 0.0
+        nodes = graph.encode(maps.reshape(6, 1, 5, 5)).reshape(2, 3, 4, 5, 5)
+        assert torch.allclose(graph(maps), nodes)
+    with pytest.raises(ValueError, match="adjacency must be"):
+        graph.set_adjacency(np.eye(4))
+
+
+# ------------------------------------------------------------------------------------ curriculum
+def test_curriculum_schedule_values():
+    sched = CurriculumSchedule.over_training(30)                 # thirds: 0.25 -> 0.5 -> 1.0
+    assert sched.milestones == (0.0, 10.0, 20.0)
+    assert [sched.fraction(e) for e in (0, 9, 9.99, 10, 19, 20, 29)] == \
+        [0.25, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
+    custom = CurriculumSchedule(milestones=(5, 8), fractions=(0.4, 0.9))
+    assert custom.fraction(0) == 0.4 and custom.fraction(8) == 0.9
+    gamma = CurriculumSchedule((0, 2), (0.0, 0.6), mode="threshold")
+    assert gamma.fraction(1) == 0.0 and gamma.fraction(3) == 0.6
+    with pytest.raises(ValueError):
+        CurriculumSchedule((0, 1), (0.5,))
+    with pytest.raises(ValueError):
+        CurriculumSchedule((2, 1), (0.5, 1.0))
+    with pytest.raises(ValueError):
+        CurriculumSchedule((0,), (0.0,))                          # a kept fraction of 0
+
+
+def test_subpatch_entropy_and_layout():
+    img = torch.full((1, 3, 64, 64), 0.3)
+    img[:, :, 16:32, 32:48] = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ent = subpatch_entropy(img, grid=4, bins=64)
+    assert ent.shape == (1, 16)
+    assert int(ent.argmax()) == 1 * 4 + 2                        # row 1, column 2, row-major
+    assert ent[0, 6] > 0.7 and torch.all(ent[0, torch.arange(16) != 6] == 0)
+    patches = split_subpatches(img, grid=4, patch_px=8)
+    assert patches.shape == (1, 16, 3, 8, 8)
+    spread = patches.flatten(2).std(-1)[0]
+    assert int(spread.argmax()) == 6 and spread[torch.arange(16) != 6].max() < 1e-6
+    # uint8 input is read as 0..255
+    assert torch.allclose(subpatch_entropy((img * 255).round().to(torch.uint8), 4), ent,
+                          atol=0.05)
+
+
+def test_select_subpatches_directions():
+    ent = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    assert select_subpatches(ent, keep_fraction=0.5).tolist() == [[False, True, True, False]]
+    assert select_subpatches(ent, keep_fraction=0.5, keep="low").tolist() == \
+        [[True, False, False, True]]
+    assert select_subpatches(ent, threshold=0.4).tolist() == [[False, True, True, False]]
+    assert select_subpatches(ent, threshold=0.95).tolist() == [[False, True, False, False]]
+    assert select_subpatches(ent).all()
+
+
+def test_keep_fraction_changes_attention_mask_and_output():
+    torch.manual_seed(0)
+    model = DiffST(G, tiny_cfg()).eval()
+    b = batch()
+    x_t, t = torch.randn(2, G, HR, HR), torch.tensor([10, 600])
+    sched = CurriculumSchedule.over_training(3)
+    with torch.no_grad():
+        assert sched.apply(model, epoch=0) == 0.25
+        eps_quarter, _ = model(x_t, t, **b)
+        mask = model.last_cell_mask
+        assert mask.sum(1).tolist() == [4, 4]                   # ceil(0.25 * 16)
+        assert mask[:, 12:].all() and not mask[:, :12].any()    # the 4 most complex patches
+        weights = model.cell_attention.last_weights             # (B, heads, queries, M)
+        assert torch.all(weights[..., :12] == 0)
+        assert torch.allclose(weights.sum(-1), torch.ones(()))
+        sched.apply(model, epoch=2)
+        assert float(model.keep_fraction) == 1.0
+        eps_all, _ = model(x_t, t, **b)
+        assert model.last_cell_mask.all()
+    assert not torch.allclose(eps_quarter, eps_all, atol=1e-6)
+
+
+def test_entropy_threshold_curriculum():
+    torch.manual_seed(0)
+    model = DiffST(G, tiny_cfg(curriculum_mode="threshold")).eval()
+    b = batch()
+    x_t, t = torch.randn(2, G, HR, HR), torch.tensor([10, 600])
+    ent = subpatch_entropy(b["image"], GRID)
+    kept = []
+    with torch.no_grad():
+        for gamma in (0.0, float(ent.median()), 0.99):
+            model.set_curriculum(entropy_threshold=gamma)
+            model(x_t, t, **b)
+            kept.append(model.last_cell_mask.sum().item())
+            assert torch.equal(model.last_cell_mask, (ent > gamma) | (ent == ent.max(1).values[:,
+                                                                                               None]))
+    assert kept[0] > kept[1] > kept[2] >= 2                       # one patch per image at least
+    with pytest.raises(ValueError):
+        model.set_curriculum(keep_fraction=0.0)
+
+
+# ------------------------------------------------------------------------------ whole networks
+@pytest.mark.parametrize("overrides", [
+    {}, {"cam": False}, {"cigc": False}, {"hierarchical": False},
+    {"cam_mode": "spatial", "cam_region": 4}, {"cigc_on": "lr"}, {"fusion_downsample": 2},
+    {"keep": "low", "cross_attn_heads": 2}, {"tissue_backbone": "resnet10t", "tissue_px": 32},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "full")
+def test_ablation_switches_build_and_run(overrides):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(**overrides)
+    model = DiffST(G, cfg)
+    model.set_adjacency(coexpression_adjacency(np.random.default_rng(0).poisson(2, (50, G))))
+    model.set_curriculum(keep_fraction=0.5)
+    eps, aux = model(torch.randn(2, G, HR, HR), torch.tensor([3, 900]), **batch())
+    assert eps.shape == (2, G, HR, HR) and torch.isfinite(eps).all()
+    assert ("dis" in aux) == cfg.cam
+    assert (model.graph is None) == (not cfg.cigc)
+    assert (model.last_cell_mask is None) == (not cfg.hierarchical)
+    (eps.pow(2).mean() + sum(aux.values())).backward()
+    assert_all_grads(model)
+
+
+def test_registry_style_construction_and_state_dict_roundtrip():
+    torch.manual_seed(0)
+    model = DiffST(G, **tiny_cfg().to_dict())
+    model.set_adjacency(np.array([[1, 0.5, 0.2], [0.5, 1, 0.1], [0.2, 0.1, 1.0]]))
+    model.set_curriculum(keep_fraction=0.5, entropy_threshold=0.3)
+    rebuilt = DiffST(G, **model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert float(rebuilt.keep_fraction) == 0.5 and float(rebuilt.entropy_threshold) == 0.3
+    assert torch.equal(rebuilt.graph.adjacency, model.graph.adjacency)
+    x_t, t = torch.randn(2, G, HR, HR), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x_t, t, **batch())[0], rebuilt.eval()(x_t, t, **batch())[0])
+    with pytest.raises(ValueError, match="unknown Diff-ST config"):
+        DiffST(G, channels=3)
+    with pytest.raises(ValueError, match="cam_mode"):
+        DiffST(G, cam_mode="pixel")
+
+
+def test_conditional_unet_baseline_uses_lr_and_image():
+    torch.manual_seed(0)
+    model = ConditionalUNet(G, tiny_cfg())
+    b = batch()
+    x_t, t = torch.randn(2, G, HR, HR), torch.tensor([5, 50])
+    eps = model(x_t, t, **b)
+    assert eps.shape == (2, G, HR, HR)
+    eps.pow(2).mean().backward()
+    assert_all_grads(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x_t, t, b["lr_map"] + 1, b["image"]), eps)
+        assert not torch.allclose(model(x_t, t, b["lr_map"], 1 - b["image"]), eps)
+
+
+def test_sampling_encodes_the_condition_once():
+    torch.manual_seed(0)
+    model = DiffST(G, tiny_cfg()).eval()
+    calls = []
+    encode = model.encode_condition
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("hr_shape"))
+        return encode(*args, **kwargs)
+
+    model.encode_condition = counting
+    d = GaussianDiffusion(T=50, clip_x0=(-1, 1))
+    stats = d.sample(model, (2, G, HR, HR), batch(), sampler="ddim", steps=4, n_samples=2,
+                     generator=torch.Generator().manual_seed(0))
+    assert calls == [(HR, HR)]
+    assert stats.mean.shape == (2, G, HR, HR) and stats.std.shape == (2, G, HR, HR)
+    assert stats.mean.abs().max() <= 1 and (stats.std > 0).any()
+
+
+def test_overfits_two_samples():
+    torch.manual_seed(0)
+    model = DiffST(G, tiny_cfg(base_channels=16))
+    x_hr = torch.rand(2, G, HR, HR, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    model.set_adjacency(coexpression_adjacency(((x_hr + 1) / 2).permute(0, 2, 3, 1)
+                                               .reshape(-1, G).numpy()))
+    cond = batch()
+    d = GaussianDiffusion(T=1000)
+    t = torch.tensor([50, 400])
+    noise = torch.randn(x_hr.shape, generator=torch.Generator().manual_seed(6))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        out = d.p_losses(model, x_hr, cond, t=t, noise=noise)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+        if losses[-1] < 0.3 * losses[0]:
+            break
+    assert losses[-1] < 0.5 * losses[0], losses[::10]

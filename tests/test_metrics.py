@@ -1,0 +1,179 @@
+"""Metrics: signed per-gene Pearson, summaries, per-slide vs pooled evaluation."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.stats import pearsonr
+
+from histomap.errors import InputError
+from histomap.metrics import (aggregate_over_slides, evaluate_matrices, evaluate_predictions,
+                              gene_metrics, pearson_per_gene, summarise)
+
+
+def _value(table: pd.DataFrame, **where) -> float:
+    rows = table
+    for col, val in where.items():
+        rows = rows[rows[col] == val]
+    assert len(rows) == 1, where
+    return float(rows["value"].iloc[0])
+
+
+def test_pearson_matches_scipy_including_negative():
+    rng = np.random.default_rng(0)
+    y_true = rng.normal(size=(50, 6))
+    noise = rng.normal(size=(50, 6))
+    signs = np.array([1, -1, 1, -1, 0.2, -3])
+    y_pred = y_true * signs + noise
+    r = pearson_per_gene(y_true, y_pred)
+    expected = [pearsonr(y_true[:, j], y_pred[:, j])[0] for j in range(6)]
+    np.testing.assert_allclose(r, expected, rtol=1e-10, atol=1e-12)
+    assert (r[[1, 3, 5]] < -0.3).all(), "negative correlations must stay negative"
+
+
+def test_pearson_scale_invariant_and_extreme_values():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(30, 3))
+    p = y + rng.normal(size=(30, 3))
+    base = pearson_per_gene(y, p)
+    np.testing.assert_allclose(pearson_per_gene(y * 1e-160, p * 1e160), base, rtol=1e-10)
+    np.testing.assert_allclose(pearson_per_gene(-y, p), -base, rtol=1e-12)
+
+
+def test_constant_columns_are_nan_and_counted():
+    rng = np.random.default_rng(2)
+    y_true = rng.normal(size=(20, 4))
+    y_pred = rng.normal(size=(20, 4))
+    y_true[:, 1] = 0.1          # constant truth (0.1 is not exact in binary: no rounding escape)
+    y_pred[:, 2] = 3.0          # constant prediction
+    r = pearson_per_gene(y_true, y_pred)
+    assert np.isnan(r[[1, 2]]).all()
+    assert np.isfinite(r[[0, 3]]).all()
+    table = gene_metrics(y_true, y_pred, ["a", "b", "c", "d"])
+    assert len(table) == 12, "NaN genes are kept, not dropped"
+    summary = summarise(table)
+    assert _value(summary, metric="n_nan_pcc") == 2
+    assert _value(summary, metric="PCC@M") == pytest.approx(np.mean(r[[0, 3]]))
+
+
+def test_pearson_shape_checks():
+    with pytest.raises(ValueError):
+        pearson_per_gene(np.zeros((3, 2)), np.zeros((3, 3)))
+    assert np.isnan(pearson_per_gene(np.ones((1, 2)), np.ones((1, 2)))).all()
+
+
+def test_summaries_on_hand_made_vectors():
+    pcc = np.array([0.9, -0.2, 0.5, np.nan, 0.1, 0.7, -0.6])
+    mse = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    mae = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 2.0, 9.0])
+    genes = [f"g{i}" for i in range(7)]
+    per_gene = pd.DataFrame({"gene": genes * 3, "metric": ["pcc"] * 7 + ["mse"] * 7 + ["mae"] * 7,
+                             "value": np.concatenate([pcc, mse, mae])})
+    summary = summarise(per_gene)
+    defined = pcc[~np.isnan(pcc)]
+    assert _value(summary, metric="PCC@F") == pytest.approx(np.quantile(defined, 0.25))
+    assert _value(summary, metric="PCC@S") == pytest.approx(np.median(defined))
+    assert _value(summary, metric="PCC@M") == pytest.approx(np.mean(defined))
+    assert _value(summary, metric="n_nan_pcc") == 1
+    assert _value(summary, metric="MSE") == pytest.approx(4.0)
+    assert _value(summary, metric="MAE") == pytest.approx(mae.mean())
+    # hand values: sorted defined = [-0.6, -0.2, 0.1, 0.5, 0.7, 0.9]; Q1 at index 1.25
+    assert _value(summary, metric="PCC@F") == pytest.approx(-0.2 + 0.25 * 0.3)
+    assert _value(summary, metric="PCC@S") == pytest.approx(0.3)
+
+
+def test_summarise_keys_and_all_nan_group():
+    per_gene = pd.DataFrame({
+        "sample": ["A"] * 2 + ["B"] * 2,
+        "gene": ["x", "y"] * 2,
+        "metric": ["pcc"] * 4,
+        "value": [0.2, 0.4, np.nan, np.nan],
+    })
+    summary = summarise(per_gene)
+    assert list(summary.columns) == ["sample", "metric", "value"]
+    assert _value(summary, sample="A", metric="PCC@M") == pytest.approx(0.3)
+    assert np.isnan(_value(summary, sample="B", metric="PCC@M"))
+    assert _value(summary, sample="B", metric="n_nan_pcc") == 2
+
+
+def test_mse_mae_formulas():
+    y_true = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    y_pred = np.array([[1.0, 1.0], [2.0, 1.0], [1.0, 6.0]])
+    table = gene_metrics(y_true, y_pred, ["a", "b"])
+    assert set(table.columns) == {"gene", "metric", "value"}
+    assert _value(table, gene="a", metric="mse") == pytest.approx((1 + 0 + 9) / 3)
+    assert _value(table, gene="b", metric="mse") == pytest.approx((0 + 4 + 1) / 3)
+    assert _value(table, gene="a", metric="mae") == pytest.approx((1 + 0 + 3) / 3)
+    assert _value(table, gene="b", metric="mae") == pytest.approx((0 + 2 + 1) / 3)
+
+
+def test_pooled_differs_from_mean_of_slides():
+    # within each slide the prediction tracks the truth perfectly (PCC 1), but slide B is offset:
+    # pooled over both slides the correlation is negative.
+    t_a, p_a = np.array([[0.0], [1.0], [2.0]]), np.array([[10.0], [11.0], [12.0]])
+    t_b, p_b = np.array([[10.0], [11.0], [12.0]]), np.array([[0.0], [1.0], [2.0]])
+    table = evaluate_matrices({"A": (t_a, p_a), "B": (t_b, p_b)}, ["g"])
+    assert set(table["sample"]) == {"A", "B", "pooled"}
+    assert _value(table, sample="A", metric="pcc") == pytest.approx(1.0)
+    assert _value(table, sample="B", metric="pcc") == pytest.approx(1.0)
+    pooled = _value(table, sample="pooled", metric="pcc")
+    expected = pearsonr(np.r_[t_a[:, 0], t_b[:, 0]], np.r_[p_a[:, 0], p_b[:, 0]])[0]
+    assert pooled == pytest.approx(expected) and pooled < 0
+
+    summary = summarise(table)
+    mean = aggregate_over_slides(summary)
+    assert "sample" not in mean.columns
+    assert _value(mean, metric="PCC@M") == pytest.approx(1.0)
+    assert _value(summary, sample="pooled", metric="PCC@M") < 0
+
+
+def test_aggregate_over_slides_means_and_sums():
+    summary = pd.DataFrame({
+        "model": ["m"] * 6,
+        "sample": ["A", "A", "B", "B", "pooled", "pooled"],
+        "metric": ["MSE", "n_nan_pcc"] * 3,
+        "value": [1.0, 2.0, 3.0, 1.0, 100.0, 100.0],
+    })
+    mean = aggregate_over_slides(summary)
+    assert list(mean.columns) == ["model", "metric", "value"]
+    assert _value(mean, metric="MSE") == pytest.approx(2.0)
+    assert _value(mean, metric="n_nan_pcc") == 3
+
+
+def _spots(names, genes, x, *, sparse=False):
+    x = np.asarray(x, dtype=np.float32)
+    return ad.AnnData(X=sp.csr_matrix(x) if sparse else x,
+                      obs=pd.DataFrame(index=list(names)), var=pd.DataFrame(index=list(genes)))
+
+
+def test_evaluate_predictions_aligns_spots_and_genes(caplog):
+    rng = np.random.default_rng(3)
+    truth_x = rng.normal(size=(5, 3))
+    truth = _spots([f"s{i}" for i in range(5)], ["g1", "g2", "g3"], truth_x, sparse=True)
+    # prediction: spots shuffled plus an extra spot, genes in another order plus an extra gene
+    order = [3, 0, 4, 1, 2]
+    pred_core = truth_x[order][:, [2, 0, 1]] + rng.normal(scale=0.1, size=(5, 3))
+    pred_x = np.c_[np.vstack([pred_core, np.ones((1, 3))]), np.zeros(6)]
+    pred = _spots([f"s{i}" for i in order] + ["extra"], ["g3", "g1", "g2", "g9"], pred_x)
+    with caplog.at_level("INFO"):
+        table = evaluate_predictions({"S": truth}, {"S": pred}, ["g1", "g2", "g3"])
+    assert "extra" in caplog.text
+    aligned = np.empty((5, 3))
+    aligned[order] = pred_core[:, [1, 2, 0]]
+    expected = evaluate_matrices({"S": (truth_x, aligned)}, ["g1", "g2", "g3"])
+    pd.testing.assert_frame_equal(table, expected, rtol=1e-6)
+    assert set(table["sample"]) == {"S", "pooled"}
+
+
+def test_evaluate_predictions_errors():
+    truth = _spots(["a", "b", "c"], ["g1", "g2"], np.arange(6).reshape(3, 2))
+    short = _spots(["a", "b"], ["g1", "g2"], np.ones((2, 2)))
+    with pytest.raises(InputError, match=r"pred\.h5ad.*lacks 1 of 3 truth spots: c"):
+        evaluate_predictions({"S": truth}, {"S": short}, pred_paths={"S": "pred.h5ad"})
+    no_gene = _spots(["a", "b", "c"], ["g1"], np.ones((3, 1)))
+    with pytest.raises(InputError, match="lacks 1 evaluated gene.*g2"):
+        evaluate_predictions({"S": truth}, {"S": no_gene})
+    with pytest.raises(InputError, match="no prediction for test sample 'S'"):
+        evaluate_predictions({"S": truth}, {"T": truth})

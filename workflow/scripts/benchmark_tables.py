@@ -1,0 +1,12 @@
+"""Snakemake adapter: benchmark.csv (long), benchmark.md (paper-shaped) and the PCC figure."""
+from histomap.logs import run_step
+from histomap.report import benchmark_long, plot_pcc_distribution, read_metrics, write_report
+
+
+def main(sm):
+    per_gene = read_metrics(sm.input)
+    write_report(benchmark_long(per_gene), sm.output.csv, sm.output.md)
+    plot_pcc_distribution(per_gene, sm.output.pcc)
+
+
+run_step(snakemake.log[0], main, snakemake)  # noqa: F821

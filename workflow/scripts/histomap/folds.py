@@ -1,0 +1,78 @@
+"""Cross-validation folds (by patient, by sample, or explicit) and training-only validation splits.
+
+The test fold is decided here once; training code receives only training samples, and
+validation (early stopping, model selection) is carved out of those, never out of the test fold.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("leave_one_patient_out", "leave_one_sample_out", "explicit")
+
+
+def make_folds(samples: pd.DataFrame, strategy: str, explicit: dict | None = None,
+               sheet: str = "samples.tsv") -> dict[str, dict[str, list[str]]]:
+    """Return ``{fold: {"train": [...], "test": [...]}}`` in sample-sheet order.
+
+    ``leave_one_patient_out`` names folds after the held-out patient, ``leave_one_sample_out``
+    after the held-out sample; ``explicit`` takes ``{fold: [test samples]}`` and trains on all
+    other samples.
+    """
+    names = list(samples["sample"])
+    if strategy == "leave_one_patient_out":
+        groups = {str(p): list(samples.loc[samples["patient"] == p, "sample"])
+                  for p in pd.unique(samples["patient"])}
+    elif strategy == "leave_one_sample_out":
+        groups = {s: [s] for s in names}
+    elif strategy == "explicit":
+        if not explicit:
+            raise InputError(sheet, "folds.strategy is 'explicit' but folds.explicit is empty")
+        groups = {}
+        for fold, tests in explicit.items():
+            unknown = sorted(set(tests) - set(names))
+            if unknown:
+                raise InputError(sheet, f"fold {fold!r} names samples not in the sheet: {unknown}")
+            groups[str(fold)] = list(tests)
+    else:
+        raise InputError(sheet, f"unknown fold strategy {strategy!r}; use one of {STRATEGIES}")
+    folds = {}
+    for fold, tests in groups.items():
+        train = [s for s in names if s not in tests]
+        if not train:
+            raise InputError(sheet, f"fold {fold!r} leaves no training samples "
+                                    f"(a single patient cannot be left out: use "
+                                    f"leave_one_sample_out or explicit folds)")
+        folds[fold] = {"train": train, "test": list(tests)}
+    return folds
+
+
+def validation_split(coords_px: np.ndarray, *, fraction: float, block_px: float, seed: int
+                     ) -> np.ndarray:
+    """Boolean mask of validation spots: whole square spatial blocks of one training slide.
+
+    Neighbouring spots share tissue, so a random spot split would leak; blocks of ``block_px``
+    level-0 pixels are drawn at random until about ``fraction`` of the spots is held out.
+    """
+    n = len(coords_px)
+    if fraction <= 0 or n < 4:
+        return np.zeros(n, dtype=bool)
+    block = np.floor(coords_px / block_px).astype(np.int64)
+    keys, inverse = np.unique(block, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    counts = np.bincount(inverse, minlength=len(keys))
+    chosen, total = [], 0
+    for k in order:
+        if total >= fraction * n:
+            break
+        if total + counts[k] >= n:  # never hold out a whole slide
+            continue
+        chosen.append(k)
+        total += counts[k]
+    return np.isin(inverse, chosen)

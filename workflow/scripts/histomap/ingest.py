@@ -1,0 +1,87 @@
+"""Ingest one sample: platform reader -> OpenSlide pyramid + spots AnnData + SpatialData zarr."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from .errors import InputError
+from .io import read_sample
+from .sample import UNS_KEY, Sample
+from .slide import open_slide, prepare_slide, read_region
+
+log = logging.getLogger(__name__)
+
+
+def check_spots_in_slide(sample: Sample, width: int, height: int) -> None:
+    xy = sample.spots.obsm["spatial"]
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+    if outside.any():
+        names = list(sample.spots.obs_names[outside][:5])
+        raise InputError(sample.image_path, f"{int(outside.sum())} spot centres lie outside the "
+                                            f"{width}x{height} px image (e.g. {names})")
+
+
+def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
+    """SpatialData of the sample for viewers: H&E at ``image_mpp`` (scaled into level-0 pixels,
+    the ``global`` coordinate system), spots as circles, counts as the annotating table."""
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    with open_slide(slide_path) as slide:
+        w0, h0 = slide.dimensions
+        ds = max(1.0, image_mpp / sample.mpp)
+        out_w, out_h = max(1, int(w0 / ds)), max(1, int(h0 / ds))
+        rgb = read_region(slide, 0, 0, w0, h0, out_w, out_h)
+    image = Image2DModel.parse(rgb.transpose(2, 0, 1), dims=("c", "y", "x"),
+                               transformations={"global": Scale([h0 / out_h, w0 / out_w],
+                                                                axes=("y", "x"))})
+    spots = sample.spots
+    radius = spots.obs["diameter_um"].to_numpy(dtype=float) / 2.0 / sample.mpp
+    shapes = ShapesModel.parse(np.asarray(spots.obsm["spatial"]), geometry=0, radius=radius,
+                               index=spots.obs_names.to_list(),
+                               transformations={"global": Identity()})
+    table = spots.copy()
+    table.obs["region"] = "spots"
+    table.obs["region"] = table.obs["region"].astype("category")
+    table.obs["spot_id"] = table.obs_names.to_list()
+    table.uns[UNS_KEY] = dict(spots.uns[UNS_KEY])
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+    return sd.SpatialData(images={"he": image}, shapes={"spots": shapes},
+                          tables={"table": table})
+
+
+def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str | Path,
+                  mpp: float | None = None, spot_diameter_um: float | None = None,
+                  image: str | Path | None = None, spatialdata_mpp: float | None = 4.0,
+                  sheet: str | Path = "samples.tsv") -> Sample:
+    """Write ``slide.tif``, ``spots.h5ad``, ``highres.h5ad`` and ``sample.zarr`` to ``out_dir``.
+
+    ``highres.h5ad`` has zero rows for platforms without high-resolution measurements.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    smp = read_sample(platform, sample, path, mpp=mpp, spot_diameter_um=spot_diameter_um,
+                      image=image, sheet=sheet)
+    slide_path = out_dir / "slide.tif"
+    smp.mpp = prepare_slide(smp.image_path, slide_path, smp.mpp)
+    smp.spots.uns[UNS_KEY]["mpp"] = smp.mpp
+    with open_slide(slide_path) as slide:
+        check_spots_in_slide(smp, *slide.dimensions)
+    log.info("%s: %d spots x %d genes, mpp %.4f, spot diameter %g um", sample, smp.spots.n_obs,
+             smp.spots.n_vars, smp.mpp, smp.spot_diameter_um)
+    smp.spots.write_h5ad(out_dir / "spots.h5ad")
+    highres = smp.highres if smp.highres is not None else ad.AnnData(
+        np.zeros((0, 0), dtype=np.int32))
+    highres.uns[UNS_KEY] = dict(smp.spots.uns[UNS_KEY])
+    highres.write_h5ad(out_dir / "highres.h5ad")
+    if spatialdata_mpp:
+        zarr_path = out_dir / "sample.zarr"
+        if zarr_path.exists():
+            shutil.rmtree(zarr_path)
+        to_spatialdata(smp, slide_path, spatialdata_mpp).write(zarr_path)
+    return smp

@@ -1,0 +1,559 @@
+"""PixNet: dense gene-expression maps from H&E, trained through circular-ROI aggregation.
+
+After Zhang, Yang & Pan, "From Spots to Pixels" (no public code). The network maps an RGB
+patch to a dense, non-negative map ``G`` (B, genes, H / out_stride, W / out_stride); spot values
+are the area-weighted aggregation of ``G`` inside each spot's disc (``histomap.roi``), so the
+spot size at inference may differ from the one used in training.
+
+Pieces:
+
+* Encoder: a multi-scale feature pyramid, from any timm CNN (``features_only``) or from a ViT
+  foundation model (UNI2-h's architecture by default) whose intermediate blocks are tapped and
+  turned into strides 4/8/16/32 by a ViTDet-style simple feature pyramid.
+* Decoder: U-Net-style. The deep up-sampling steps use depth-to-space (PixelShuffle, "DSUB"),
+  the shallow ones bilinear interpolation. At every skip a Separable Attention Fusion Block
+  (SAFB) fuses the skip with the decoder feature; ``fusion="conv"`` swaps it for a plain conv
+  block (ablation).
+* Head: 1x1 conv to genes, softplus (or ReLU) so expression is non-negative.
+* Loss: ``pixnet_loss`` = MSE + 0.5 (1 - mean per-gene Pearson r over the spots of a batch).
+
+Attention choice: the paper fuses with self-attention; full attention over all positions is
+O((HW)^2) memory at stride 4, so SAFB uses MobileViTv2's *separable self-attention*, linear in
+the number of positions: a 1-channel query map gives context scores by a softmax over
+positions, the context vector is the score-weighted sum of the keys, and every position's output
+is ReLU(value) * context, projected by a 1x1 conv. A 3x3 conv block after it mixes locally.
+
+Images enter ``forward`` as float RGB in [0, 1] (B, 3, H, W) and are normalised inside with the
+ImageNet mean/std (also UNI2-h's).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histomap.compat import timm
+from histomap.errors import InputError
+from histomap.roi import roi_aggregate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DECODER_CHANNELS = (64, 128, 256, 512, 512, 512)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# UNI2-h (MahmoodLab) architecture as timm VisionTransformer kwargs; weights come from a file.
+UNI2H_VIT_KWARGS: dict[str, Any] = {
+    "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+    "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
+    "mlp_layer": "swiglu_packed", "act_layer": "silu", "reg_tokens": 8,
+    "dynamic_img_size": True,
+}
+VIT_ENCODER_NAMES = ("vit", "uni2-h", "uni2h")
+
+
+# --------------------------------------------------------------------------- building blocks
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) map."""
+
+    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_bn_act(in_ch: int, out_ch: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_ch), nn.SiLU(inplace=True))
+
+
+class SkipRefine(nn.Module):
+    """Residual skip refinement: s + BN(LN(SiLU(depthwise conv(s)))).
+
+    The channel LayerNorm has no affine parameters: the BatchNorm right after it supplies them
+    (an affine LN before BN would be cancelled by BN and never learn).
+    """
+
+    def __init__(self, channels: int, kernel: int = 3):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.act = nn.SiLU()
+        self.ln = ChannelLayerNorm(channels, affine=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        return skip + self.bn(self.ln(self.act(self.dwconv(skip))))
+
+
+class SeparableSelfAttention(nn.Module):
+    """MobileViTv2 separable self-attention, linear in the number of positions.
+
+    q: (B, 1, HW) -> softmax over positions = context scores; context = sum(scores * K) is one
+    (B, C) vector; output = out_proj(ReLU(V) * context).
+    """
+
+    def __init__(self, in_ch: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        # no bias on the query: softmax over positions is invariant to it
+        self.query = nn.Conv2d(in_ch, 1, 1, bias=False)
+        self.key = nn.Conv2d(in_ch, dim, 1)
+        self.value = nn.Conv2d(in_ch, dim, 1)
+        self.out_proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.query(x).flatten(2).float(), dim=-1).to(x.dtype)  # (B,1,HW)
+        context = (self.key(x).flatten(2) * scores).sum(dim=-1)[:, :, None, None]    # (B,C,1,1)
+        return self.out_proj(F.relu(self.value(x)) * context)
+
+
+class SAFB(nn.Module):
+    """Separable Attention Fusion Block: fuse a skip feature with the upsampled decoder feature.
+
+    skip -> SkipRefine; concat with the decoder feature; pre-norm (channel LN); Q/K/V by 1x1
+    convs; separable self-attention; residual add onto a 1x1 projection of the concat; then a
+    residual 3x3 conv-BN-SiLU block for local mixing.
+    """
+
+    def __init__(self, skip_ch: int, dec_ch: int, out_ch: int):
+        super().__init__()
+        cat_ch = skip_ch + dec_ch
+        self.refine = SkipRefine(skip_ch)
+        self.shortcut = nn.Conv2d(cat_ch, out_ch, 1, bias=False)
+        self.norm = ChannelLayerNorm(cat_ch)
+        self.attn = SeparableSelfAttention(cat_ch, out_ch)
+        self.local = conv_bn_act(out_ch, out_ch, 3)
+
+    def forward(self, skip: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.refine(skip), dec], dim=1)
+        fused = self.shortcut(x) + self.attn(self.norm(x))
+        return fused + self.local(fused)
+
+
+class ConvFusion(nn.Module):
+    """Plain U-Net skip block (ablation of SAFB): concat -> 2 x (3x3 conv-BN-SiLU)."""
+
+    def __init__(self, skip_ch: int, dec_ch: int, out_ch: int):
+        super().__init__()
+        self.block = nn.Sequential(conv_bn_act(skip_ch + dec_ch, out_ch),
+                                   conv_bn_act(out_ch, out_ch))
+
+    def forward(self, skip: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([skip, dec], dim=1))
+
+
+FUSIONS = {"safb": SAFB, "conv": ConvFusion}
+
+
+def _icnr_(weight: torch.Tensor, scale: int) -> None:
+    """ICNR init of a conv feeding PixelShuffle: all sub-pixels start equal (no checkerboard)."""
+    out_ch = weight.shape[0] // (scale * scale)
+    sub = torch.empty(out_ch, *weight.shape[1:], dtype=weight.dtype)
+    nn.init.kaiming_normal_(sub)
+    with torch.no_grad():
+        weight.copy_(sub.repeat_interleave(scale * scale, dim=0))
+
+
+class Upsample(nn.Module):
+    """x`scale` upsampling with a channel change: depth-to-space ("dsub") or bilinear."""
+
+    def __init__(self, in_ch: int, out_ch: int, scale: int, kind: str):
+        super().__init__()
+        self.scale, self.kind = scale, kind
+        if kind == "dsub" and scale > 1:
+            self.proj = nn.Conv2d(in_ch, out_ch * scale * scale, 1)
+            _icnr_(self.proj.weight, scale)
+            self.shuffle = nn.PixelShuffle(scale)
+        elif kind in ("dsub", "bilinear"):
+            self.proj = nn.Conv2d(in_ch, out_ch, 1)  # 1x1 conv commutes with interpolation
+            self.shuffle = None
+        else:
+            raise ValueError(f"unknown upsampling {kind!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        if self.shuffle is not None:
+            return self.shuffle(x)
+        if self.scale > 1:
+            return F.interpolate(x, scale_factor=self.scale, mode="bilinear",
+                                 align_corners=False)
+        return x
+
+
+# --------------------------------------------------------------------------- encoders
+def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into ``module`` (non-strict), logging missing/unexpected keys.
+
+    Accepts a plain state dict or one nested under ``state_dict``/``model``; a ``module.``
+    prefix (DataParallel) is stripped. Raises InputError if the file is missing, unreadable or
+    shares no key with the module.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "encoder weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise InputError(path, f"cannot read encoder weights ({exc})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise InputError(path, f"expected a state dict, found {type(state).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = module.load_state_dict(state, strict=False)
+    own = set(module.state_dict())
+    if not own & set(state):
+        raise InputError(path, "no key matches the encoder; wrong architecture or file?")
+    if result.missing_keys:
+        log.warning("%s: %d encoder keys missing from the file (left at init): %s", path,
+                    len(result.missing_keys), ", ".join(result.missing_keys[:10]))
+    if result.unexpected_keys:
+        log.warning("%s: %d keys in the file not used by the encoder: %s", path,
+                    len(result.unexpected_keys), ", ".join(result.unexpected_keys[:10]))
+    log.info("loaded encoder weights from %s (%d tensors)", path, len(own) -
+             len(result.missing_keys))
+
+
+class TimmPyramidEncoder(nn.Module):
+    """Any timm backbone with ``features_only``: a list of (B, C_i, H/s_i, W/s_i) maps."""
+
+    def __init__(self, name: str, out_indices: Sequence[int] | None = None, **timm_kwargs):
+        super().__init__()
+        kwargs = dict(timm_kwargs)
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
+        self.backbone = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
+        self.strides = [float(r) for r in self.backbone.feature_info.reduction()]
+        self.channels = list(self.backbone.feature_info.channels())
+
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.backbone(images))
+
+
+def _vit_layer(value: Any, table: dict[str, Any], key: str) -> Any:
+    if isinstance(value, str):
+        if value.lower() not in table:
+            raise ValueError(f"unknown ViT {key} {value!r}; choose from {sorted(table)}")
+        return table[value.lower()]
+    return value
+
+
+def build_vit(vit_kwargs: dict[str, Any]) -> nn.Module:
+    """A timm VisionTransformer from UNI2-h defaults overridden by ``vit_kwargs``."""
+    from timm.layers import Mlp, SwiGLU, SwiGLUPacked
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = {**UNI2H_VIT_KWARGS, **vit_kwargs}
+    kwargs["mlp_layer"] = _vit_layer(kwargs["mlp_layer"], {
+        "swiglu_packed": SwiGLUPacked, "swiglu": SwiGLU, "mlp": Mlp}, "mlp_layer")
+    kwargs["act_layer"] = _vit_layer(kwargs["act_layer"], {
+        "silu": nn.SiLU, "gelu": nn.GELU}, "act_layer")
+    return VisionTransformer(**kwargs)
+
+
+class ViTPyramidEncoder(nn.Module):
+    """ViT with 4 tapped blocks turned into a stride 4/8/16/32 pyramid (ViTDet simple pyramid).
+
+    The input is resized so that one token covers ``token_stride`` input pixels (16 by default,
+    i.e. x14/16 for a patch-14 ViT), which makes the pyramid strides exactly token_stride / 4,
+    / 2, x1, x2. Tap i (earliest first) feeds pyramid level i (finest first): transposed convs
+    (x4, x2), identity, max-pool; then 1x1 conv -> LN -> 3x3 conv -> LN to ``pyramid_channels``.
+    """
+
+    def __init__(self, tap_blocks: Sequence[int] | None = None, token_stride: int = 16,
+                 pyramid_channels: int | Sequence[int] = 256, grad_checkpointing: bool = False,
+                 **vit_kwargs):
+        super().__init__()
+        self.vit = build_vit(vit_kwargs)
+        depth, dim = len(self.vit.blocks), self.vit.embed_dim
+        if tap_blocks is None:
+            tap_blocks = [max(depth * (i + 1) // 4 - 1, 0) for i in range(4)]
+        self.tap_blocks = [int(i) for i in tap_blocks]
+        if len(self.tap_blocks) != 4 or any(not 0 <= i < depth for i in self.tap_blocks):
+            raise ValueError(f"tap_blocks must be 4 block indices in [0, {depth}), got "
+                             f"{self.tap_blocks}")
+        if token_stride % 4:
+            raise ValueError(f"token_stride must be a multiple of 4, got {token_stride}")
+        self.patch_size = int(self.vit.patch_embed.patch_size[0])
+        self.token_stride = int(token_stride)
+        if isinstance(pyramid_channels, int):
+            pyramid_channels = [pyramid_channels] * 4
+        self.channels = [int(c) for c in pyramid_channels]
+        self.strides = [self.token_stride / 4, self.token_stride / 2, float(self.token_stride),
+                        self.token_stride * 2.0]
+        if grad_checkpointing:
+            self.vit.set_grad_checkpointing(True)
+        half, quarter = max(dim // 2, 1), max(dim // 4, 1)
+        rescale = [
+            nn.Sequential(nn.ConvTranspose2d(dim, half, 2, stride=2), ChannelLayerNorm(half),
+                          nn.GELU(), nn.ConvTranspose2d(half, quarter, 2, stride=2)),
+            nn.ConvTranspose2d(dim, half, 2, stride=2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ]
+        in_chs = [quarter, half, dim, dim]
+        self.neck = nn.ModuleList(
+            nn.Sequential(r, nn.Conv2d(c_in, c_out, 1, bias=False), ChannelLayerNorm(c_out),
+                          nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                          ChannelLayerNorm(c_out))
+            for r, c_in, c_out in zip(rescale, in_chs, self.channels))
+
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.vit]
+
+    def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Tapped block outputs as (B, D, H/token_stride, W/token_stride) maps."""
+        h, w = images.shape[-2:]
+        grid = (max(round(h / self.token_stride), 1), max(round(w / self.token_stride), 1))
+        size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        if size != (h, w):
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                                   antialias=size[0] < h)
+        return self.vit.forward_intermediates(images, indices=self.tap_blocks, norm=False,
+                                              stop_early=True, output_fmt="NCHW",
+                                              intermediates_only=True)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        taps = self.tokens(images)
+        return [neck(t) for neck, t in zip(self.neck, taps)]
+
+
+def build_encoder(encoder: str, encoder_cfg: dict[str, Any] | None) -> nn.Module:
+    cfg = dict(encoder_cfg or {})
+    if encoder.lower() in VIT_ENCODER_NAMES:
+        return ViTPyramidEncoder(**cfg)
+    return TimmPyramidEncoder(encoder, **cfg)
+
+
+# --------------------------------------------------------------------------- PixNet
+class PixNet(nn.Module):
+    """Dense gene-expression map from an H&E patch.
+
+    Args:
+        n_genes: output channels of G.
+        encoder: a timm model name (``features_only`` pyramid, e.g. "resnet18", "resnet10t")
+            or "vit" / "uni2-h" (ViT pyramid; UNI2-h architecture unless ``encoder_cfg``
+            overrides: ViT kwargs plus tap_blocks, token_stride, pyramid_channels,
+            grad_checkpointing).
+        encoder_cfg: keyword arguments of the encoder (timm CNN: out_indices and any
+            ``timm.create_model`` kwarg).
+        decoder_channels: width per pyramid level, finest first; truncated to the number of
+            levels used (default 64, 128, 256, 512, 512, 512).
+        fusion: "safb" (default) or "conv" (plain U-Net block; ablation).
+        out_stride: pixel size of G in input pixels (1, 2, 4, ...; power of two). Levels finer
+            than it are not used; if it is finer than the finest level, extra bilinear stages
+            fuse with a small conv stem of the image.
+        freeze_encoder: keep the pretrained backbone fixed (no grad, eval mode); the ViT
+            pyramid neck still trains.
+        checkpoint: local encoder weights file (e.g. UNI2-h ``pytorch_model.bin``).
+        dsub_stages: how many of the deepest up-sampling steps use depth-to-space; default
+            half of them (rounded up), the rest are bilinear.
+        head_activation: "softplus" (default) or "relu".
+        normalize: apply the ImageNet mean/std to [0, 1] RGB input.
+    """
+
+    def __init__(self, n_genes: int, encoder: str = "resnet18",
+                 encoder_cfg: dict[str, Any] | None = None,
+                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+                 fusion: str = "safb", out_stride: int = 4, freeze_encoder: bool = False,
+                 checkpoint: str | Path | None = None, dsub_stages: int | None = None,
+                 head_activation: str = "softplus", normalize: bool = True):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
+        if head_activation not in ("softplus", "relu"):
+            raise ValueError(f"head_activation must be softplus or relu, got {head_activation!r}")
+        if out_stride < 1 or out_stride & (out_stride - 1):
+            raise ValueError(f"out_stride must be a power of two >= 1, got {out_stride}")
+        self.n_genes, self.out_stride, self.fusion = int(n_genes), int(out_stride), fusion
+        self.config = {  # plain data, so a checkpoint can rebuild the model
+            "n_genes": int(n_genes), "encoder": encoder,
+            "encoder_cfg": copy.deepcopy(dict(encoder_cfg or {})),
+            "decoder_channels": [int(c) for c in decoder_channels], "fusion": fusion,
+            "out_stride": int(out_stride), "freeze_encoder": bool(freeze_encoder),
+            "dsub_stages": dsub_stages, "head_activation": head_activation,
+            "normalize": bool(normalize)}
+
+        self.encoder = build_encoder(encoder, encoder_cfg)
+        if checkpoint is not None:
+            target = self.encoder.vit if isinstance(self.encoder, ViTPyramidEncoder) \
+                else self.encoder.backbone
+            load_encoder_weights(target, checkpoint)
+        self.freeze_encoder = bool(freeze_encoder)
+        if self.freeze_encoder:
+            for part in self.encoder.frozen_parts():
+                part.requires_grad_(False)
+                part.eval()
+
+        strides = self.encoder.strides
+        self.levels = [i for i, s in enumerate(strides) if s >= out_stride]
+        if not self.levels:
+            raise ValueError(f"out_stride {out_stride} is coarser than every encoder level "
+                             f"(strides {strides})")
+        level_strides = [strides[i] for i in self.levels]
+        level_channels = [self.encoder.channels[i] for i in self.levels]
+        if len(decoder_channels) < len(self.levels):
+            raise ValueError(f"decoder_channels has {len(decoder_channels)} widths for "
+                             f"{len(self.levels)} pyramid levels")
+        dec = [int(c) for c in decoder_channels[:len(self.levels)]]
+        self.decoder_channels = dec
+        fuse = FUSIONS[fusion]
+
+        n_up = len(self.levels) - 1
+        n_dsub = math.ceil(n_up / 2) if dsub_stages is None else int(dsub_stages)
+        self.bottleneck = conv_bn_act(level_channels[-1], dec[-1], 1)
+        self.ups, self.fuses = nn.ModuleList(), nn.ModuleList()
+        for step, i in enumerate(range(n_up - 1, -1, -1)):  # deepest step first
+            ratio = level_strides[i + 1] / level_strides[i]
+            if ratio != int(ratio):
+                raise ValueError(f"encoder strides {level_strides} are not integer multiples")
+            kind = "dsub" if step < n_dsub else "bilinear"
+            self.ups.append(Upsample(dec[i + 1], dec[i], int(ratio), kind))
+            self.fuses.append(fuse(level_channels[i], dec[i], dec[i]))
+
+        # stages finer than the finest pyramid level: x2 bilinear, fused with an image stem
+        n_extra = int(round(math.log2(level_strides[0] / out_stride)))
+        if 2 ** n_extra * out_stride != level_strides[0]:
+            raise ValueError(f"finest encoder stride {level_strides[0]} is not out_stride "
+                             f"{out_stride} times a power of two")
+        stem_ch = max(dec[0] // 4, 8)
+        self.extra_strides = [int(level_strides[0]) // 2 ** (k + 1) for k in range(n_extra)]
+        self.stems = nn.ModuleList(conv_bn_act(3, stem_ch, 3) for _ in range(n_extra))
+        self.extra_ups = nn.ModuleList(Upsample(dec[0], dec[0], 2, "bilinear")
+                                       for _ in range(n_extra))
+        self.extra_fuses = nn.ModuleList(fuse(stem_ch, dec[0], dec[0]) for _ in range(n_extra))
+
+        self.head = nn.Conv2d(dec[0], n_genes, 1)
+        self.head_activation = head_activation
+        self.normalize = normalize
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def train(self, mode: bool = True) -> PixNet:
+        super().train(mode)
+        if self.freeze_encoder:
+            for part in self.encoder.frozen_parts():
+                part.eval()
+        return self
+
+    def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.freeze_encoder and isinstance(self.encoder, TimmPyramidEncoder):
+            with torch.no_grad():
+                return self.encoder(images)
+        if self.freeze_encoder and isinstance(self.encoder, ViTPyramidEncoder):
+            with torch.no_grad():
+                taps = self.encoder.tokens(images)
+            return [neck(t) for neck, t in zip(self.encoder.neck, taps)]
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) RGB in [0, 1] -> G (B, genes, H / out_stride, W / out_stride)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        x = (images - self.mean) / self.std if self.normalize else images
+        feats = self._encode(x)
+        feats = [feats[i] for i in self.levels]
+        d = self.bottleneck(feats[-1])
+        for up, fuse, skip in zip(self.ups, self.fuses, reversed(feats[:-1])):
+            d = _align(up(d), skip.shape[-2:])
+            d = fuse(skip, d)
+        for stride, stem, up, fuse in zip(self.extra_strides, self.stems, self.extra_ups,
+                                          self.extra_fuses):
+            img = F.avg_pool2d(x, stride) if stride > 1 else x
+            d = _align(up(d), img.shape[-2:])
+            d = fuse(stem(img), d)
+        g = self.head(d)
+        size = (images.shape[-2] // self.out_stride, images.shape[-1] // self.out_stride)
+        g = _align(g, size)
+        return F.softplus(g) if self.head_activation == "softplus" else F.relu(g)
+
+    def forward_spots(self, images: torch.Tensor, centres: torch.Tensor,
+                      radii: torch.Tensor | float, mode: str = "mean",
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """G and the spot predictions (B, N, genes); centres/radii in G pixels (see roi.py)."""
+        dense_map = self(images)
+        return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid)
+
+
+def _align(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinearly resize to ``size`` when odd input sizes left a one-pixel mismatch."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------- loss
+def pearson_per_gene(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pearson r of each gene (column) over spots (rows), and the mask of usable genes.
+
+    A gene is usable when its target varies over the spots; r of the others is 0.
+    """
+    pc = pred - pred.mean(dim=0, keepdim=True)
+    tc = target - target.mean(dim=0, keepdim=True)
+    t_ss = (tc * tc).sum(dim=0)
+    usable = t_ss > eps * max(target.shape[0], 1)
+    r = (pc * tc).sum(dim=0) / (torch.sqrt((pc * pc).sum(dim=0) + eps) * torch.sqrt(t_ss + eps))
+    return torch.where(usable, r, torch.zeros_like(r)), usable
+
+
+def loss_terms(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(MSE, mean per-gene Pearson r) over the measured spots.
+
+    pred, target: (N, C) or (B, N, C); valid: matching (N,) or (B, N) bool mask. The Pearson
+    term is None when it is undefined (fewer than 2 spots, or no gene varies).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    pred = pred.reshape(-1, pred.shape[-1]).float()
+    target = target.reshape(-1, target.shape[-1]).float()
+    if valid is not None:
+        keep = valid.reshape(-1).to(device=pred.device, dtype=torch.bool)
+        pred, target = pred[keep], target[keep]
+    if pred.shape[0] == 0:
+        log.debug("pixnet_loss: no measured spot in this batch; loss 0")
+        return pred.sum() * 0.0, None
+    mse = F.mse_loss(pred, target)
+    if pred.shape[0] < 2:
+        return mse, None
+    r, usable = pearson_per_gene(pred, target)
+    if not bool(usable.any()):
+        log.debug("pixnet_loss: no gene varies over the %d spots of this batch; no PCC term",
+                  pred.shape[0])
+        return mse, None
+    return mse, r[usable].mean()
+
+
+def pixnet_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+                mse_weight: float = 1.0, pcc_weight: float = 0.5, mode: str = "joint"
+                ) -> torch.Tensor:
+    """PixNet's joint loss: mse_weight * MSE + pcc_weight * (1 - mean per-gene Pearson r).
+
+    Pearson r is per gene over the (valid) spots of the batch; genes whose target does not vary
+    are left out of the mean (and the term is dropped when no gene varies or the batch has < 2
+    spots). ``mode="mse"`` / ``"pcc"`` keeps only that (weighted) term.
+    """
+    if mode not in ("joint", "mse", "pcc"):
+        raise ValueError(f"loss mode must be joint, mse or pcc, got {mode!r}")
+    mse, pcc = loss_terms(pred, target, valid)
+    loss = mse * 0.0
+    if mode in ("joint", "mse"):
+        loss = loss + mse_weight * mse
+    if mode in ("joint", "pcc") and pcc is not None:
+        loss = loss + pcc_weight * (1.0 - pcc)
+    return loss

@@ -1,0 +1,329 @@
+"""Tissue detection and tiling of a slide into fixed-size tiles at the model mpp.
+
+``tile_slide`` writes two files (the ``tile_slide`` rule's contract):
+
+- ``tiles.zarr``: zarr v3 group with array ``tiles`` (n, tile_px, tile_px, 3) uint8, one chunk
+  per tile; group attrs ``mpp`` (tile um/px), ``tile_px``, ``overlap_px``, ``slide`` (path),
+  ``slide_mpp`` (level-0 um/px) and the tiling parameters.
+- ``tiles.parquet``: one row per tile, row ``tile_id`` = index into ``tiles``: ``x0_px``,
+  ``y0_px`` (level-0 top-left, px), ``size_px0`` (tile side in level-0 px), ``x0_um``, ``y0_um``,
+  ``tissue_fraction`` (0..1, from the tissue mask), ``row``, ``col`` (grid position).
+
+Tissue mask method (``tissue_mask``): the slide is read at about ``mask_mpp`` (16 um/px by
+default) in horizontal bands from the coarsest pyramid level that suffices, so the cost does not
+grow with level 0. A pixel is tissue when it is (1) coloured: HSV saturation at or above an Otsu
+threshold computed on the whole thumbnail, clipped to [0.05, 0.2] so blank glass (saturation
+~0) or an all-tissue crop is not split at noise; (2) not bright: grey < 220, which rejects
+tinted glass and the faint printed spot array of ST slides; (3) not black: grey > 20, which
+rejects scanner borders. A colourless image (greyscale, e.g. a DAPI morphology image) has no
+saturation to use: on a light background tissue is grey below Otsu's threshold (and 220); on a
+dark background (fluorescence) it is where the 3x3 local maximum exceeds half of Otsu's
+threshold, so sparse nuclei still mark tissue. The mask is then closed (3x3), holes smaller than
+``MAX_HOLE_UM2`` are filled, it is opened (3x3) and connected pieces smaller than
+``MIN_OBJECT_UM2`` (dust, specks) are removed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+import zarr
+from scipy import ndimage
+
+from .errors import InputError
+from .slide import open_slide, read_region, slide_mpp
+
+log = logging.getLogger(__name__)
+
+SATURATION_RANGE = (0.05, 0.2)   # Otsu threshold on HSV saturation is clipped to this range
+MAX_GREY = 220                   # brighter pixels (0-255 mean of RGB) are glass
+MIN_GREY = 20                    # darker pixels are scanner border / out-of-scan
+MAX_HOLE_UM2 = 20_000.0          # holes in tissue smaller than this are filled
+MIN_OBJECT_UM2 = 20_000.0        # tissue pieces smaller than this are removed as specks
+GREYSCALE_SATURATION = 0.03      # 99.9th percentile saturation below this: a colourless image
+BAND_PIXELS = 4_000_000          # pyramid-level pixels read per band when building the mask
+
+INDEX_COLUMNS = ["tile_id", "x0_px", "y0_px", "size_px0", "x0_um", "y0_um", "tissue_fraction",
+                 "row", "col"]
+
+
+# --------------------------------------------------------------------------- tissue mask
+def read_thumbnail(slide: openslide.OpenSlide, px0: float) -> np.ndarray:
+    """RGB uint8 image of the whole slide with one pixel per ``px0`` level-0 pixels.
+
+    Pixel (i, j) covers level-0 box [j*px0, (j+1)*px0) x [i*px0, (i+1)*px0); read in bands so
+    at most ~``BAND_PIXELS`` pyramid-level pixels are decoded at once.
+    """
+    w0, h0 = slide.dimensions
+    out_w, out_h = max(1, math.ceil(w0 / px0)), max(1, math.ceil(h0 / px0))
+    level_ds = slide.level_downsamples[slide.get_best_level_for_downsample(max(px0, 1.0))]
+    level_px_per_row = (w0 / level_ds) * (px0 / level_ds)
+    rows_per_band = max(1, int(BAND_PIXELS // max(level_px_per_row, 1.0)))
+    thumb = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    for r0 in range(0, out_h, rows_per_band):
+        r1 = min(out_h, r0 + rows_per_band)
+        thumb[r0:r1] = read_region(slide, 0, r0 * px0, out_w * px0, (r1 - r0) * px0, out_w,
+                                   r1 - r0)
+    return thumb
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256, value_range=(0.0, 1.0)) -> float:
+    """Otsu's threshold (maximum between-class variance) of ``values`` in ``value_range``."""
+    hist, edges = np.histogram(values, bins=bins, range=value_range)
+    centres = (edges[:-1] + edges[1:]) / 2
+    hist = hist.astype(np.float64)
+    w_low = np.cumsum(hist)
+    w_high = w_low[-1] - w_low
+    m_low = np.cumsum(hist * centres)
+    mean_low = m_low / np.maximum(w_low, 1)
+    mean_high = (m_low[-1] - m_low) / np.maximum(w_high, 1)
+    between = w_low * w_high * (mean_low - mean_high) ** 2
+    return float(edges[np.argmax(between) + 1])
+
+
+def _close_open(mask: np.ndarray, op) -> np.ndarray:
+    """Binary closing/opening with a 3x3 square, edge-padded so borders are not eroded."""
+    padded = np.pad(mask, 1, mode="edge")
+    return op(padded, structure=np.ones((3, 3), bool))[1:-1, 1:-1]
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    labels, n = ndimage.label(holes)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    small = sizes <= max_px
+    small[0] = False
+    return mask | small[labels]
+
+
+def _remove_specks(mask: np.ndarray, min_px: float) -> tuple[np.ndarray, int]:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask, 0
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels], int(n - keep[1:].sum())
+
+
+def _greyscale_tissue(grey: np.ndarray) -> tuple[np.ndarray, str]:
+    """Tissue of a colourless image: dark on light (bright-field) or light on dark (fluorescence).
+    """
+    if np.median(grey) >= 128:
+        t = min(otsu_threshold(grey / 255) * 255, MAX_GREY)
+        return (grey < t) & (grey > MIN_GREY), f"greyscale: {MIN_GREY} < grey < {t:.0f}"
+    # fluorescence (e.g. DAPI): signal within one mask pixel, above half the Otsu level
+    local = ndimage.maximum_filter(grey, size=3, mode="nearest")
+    t = otsu_threshold(local / 255) * 255 / 2
+    return local > t, f"greyscale fluorescence: local max grey > {t:.0f}"
+
+
+def tissue_from_rgb(rgb: np.ndarray, pixel_um: float) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 thumbnail with ``pixel_um`` um pixels (see module)."""
+    vmax, vmin = rgb.max(axis=-1), rgb.min(axis=-1)
+    saturation = (vmax - vmin).astype(np.float32) / np.maximum(vmax, 1).astype(np.float32)
+    grey = rgb.sum(axis=-1, dtype=np.uint16) / np.float32(3)
+    if np.percentile(saturation, 99.9) < GREYSCALE_SATURATION:
+        mask, rule = _greyscale_tissue(grey)
+    else:
+        otsu = otsu_threshold(saturation)
+        sat_min = float(np.clip(otsu, *SATURATION_RANGE))
+        mask = (saturation >= sat_min) & (grey < MAX_GREY) & (grey > MIN_GREY)
+        rule = f"saturation >= {sat_min:.3f} (Otsu {otsu:.3f}), {MIN_GREY} < grey < {MAX_GREY}"
+    mask = _close_open(mask, ndimage.binary_closing)
+    mask = _fill_small_holes(mask, MAX_HOLE_UM2 / pixel_um**2)
+    mask = _close_open(mask, ndimage.binary_opening)
+    mask, n_specks = _remove_specks(mask, MIN_OBJECT_UM2 / pixel_um**2)
+    log.info("tissue mask: %s; removed %d specks < %g um2; tissue %.1f%% of %dx%d px at "
+             "%.2f um/px", rule, n_specks, MIN_OBJECT_UM2, 100 * mask.mean(), mask.shape[1],
+             mask.shape[0], pixel_um)
+    return mask
+
+
+def tissue_mask(slide: openslide.OpenSlide, *, mask_mpp: float = 16.0) -> tuple[np.ndarray, float]:
+    """Tissue mask of the whole slide at about ``mask_mpp`` um/px: (bool (H, W), mpp used).
+
+    Mask pixel (i, j) covers level-0 pixels [j*s, (j+1)*s) x [i*s, (i+1)*s) with
+    s = mpp_used / slide mpp (never finer than level 0).
+    """
+    if mask_mpp <= 0:
+        raise ValueError(f"mask_mpp must be positive, got {mask_mpp!r}")
+    mpp = slide_mpp(slide, getattr(slide, "_filename", "slide"))
+    px0 = max(mask_mpp / mpp, 1.0)
+    return tissue_from_rgb(read_thumbnail(slide, px0), px0 * mpp), px0 * mpp
+
+
+# --------------------------------------------------------------------------- tile grid
+def tile_grid(width0: int, height0: int, size0: float, stride0: float) -> pd.DataFrame:
+    """Grid of square tiles of side ``size0`` (level-0 px) every ``stride0`` covering the slide.
+
+    The last row/column may extend past the slide edge (read back as white).
+    """
+    n_cols = 1 + max(0, math.ceil((width0 - size0) / stride0 - 1e-9))
+    n_rows = 1 + max(0, math.ceil((height0 - size0) / stride0 - 1e-9))
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    return pd.DataFrame({
+        "x0_px": np.round(cols * stride0).astype(np.int64),
+        "y0_px": np.round(rows * stride0).astype(np.int64),
+        "size_px0": np.full(rows.size, float(size0)),
+        "row": rows.astype(np.int32),
+        "col": cols.astype(np.int32),
+    })
+
+
+def tissue_fraction(mask: np.ndarray, mask_px0: float, x0: np.ndarray, y0: np.ndarray,
+                    size0: float) -> np.ndarray:
+    """Exact area fraction of each level-0 box (x0, y0, size0) covered by the mask.
+
+    Uses the summed-area table; its bilinear interpolation is exact for a piecewise-constant
+    mask, so boxes need not align with mask pixels. Outside the mask counts as no tissue.
+    """
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), dtype=np.float64)
+    sat[1:, 1:] = mask.cumsum(axis=0, dtype=np.float64).cumsum(axis=1)
+
+    def integral(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        coords = np.stack([np.clip(ys, 0, h), np.clip(xs, 0, w)])
+        return ndimage.map_coordinates(sat, coords, order=1, mode="nearest")
+
+    xa, ya = np.asarray(x0, float) / mask_px0, np.asarray(y0, float) / mask_px0
+    xb, yb = xa + size0 / mask_px0, ya + size0 / mask_px0
+    area = integral(yb, xb) - integral(ya, xb) - integral(yb, xa) + integral(ya, xa)
+    return np.clip(area / (size0 / mask_px0) ** 2, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- outputs
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _write_tiles(slide: openslide.OpenSlide, index: pd.DataFrame, zarr_path: Path,
+                 tile_px: int, attrs: dict) -> None:
+    """Read each tile at the tile mpp and write it into ``tiles``: one tile in memory at a time."""
+    root = zarr.open_group(zarr_path, mode="w")
+    root.attrs.update(attrs)
+    tiles = root.create_array("tiles", shape=(len(index), tile_px, tile_px, 3), dtype="uint8",
+                              chunks=(1, tile_px, tile_px, 3), fill_value=255,
+                              dimension_names=("tile", "y", "x", "c"))
+    size0 = float(index["size_px0"].iloc[0])
+    xy0 = index[["x0_px", "y0_px"]].to_numpy(dtype=float)
+    for i, (x0, y0) in enumerate(xy0):
+        tiles[i] = read_region(slide, x0, y0, size0, size0, tile_px, tile_px)
+        if (i + 1) % 5000 == 0:
+            log.info("%d / %d tiles written", i + 1, len(index))
+
+
+def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, tile_mpp: float,
+               overlap_px: int, min_tissue: float, mask_mpp: float) -> tuple[pd.DataFrame, dict]:
+    """Index of the tiles to keep (``INDEX_COLUMNS``) and the zarr attrs; reads no tile."""
+    mpp = slide_mpp(slide, slide_path)
+    if tile_mpp < mpp:
+        log.warning("%s: tile mpp %.3f is finer than the slide's %.3f um/px; tiles are "
+                    "upsampled", slide_path, tile_mpp, mpp)
+    mask, mask_mpp_used = tissue_mask(slide, mask_mpp=mask_mpp)
+    if not mask.any():
+        raise InputError(slide_path, f"no tissue detected: the tissue mask at "
+                                     f"{mask_mpp_used:.1f} um/px is empty (blank or unstained "
+                                     f"slide?). Check the image; pieces under {MIN_OBJECT_UM2:g} "
+                                     f"um2 are dropped as specks, try a finer `mask_mpp`")
+    size0 = tile_px * tile_mpp / mpp
+    grid = tile_grid(*slide.dimensions, size0, (tile_px - overlap_px) * tile_mpp / mpp)
+    grid["tissue_fraction"] = tissue_fraction(mask, mask_mpp_used / mpp, grid["x0_px"].to_numpy(),
+                                              grid["y0_px"].to_numpy(), size0)
+    keep = grid["tissue_fraction"].to_numpy() >= min_tissue
+    log.info("%s: %d grid tiles of %d px at %.3f um/px (%.1f um, stride %d px); kept %d with "
+             "tissue fraction >= %.2f, dropped %d below it", slide_path.name, len(grid), tile_px,
+             tile_mpp, tile_px * tile_mpp, tile_px - overlap_px, int(keep.sum()), min_tissue,
+             int((~keep).sum()))
+    if not keep.any():
+        raise InputError(slide_path, f"no tile has tissue fraction >= min_tissue={min_tissue} "
+                                     f"(best {grid['tissue_fraction'].max():.3f}); lower "
+                                     f"`min_tissue` or check the tissue mask")
+    index = grid[keep].reset_index(drop=True)
+    index.insert(0, "tile_id", np.arange(len(index), dtype=np.int64))
+    index["x0_um"] = index["x0_px"] * mpp
+    index["y0_um"] = index["y0_px"] * mpp
+    attrs = {"mpp": float(tile_mpp), "tile_px": int(tile_px), "overlap_px": int(overlap_px),
+             "slide": str(slide_path), "slide_mpp": float(mpp), "size_px0": float(size0),
+             "min_tissue": float(min_tissue), "mask_mpp": float(mask_mpp_used),
+             "n_tiles": len(index)}
+    return index[INDEX_COLUMNS], attrs
+
+
+def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict, out_zarr: Path,
+                   out_parquet: Path) -> None:
+    """Write both outputs under ``.partial`` names, then rename; on error remove them all."""
+    tmp_zarr, tmp_parquet = _partial(out_zarr), _partial(out_parquet)
+    out_zarr.parent.mkdir(parents=True, exist_ok=True)
+    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+    moved: list[Path] = []
+    try:
+        _remove(tmp_zarr)
+        _remove(tmp_parquet)
+        _write_tiles(slide, index, tmp_zarr, attrs["tile_px"], attrs)
+        index.to_parquet(tmp_parquet, engine="pyarrow", index=False)
+        for tmp, final in ((tmp_zarr, out_zarr), (tmp_parquet, out_parquet)):
+            _remove(final)
+            os.replace(tmp, final)
+            moved.append(final)
+    except BaseException:
+        for path in (tmp_zarr, tmp_parquet, *moved):
+            _remove(path)
+        raise
+
+
+def tile_slide(slide_path: str | Path, out_zarr: str | Path, out_parquet: str | Path, *,
+               tile_px: int = 224, tile_mpp: float = 1.0, overlap_px: int = 0,
+               min_tissue: float = 0.25, mask_mpp: float = 16.0) -> pd.DataFrame:
+    """Cut the tissue of a slide into ``tile_px`` tiles at ``tile_mpp`` um/px; return the index.
+
+    Tiles lie on a grid with stride ``tile_px - overlap_px`` (tile pixels); only tiles whose
+    tissue fraction is >= ``min_tissue`` are kept. Both outputs are written under temporary
+    names and renamed at the end, so a failure leaves neither.
+    """
+    if tile_px <= 0 or not 0 <= overlap_px < tile_px:
+        raise ValueError(f"need tile_px > 0 and 0 <= overlap_px < tile_px, got {tile_px}, "
+                         f"{overlap_px}")
+    if tile_mpp <= 0 or not 0 <= min_tissue <= 1:
+        raise ValueError(f"need tile_mpp > 0 and 0 <= min_tissue <= 1, got {tile_mpp}, "
+                         f"{min_tissue}")
+    slide_path, out_zarr, out_parquet = Path(slide_path), Path(out_zarr), Path(out_parquet)
+    start = time.perf_counter()
+    with open_slide(slide_path) as slide:
+        index, attrs = plan_tiles(slide, slide_path, tile_px=tile_px, tile_mpp=tile_mpp,
+                                  overlap_px=overlap_px, min_tissue=min_tissue, mask_mpp=mask_mpp)
+        _write_outputs(slide, index, attrs, out_zarr, out_parquet)
+    elapsed = time.perf_counter() - start
+    log.info("%s: wrote %d tiles to %s in %.1f s (%.1f tiles/s)", slide_path.name, len(index),
+             out_zarr, elapsed, len(index) / max(elapsed, 1e-9))
+    return index
+
+
+def read_tiles(zarr_path: str | Path) -> tuple[zarr.Array, dict]:
+    """Open a tiles zarr written by :func:`tile_slide`: (``tiles`` array, group attrs)."""
+    zarr_path = Path(zarr_path)
+    if not zarr_path.is_dir():
+        raise InputError(zarr_path, "tiles zarr does not exist (run the tile_slide rule)")
+    try:
+        root = zarr.open_group(zarr_path, mode="r")
+        tiles = root["tiles"]
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        raise InputError(zarr_path, f"not a tiles zarr written by tile_slide: {exc}") from exc
+    return tiles, dict(root.attrs)

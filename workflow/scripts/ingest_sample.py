@@ -1,0 +1,12 @@
+"""Snakemake adapter: platform reader -> slide.tif, spots.h5ad, highres.h5ad, sample.zarr."""
+from pathlib import Path
+
+from histomap.ingest import ingest_sample
+from histomap.logs import run_step
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+p = sm.params
+run_step(sm.log[0], ingest_sample, platform=p.platform, sample=sm.wildcards.sample,
+         path=sm.input.source, image=sm.input.get("image"),
+         mpp=float(p.mpp) if p.mpp else None, spot_diameter_um=float(p.spot_diameter_um),
+         out_dir=Path(sm.output.spots).parent, spatialdata_mpp=p.spatialdata_mpp, sheet=p.sheet)

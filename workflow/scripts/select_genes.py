@@ -1,0 +1,18 @@
+"""Snakemake adapter: the gene panel shared by every sample of the run."""
+from pathlib import Path
+
+import anndata as ad
+
+from histomap.logs import run_step
+from histomap.preprocess import select_genes, write_gene_panel
+
+
+def main(sm):
+    g = sm.params.genes
+    st = {Path(f).stem: ad.read_h5ad(f) for f in sm.input.st}
+    genes = select_genes(st, method=g["method"], n_genes=g["n_genes"], genes=g.get("list"),
+                         path=sm.output[0])
+    write_gene_panel(genes, sm.output[0])
+
+
+run_step(snakemake.log[0], main, snakemake)  # noqa: F821

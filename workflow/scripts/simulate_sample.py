@@ -1,0 +1,11 @@
+"""Snakemake adapter: generate one synthetic section (H&E, cells, spots) from the seed."""
+import zlib
+
+from histomap.logs import run_step
+from histomap.synthetic import simulate_sample
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+sample = sm.wildcards.sample
+# one reproducible seed per sample: the global seed plus a stable hash of the sample name
+seed = int(sm.params.seed) + zlib.crc32(sample.encode()) % 100_000
+run_step(sm.log[0], simulate_sample, sm.output[0], seed=seed, **sm.params.synthetic)
