@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORES  ?= all
+CONFIG ?= config/config.yaml
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test venv lint her2st report clean
@@ -32,7 +33,7 @@ her2st: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/her2st.yaml
 
 report: $(STAMP)
-	$(BIN)/snakemake --cores 1 --report results/report/report.html
+	$(BIN)/snakemake --cores 1 --configfile $(CONFIG) --report results/report/report.html
 
 clean:
 	rm -rf results logs .snakemake

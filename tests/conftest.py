@@ -28,3 +28,16 @@ def xenium_crop_dir() -> Path:
         pytest.skip(f"real Xenium crop not found at {XENIUM_CROP} (developers' checkout and CI "
                     "only)")
     return XENIUM_CROP
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny test networks run fastest single-threaded on a shared 2-core machine."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

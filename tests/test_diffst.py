@@ -1,4 +1,4 @@
-"""Diff-ST network: CAM, disentangling, CIGC graph, curriculum, ablations and a one-batch overfit."""
+"""Diff-ST network: CAM, disentangling, CIGC graph, curriculum, ablations, one-batch overfit."""
 from __future__ import annotations
 
 import logging
@@ -46,11 +46,22 @@ def batch(seed: int = 0, n: int = 2) -> dict[str, torch.Tensor]:
     return {"lr_map": torch.rand((n, G, LR, LR), generator=g), "image": graded_image(n, seed)}
 
 
-def assert_all_grads(module: torch.nn.Module) -> None:
+def assert_all_grads(module: torch.nn.Module, may_be_zero: str | None = None) -> None:
+    """Every parameter gets a finite, non-zero gradient (except names starting ``may_be_zero``)."""
     for name, p in module.named_parameters():
         assert p.grad is not None, f"no gradient reaches {name}"
         assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"zero gradient at {name}"
+        if may_be_zero is None or not name.startswith(may_be_zero):
+            assert p.grad.abs().sum() > 0, f"zero gradient at {name}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny CPU models run fastest on one thread, and do not fight other processes for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ CAM
@@ -247,8 +258,8 @@ def test_entropy_threshold_curriculum():
             model.set_curriculum(entropy_threshold=gamma)
             model(x_t, t, **b)
             kept.append(model.last_cell_mask.sum().item())
-            assert torch.equal(model.last_cell_mask, (ent > gamma) | (ent == ent.max(1).values[:,
-                                                                                               None]))
+            most_complex = ent == ent.max(1, keepdim=True).values
+            assert torch.equal(model.last_cell_mask, (ent > gamma) | most_complex)
     assert kept[0] > kept[1] > kept[2] >= 2                       # one patch per image at least
     with pytest.raises(ValueError):
         model.set_curriculum(keep_fraction=0.0)
@@ -272,7 +283,13 @@ def test_ablation_switches_build_and_run(overrides):
     assert (model.graph is None) == (not cfg.cigc)
     assert (model.last_cell_mask is None) == (not cfg.hierarchical)
     (eps.pow(2).mean() + sum(aux.values())).backward()
-    assert_all_grads(model)
+    if cfg.tissue_backbone:
+        # timm zero-initialises each residual block's last norm, so the convs inside the blocks
+        # get no gradient at step 0; the stem in front of them does
+        assert_all_grads(model, may_be_zero="tissue_encoder.backbone.layer")
+        assert model.tissue_encoder.backbone.conv1[0].weight.grad.abs().sum() > 0
+    else:
+        assert_all_grads(model)
 
 
 def test_registry_style_construction_and_state_dict_roundtrip():
@@ -282,7 +299,8 @@ def test_registry_style_construction_and_state_dict_roundtrip():
     model.set_curriculum(keep_fraction=0.5, entropy_threshold=0.3)
     rebuilt = DiffST(G, **model.config)
     rebuilt.load_state_dict(model.state_dict())
-    assert float(rebuilt.keep_fraction) == 0.5 and float(rebuilt.entropy_threshold) == 0.3
+    assert float(rebuilt.keep_fraction) == 0.5
+    assert float(rebuilt.entropy_threshold) == pytest.approx(0.3)
     assert torch.equal(rebuilt.graph.adjacency, model.graph.adjacency)
     x_t, t = torch.randn(2, G, HR, HR), torch.tensor([1, 2])
     with torch.no_grad():

@@ -129,3 +129,12 @@ def test_overfits_one_batch():
         if loss.item() < 0.1 * first:
             break
     assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+def test_output_bias_starts_at_training_mean():
+    from histomap.models.stnet import STNet
+    model = STNet(3, backbone="resnet10t").eval()
+    model.head.weight.data.zero_()
+    model.init_output_bias(torch.tensor([1.0, 2.0, 3.0]))
+    out = model(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(out, torch.tensor([[1.0, 2.0, 3.0]] * 2))

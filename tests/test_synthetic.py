@@ -145,7 +145,8 @@ def test_aggregate_bins_conserves_counts_and_matches_brute_force(cells):
     rate = bins.layers["rate"]
     for i, (r, c) in enumerate(zip(bins.obs["row"], bins.obs["col"])):
         x0, y0 = origin[0] + c * side, origin[1] + r * side
-        inside = (xy[:, 0] >= x0) & (xy[:, 0] < x0 + side) & (xy[:, 1] >= y0) & (xy[:, 1] < y0 + side)
+        inside = ((xy[:, 0] >= x0) & (xy[:, 0] < x0 + side)
+                  & (xy[:, 1] >= y0) & (xy[:, 1] < y0 + side))
         assert inside.any()
         np.testing.assert_array_equal(bins.X[i].toarray().ravel(), X[inside].sum(axis=0))
         np.testing.assert_allclose(bins.obsm["spatial"][i], (x0 + side / 2, y0 + side / 2))

@@ -90,6 +90,15 @@ def prediction_files(model, fold):
     ]
 
 
+def train_inputs(wildcards):
+    train = fold_samples(wildcards.fold, "train")
+    return {
+        "st": [f"results/st/{s}.h5ad" for s in train],
+        "slides": [f"results/ingest/{s}/slide.tif" for s in train],
+        "genes": f"results/genes/{GENE_PANEL}.tsv",
+    }
+
+
 def figure_files():
     return [
         f"results/report/figures/{model}/{fold}_{s}.png"

@@ -1,14 +1,5 @@
-# Training and prediction. Each fold trains on its training samples only; validation for early
-# stopping is carved out of those (config: validation), never out of the test fold.
-
-
-def train_inputs(wildcards):
-    train = fold_samples(wildcards.fold, "train")
-    return {
-        "st": [f"results/st/{s}.h5ad" for s in train],
-        "slides": [f"results/ingest/{s}/slide.tif" for s in train],
-        "genes": f"results/genes/{GENE_PANEL}.tsv",
-    }
+# Training and prediction. Each fold trains on its training samples only (train_inputs); validation
+# for early stopping is carved out of those (config: validation), never out of the test fold.
 
 
 rule train_stnet:

@@ -135,8 +135,9 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
 
     weights = areas.reshape(len(batch_idx), -1).to(out_dtype)
     flat_map = dense_map.to(out_dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
-    sums = F.embedding_bag(pixel.reshape(len(batch_idx), -1), flat_map,
-                           per_sample_weights=weights, mode="sum")
+    with torch.autocast(device_type=device.type, enabled=False):  # keep fp32 under AMP
+        sums = F.embedding_bag(pixel.reshape(len(batch_idx), -1), flat_map,
+                               per_sample_weights=weights, mode="sum")
     empty = area_inside <= 0
     if bool(empty.any()):
         log.warning("roi_aggregate: %d of %d valid spots do not overlap the %dx%d map; their "

@@ -72,6 +72,8 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
         if va is not None:
             val_parts.append(va)
     model = build_model(model_name, len(genes), pretrained_checkpoint=checkpoint, **model_cfg)
+    if hasattr(model, "init_output_bias"):
+        model.init_output_bias(torch.cat([part.targets for part in train_parts]).mean(dim=0))
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     summary = fit(model, ConcatDataset(train_parts),
                   ConcatDataset(val_parts) if val_parts else None,

@@ -6,9 +6,13 @@ One seed gives one sample folder (see :func:`simulate_sample`)::
     cells.h5ad   one row per cell: obs cell_type, x_px, y_px, neighbour fractions;
                  obsm["spatial"] (x, y) level-0 px; X integer counts (CSR);
                  layers["rate"] the noiseless expected counts (float32)
-    spots.h5ad   hexagonal (Visium-like) or square spot grid; X = exact sum of the counts of the
-                 cells whose centre lies inside each disc; obs n_cells; obsm["spatial"] px
+    spots.h5ad   hexagonal (Visium-like) or square spot grid, only spots holding >= 1 cell;
+                 X = exact sum of the counts of the cells whose centre lies inside each disc;
+                 layers["rate"] the summed rates; obs n_cells, array_row, array_col,
+                 diameter_um; obsm["spatial"] px; obs_names spot_{row}x{col}
     meta.json    the config, seed, mpp and spot geometry
+
+Pixel coordinates follow the image: pixel (row i, column j) is centred at (x=j, y=i).
 
 The tissue is a blob surrounded by glass. Inside it, smoothed random fields (argmax) lay out
 spatially coherent regions of five cell types that differ visibly in the image: tumour
@@ -589,7 +593,8 @@ def type_profiles(var: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
         idx = np.flatnonzero(prog == programme)
         k = len(idx)
         if programme == "housekeeping":
-            w[:, idx] = 15 * np.exp(rng.normal(0, 0.3, k))[None] * np.exp(rng.normal(0, 0.1, (T, k)))
+            level = 15 * np.exp(rng.normal(0, 0.3, k))
+            w[:, idx] = level[None] * np.exp(rng.normal(0, 0.1, (T, k)))
         elif programme in INDUCTIONS:
             w[:, idx] = 0.2 * np.exp(rng.normal(0, 0.3, (T, k)))
         else:

@@ -469,7 +469,8 @@ class CrossModalModulation(nn.Module):
         self.norm_y, self.norm_h = _norm(channels), _norm(channels)
         width = channels if mode == "channel" else region * region
         self.fc_h2y, self.fc_y2h = nn.Linear(width, width), nn.Linear(width, width)
-        self.proj_y, self.proj_h = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+        self.proj_y = nn.Conv2d(channels, channels, 1)
+        self.proj_h = nn.Conv2d(channels, channels, 1)
 
     def _channel(self, y: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         gram = local_cross_gram(y, h, self.region)
@@ -647,7 +648,8 @@ class CurriculumSchedule:
         if self.mode == "threshold" and not all(0 <= f < 1 for f in self.fractions):
             raise ValueError(f"entropy thresholds must be in [0, 1): {self.fractions}")
         if self.mode not in ("fraction", "threshold"):
-            raise ValueError(f"curriculum mode must be 'fraction' or 'threshold', not {self.mode!r}")
+            raise ValueError(f"curriculum mode must be 'fraction' or 'threshold', "
+                             f"not {self.mode!r}")
 
     @classmethod
     def over_training(cls, n_epochs: int, at: Sequence[float] = (0.0, 1 / 3, 2 / 3),
@@ -675,7 +677,8 @@ class CurriculumSchedule:
 
 
 # ======================================================================================== models
-def _make_config(n_genes: int, cfg: DiffSTConfig | None, overrides: Mapping[str, Any]) -> DiffSTConfig:
+def _make_config(n_genes: int, cfg: DiffSTConfig | None,
+                 overrides: Mapping[str, Any]) -> DiffSTConfig:
     """A config from an optional base plus keyword overrides (unknown keys are an error)."""
     if n_genes < 1:
         raise ValueError(f"n_genes must be >= 1, got {n_genes}")
@@ -697,11 +700,16 @@ class Condition:
 class DiffST(nn.Module):
     """Diff-ST denoiser: ``model(x_t, t, lr_map=..., image=...) -> (eps, {"dis": weighted L_dis})``.
 
-    ``lr_map`` (B, G, h, w) may be at the LR grid or already upsampled to the HR grid; ``image``
-    (B, 3, Hh, Wh) RGB in [0, 1]; ``cell_entropy`` (B, M) optionally gives precomputed sub-patch
-    entropies. The curriculum state (``keep_fraction`` / ``entropy_threshold``) lives in buffers,
-    so it is saved with the state dict; the trainer sets it each epoch with
-    :meth:`set_curriculum` or :meth:`CurriculumSchedule.apply`.
+    Built as ``DiffST(n_genes, cfg)`` or, registry style, ``DiffST(n_genes, **config)`` with the
+    fields of :class:`DiffSTConfig` (``model.config`` returns them). ``x_t`` (B, G, H, W) with H, W
+    divisible by 2 ** (levels - 1) and by ``fusion_downsample``; ``lr_map`` (B, G, h, w) at the LR
+    grid or already upsampled to H x W; ``image`` (B, 3, Hh, Wh) RGB in [0, 1]; ``cell_entropy``
+    (B, M) optional precomputed sub-patch entropies. ``t`` indexes the diffusion steps (B,).
+
+    The curriculum state (``keep_fraction`` / ``entropy_threshold``) and the gene graph live in
+    buffers, so they are saved with the state dict and the final training state is used at
+    inference. The trainer sets the curriculum each epoch with :meth:`set_curriculum` or
+    :meth:`CurriculumSchedule.apply`, and the graph once with :meth:`set_adjacency`.
     """
 
     def __init__(self, n_genes: int, cfg: DiffSTConfig | None = None, **config: Any) -> None:
@@ -845,7 +853,7 @@ class ConditionalUNet(nn.Module):
 
     @property
     def config(self) -> dict[str, Any]:
-        """Keyword configuration that rebuilds this model with ``ConditionalUNet(n_genes, **config)``."""
+        """Keyword configuration: ``ConditionalUNet(n_genes, **config)`` rebuilds this model."""
         return self.cfg.to_dict()
 
     def forward(self, x_t: Tensor, t: Tensor, lr_map: Tensor, image: Tensor,
@@ -860,5 +868,5 @@ class ConditionalUNet(nn.Module):
 __all__ = ["CellEncoder", "CellToTissueAttention", "Condition", "ConditionalUNet",
            "ConvEncoder", "CrossModalModulation", "CurriculumSchedule", "DiffST", "DiffSTConfig",
            "Disentangler", "GeneGraph", "ResBlock", "SelfAttention2d", "TimmTissueEncoder",
-           "UNet", "coexpression_adjacency", "local_cross_gram", "normalize_adjacency", "select_subpatches",
-           "split_subpatches", "subpatch_entropy", "timestep_embedding"]
+           "UNet", "coexpression_adjacency", "local_cross_gram", "normalize_adjacency",
+           "select_subpatches", "split_subpatches", "subpatch_entropy", "timestep_embedding"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,8 @@ def beta_schedule(name: Schedule, T: int) -> Tensor:
     """Noise variances beta_1..beta_T (float64, shape (T,)).
 
     ``linear``: Ho et al. 2020 (1e-4 .. 0.02), rescaled by 1000/T so any T gives the same process.
-    ``cosine``: Nichol & Dhariwal 2021, abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), beta <= 0.999.
+    ``cosine``: Nichol & Dhariwal 2021, abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), with
+    beta <= 0.999.
     """
     if T < 1:
         raise ValueError(f"diffusion needs T >= 1 steps, got {T}")
@@ -101,6 +102,16 @@ def _model_device(model: Any, fallback: Tensor) -> torch.device:
         for p in model.parameters():
             return p.device
     return fallback.device
+
+
+def _randn(shape: Sequence[int], like_device: torch.device, dtype: torch.dtype,
+           generator: torch.Generator | None) -> Tensor:
+    """N(0, 1) draws on ``like_device``; a generator on another device draws there and the values
+    are moved, so a CPU generator gives the same numbers for CPU and GPU runs."""
+    if generator is not None and generator.device != torch.device(like_device):
+        return torch.randn(tuple(shape), generator=generator, device=generator.device,
+                           dtype=dtype).to(like_device)
+    return torch.randn(tuple(shape), generator=generator, device=like_device, dtype=dtype)
 
 
 def split_model_output(out: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -185,10 +196,11 @@ class GaussianDiffusion(nn.Module):
         cond = cond or {}
         b = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.T, (b,), device=x0.device, generator=generator)
+            gen_device = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.T, (b,), device=gen_device, generator=generator)
         t = t.to(device=x0.device, dtype=torch.long)
         if noise is None:
-            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+            noise = _randn(x0.shape, x0.device, x0.dtype, generator)
         x_t = self.q_sample(x0, t, noise)
         eps, aux = split_model_output(model(x_t, t, **cond))
         if eps.shape != noise.shape:
@@ -223,7 +235,8 @@ class GaussianDiffusion(nn.Module):
         return 1.0 - abar / abar_prev
 
     def _eps_x0(self, model: Callable[..., Any], x: Tensor, t_model: Tensor, t_chain: Tensor,
-                cond: dict[str, Any], terms: dict[str, Tensor], clip: bool) -> tuple[Tensor, Tensor]:
+                cond: dict[str, Any], terms: dict[str, Tensor],
+                clip: bool) -> tuple[Tensor, Tensor]:
         eps, _ = split_model_output(model(x, t_model, **cond))
         x0 = self.predict_x0(x, t_chain, eps, terms)
         if clip and self.clip_x0 is not None:
@@ -245,7 +258,7 @@ class GaussianDiffusion(nn.Module):
             mean = (_at(terms["posterior_mean_coef1"], t_chain, x) * x0
                     + _at(terms["posterior_mean_coef2"], t_chain, x) * x)
             if i > 0:
-                z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+                z = _randn(x.shape, x.device, x.dtype, generator)
                 x = mean + _at(var, t_chain, x).sqrt() * z
             else:
                 x = mean
@@ -265,7 +278,7 @@ class GaussianDiffusion(nn.Module):
             dir_coef = (1 - abar_prev - sigma ** 2).clamp_min(0).sqrt()
             x = abar_prev.sqrt().to(x.dtype) * x0 + dir_coef.to(x.dtype) * eps
             if i > 0 and eta > 0:
-                z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+                z = _randn(x.shape, x.device, x.dtype, generator)
                 x = x + sigma.to(x.dtype) * z
         return x
 
@@ -280,7 +293,7 @@ class GaussianDiffusion(nn.Module):
         cond = cond or {}
         device = torch.device(device) if device is not None else _model_device(model, self.betas)
         x = noise.to(device) if noise is not None else \
-            torch.randn(shape, device=device, generator=generator)
+            _randn(shape, device, torch.float32, generator)
         if sampler == "ddpm":
             return self._ancestral(model, x, cond, torch.arange(self.T), clip, generator)
         n = steps if steps is not None else min(self.T, 50)

@@ -357,18 +357,19 @@ class PixNet(nn.Module):
             fuse with a small conv stem of the image.
         freeze_encoder: keep the pretrained backbone fixed (no grad, eval mode); the ViT
             pyramid neck still trains.
-        checkpoint: local encoder weights file (e.g. UNI2-h ``pytorch_model.bin``).
+        pretrained_checkpoint: local encoder weights file (e.g. UNI2-h ``pytorch_model.bin``);
+            registry convention: set to None when a trained ``model.pt`` is rebuilt.
         dsub_stages: how many of the deepest up-sampling steps use depth-to-space; default
             half of them (rounded up), the rest are bilinear.
         head_activation: "softplus" (default) or "relu".
         normalize: apply the ImageNet mean/std to [0, 1] RGB input.
     """
 
-    def __init__(self, n_genes: int, encoder: str = "resnet18",
+    def __init__(self, n_genes: int, *, encoder: str = "resnet18",
                  encoder_cfg: dict[str, Any] | None = None,
                  decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
                  fusion: str = "safb", out_stride: int = 4, freeze_encoder: bool = False,
-                 checkpoint: str | Path | None = None, dsub_stages: int | None = None,
+                 pretrained_checkpoint: str | Path | None = None, dsub_stages: int | None = None,
                  head_activation: str = "softplus", normalize: bool = True):
         super().__init__()
         if fusion not in FUSIONS:
@@ -377,20 +378,23 @@ class PixNet(nn.Module):
             raise ValueError(f"head_activation must be softplus or relu, got {head_activation!r}")
         if out_stride < 1 or out_stride & (out_stride - 1):
             raise ValueError(f"out_stride must be a power of two >= 1, got {out_stride}")
+        if n_genes < 1:
+            raise ValueError(f"n_genes must be >= 1, got {n_genes}")
         self.n_genes, self.out_stride, self.fusion = int(n_genes), int(out_stride), fusion
-        self.config = {  # plain data, so a checkpoint can rebuild the model
-            "n_genes": int(n_genes), "encoder": encoder,
-            "encoder_cfg": copy.deepcopy(dict(encoder_cfg or {})),
+        self._config = {  # plain data: PixNet(n_genes, **config) rebuilds the model
+            "encoder": encoder, "encoder_cfg": copy.deepcopy(dict(encoder_cfg or {})),
             "decoder_channels": [int(c) for c in decoder_channels], "fusion": fusion,
             "out_stride": int(out_stride), "freeze_encoder": bool(freeze_encoder),
+            "pretrained_checkpoint": None if pretrained_checkpoint is None
+            else str(pretrained_checkpoint),
             "dsub_stages": dsub_stages, "head_activation": head_activation,
             "normalize": bool(normalize)}
 
         self.encoder = build_encoder(encoder, encoder_cfg)
-        if checkpoint is not None:
+        if pretrained_checkpoint is not None:
             target = self.encoder.vit if isinstance(self.encoder, ViTPyramidEncoder) \
                 else self.encoder.backbone
-            load_encoder_weights(target, checkpoint)
+            load_encoder_weights(target, pretrained_checkpoint)
         self.freeze_encoder = bool(freeze_encoder)
         if self.freeze_encoder:
             for part in self.encoder.frozen_parts():
@@ -442,6 +446,11 @@ class PixNet(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Keyword configuration that rebuilds this model with ``PixNet(n_genes, **config)``."""
+        return copy.deepcopy(self._config)
 
     def train(self, mode: bool = True) -> PixNet:
         super().train(mode)

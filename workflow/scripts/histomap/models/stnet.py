@@ -100,6 +100,12 @@ class STNet(nn.Module):
                 "pretrained_checkpoint": self.pretrained_checkpoint,
                 "dropout": self.dropout_p}
 
+    def init_output_bias(self, mean_expression) -> None:
+        """Start the head at the training-set mean expression, so early epochs learn variation
+        instead of spending the budget on the offset (log-normalised targets sit far from 0)."""
+        with torch.no_grad():
+            self.head.bias.copy_(torch.as_tensor(mean_expression, dtype=self.head.bias.dtype))
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """(batch, 3, s, s) normalised patches -> (batch, n_genes) predictions."""
         return self.head(self.dropout(self.backbone(patches)))

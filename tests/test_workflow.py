@@ -1,0 +1,144 @@
+"""Workflow-level tests: schema validation, lint, bad input leaves no partial output, and an
+end-to-end run of the demo configuration (small settings) through every rule."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def run_snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "--directory", str(workdir), *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(workdir: Path, **overrides) -> Path:
+    """The demo config with absolute sample-sheet paths and the given top-level overrides."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path = workdir / "test_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    # Snakefile's `configfile: config/config.yaml` is read relative to the working directory
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    return tmp_path
+
+
+def test_schema_rejects_unknown_key(workdir):
+    cfg = write_config(workdir, tiling={"tile_pxx": 3})
+    res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
+    assert res.returncode != 0
+    assert "tile_pxx" in res.stderr + res.stdout
+
+
+def test_schema_rejects_bad_value(workdir):
+    cfg = write_config(workdir, folds={"strategy": "random"})
+    res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
+    assert res.returncode != 0
+    assert "random" in res.stderr + res.stdout
+
+
+def test_sample_sheet_unknown_platform(workdir):
+    sheet = workdir / "bad.tsv"
+    sheet.write_text("sample\tpatient\tplatform\tpath\nS1\tP\tnanostring\tx\nS2\tQ\tsynthetic\t\n")
+    cfg = write_config(workdir, samples=str(sheet))
+    res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
+    assert res.returncode != 0
+    assert "nanostring" in res.stderr + res.stdout
+
+
+def test_lint_is_clean():
+    res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr
+
+
+def _legacy_section(folder: Path, counts_text: str) -> None:
+    from PIL import Image
+    folder.mkdir(parents=True)
+    Image.new("RGB", (400, 400), (230, 180, 200)).save(folder / "he.jpg")
+    (folder / "S1.tsv").write_text(counts_text)
+    rows = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
+    for i, (x, y) in enumerate([(1, 1), (2, 1), (1, 2), (2, 2)]):
+        rows.append(f"{x}\t{y}\t{x}\t{y}\t{100 * x}\t{100 * y}\t1")
+    (folder / "S1_selection.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_bad_counts_fail_cleanly_without_partial_output(workdir):
+    """Negative counts: the ingest job fails naming the file, and leaves no output behind."""
+    counts = "\tGA\tGB\n1x1\t5\t3\n2x1\t-2\t1\n1x2\t4\t4\n2x2\t1\t1\n"
+    _legacy_section(workdir / "data" / "S1", counts)
+    _legacy_section(workdir / "data" / "S2", counts.replace("-2", "2"))
+    (workdir / "data" / "S2" / "S1.tsv").rename(workdir / "data" / "S2" / "S2.tsv")
+    (workdir / "data" / "S2" / "S1_selection.tsv").rename(
+        workdir / "data" / "S2" / "S2_selection.tsv")
+    sheet = workdir / "sheet.tsv"
+    pd.DataFrame({"sample": ["S1", "S2"], "patient": ["A", "B"], "platform": "legacy_st",
+                  "path": ["S1", "S2"], "mpp": "2.0"}).to_csv(sheet, sep="\t", index=False)
+    cfg = write_config(workdir, samples=str(sheet), data_dir=str(workdir / "data"))
+    res = run_snakemake(workdir, "results/ingest/S1/spots.h5ad", "--cores", "1",
+                        "--configfile", str(cfg), timeout=300)
+    assert res.returncode != 0
+    log = (workdir / "logs" / "ingest_sample" / "S1.log").read_text()
+    assert "S1.tsv" in log and "negative" in log.lower()
+    assert not (workdir / "results" / "ingest" / "S1" / "spots.h5ad").exists()
+    assert not (workdir / "results" / "ingest" / "S1" / "slide.tif").exists()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(workdir):
+    """The demo configuration, shrunk: every rule runs and the benchmark table is complete."""
+    cfg = write_config(
+        workdir,
+        synthetic={"size_um": [700, 700], "n_genes": 40},
+        genes={"name": "top20", "n_genes": 20},
+        stnet={"backbone": "resnet10t", "crop_um": 64},
+        train={"epochs": 2, "batch_size": 16, "patience": 2},
+        tiling={"tile_px": 128},
+        report={"figure_genes": 2},
+    )
+    res = run_snakemake(workdir, "--cores", "2", "--configfile", str(cfg))
+    assert res.returncode == 0, res.stderr[-5000:]
+    bench = pd.read_csv(workdir / "results" / "report" / "benchmark.csv")
+    assert list(bench.columns[:8]) == ["task", "dataset", "model", "fold", "scale_um",
+                                       "gene_set", "metric", "value"] or {
+        "task", "dataset", "model", "fold", "scale_um", "gene_set", "metric", "value"
+    } <= set(bench.columns)
+    assert set(bench["fold"]) == {"P1", "P2", "P3"}
+    assert set(bench["model"]) == {"stnet"}
+    assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(bench["metric"])
+    assert (bench["scale_um"] == 55).all()
+    md = (workdir / "results" / "report" / "benchmark.md").read_text()
+    assert "stnet" in md
+    for fold, sample in [("P1", "synA"), ("P2", "synB"), ("P3", "synC")]:
+        assert (workdir / "results" / "report" / "figures" / "stnet" / f"{fold}_{sample}.png"
+                ).stat().st_size > 10_000
+        pred = workdir / "results" / "predictions" / "stnet" / fold / sample / "spots_55um.h5ad"
+        assert pred.exists()
+    import anndata as ad
+    pred = ad.read_h5ad(workdir / "results/predictions/stnet/P1/synA/spots_55um.h5ad")
+    truth = ad.read_h5ad(workdir / "results/st/synA.h5ad")
+    assert list(pred.obs_names) == list(truth.obs_names)
+    assert pred.n_vars == 20
+    assert (workdir / "results" / "tiles" / "synA.parquet").exists()
+    assert (workdir / "results" / "ingest" / "synA" / "sample.zarr").is_dir()
+    # a second run has nothing to do
+    res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
+    assert "Nothing to be done" in res.stdout + res.stderr
