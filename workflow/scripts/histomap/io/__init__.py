@@ -20,6 +20,7 @@ READERS = {
     "legacy_st": "legacy_st",
     "visium": "visium",
     "synthetic": "synthetic",
+    "xenium": "xenium",
 }
 
 

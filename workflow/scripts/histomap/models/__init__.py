@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .pixnet import PixNet
 from .stnet import STNet
 
 MODELS: dict[str, type[nn.Module]] = {
     "stnet": STNet,
+    "pixnet": PixNet,
 }
 
 
@@ -37,4 +39,4 @@ def build_model(name: str, n_genes: int, /, **cfg) -> nn.Module:
         raise ValueError(f"bad configuration for model {name!r} {cfg}: {exc}") from exc
 
 
-__all__ = ["MODELS", "STNet", "build_model"]
+__all__ = ["MODELS", "PixNet", "STNet", "build_model"]

@@ -1,0 +1,239 @@
+"""PixNet task: training windows (geometry, augmentation), batch loss, train, resume, predict."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from histomap.dense import read_dense, spots_from_dense
+from histomap.io.synthetic import read as read_synthetic
+from histomap.models.pixnet import PixNet
+from histomap.pixnet_task import (SlideSpots, WindowDataset, dihedral_points, make_loss_fn,
+                                  pixnet_batch_loss, predict_pixnet, train_pixnet)
+from histomap.preprocess import normalise_spots
+from histomap.slide import write_pyramid
+from histomap.spot_patches import dihedral
+from histomap.synthetic import simulate_sample
+from histomap.tiling import tile_slide
+from histomap.train import load_model
+
+SLIDE_MPP = 0.5
+INPUT_MPP = 1.0
+WINDOW = 64
+STRIDE = 4
+DOT_PX = 8  # level-0 radius of the red dot drawn at every spot centre
+TINY = {"encoder": "test_resnet", "decoder_channels": [16, 16, 24, 32, 32], "out_stride": 4}
+
+
+# --------------------------------------------------------------------------- window geometry
+@pytest.fixture(scope="module")
+def dotted(tmp_path_factory):
+    """White slide with a red dot at each of 20 irregularly placed spots of two sizes."""
+    rng = np.random.default_rng(0)
+    centres: list[np.ndarray] = []
+    while len(centres) < 20:
+        c = rng.uniform(60, 540, 2)
+        if all(np.hypot(*(c - o)) > 70 for o in centres):
+            centres.append(c)
+    centres = np.array(centres)
+    image = np.full((600, 600, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:600, :600]
+    for cx, cy in centres:  # pixel (i, j) is centred at (j + 0.5, i + 0.5) in these units
+        image[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= DOT_PX ** 2] = (255, 0, 0)
+    path = tmp_path_factory.mktemp("dots") / "slide.tif"
+    write_pyramid(image, path, SLIDE_MPP)
+    diam = np.where(np.arange(20) % 2 == 0, 20.0, 12.0)
+    targets = np.column_stack([np.arange(20), centres, diam]).astype(np.float32)
+    return SlideSpots(path, centres, diam, targets, "dots")
+
+
+def _red_blobs(image: torch.Tensor) -> np.ndarray:
+    """Centroids (x, y) in window pixels (continuous) of the red blobs of a (3, w, w) image."""
+    rgb = image.numpy().astype(int)
+    red = (rgb[0] > 170) & (rgb[1] < 100) & (rgb[2] < 100)
+    labels, n = ndimage.label(red)
+    if n == 0:
+        return np.zeros((0, 2))
+    cy_cx = np.array(ndimage.center_of_mass(red, labels, range(1, n + 1)))
+    return cy_cx[:, ::-1] + 0.5
+
+
+def test_dihedral_points_follow_the_image_transform():
+    side = 7
+    for i, j in [(0, 0), (1, 5), (6, 2)]:
+        image = torch.zeros(1, side, side)
+        image[0, i, j] = 1
+        for k in range(8):
+            ti, tj = np.argwhere(dihedral(image, k)[0].numpy())[0]
+            np.testing.assert_allclose(dihedral_points(np.array([[j + 0.5, i + 0.5]]), k, side),
+                                       [[tj + 0.5, ti + 0.5]])
+
+
+def test_window_discs_land_on_their_spots_under_every_transform(dotted):
+    ds = WindowDataset([dotted], window_px=WINDOW, input_mpp=INPUT_MPP, out_stride=STRIDE,
+                       augment=True)
+    assert len(ds) == 20 and ds.max_spots >= 2
+    side, s0 = WINDOW / STRIDE, INPUT_MPP / SLIDE_MPP
+    rng = np.random.default_rng(1)
+    for i in range(len(ds)):
+        offset = tuple(int(v) for v in rng.integers(-ds.anchors[i, 2], ds.anchors[i, 2] + 1, 2))
+        base = ds.window(i, k=0, offset=offset)
+        valid = base["valid"].numpy()
+        ids = base["targets"][valid, 0].numpy().astype(int)
+        assert dotted.targets[ds.anchors[i, 1], 0] in ids  # the anchor is always inside
+        # the disc centre in the window is the spot's level-0 centre
+        x0, y0 = ds.window_origin(i, offset)
+        level0 = (np.array([x0, y0]) + base["centres"][valid].numpy() * STRIDE) * s0
+        np.testing.assert_allclose(level0, dotted.centres_px[ids], atol=1e-3)
+        np.testing.assert_allclose(base["radii"][valid].numpy(),
+                                   dotted.diameter_um[ids] / 2 / (INPUT_MPP * STRIDE))
+        for k in range(8):
+            item = ds.window(i, k=k, offset=offset)
+            assert item["image"].shape == (3, WINDOW, WINDOW)
+            assert item["centres"].shape == (ds.max_spots, 2)
+            centres = item["centres"][valid].numpy()
+            np.testing.assert_allclose(centres, dihedral_points(
+                base["centres"][valid].numpy(), k, side), atol=1e-5)
+            assert np.all(centres - item["radii"][valid, None].numpy() >= -1e-5)
+            assert np.all(centres + item["radii"][valid, None].numpy() <= side + 1e-5)
+            # every disc centre sits on a red dot, and every dot far enough inside is a disc
+            blobs = _red_blobs(item["image"])
+            px = centres * STRIDE
+            dist = np.hypot(*(px[:, None] - blobs[None]).transpose(2, 0, 1))
+            assert np.all(dist.min(axis=1) < 1.0), (i, k)
+            inner = np.all((blobs > 11) & (blobs < WINDOW - 11), axis=1)
+            assert np.all(dist[:, inner].min(axis=0) < 1.0), (i, k)
+
+
+def test_random_items_are_consistent_and_padded(dotted):
+    ds = WindowDataset([dotted], window_px=WINDOW, input_mpp=INPUT_MPP, out_stride=STRIDE,
+                       augment=True, max_spots=6)
+    torch.manual_seed(0)
+    counts = []
+    for i in range(len(ds)):
+        item = ds[i]
+        v = item["valid"]
+        counts.append(int(v.sum()))
+        assert not item["targets"][~v].any() and not item["radii"][~v].any()
+        c, r = item["centres"][v], item["radii"][v]
+        assert torch.all(c - r[:, None] >= -1e-5) and torch.all(c + r[:, None] <= 16 + 1e-5)
+    assert min(counts) >= 1 and max(counts) <= 6
+    still = WindowDataset([dotted], window_px=WINDOW, input_mpp=INPUT_MPP, out_stride=STRIDE)
+    a, b = still[3], still[3]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["centres"], b["centres"])
+    # jitter: as far as the anchor stays inside (32 - 10 - 1 px for 20 um spots), or capped
+    assert ds.anchors[0, 2] == 21 and ds.anchors[1, 2] == 25
+    capped = WindowDataset([dotted], window_px=WINDOW, input_mpp=INPUT_MPP, out_stride=STRIDE,
+                           augment=True, jitter_um=3.0)
+    assert capped.anchors[:, 2].max() == 3
+    # one anchor per 150 um cell (the slide is 300 um wide): at most 4 windows
+    sparse = WindowDataset([dotted], window_px=WINDOW, input_mpp=INPUT_MPP, out_stride=STRIDE,
+                           anchor_stride_um=150.0)
+    assert 1 <= len(sparse) <= 4 and sparse.max_spots >= 1
+
+
+def test_batch_loss_uses_disc_means(dotted):
+    ds = WindowDataset([dotted], window_px=WINDOW, input_mpp=INPUT_MPP, out_stride=STRIDE)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = PixNet(4, **TINY)
+    loss = pixnet_batch_loss(model, batch, torch.device("cpu"), make_loss_fn("mse"))
+    _, pred = model.forward_spots(batch["image"].float() / 255, batch["centres"],
+                                  batch["radii"], mode="mean", valid=batch["valid"])
+    v = batch["valid"]
+    torch.testing.assert_close(loss, F.mse_loss(pred[v], batch["targets"][v]))
+    joint = pixnet_batch_loss(model, batch, torch.device("cpu"), None)
+    assert joint > loss  # joint adds 0.5 (1 - PCC)
+    joint.backward()
+    assert model.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loss mode"):
+        make_loss_fn("huber")
+
+
+def test_window_must_fit_stride(dotted):
+    with pytest.raises(ValueError, match="multiple of out_stride"):
+        WindowDataset([dotted], window_px=62, input_mpp=INPUT_MPP, out_stride=STRIDE)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pixnet")
+    simulate_sample(root / "s1", seed=3, size_um=(500.0, 500.0))
+    st = normalise_spots(read_synthetic("s1", root / "s1").spots, min_counts=10, min_genes=5)
+    st.write_h5ad(root / "s1.h5ad")
+    tile_slide(root / "s1" / "he.tif", root / "tiles.zarr", root / "tiles.parquet", tile_px=64,
+               tile_mpp=2.0, mask_mpp=8.0)
+    genes = list(st.var_names[np.argsort(-np.asarray(st.X.mean(axis=0)).ravel())[:6]])
+    return {"root": root, "st": root / "s1.h5ad", "slide": root / "s1" / "he.tif",
+            "tiles": root / "tiles.parquet", "genes": genes}
+
+
+TRAIN = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "patience": None, "amp": False,
+         "device": "cpu"}
+VALIDATION = {"fraction": 0.2, "block_um": 150}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _train(sample, name, **kwargs):
+    out = sample["root"] / name
+    return out, train_pixnet([sample["st"]], [sample["slide"]], sample["genes"],
+                             model_cfg={**TINY, "input_mpp": 2.0, "loss": "joint"},
+                             train_cfg=TRAIN, validation=VALIDATION, seed=0,
+                             out_model=out / "model.pt", out_log=out / "train_log.csv",
+                             checkpoint_dir=out / "checkpoints", window_px=64, **kwargs)
+
+
+def test_train_resume_and_predict(sample):
+    out, summary = _train(sample, "full")
+    assert summary["epochs_done"] == 2 and (out / "model.pt").is_file()
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["epoch"]) == [1, 2] and np.isfinite(log["val_loss"]).all()
+    model, meta = load_model(out / "model.pt")
+    assert isinstance(model, PixNet) and meta["genes"] == sample["genes"]
+    assert meta["extra"]["window_px"] == 64 and meta["extra"]["input_mpp"] == 2.0
+
+    # killed after epoch 1, rerun: resumes and ends with the uninterrupted weights
+    def stop(row):
+        if row["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _train(sample, "resumed", on_epoch_end=stop)
+    assert not (sample["root"] / "resumed" / "model.pt").exists()
+    resumed_dir, resumed = _train(sample, "resumed")
+    assert resumed["resumed_from"] == 1 and resumed["epochs_done"] == 2
+    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed_dir / "model.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+    # prediction: dense map + spot tables at two diameters
+    spot_files = {55.0: out / "pred" / "spots_55um.h5ad", 27.5: out / "pred" / "spots_27.5um.h5ad"}
+    predict_pixnet(out / "model.pt", sample["slide"], sample["tiles"], out / "pred" / "dense.zarr",
+                   sample["st"], spot_files, device="cpu")
+    dmap = read_dense(out / "pred" / "dense.zarr")
+    assert dmap.genes == sample["genes"] and dmap.mpp == 2.0 * 4
+    assert dmap.attrs["tile_px"] == 64 and dmap.attrs["overlap_px"] == 16
+    dense = dmap.read()
+    mask = np.asarray(dmap.mask[:]) > 0
+    assert mask.mean() > 0.3 and np.all(dense[:, mask] > 0) and np.all(dense[:, ~mask] == 0)
+    st = ad.read_h5ad(sample["st"])
+    preds = {d: ad.read_h5ad(p) for d, p in spot_files.items()}
+    for diameter, pred in preds.items():
+        assert pred.shape == (st.n_obs, 6) and list(pred.var_names) == sample["genes"]
+        assert list(pred.obs_names) == list(st.obs_names)
+        assert pred.uns["histomap"]["spot_diameter_um"] == diameter
+        assert np.allclose(pred.obs["diameter_um"], diameter)
+        np.testing.assert_allclose(pred.obsm["spatial"], st.obsm["spatial"])
+        assert np.isfinite(pred.X).all()
+        np.testing.assert_allclose(pred.X, spots_from_dense(dmap, st.obsm["spatial"], diameter,
+                                                            SLIDE_MPP), rtol=1e-6)
+    assert not np.allclose(preds[55.0].X, preds[27.5].X)

@@ -1,0 +1,346 @@
+"""Super-resolution pairs: exact LR/HR consistency, normalisation round trips, H&E alignment,
+spot-grid lattices and the real Xenium crop."""
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from histomap.errors import InputError
+from histomap.slide import write_pyramid
+from histomap.srpairs import (SRPairDataset, block_sum, build_spot_grid_pairs, build_sr_pairs,
+                              denormalise, pair_geometry, read_sr_pairs)
+from histomap.synthetic import aggregate_bins, simulate_sample
+
+SIZE_UM = 600.0
+G = 40  # synthetic genes
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A 600 x 600 um synthetic sample: (cells AnnData, slide path, mpp)."""
+    folder = tmp_path_factory.mktemp("syn") / "sample"
+    simulate_sample(folder, seed=7, size_um=(SIZE_UM, SIZE_UM), n_genes=G)
+    cells = ad.read_h5ad(folder / "cells.h5ad")
+    return cells, folder / "he.tif", float(cells.uns["synthetic"]["mpp"])
+
+
+@pytest.fixture(scope="module")
+def raw_pairs(synthetic, tmp_path_factory):
+    cells, slide, _ = synthetic
+    out = tmp_path_factory.mktemp("pairs") / "raw.zarr"
+    build_sr_pairs(cells, slide, None, out, patch_um=500, lr_um=100, scale=5,
+                   normalisation="none", min_tissue=0.0)
+    return read_sr_pairs(out)
+
+
+def test_block_sum():
+    maps = np.arange(2 * 4 * 6, dtype=float).reshape(2, 4, 6)
+    out = block_sum(maps, 2)
+    assert out.shape == (2, 2, 3)
+    assert out[1, 1, 2] == maps[1, 2:4, 4:6].sum() and out[0, 0, 1] == maps[0, :2, 2:4].sum()
+
+
+def test_lr_is_exact_sum_of_hr_and_hr_is_binned_counts(synthetic, raw_pairs):
+    cells, _, mpp = synthetic
+    arrays, attrs = raw_pairs
+    n = len(arrays["hr"])
+    assert n == 4  # 600 um slide, 500 um patches: 2 x 2 (the last ones run past the edge)
+    assert arrays["hr"].shape == (n, G, 25, 25) and arrays["lr"].shape == (n, G, 5, 5)
+    assert arrays["he"].shape == (n, 3, 250, 250) and arrays["he"].dtype == np.uint8
+    assert arrays["mask"].shape == (n, 25, 25) and arrays["mask"].dtype == bool
+    assert attrs["hr_um"] == 20 and attrs["lr_um"] == 100 and attrs["scale"] == 5
+    np.testing.assert_array_equal(block_sum(arrays["hr"], 5), arrays["lr"])
+    # independent: the cells summed into 20 um bins at each patch's origin
+    for i in range(n):
+        bins = aggregate_bins(cells, 20.0, mpp, origin=tuple(arrays["origin_px"][i]),
+                              shape=(25, 25), keep_empty=True)
+        expected = bins.X.toarray().T.reshape(G, 25, 25)
+        np.testing.assert_array_equal(arrays["hr"][i], expected)
+    assert arrays["hr"].sum() == cells.X.sum()  # the four patches tile the whole slide
+    np.testing.assert_allclose(arrays["origin_px"] * mpp, arrays["origin_um"])
+    np.testing.assert_allclose(arrays["origin_um"], [[0, 0], [500, 0], [0, 500], [500, 500]])
+    # past the 600 um slide edge nothing is measured
+    assert not arrays["mask"][3][5:, :].any() and not arrays["mask"][3][:, 5:].any()
+
+
+def test_minmax_normalisation_round_trip(synthetic, raw_pairs, tmp_path):
+    cells, slide, _ = synthetic
+    out = tmp_path / "minmax.zarr"
+    build_sr_pairs(cells, slide, ["ERBB2", "PTPRC", "COL1A1"], out, patch_um=500, lr_um=100,
+                   scale=5, normalisation="minmax", min_tissue=0.0)
+    arrays, attrs = read_sr_pairs(out)
+    raw, raw_attrs = raw_pairs
+    assert attrs["genes"] == ["ERBB2", "PTPRC", "COL1A1"] and attrs["normalisation"] == "minmax"
+    idx = [raw_attrs["genes"].index(g) for g in attrs["genes"]]
+    for grid in ("hr", "lr"):
+        values, lo, hi = arrays[grid], arrays[f"{grid}_min"], arrays[f"{grid}_max"]
+        assert values.min() >= 0 and values.max() <= 1
+        varying = hi > lo
+        assert varying.any()
+        np.testing.assert_allclose(values.max(axis=(2, 3))[varying], 1.0)
+        np.testing.assert_allclose(values.min(axis=(2, 3))[varying], 0.0)
+        assert (values[~varying] == 0).all()
+        for i in range(len(values)):
+            back = denormalise(values[i], "minmax", lo=lo[i], hi=hi[i])
+            np.testing.assert_allclose(back, raw[grid][i][idx], atol=1e-3)
+
+
+def test_log1p_normalisation_round_trip(synthetic, raw_pairs, tmp_path):
+    cells, slide, _ = synthetic
+    out = tmp_path / "log1p.zarr"
+    build_sr_pairs(cells, slide, None, out, patch_um=500, lr_um=100, scale=5,
+                   normalisation="log1p", min_tissue=0.0)
+    arrays, attrs = read_sr_pairs(out)
+    raw, _ = raw_pairs
+    assert attrs["hr_target_sum"] > 0 and attrs["lr_target_sum"] > attrs["hr_target_sum"]
+    # the library is every gene's counts in the pixel; LR libraries are sums of HR libraries
+    np.testing.assert_allclose(arrays["hr_library"], raw["hr"].sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(block_sum(arrays["hr_library"], 5), arrays["lr_library"],
+                               rtol=1e-5)
+    for grid in ("hr", "lr"):
+        for i in range(len(arrays[grid])):
+            back = denormalise(arrays[grid][i], "log1p", library=arrays[f"{grid}_library"][i],
+                               target_sum=attrs[f"{grid}_target_sum"])
+            np.testing.assert_allclose(back, raw[grid][i], rtol=1e-4, atol=1e-3)
+
+
+def test_min_tissue_drops_glass_patches(synthetic, tmp_path):
+    cells, slide, _ = synthetic
+    out = tmp_path / "tissue.zarr"
+    attrs = build_sr_pairs(cells, slide, None, out, patch_um=200, lr_um=100, scale=5,
+                           normalisation="none", min_tissue=0.5)
+    arrays, _ = read_sr_pairs(out)
+    assert 0 < attrs["n_patches"] < 9
+    assert (arrays["tissue_fraction"] >= 0.5).all()
+    np.testing.assert_allclose(arrays["mask"].mean(axis=(1, 2)), arrays["tissue_fraction"])
+
+
+def test_patch_sizes_floor_or_follow_the_paper(caplog):
+    with caplog.at_level(logging.WARNING, logger="histomap.srpairs"):
+        geo = pair_geometry(2560, 100, 5)
+    assert (geo.n_lr, geo.n_hr, geo.patch_um) == (25, 125, 2500)
+    assert "floored to 2500 um" in caplog.text
+    assert (pair_geometry(2560, 100, 10).n_hr) == 250
+    geo = pair_geometry(2560, 100, 5, edge="ceil")
+    assert (geo.n_lr, geo.n_hr, geo.n_cover) == (26, 128, 130)
+    assert pair_geometry(2560, 100, 10, edge="ceil").n_hr == 256
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="histomap.srpairs"):
+        assert pair_geometry(500, 100, 5, stride_um=250).stride_lr == 2
+    assert "stride_um 250 floored to 200" in caplog.text
+
+
+def test_edge_ceil_lr_covers_whole_lr_pixels(synthetic, tmp_path):
+    cells, slide, mpp = synthetic
+    out = tmp_path / "ceil.zarr"
+    build_sr_pairs(cells, slide, None, out, patch_um=260, lr_um=100, scale=5, edge="ceil",
+                   normalisation="none", min_tissue=0.0)
+    arrays, attrs = read_sr_pairs(out)
+    assert arrays["hr"].shape[2:] == (13, 13) and arrays["lr"].shape[2:] == (3, 3)
+    # the first 2 x 2 LR pixels lie inside the HR patch and are sums of its HR pixels
+    np.testing.assert_array_equal(block_sum(arrays["hr"][:, :, :10, :10], 5),
+                                  arrays["lr"][:, :, :2, :2])
+    # every LR pixel (also the partial last ones) is the full 100 um bin of the sample's grid
+    lr_bins = aggregate_bins(cells, 100.0, mpp, shape=(6, 6), keep_empty=True)
+    grid = lr_bins.X.toarray().T.reshape(G, 6, 6)
+    for i, (r0, c0) in enumerate(arrays["grid_index"] // 5):
+        want = np.zeros((G, 3, 3))
+        part = grid[:, r0:r0 + 3, c0:c0 + 3]
+        want[:, :part.shape[1], :part.shape[2]] = part
+        np.testing.assert_array_equal(arrays["lr"][i], want)
+    # the dataset upsamples LR onto the 15 x 15 cover grid and crops it to the HR patch
+    item = SRPairDataset(out, upsample="nearest")[0]
+    lr = arrays["lr"][0]
+    np.testing.assert_allclose(item["lr_up"].numpy(),
+                               np.repeat(np.repeat(lr, 5, axis=1), 5, axis=2)[:, :13, :13])
+
+
+def test_he_patch_is_aligned_with_the_hr_grid(tmp_path):
+    """A red square on a white slide and points of gene RED inside it land on the same HR
+    pixels; points of BLUE elsewhere do not."""
+    mpp = 0.5
+    rgb = np.full((800, 800, 3), 255, np.uint8)  # 400 x 400 um
+    x0, y0, side = 260, 120, 40  # um, on the 10 um HR grid
+    rgb[int(y0 / mpp):int((y0 + side) / mpp), int(x0 / mpp):int((x0 + side) / mpp)] = (220, 0, 0)
+    slide = write_pyramid(rgb, tmp_path / "square.tif", mpp)
+    rng = np.random.default_rng(0)
+    red = rng.uniform(0, side, (300, 2)) + [x0, y0]
+    blue = rng.uniform(0, 400, (600, 2))
+    blue = blue[~((blue[:, 0] >= x0 - 10) & (blue[:, 0] < x0 + side + 10)
+                  & (blue[:, 1] >= y0 - 10) & (blue[:, 1] < y0 + side + 10))]
+    xy = np.concatenate([red, blue]) / mpp
+    X = sp.csr_matrix(np.concatenate([np.tile([1, 0], (len(red), 1)),
+                                      np.tile([0, 1], (len(blue), 1))]))
+    points = ad.AnnData(X=X, var=pd.DataFrame(index=["RED", "BLUE"]))
+    points.obsm["spatial"] = xy
+    out = tmp_path / "square.zarr"
+    build_sr_pairs(points, slide, ["RED", "BLUE"], out, patch_um=200, lr_um=40, scale=4,
+                   normalisation="none", image_mpp=1.0, tissue=False, min_tissue=0.0)
+    arrays, attrs = read_sr_pairs(out)
+    assert attrs["hr_um"] == 10 and arrays["he"].shape[1:] == (3, 200, 200)
+    assert arrays["mask"].all()  # no tissue mask: the whole slide is measured
+    assert arrays["hr"][:, 0].sum() == len(red)
+    hits = 0
+    for he, hr in zip(arrays["he"], arrays["hr"]):
+        is_red = (he[0] > 150) & (he[1] < 80)  # (200, 200) px at 1 um
+        red_hr = block_sum(is_red.astype(float), 10) > 50  # (20, 20) HR pixels of 10 um
+        np.testing.assert_array_equal(red_hr, hr[0] > 0)
+        assert not (red_hr & (hr[1] > 0)).any()
+        hits += int(red_hr.sum())
+    assert hits == (side // 10) ** 2
+
+
+def test_dataset_items_and_loader(raw_pairs, synthetic, tmp_path):
+    import torch
+
+    cells, slide, _ = synthetic
+    out = tmp_path / "ds.zarr"
+    build_sr_pairs(cells, slide, None, out, patch_um=500, lr_um=100, scale=5,
+                   normalisation="minmax", min_tissue=0.0)
+    ds = SRPairDataset(out)
+    assert len(ds) == 4 and ds.genes == list(cells.var_names)
+    item = ds[1]
+    assert item["hr"].shape == (G, 25, 25) and item["lr"].shape == (G, 5, 5)
+    assert item["lr_up"].shape == (G, 25, 25) and item["mask"].dtype == torch.bool
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 250, 250)
+    assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
+    # bicubic upsampling preserves the LR map's mean per gene approximately
+    np.testing.assert_allclose(item["lr_up"].mean(dim=(1, 2)), item["lr"].mean(dim=(1, 2)),
+                               atol=0.1)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch["hr"].shape == (2, G, 25, 25) and batch["image"].shape == (2, 3, 250, 250)
+
+
+def test_bad_inputs(synthetic, tmp_path):
+    cells, slide, mpp = synthetic
+    with pytest.raises(InputError, match="not measured"):
+        build_sr_pairs(cells, slide, ["ERBB2", "NOPE"], tmp_path / "x.zarr", patch_um=500)
+    with pytest.raises(InputError, match="differs from the given mpp") as err:
+        build_sr_pairs(cells, slide, None, tmp_path / "x.zarr", mpp=mpp * 2, patch_um=500)
+    assert "he.tif" in str(err.value)
+    with pytest.raises(InputError, match="no patch"):
+        build_sr_pairs(cells, slide, None, tmp_path / "x.zarr", patch_um=500, min_tissue=1.0)
+    assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(InputError, match="not an SR pairs zarr|does not exist"):
+        read_sr_pairs(tmp_path / "x.zarr")
+
+
+# --- spot grids ----------------------------------------------------------------------------------
+
+PITCH_PX = 20  # lattice step on the slide (mpp 1: 20 um)
+
+
+def _lattice_sample(tmp_path, style: str, flip_y: bool = False, transpose: bool = False):
+    """6 x 6 lattice (two spots missing) with random counts; a green spot image at (row 1, col 4).
+    """
+    rows, cols = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    keep = ~(((rows == 2) & (cols == 3)) | ((rows == 5) & (cols == 0)))
+    rows, cols = rows[keep], cols[keep]
+    rng = np.random.default_rng(5)
+    X = rng.poisson(4.0, (len(rows), 3))
+    y_px = (5 - rows if flip_y else rows) * PITCH_PX + PITCH_PX / 2 + 10
+    x_px = cols * PITCH_PX + PITCH_PX / 2 + 10
+    if style == "legacy":   # names {x}x{y} with x = col + 1, y = row + 1
+        obs = pd.DataFrame(index=[f"{c + 1}x{r + 1}" for r, c in zip(rows, cols)])
+    elif style == "visium":  # doubled hex columns: array_row + array_col even
+        obs = pd.DataFrame({"array_row": rows, "array_col": 2 * cols + rows % 2},
+                           index=[f"bc{i}" for i in range(len(rows))])
+        x_px = x_px + (rows % 2) * PITCH_PX / 2  # odd rows staggered by half a pitch
+    else:
+        obs = pd.DataFrame({"array_row": rows, "array_col": cols},
+                           index=[f"s{i}" for i in range(len(rows))])
+    spots = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=["A", "B", "C"]))
+    spots.obsm["spatial"] = np.column_stack([y_px, x_px] if transpose else [x_px, y_px])
+    rgb = np.full((140, 140, 3), 255, np.uint8)
+    gy = int((5 - 1 if flip_y else 1) * PITCH_PX + 10)
+    gx = 4 * PITCH_PX + 10
+    if transpose:  # lattice rows run along x
+        gx, gy = gy, gx
+    rgb[gy:gy + PITCH_PX, gx:gx + PITCH_PX] = (0, 200, 0)
+    slide = write_pyramid(rgb, tmp_path / f"lattice_{style}.tif", 1.0)
+    dense = np.zeros((3, 6, 6))
+    dense[:, rows, cols] = X.T
+    measured = np.zeros((6, 6), bool)
+    measured[rows, cols] = True
+    return spots, slide, dense, measured
+
+
+@pytest.mark.parametrize("style, flip_y, transpose", [("legacy", False, False),
+                                                      ("visium", False, False),
+                                                      ("array", True, False),
+                                                      ("array", True, True)])
+def test_spot_grid_pairs(tmp_path, caplog, style, flip_y, transpose):
+    spots, slide, dense, measured = _lattice_sample(tmp_path, style, flip_y, transpose)
+    out = tmp_path / "grid.zarr"
+    with caplog.at_level(logging.INFO, logger="histomap.srpairs"):
+        attrs = build_spot_grid_pairs(spots, slide, None, out, factor=2, patch_spots=4,
+                                      stride_spots=2, min_measured=0.0, normalisation="none",
+                                      image_mpp=1.0)
+    assert "rotated" not in caplog.text
+    assert ("staggered by (10.0, " in caplog.text) == (style == "visium")
+    arrays, _ = read_sr_pairs(out)
+    assert attrs["source"] == "spot_grid" and attrs["hr_um"] == pytest.approx(PITCH_PX)
+    assert attrs["lr_um"] == pytest.approx(2 * PITCH_PX) and attrs["scale"] == 2
+    assert arrays["hr"].shape == (4, 3, 4, 4) and arrays["lr"].shape == (4, 3, 2, 2)
+    assert arrays["he"].shape == (4, 3, 80, 80)
+    np.testing.assert_array_equal(arrays["lr"], block_sum(arrays["hr"], 2))
+    for i, (r0, c0) in enumerate(arrays["grid_index"]):
+        np.testing.assert_array_equal(arrays["hr"][i], dense[:, r0:r0 + 4, c0:c0 + 4])
+        np.testing.assert_array_equal(arrays["mask"][i], measured[r0:r0 + 4, c0:c0 + 4])
+        # the green spot (lattice row 1, col 4) shows in the H&E at its lattice cell
+        green = (arrays["he"][i][1] > 150) & (arrays["he"][i][0] < 80)
+        cell = block_sum(green.astype(float), PITCH_PX) > 0.5 * PITCH_PX ** 2
+        want = np.zeros((4, 4), bool)
+        if r0 <= 1 < r0 + 4 and c0 <= 4 < c0 + 4:
+            want[1 - r0, 4 - c0] = True
+        np.testing.assert_array_equal(cell, want)
+
+
+def test_spot_grid_pairs_floor_patch_and_need_a_lattice(tmp_path, caplog):
+    spots, slide, _, _ = _lattice_sample(tmp_path, "array")
+    with caplog.at_level(logging.WARNING, logger="histomap.srpairs"):
+        build_spot_grid_pairs(spots, slide, ["A"], tmp_path / "g.zarr", patch_spots=5,
+                              min_measured=0.0, normalisation="minmax")
+    assert "patch_spots 5 floored to 4" in caplog.text
+    arrays, _ = read_sr_pairs(tmp_path / "g.zarr")
+    assert arrays["hr"].shape[1:] == (1, 4, 4) and arrays["lr_max"].shape[1:] == (1,)
+    bare = ad.AnnData(X=spots.X, var=spots.var, obs=pd.DataFrame(index=[f"s{i}" for i in
+                                                                         range(spots.n_obs)]))
+    bare.obsm["spatial"] = spots.obsm["spatial"]
+    with pytest.raises(InputError, match="no spot lattice"):
+        build_spot_grid_pairs(bare, slide, None, tmp_path / "h.zarr")
+
+
+# --- the real Xenium crop ------------------------------------------------------------------------
+
+def test_xenium_crop_pairs(xenium_crop_dir, tmp_path):
+    from histomap.io import read_sample
+    from histomap.slide import prepare_slide
+
+    sample = read_sample("xenium", "crop", xenium_crop_dir, mpp=0.2125)
+    slide = tmp_path / "slide.tif"
+    prepare_slide(sample.image_path, slide, sample.mpp)
+    out = tmp_path / "crop.zarr"
+    attrs = build_sr_pairs(sample.highres, slide, ["ERBB2", "KRT7", "PTPRC", "ACTA2"], out,
+                           patch_um=300, lr_um=50, scale=5, normalisation="none", min_tissue=0.0)
+    arrays, _ = read_sr_pairs(out)
+    n = attrs["n_patches"]
+    assert n == 4  # 510 x 382.5 um crop, 300 um patches
+    assert arrays["lr"].shape == (n, 4, 6, 6) and arrays["hr"].shape == (n, 4, 30, 30)
+    assert arrays["he"].shape == (n, 3, 150, 150) and arrays["mask"].shape == (n, 30, 30)
+    np.testing.assert_array_equal(block_sum(arrays["hr"], 5), arrays["lr"])
+    # every kept transcript of these genes is in exactly one patch
+    table = pd.read_csv(xenium_crop_dir / "transcripts_small.csv", index_col=0,
+                        usecols=[0, 4, 5, 6, 8])
+    counts = table["feature_name"].value_counts()
+    np.testing.assert_array_equal(arrays["hr"].sum(axis=(0, 2, 3)),
+                                  counts[["ERBB2", "KRT7", "PTPRC", "ACTA2"]].to_numpy())
+    # the crop is tissue almost everywhere it was imaged; past its edge nothing is measured
+    assert arrays["mask"][0].mean() > 0.8
+    assert arrays["mask"][3].mean() < 0.25

@@ -1,0 +1,558 @@
+"""Whole-slide dense gene-expression maps: tiled prediction, seamless blending, spot read-out.
+
+Dense map file (``dense.zarr``, the ``predict_{model}`` rule's contract)
+-----------------------------------------------------------------------
+A zarr v3 group with
+
+* ``dense``: float32 (or float16) array (genes, H, W), one chunk per tile step of the
+  prediction grid (``(genes, step, step)`` map pixels); expression per unit map-pixel area, the
+  unit :func:`histomap.roi.roi_aggregate` expects (log-normalised expression for PixNet);
+* ``mask``: uint8 (H, W), 1 where the map pixel's centre lies in a tissue tile (or requested
+  region), 0 elsewhere; ``dense`` is 0 where ``mask`` is 0.
+
+Group attrs: ``mpp`` (um per map pixel = input_mpp x out_stride), ``origin_px`` (level-0 x, y of
+the map's top-left corner: map pixel (i, j) covers level-0 x in [ox + j s, ox + (j + 1) s) with
+s = mpp / slide_mpp), ``slide_mpp``, ``input_mpp``, ``out_stride``, ``tile_px``, ``overlap_px``,
+``genes``, ``slide`` and OME-NGFF-style ``multiscales`` (one dataset ``dense``, axes c, y, x,
+scale and translation in micrometres; the translation puts pixel centres at
+origin_um + (index + 0.5) mpp) plus ``omero`` channel labels, so napari-ome-zarr shows it.
+
+Prediction grid and blending
+----------------------------
+The map covers the bounding box of the tissue tiles. The model runs on square tiles of
+``tile_px`` input pixels (at ``input_mpp``) on a grid with step ``tile_px - overlap_px``
+anchored at the map origin, so every model output pixel lands exactly on a map pixel; only
+grid tiles touching a tissue tile are run. Overlapping outputs are blended with a separable
+raised-cosine weight (sin^2 ramps over the overlap, 1 in the middle): the ramps of two
+neighbours sum to exactly 1, and the accumulated weight is divided out, so the map is seamless
+and a tile without neighbours keeps its own values.
+
+Memory bound
+------------
+Tiles are processed one band of ``band_tile_rows`` grid rows at a time. The band accumulator
+holds ``4 * (genes + 1) * band_rows * W`` bytes with ``band_rows = (band_tile_rows - 1) * step +
+tile`` map pixels and ``W`` the map width; finished rows are normalised (one temporary of at
+most the band's size), written to zarr and dropped. Add one batch of input tiles
+(``batch_size * tile_px^2 * 3`` bytes, plus the model's activations) and the uint8 coverage mask
+(``H * W`` bytes). Example: 250 genes, 224 px tiles at 1 um/px, stride-4 maps (56 px tiles), a
+20 mm wide slide (5000 map px): ~280 MB for the band (~2x at a flush), whatever the slide's
+height. The whole-slide map itself is never held in memory.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compat import torch
+from .errors import InputError
+from .roi import discs_from_spots, roi_aggregate
+from .slide import open_slide, read_region, slide_mpp
+from .train import amp_dtype, autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+FORMAT = "histomap.dense/1"
+TILE_COLUMNS = ("x0_px", "y0_px", "size_px0")
+DTYPES = ("float32", "float16")
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class DenseGrid:
+    """Where a dense map lies on the slide and how the prediction tiles cover it.
+
+    ``origin_px``: level-0 (x, y) of the map's top-left corner; ``height``/``width``: map size
+    (map pixels); ``tile``/``step``: prediction tile side and grid step (map pixels).
+    """
+
+    origin_px: tuple[float, float]
+    slide_mpp: float
+    input_mpp: float
+    out_stride: int
+    height: int
+    width: int
+    tile: int
+    step: int
+
+    @property
+    def mpp(self) -> float:
+        """Micrometres per map pixel."""
+        return self.input_mpp * self.out_stride
+
+    @property
+    def px0_per_input(self) -> float:
+        """Level-0 pixels per model-input pixel."""
+        return self.input_mpp / self.slide_mpp
+
+    @property
+    def px0_per_map(self) -> float:
+        """Level-0 pixels per map pixel."""
+        return self.mpp / self.slide_mpp
+
+    @property
+    def n_rows(self) -> int:
+        return 1 + max(0, math.ceil((self.height - self.tile) / self.step))
+
+    @property
+    def n_cols(self) -> int:
+        return 1 + max(0, math.ceil((self.width - self.tile) / self.step))
+
+
+def tissue_boxes(tiles: pd.DataFrame | Sequence[float]) -> np.ndarray:
+    """(k, 4) level-0 boxes (x0, y0, w, h) from a tiling index or one region (x0, y0, w, h)."""
+    if isinstance(tiles, pd.DataFrame):
+        missing = [c for c in TILE_COLUMNS if c not in tiles.columns]
+        if missing:
+            raise ValueError(f"tile index lacks column(s) {missing} (expected the tile_slide "
+                             f"parquet: {list(TILE_COLUMNS)})")
+        if tiles.empty:
+            raise ValueError("the tile index is empty: no tissue tile to predict")
+        size = tiles["size_px0"].to_numpy(dtype=np.float64)
+        return np.column_stack([tiles["x0_px"].to_numpy(dtype=np.float64),
+                                tiles["y0_px"].to_numpy(dtype=np.float64), size, size])
+    box = np.asarray(tiles, dtype=np.float64).reshape(-1)
+    if box.shape != (4,) or box[2] <= 0 or box[3] <= 0:
+        raise ValueError(f"region must be (x0, y0, width, height) level-0 px with positive size, "
+                         f"got {tiles!r}")
+    return box[None, :]
+
+
+def plan_grid(boxes: np.ndarray, *, slide_mpp: float, input_mpp: float, out_stride: int,
+              tile_px: int, overlap_px: int) -> DenseGrid:
+    """The map covering the bounding box of ``boxes`` (level-0 x0, y0, w, h) and its tile grid."""
+    if tile_px % out_stride or overlap_px % out_stride:
+        raise ValueError(f"tile_px ({tile_px}) and overlap_px ({overlap_px}) must be multiples "
+                         f"of the model's out_stride ({out_stride})")
+    if not 0 <= 2 * overlap_px <= tile_px:
+        raise ValueError(f"need 0 <= overlap_px <= tile_px / 2, got {overlap_px} for {tile_px}")
+    if input_mpp <= 0 or slide_mpp <= 0:
+        raise ValueError(f"mpp must be positive (input {input_mpp}, slide {slide_mpp})")
+    ox, oy = np.floor(boxes[:, 0].min()), np.floor(boxes[:, 1].min())
+    span_x = (boxes[:, 0] + boxes[:, 2]).max() - ox
+    span_y = (boxes[:, 1] + boxes[:, 3]).max() - oy
+    px0_per_map = input_mpp * out_stride / slide_mpp
+    return DenseGrid(origin_px=(float(ox), float(oy)), slide_mpp=float(slide_mpp),
+                     input_mpp=float(input_mpp), out_stride=int(out_stride),
+                     height=max(1, math.ceil(span_y / px0_per_map - 1e-9)),
+                     width=max(1, math.ceil(span_x / px0_per_map - 1e-9)),
+                     tile=tile_px // out_stride, step=(tile_px - overlap_px) // out_stride)
+
+
+def coverage_mask(grid: DenseGrid, boxes: np.ndarray) -> np.ndarray:
+    """(H, W) bool: map pixels whose centre lies inside any box (level-0 x0, y0, w, h)."""
+    mask = np.zeros((grid.height, grid.width), dtype=bool)
+    s = grid.px0_per_map
+    ox, oy = grid.origin_px
+    # pixel j is inside [a, b) when a <= ox + (j + 0.5) s < b
+    c0 = np.ceil((boxes[:, 0] - ox) / s - 0.5).astype(np.int64)
+    c1 = np.ceil((boxes[:, 0] + boxes[:, 2] - ox) / s - 0.5).astype(np.int64)
+    r0 = np.ceil((boxes[:, 1] - oy) / s - 0.5).astype(np.int64)
+    r1 = np.ceil((boxes[:, 3] + boxes[:, 1] - oy) / s - 0.5).astype(np.int64)
+    for a, b, c, d in zip(np.clip(r0, 0, grid.height), np.clip(r1, 0, grid.height),
+                          np.clip(c0, 0, grid.width), np.clip(c1, 0, grid.width)):
+        mask[a:b, c:d] = True
+    return mask
+
+
+def tiles_to_run(grid: DenseGrid, mask: np.ndarray) -> list[tuple[int, int]]:
+    """Grid tiles (row, col) whose map footprint touches the coverage mask, row-major."""
+    keep = []
+    for r in range(grid.n_rows):
+        y = r * grid.step
+        for c in range(grid.n_cols):
+            x = c * grid.step
+            if mask[y:y + grid.tile, x:x + grid.tile].any():
+                keep.append((r, c))
+    return keep
+
+
+def blend_weights(tile: int, overlap: int) -> np.ndarray:
+    """(tile, tile) float32 separable weight: sin^2 ramps over ``overlap`` px at each edge.
+
+    The rising ramp of one tile and the falling ramp of its neighbour (``tile - overlap`` px
+    further) sum to 1 pixel by pixel; every weight is > 0.
+    """
+    w = np.ones(tile, dtype=np.float64)
+    if overlap > 0:
+        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
+        w[:overlap] = ramp
+        w[tile - overlap:] = np.minimum(w[tile - overlap:], ramp[::-1])
+    return np.outer(w, w).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- band accumulator
+class BandAccumulator:
+    """Weighted sums of tile outputs for a band of map rows; finished rows go to a writer.
+
+    ``add`` places a (genes, t, t) tile at map (row, col); ``flush(end)`` normalises rows
+    [top, end) by the accumulated weights, zeroes pixels outside ``mask``, hands them to
+    ``write(top, rows)`` and shifts the band so that ``end`` becomes its top.
+    """
+
+    def __init__(self, n_genes: int, rows: int, width: int, mask: np.ndarray,
+                 write: Callable[[int, np.ndarray], None]):
+        if rows < 1 or width < mask.shape[1]:
+            raise ValueError(f"band of {rows} x {width} px cannot hold map rows {mask.shape}")
+        self.num = np.zeros((n_genes, rows, width), dtype=np.float32)
+        self.den = np.zeros((rows, width), dtype=np.float32)
+        self.top = 0
+        self.mask = mask
+        self.write = write
+        self.n_uncovered = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.num.nbytes + self.den.nbytes
+
+    def add(self, values: np.ndarray, weights: np.ndarray, row: int, col: int) -> None:
+        t_h, t_w = weights.shape
+        y = row - self.top
+        if y < 0 or y + t_h > self.den.shape[0]:
+            raise RuntimeError(f"tile rows {row}..{row + t_h} fall outside the band "
+                               f"{self.top}..{self.top + self.den.shape[0]}")
+        self.num[:, y:y + t_h, col:col + t_w] += values * weights
+        self.den[y:y + t_h, col:col + t_w] += weights
+
+    def flush(self, end: int) -> None:
+        n = end - self.top
+        if n <= 0:
+            return
+        height, width = self.mask.shape
+        n_out = min(n, height - self.top)
+        if n_out > 0:
+            mask = self.mask[self.top:self.top + n_out]
+            den = self.den[:n_out, :width]
+            self.n_uncovered += int((mask & (den <= 0)).sum())
+            covered = mask & (den > 0)
+            scale = np.zeros(den.shape, dtype=np.float32)
+            np.divide(1.0, den, out=scale, where=covered)
+            self.write(self.top, self.num[:, :n_out, :width] * scale)
+        keep = self.den.shape[0] - n  # rows still open (the overlap with the next band)
+        if keep > 0:
+            self.num[:, :keep] = self.num[:, n:]
+            self.den[:keep] = self.den[n:]
+        self.num[:, max(keep, 0):] = 0.0
+        self.den[max(keep, 0):] = 0.0
+        self.top = end
+
+
+# --------------------------------------------------------------------------- prediction
+def _prefetch(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """Yield (item, fn(item)), computing the next item's result in a thread meanwhile."""
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(fn, items[0])
+        for i, item in enumerate(items):
+            result = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(fn, items[i + 1])
+            yield item, result
+
+
+def _multiscales(grid: DenseGrid, name: str) -> list[dict]:
+    ox_um, oy_um = grid.origin_px[0] * grid.slide_mpp, grid.origin_px[1] * grid.slide_mpp
+    return [{
+        "version": "0.4", "name": name,
+        "axes": [{"name": "c", "type": "channel"},
+                 {"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": "dense", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, grid.mpp, grid.mpp]},
+            {"type": "translation",
+             "translation": [0.0, oy_um + 0.5 * grid.mpp, ox_um + 0.5 * grid.mpp]}]}],
+    }]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _model_genes(model: nn.Module, genes: Sequence[str] | None) -> list[str]:
+    n_genes = getattr(model, "n_genes", None)
+    if genes is None:
+        if n_genes is None:
+            raise ValueError("pass `genes`: the model has no n_genes attribute")
+        return [f"gene_{i}" for i in range(int(n_genes))]
+    genes = [str(g) for g in genes]
+    if n_genes is not None and int(n_genes) != len(genes):
+        raise ValueError(f"model predicts {n_genes} genes but {len(genes)} gene names given")
+    return genes
+
+
+def predict_dense_map(model: nn.Module, slide_path: str | Path,
+                      tiles: pd.DataFrame | Sequence[float], *, input_mpp: float,
+                      tile_px: int, overlap_px: int, out_zarr: str | Path,
+                      batch_size: int = 8, device: str | torch.device = "auto",
+                      genes: Sequence[str] | None = None, dtype: str = "float32",
+                      band_tile_rows: int | None = 1, amp: bool = True) -> DenseMap:
+    """Predict a dense map over the tissue tiles of a slide and write it as ``out_zarr``.
+
+    Args:
+        model: maps images (B, 3, h, w) RGB in [0, 1] to (B, genes, h / s, w / s) with
+            ``s = model.out_stride`` (e.g. PixNet).
+        slide_path: OpenSlide-readable slide with mpp.
+        tiles: the tile_slide index (columns x0_px, y0_px, size_px0: level-0 tissue tiles at any
+            tile mpp) or one level-0 region (x0, y0, width, height).
+        input_mpp: um per model-input pixel (the mpp the model was trained at).
+        tile_px, overlap_px: prediction tile side and overlap in input pixels (multiples of
+            out_stride; overlap <= tile / 2). Use the training window size for models with
+            global context (PixNet's SAFB attention sees the whole tile).
+        band_tile_rows: grid rows per band (memory bound, see module docstring); None holds
+            every row at once (one-shot).
+        dtype: "float32" or "float16" for the stored ``dense`` array (blending is float32).
+
+    Returns the written map opened read-only (:func:`read_dense`). The file is written under a
+    temporary name and renamed at the end, so a failure leaves nothing.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size < 1 or (band_tile_rows is not None and band_tile_rows < 1):
+        raise ValueError(f"batch_size and band_tile_rows must be >= 1, got {batch_size}, "
+                         f"{band_tile_rows}")
+    out_stride = int(getattr(model, "out_stride", 0))
+    if out_stride < 1:
+        raise ValueError("the model needs an integer `out_stride` attribute (map pixel size in "
+                         "input pixels)")
+    genes = _model_genes(model, genes)
+    slide_path, out_zarr = Path(slide_path), Path(out_zarr)
+    boxes = tissue_boxes(tiles)
+    device = resolve_device(device)
+    amp_type = amp_dtype(device, amp)
+    model.to(device).eval()
+    start = time.perf_counter()
+    with open_slide(slide_path) as slide:
+        mpp0 = slide_mpp(slide, slide_path)
+        grid = plan_grid(boxes, slide_mpp=mpp0, input_mpp=input_mpp, out_stride=out_stride,
+                         tile_px=tile_px, overlap_px=overlap_px)
+        mask = coverage_mask(grid, boxes)
+        todo = tiles_to_run(grid, mask)
+        log.info("%s: dense map %d x %d px at %.3g um/px (origin level-0 %s), %d genes; "
+                 "%d of %d grid tiles of %d px (overlap %d) touch the %d tissue boxes",
+                 slide_path.name, grid.height, grid.width, grid.mpp, grid.origin_px,
+                 len(genes), len(todo), grid.n_rows * grid.n_cols, tile_px, overlap_px,
+                 len(boxes))
+        tmp = out_zarr.with_name(out_zarr.name + ".partial")
+        _remove(tmp)
+        out_zarr.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_dense(model, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
+                         batch_size=batch_size, band_tile_rows=band_tile_rows, device=device,
+                         amp_type=amp_type, attrs={"slide": str(slide_path),
+                                                   "tile_px": int(tile_px),
+                                                   "overlap_px": int(overlap_px)})
+            _remove(out_zarr)
+            os.replace(tmp, out_zarr)
+        finally:
+            _remove(tmp)
+    elapsed = time.perf_counter() - start
+    log.info("%s: wrote %s in %.1f s (%.2f tiles/s)", slide_path.name, out_zarr, elapsed,
+             len(todo) / max(elapsed, 1e-9))
+    return read_dense(out_zarr)
+
+
+def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
+                 todo: list[tuple[int, int]], path: Path, *, genes: list[str], dtype: str,
+                 batch_size: int, band_tile_rows: int | None, device: torch.device,
+                 amp_type: torch.dtype | None, attrs: dict) -> None:
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs.update({
+        "format": FORMAT, "mpp": grid.mpp, "origin_px": list(grid.origin_px),
+        "slide_mpp": grid.slide_mpp, "input_mpp": grid.input_mpp,
+        "out_stride": grid.out_stride, "genes": genes, "n_tiles": len(todo), **attrs,
+        "multiscales": _multiscales(grid, path.name.removesuffix(".partial")),
+        "omero": {"channels": [{"label": g, "active": i < 3} for i, g in enumerate(genes)]},
+    })
+    chunk = max(1, grid.step)
+    dense = root.create_array("dense", shape=(len(genes), grid.height, grid.width), dtype=dtype,
+                              chunks=(len(genes), min(chunk, grid.height),
+                                      min(chunk, grid.width)),
+                              fill_value=0.0, dimension_names=("c", "y", "x"))
+    root.create_array("mask", data=mask.astype(np.uint8),
+                      chunks=(min(chunk, grid.height), min(chunk, grid.width)),
+                      dimension_names=("y", "x"))
+
+    def write(top: int, rows: np.ndarray) -> None:
+        dense[:, top:top + rows.shape[1], :] = rows.astype(dtype, copy=False)
+
+    rows_per_band = grid.n_rows if band_tile_rows is None else min(band_tile_rows, grid.n_rows)
+    band_rows = (rows_per_band - 1) * grid.step + grid.tile
+    width = max(grid.width, (grid.n_cols - 1) * grid.step + grid.tile)
+    acc = BandAccumulator(len(genes), band_rows, width, mask, write)
+    log.info("band accumulator: %d grid row(s), %d x %d map px, %.1f MB", rows_per_band,
+             band_rows, width, acc.nbytes / 1e6)
+    weights = blend_weights(grid.tile, grid.tile - grid.step)
+    batches = _band_batches(todo, grid.n_rows, rows_per_band, batch_size)
+    s0 = grid.px0_per_input
+    side0 = grid.tile * grid.out_stride * s0
+    ox, oy = grid.origin_px
+
+    def read(batch: tuple[int, list[tuple[int, int]]]) -> np.ndarray:
+        return np.stack([read_region(slide, ox + c * grid.step * grid.out_stride * s0,
+                                     oy + r * grid.step * grid.out_stride * s0, side0, side0,
+                                     grid.tile * grid.out_stride, grid.tile * grid.out_stride)
+                         for r, c in batch[1]])
+
+    progress = tqdm(total=len(todo), desc="dense map", unit="tile", file=sys.stderr,
+                    disable=None, leave=False)
+    band = 0
+    with torch.no_grad():
+        for (b, items), images in _prefetch(read, batches):
+            while b > band:  # every tile of earlier bands is in: those rows are final
+                band += 1
+                acc.flush(min(band * rows_per_band, grid.n_rows) * grid.step)
+            out = _run_model(model, images, device, amp_type, grid.tile, len(genes))
+            for (r, c), values in zip(items, out):
+                acc.add(values, weights, r * grid.step, c * grid.step)
+            progress.update(len(items))
+    progress.close()
+    n_bands = math.ceil(grid.n_rows / rows_per_band)
+    while band + 1 < n_bands:  # bands after the last one with tiles: zeros
+        band += 1
+        acc.flush(band * rows_per_band * grid.step)
+    acc.flush(max(grid.height, acc.top))
+    if acc.n_uncovered:
+        log.warning("%d covered map pixels received no tile prediction; set to 0",
+                    acc.n_uncovered)
+
+
+def _band_batches(todo: list[tuple[int, int]], n_rows: int, rows_per_band: int,
+                  batch_size: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Batches of tiles, each within one band: [(band index, [(row, col), ...]), ...]."""
+    by_band: dict[int, list[tuple[int, int]]] = {}
+    for tile in todo:
+        by_band.setdefault(tile[0] // rows_per_band, []).append(tile)
+    return [(band, items[i:i + batch_size]) for band, items in sorted(by_band.items())
+            for i in range(0, len(items), batch_size)]
+
+
+def _run_model(model: nn.Module, images: np.ndarray, device: torch.device,
+               amp_type: torch.dtype | None, tile: int, n_genes: int) -> np.ndarray:
+    x = torch.from_numpy(images).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    with autocast(device, amp_type):
+        out = model(x)
+    out = out.float().cpu().numpy()
+    if out.shape[1:] != (n_genes, tile, tile):
+        raise ValueError(f"model output {out.shape[1:]} is not (genes={n_genes}, {tile}, "
+                         f"{tile}) for {images.shape[1]} px input tiles")
+    bad = ~np.isfinite(out)
+    if bad.any():
+        log.warning("%d non-finite model outputs set to 0", int(bad.sum()))
+        out[bad] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class DenseMap:
+    """A dense map file opened read-only: arrays and geometry (see module docstring)."""
+
+    path: Path
+    dense: zarr.Array
+    mask: zarr.Array
+    genes: list[str]
+    mpp: float
+    origin_px: tuple[float, float]
+    slide_mpp: float
+    attrs: dict
+
+    def read(self, y0: int = 0, y1: int | None = None, x0: int = 0, x1: int | None = None
+             ) -> np.ndarray:
+        """float32 (genes, y1 - y0, x1 - x0) block of the map (map pixels)."""
+        return np.asarray(self.dense[:, y0:y1, x0:x1], dtype=np.float32)
+
+
+def read_dense(path: str | Path) -> DenseMap:
+    """Open a dense map written by :func:`predict_dense_map`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "dense map zarr does not exist")
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs)
+        dense, mask = root["dense"], root["mask"]
+        geometry = (list(attrs["genes"]), float(attrs["mpp"]),
+                    tuple(float(v) for v in attrs["origin_px"]), float(attrs["slide_mpp"]))
+    except (KeyError, FileNotFoundError, ValueError, TypeError) as exc:
+        raise InputError(path, f"not a dense map written by predict_dense_map: {exc}") from exc
+    if dense.shape[0] != len(geometry[0]) or tuple(mask.shape) != tuple(dense.shape[1:]):
+        raise InputError(path, f"dense {dense.shape}, mask {mask.shape} and {len(geometry[0])} "
+                               "genes do not agree")
+    return DenseMap(path, dense, mask, *geometry, attrs=attrs)
+
+
+def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
+                     diameter_um: float | np.ndarray, slide_mpp: float | None = None,
+                     mode: str = "mean", block_px: int = 256) -> np.ndarray:
+    """Spot values (n, genes) float32 from a dense map, for discs at level-0 ``centres_px``.
+
+    ``mode="mean"``: area-weighted mean over the part of the disc covered by the map's mask
+    (pixels outside tissue tiles are not counted as zero expression); ``"sum"``: sum of map
+    value x overlap area (map-pixel area units). Spots whose disc touches no covered pixel come
+    back NaN (logged). Spots are grouped by ``block_px`` map-pixel cells and each cell reads
+    only its window (cell plus the largest radius) from zarr, so memory stays at about
+    ``4 * genes * (block_px + 2 r)^2`` bytes.
+    """
+    if mode not in ("mean", "sum"):
+        raise ValueError(f"mode must be 'mean' or 'sum', got {mode!r}")
+    dmap = dense_map if isinstance(dense_map, DenseMap) else read_dense(dense_map)
+    centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    mpp0 = dmap.slide_mpp if slide_mpp is None else float(slide_mpp)
+    if abs(mpp0 - dmap.slide_mpp) > 1e-6 * dmap.slide_mpp:
+        log.warning("%s: slide_mpp %g differs from the map's recorded %g", dmap.path, mpp0,
+                    dmap.slide_mpp)
+    centres, radii = discs_from_spots(centres_px, diameter_um, mpp0, dmap.origin_px, dmap.mpp)
+    n, n_genes = len(centres), len(dmap.genes)
+    out = np.full((n, n_genes), np.nan, dtype=np.float32)
+    if n == 0:
+        return out
+    if not (np.isfinite(centres).all() and (radii >= 0).all()):
+        raise ValueError("spot centres must be finite and diameters >= 0")
+    height, width = dmap.mask.shape
+    cells = np.floor(centres / block_px).astype(np.int64)
+    _, group = np.unique(cells, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    for g in range(int(group.max()) + 1):
+        idx = np.flatnonzero(group == g)
+        margin = int(math.ceil(float(radii[idx].max()))) + 1
+        lo = np.floor(centres[idx].min(axis=0)).astype(np.int64) - margin
+        hi = np.floor(centres[idx].max(axis=0)).astype(np.int64) + margin + 1
+        x0, y0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
+        x1, y1 = min(int(hi[0]), width), min(int(hi[1]), height)
+        if x1 <= x0 or y1 <= y0:
+            continue  # every disc of the cell lies off the map: NaN
+        crop = np.concatenate([dmap.read(y0, y1, x0, x1),
+                               np.asarray(dmap.mask[y0:y1, x0:x1], np.float32)[None]])
+        local = torch.from_numpy(centres[idx] - np.array([x0, y0], dtype=np.float64))
+        sums = roi_aggregate(torch.from_numpy(crop)[None], local[None],
+                             torch.from_numpy(radii[idx])[None], mode="sum")[0].numpy()
+        covered = sums[:, -1]
+        ok = covered > 1e-9
+        values = sums[:, :-1] / np.where(ok, covered, 1.0)[:, None] if mode == "mean" \
+            else sums[:, :-1]
+        out[idx[ok]] = values[ok]
+    n_nan = int(np.isnan(out[:, 0]).sum())
+    if n_nan:
+        log.warning("%s: %d of %d spots touch no covered map pixel; their values are NaN",
+                    dmap.path, n_nan, n)
+    return out

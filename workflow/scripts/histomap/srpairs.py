@@ -1,0 +1,724 @@
+"""Super-resolution training pairs (Diff-ST and its baselines): LR map, HR map, H&E patch, mask.
+
+One pair is a square of tissue seen four ways, all on the same footprint:
+
+* ``hr`` (G, h, w): gene counts on the HR grid (pixel side ``hr_um = lr_um / scale``);
+* ``lr`` (G, h_lr, w_lr): the *same counts* on the LR grid (pixel side ``lr_um``): each LR pixel
+  is exactly the sum of the ``scale x scale`` HR pixels it covers (before normalisation), i.e. a
+  coarse measurement of the same tissue, not an interpolation;
+* ``he`` (3, H, W) uint8: the H&E (or morphology) patch at ``image_mpp`` um/px;
+* ``mask`` (h, w) bool: HR pixels that are measured (fully inside the slide and the highres
+  measurement area, or a measured spot for spot-grid data) and, for point data, tissue.
+
+Geometry. The HR and LR grids are global: HR pixel (i, j) covers level-0 pixels
+[j * s, (j + 1) * s) x [i * s, (i + 1) * s) with ``s = hr_um / mpp``; patches start on LR pixel
+boundaries (strides are multiples of ``lr_um``), so the LR pixels of every patch are the sample's
+fixed 100 um (say) measurement grid. Patches cover the slide like tiles (the last row/column may
+run past the edge, where ``mask`` is False and the H&E is white) and are kept when their mask
+fraction is >= ``min_tissue``.
+
+Patch size. ``edge="floor"`` (default): the patch is ``floor(patch_um / lr_um)`` LR pixels and
+``scale`` times as many HR pixels, so LR is exactly the sum of the patch's HR pixels (2560 um at
+100 um gives 25 LR / 125 HR pixels; the flooring is logged). ``edge="ceil"`` reproduces the
+Diff-ST layout (2.56 mm: 26 LR, 128 HR at 5x): the patch is ``floor(patch_um / hr_um)`` HR
+pixels and ``ceil(h / scale)`` LR pixels; the last LR row/column then also covers tissue beyond
+the HR patch and sums all of its HR pixels, as a real coarse measurement would.
+
+Normalisation (``normalisation``), stored values and how to undo it:
+
+* ``"minmax"`` (the Diff-ST code): per patch and gene, ``(x - min) / (max - min)`` separately for
+  HR and LR, 0 where the patch-gene is constant; arrays ``hr_min``, ``hr_max``, ``lr_min``,
+  ``lr_max`` (n, G) give ``x = v * (max - min) + min``. De-normalising a prediction with
+  ``hr_min/hr_max`` uses ground-truth statistics (fine for scoring normalised maps, not for
+  deployment);
+* ``"log1p"``: ``log1p(x / library * target_sum)`` per pixel, library = total counts of all genes
+  of the input in the pixel, ``target_sum`` = the median non-zero library over the sample at that
+  resolution (attrs ``hr_target_sum``, ``lr_target_sum``); arrays ``hr_library``, ``lr_library``
+  give ``x = expm1(v) * library / target_sum``; 0 where the library is 0;
+* ``"none"``: raw counts as float32.
+
+Zarr v3 group written by :func:`build_sr_pairs` and :func:`build_spot_grid_pairs` (one chunk per
+patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he``, ``mask``,
+``origin_px`` (n, 2) float64 level-0 (x, y) of the patch's top-left corner, ``origin_um``,
+``grid_index`` (n, 2) int64 (row, col) of the patch's first HR pixel on the global HR grid,
+``tissue_fraction`` (n,) and the normalisation arrays above; attrs ``format``, ``genes``,
+``lr_um``, ``hr_um``, ``scale``, ``normalisation``, ``patch_um``, ``stride_um``, ``edge``,
+``image_mpp``, ``slide``, ``slide_mpp``, ``source`` ("points" or "spot_grid"), shapes, ...
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from .errors import InputError
+from .slide import open_slide, read_region, slide_mpp
+
+log = logging.getLogger(__name__)
+
+FORMAT = "histomap-srpairs/1"
+NORMALISATIONS = ("minmax", "log1p", "none")
+Normalisation = Literal["minmax", "log1p", "none"]
+Edge = Literal["floor", "ceil"]
+LEGACY_SPOT_NAME = r"^\d+x\d+$"
+
+
+# ============================================================================ geometry
+
+@dataclass(frozen=True)
+class PairGeometry:
+    """Sizes of one pair, in pixels of each grid. ``n_cover = n_lr * scale`` HR pixels lie under
+    the LR pixels (``>= n_hr``; equal for ``edge="floor"``)."""
+    lr_um: float
+    scale: int
+    n_lr: int
+    n_hr: int
+    stride_lr: int
+
+    @property
+    def hr_um(self) -> float:
+        return self.lr_um / self.scale
+
+    @property
+    def n_cover(self) -> int:
+        return self.n_lr * self.scale
+
+    @property
+    def patch_um(self) -> float:
+        return self.n_hr * self.hr_um
+
+
+def pair_geometry(patch_um: float, lr_um: float, scale: int, stride_um: float | None = None,
+                  edge: Edge = "floor") -> PairGeometry:
+    """Pair sizes for a requested patch side (um); logs any flooring of the patch or stride."""
+    if not (patch_um > 0 and lr_um > 0 and int(scale) == scale and scale >= 1):
+        raise ValueError(f"need patch_um > 0, lr_um > 0, integer scale >= 1; got {patch_um}, "
+                         f"{lr_um}, {scale}")
+    scale = int(scale)
+    hr_um = lr_um / scale
+    if edge == "floor":
+        n_lr = int(math.floor(patch_um / lr_um + 1e-9))
+        n_hr = n_lr * scale
+        if n_lr < 1:
+            raise ValueError(f"patch_um {patch_um} is smaller than one LR pixel ({lr_um} um)")
+        if not math.isclose(n_lr * lr_um, patch_um):
+            log.warning("patch_um %g is not a multiple of lr_um %g: patches floored to %g um "
+                        "(%d LR x %d HR pixels); edge='ceil' gives %d HR pixels instead",
+                        patch_um, lr_um, n_lr * lr_um, n_lr, n_hr,
+                        int(math.floor(patch_um / hr_um + 1e-9)))
+    elif edge == "ceil":
+        n_hr = int(math.floor(patch_um / hr_um + 1e-9))
+        if n_hr < 1:
+            raise ValueError(f"patch_um {patch_um} is smaller than one HR pixel ({hr_um} um)")
+        n_lr = int(math.ceil(n_hr / scale))
+        if not math.isclose(n_hr * hr_um, patch_um):
+            log.warning("patch_um %g is not a multiple of hr_um %g: patches floored to %g um",
+                        patch_um, hr_um, n_hr * hr_um)
+        if n_lr * scale != n_hr:
+            log.info("edge='ceil': %d HR pixels under %d LR pixels; the last LR row/column "
+                     "extends %g um past the HR patch", n_hr, n_lr, (n_lr * scale - n_hr) * hr_um)
+    else:
+        raise ValueError(f"edge must be 'floor' or 'ceil', got {edge!r}")
+    stride_um = n_lr * lr_um if stride_um is None else stride_um
+    stride_lr = max(1, int(math.floor(stride_um / lr_um + 1e-9)))
+    if not math.isclose(stride_lr * lr_um, stride_um):
+        log.warning("stride_um %g floored to %g um, a multiple of lr_um so every patch sits on "
+                    "the global LR grid", stride_um, stride_lr * lr_um)
+    return PairGeometry(float(lr_um), scale, n_lr, n_hr, stride_lr)
+
+
+def patch_starts(n_total: int, size: int, stride: int) -> np.ndarray:
+    """Start indices of windows of ``size`` every ``stride`` covering ``n_total`` cells (the
+    last window may run past the end)."""
+    n = 1 + max(0, math.ceil((n_total - size) / stride))
+    return np.arange(n, dtype=np.int64) * stride
+
+
+def block_sum(maps: np.ndarray, factor: int) -> np.ndarray:
+    """Sum (..., H, W) over non-overlapping ``factor x factor`` blocks (H, W divisible)."""
+    *lead, h, w = maps.shape
+    return maps.reshape(*lead, h // factor, factor, w // factor, factor).sum(axis=(-3, -1))
+
+
+# ============================================================================ normalisation
+
+def minmax(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-gene min-max of (G, H, W) to [0, 1] (0 for a constant gene): (scaled, min, max)."""
+    lo = maps.min(axis=(1, 2))
+    hi = maps.max(axis=(1, 2))
+    span = np.where(hi > lo, hi - lo, 1.0)
+    scaled = (maps - lo[:, None, None]) / span[:, None, None]
+    return scaled.astype(np.float32), lo.astype(np.float32), hi.astype(np.float32)
+
+
+def log1p_normalise(maps: np.ndarray, library: np.ndarray, target_sum: float) -> np.ndarray:
+    """log1p(counts / library * target_sum) per pixel, 0 where the library is 0."""
+    factor = np.divide(target_sum, library, out=np.zeros_like(library, dtype=np.float64),
+                       where=library > 0)
+    return np.log1p(maps * factor[None]).astype(np.float32)
+
+
+def denormalise(values: np.ndarray, kind: str, *, lo=None, hi=None, library=None,
+                target_sum=None) -> np.ndarray:
+    """Counts from normalised maps (G, H, W) of one patch (see the module docstring)."""
+    if kind == "minmax":
+        lo, hi = np.asarray(lo)[:, None, None], np.asarray(hi)[:, None, None]
+        return values * (hi - lo) + lo
+    if kind == "log1p":
+        return np.expm1(values) * np.asarray(library)[None] / float(target_sum)
+    if kind == "none":
+        return values
+    raise ValueError(f"unknown normalisation {kind!r}")
+
+
+def _median_library(library: np.ndarray) -> float:
+    positive = library[library > 0]
+    return float(np.median(positive)) if positive.size else 1.0
+
+
+# ============================================================================ writing
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _write_zarr(out_zarr: Path, n: int, specs: dict[str, tuple[tuple[int, ...], str, tuple]],
+                items: Iterator[dict[str, np.ndarray]], attrs: dict) -> None:
+    """Write ``n`` patches (dicts of per-patch arrays) into arrays of ``specs`` (name ->
+    (per-patch shape, dtype, dimension names)) under a temporary name, then rename."""
+    out_zarr = Path(out_zarr)
+    tmp = _partial(out_zarr)
+    out_zarr.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)
+    try:
+        root = zarr.open_group(tmp, mode="w")
+        root.attrs.update(attrs)
+        arrays = {name: root.create_array(name, shape=(n, *shape), dtype=dtype,
+                                          chunks=(1, *shape) if shape else (max(n, 1),),
+                                          fill_value=0, dimension_names=("patch", *dims))
+                  for name, (shape, dtype, dims) in specs.items()}
+        columns: dict[str, list[np.ndarray]] = {name: [] for name, (shape, _, _) in specs.items()
+                                                if len(shape) <= 1}
+        for i, item in enumerate(items):
+            for name, value in item.items():
+                if name in columns:
+                    columns[name].append(np.asarray(value))
+                else:
+                    arrays[name][i] = value
+        for name, values in columns.items():
+            if values:
+                arrays[name][:] = np.stack(values).astype(specs[name][1])
+        _remove(out_zarr)
+        os.replace(tmp, out_zarr)
+    finally:
+        _remove(tmp)
+
+
+def _norm_specs(kind: str, n_genes: int, hr_shape, lr_shape) -> dict:
+    if kind == "minmax":
+        return {f"{g}_{s}": ((n_genes,), "float32", ("gene",))
+                for g in ("hr", "lr") for s in ("min", "max")}
+    if kind == "log1p":
+        return {"hr_library": (tuple(hr_shape), "float32", ("y", "x")),
+                "lr_library": (tuple(lr_shape), "float32", ("y", "x"))}
+    return {}
+
+
+def _normalised(kind: str, hr: np.ndarray, lr: np.ndarray, hr_library: np.ndarray,
+                lr_library: np.ndarray, targets: tuple[float, float]) -> dict[str, np.ndarray]:
+    if kind == "minmax":
+        hr_n, hr_lo, hr_hi = minmax(hr)
+        lr_n, lr_lo, lr_hi = minmax(lr)
+        return {"hr": hr_n, "lr": lr_n, "hr_min": hr_lo, "hr_max": hr_hi, "lr_min": lr_lo,
+                "lr_max": lr_hi}
+    if kind == "log1p":
+        return {"hr": log1p_normalise(hr, hr_library, targets[0]),
+                "lr": log1p_normalise(lr, lr_library, targets[1]),
+                "hr_library": hr_library.astype(np.float32),
+                "lr_library": lr_library.astype(np.float32)}
+    return {"hr": hr.astype(np.float32), "lr": lr.astype(np.float32)}
+
+
+def _check_normalisation(kind: str) -> None:
+    if kind not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {kind!r}")
+
+
+# ============================================================================ point data
+
+def _gene_columns(adata: ad.AnnData, genes: Sequence[str] | None, what: str) -> list[str]:
+    if genes is None:
+        return list(map(str, adata.var_names))
+    genes = [str(g) for g in genes]
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise InputError(what, f"{len(missing)} requested genes are not measured, e.g. "
+                               f"{', '.join(missing[:5])}")
+    if len(set(genes)) != len(genes):
+        raise InputError(what, "the gene list has duplicates")
+    return genes
+
+
+def _csr(matrix) -> sp.csr_matrix:
+    return matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(np.asarray(matrix))
+
+
+def _check_values(values: sp.csr_matrix, what: str) -> None:
+    data = values.data
+    if data.size and (not np.isfinite(data).all() or (data < 0).any()):
+        raise InputError(what, "counts must be finite and non-negative")
+
+
+@dataclass
+class _HRBins:
+    """Global HR-grid bins holding counts: (row, col) sorted by row, counts (n, G), library."""
+    row: np.ndarray
+    col: np.ndarray
+    counts: sp.csr_matrix
+    library: np.ndarray
+
+    def window(self, r0: int, c0: int, size: int, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dense (G, size, size) counts and (size, size) library of the window at (r0, c0)."""
+        lo, hi = np.searchsorted(self.row, [r0, r0 + size])
+        sel = np.arange(lo, hi)
+        sel = sel[(self.col[sel] >= c0) & (self.col[sel] < c0 + size)]
+        rr, cc = self.row[sel] - r0, self.col[sel] - c0
+        maps = np.zeros((n_genes, size, size), np.float64)
+        maps[:, rr, cc] = self.counts[sel].toarray().T
+        library = np.zeros((size, size), np.float64)
+        library[rr, cc] = self.library[sel]
+        return maps, library
+
+
+def hr_bins(highres: ad.AnnData, genes: list[str], side_px: float, what: str) -> _HRBins:
+    """Sum the rows of ``highres`` (centres ``obsm["spatial"]`` px) into global HR bins of
+    ``side_px`` level-0 px: selected genes and the library (all genes)."""
+    xy = np.asarray(highres.obsm["spatial"], np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise InputError(what, "obsm['spatial'] must be finite (n, 2) level-0 pixel positions")
+    values = _csr(highres.X)
+    _check_values(values, what)
+    col = np.floor(xy[:, 0] / side_px).astype(np.int64)
+    row = np.floor(xy[:, 1] / side_px).astype(np.int64)
+    outside = (row < 0) | (col < 0)
+    if outside.any():
+        log.warning("%s: %d of %d rows lie at negative pixel positions; dropped", what,
+                    int(outside.sum()), len(xy))
+    keep = np.flatnonzero(~outside)
+    key = row[keep] * (int(col.max(initial=0)) + 1) + col[keep]
+    ids, member = np.unique(key, return_inverse=True)
+    member = member.ravel()
+    onehot = sp.csr_matrix((np.ones(len(keep)), (member, keep)), shape=(len(ids), len(xy)))
+    gene_idx = highres.var_names.get_indexer(genes)
+    counts = (onehot @ values[:, gene_idx].astype(np.float64)).tocsr()
+    library = np.asarray(onehot @ np.asarray(values.sum(axis=1), np.float64)).ravel()
+    n_cols = int(col.max(initial=0)) + 1
+    b_row, b_col = ids // n_cols, ids % n_cols
+    order = np.argsort(b_row, kind="stable")
+    return _HRBins(b_row[order], b_col[order], counts[order], library[order])
+
+
+def _measured_box(highres: ad.AnnData, width0: int, height0: int) -> tuple[float, float, float,
+                                                                           float]:
+    """Level-0 box (x0, y0, x1, y1) where absence of counts means zero: the slide, cut to the
+    highres bin grid when the input is binned (``uns["bins"]``)."""
+    box = [0.0, 0.0, float(width0), float(height0)]
+    bins = highres.uns.get("bins") if hasattr(highres, "uns") else None
+    if bins:
+        side = float(bins["bin_um"]) / float(bins["mpp"])
+        ox, oy = (float(v) for v in bins["origin_px"])
+        n_rows, n_cols = (int(v) for v in bins["shape"])
+        box = [max(box[0], ox), max(box[1], oy), min(box[2], ox + n_cols * side),
+               min(box[3], oy + n_rows * side)]
+    return tuple(box)
+
+
+def _measured_mask(box, r0: int, c0: int, size: int, side_px: float) -> np.ndarray:
+    """HR pixels of the window lying entirely inside ``box``."""
+    edges_y = (r0 + np.arange(size + 1)) * side_px
+    edges_x = (c0 + np.arange(size + 1)) * side_px
+    tol = 1e-6 * side_px
+    ok_y = (edges_y[:-1] >= box[1] - tol) & (edges_y[1:] <= box[3] + tol)
+    ok_x = (edges_x[:-1] >= box[0] - tol) & (edges_x[1:] <= box[2] + tol)
+    return ok_y[:, None] & ok_x[None, :]
+
+
+def _tissue_at(tissue: np.ndarray, tissue_px0: float, r0: int, c0: int, size: int,
+               side_px: float) -> np.ndarray:
+    """Tissue mask sampled at the centres of the window's HR pixels (outside: no tissue)."""
+    cy = ((r0 + np.arange(size) + 0.5) * side_px / tissue_px0).astype(np.int64)
+    cx = ((c0 + np.arange(size) + 0.5) * side_px / tissue_px0).astype(np.int64)
+    h, w = tissue.shape
+    ok_y, ok_x = (cy >= 0) & (cy < h), (cx >= 0) & (cx < w)
+    out = np.zeros((size, size), bool)
+    out[np.ix_(ok_y, ok_x)] = tissue[np.ix_(cy[ok_y], cx[ok_x])]
+    return out
+
+
+def _slide_geometry(slide_path: Path, mpp: float | None) -> tuple[float, int, int]:
+    with open_slide(slide_path) as slide:
+        found = slide_mpp(slide, slide_path)
+        width0, height0 = slide.dimensions
+    if mpp is not None and not math.isclose(float(mpp), found, rel_tol=1e-3):
+        raise InputError(slide_path, f"slide mpp {found:g} differs from the given mpp {mpp:g} of "
+                                     "the count coordinates; they must share level-0 pixels")
+    return float(mpp or found), int(width0), int(height0)
+
+
+def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[str] | None,
+                   out_zarr: str | Path, *, mpp: float | None = None, patch_um: float = 2560.0,
+                   lr_um: float = 100.0, scale: int = 5, stride_um: float | None = None,
+                   min_tissue: float = 0.25, normalisation: Normalisation = "minmax",
+                   image_mpp: float = 2.0, edge: Edge = "floor", tissue: bool = True,
+                   mask_mpp: float = 8.0, source_name: str = "highres") -> dict[str, Any]:
+    """Write SR pairs of point-like or finely binned counts to ``out_zarr``; return its attrs.
+
+    ``highres``: raw counts (cells, transcripts or fine bins) with ``obsm["spatial"]`` level-0 px
+    of ``slide_path``; ``genes``: the channels (None: all); ``mpp``: um per level-0 px (None: the
+    slide's; a different value is an error); ``scale``: HR pixel = ``lr_um / scale``;
+    ``image_mpp``: um/px of the H&E patches; ``tissue``: require tissue (H&E mask at ``mask_mpp``)
+    in ``mask``; ``min_tissue``: least mask fraction of a kept patch.
+    """
+    _check_normalisation(normalisation)
+    if not 0 <= min_tissue <= 1 or image_mpp <= 0:
+        raise ValueError(f"need 0 <= min_tissue <= 1 and image_mpp > 0, got {min_tissue}, "
+                         f"{image_mpp}")
+    slide_path = Path(slide_path)
+    genes = _gene_columns(highres, genes, source_name)
+    mpp, width0, height0 = _slide_geometry(slide_path, mpp)
+    geo = pair_geometry(patch_um, lr_um, scale, stride_um, edge)
+    side = geo.hr_um / mpp
+    bins_meta = highres.uns.get("bins") if hasattr(highres, "uns") else None
+    if bins_meta and not math.isclose(geo.hr_um / float(bins_meta["bin_um"]),
+                                      round(geo.hr_um / float(bins_meta["bin_um"]))):
+        log.warning("%s: HR pixel %g um is not a multiple of the input bins (%g um); each bin "
+                    "is assigned to the HR pixel holding its centre", source_name, geo.hr_um,
+                    bins_meta["bin_um"])
+    bins = hr_bins(highres, genes, side, source_name)
+    total_rows, total_cols = math.ceil(height0 / side - 1e-9), math.ceil(width0 / side - 1e-9)
+    box = _measured_box(highres, width0, height0)
+    tissue_mask, tissue_px0 = None, 1.0
+    if tissue:
+        from .tiling import tissue_mask as _tissue_mask
+
+        with open_slide(slide_path) as slide:
+            tissue_mask, tissue_mpp = _tissue_mask(slide, mask_mpp=mask_mpp)
+        tissue_px0 = tissue_mpp / mpp
+
+    plan = []
+    for r0 in patch_starts(total_rows, geo.n_hr, geo.stride_lr * scale):
+        for c0 in patch_starts(total_cols, geo.n_hr, geo.stride_lr * scale):
+            mask = _measured_mask(box, r0, c0, geo.n_hr, side)
+            if tissue_mask is not None:
+                mask &= _tissue_at(tissue_mask, tissue_px0, r0, c0, geo.n_hr, side)
+            plan.append((int(r0), int(c0), mask, float(mask.mean())))
+    kept = [p for p in plan if p[3] >= min_tissue]
+    log.info("%s: %d patches of %g um (%d LR px of %g um, %d HR px of %g um) on the slide grid; "
+             "kept %d with mask fraction >= %g", slide_path.name, len(plan), geo.patch_um,
+             geo.n_lr, geo.lr_um, geo.n_hr, geo.hr_um, len(kept), min_tissue)
+    if not kept:
+        raise InputError(slide_path, f"no patch has a tissue/measured fraction >= "
+                                     f"{min_tissue} (best {max(p[3] for p in plan):.3f})")
+
+    # log1p targets: median non-zero library at each resolution over the sample
+    lr_key = (bins.row // scale) * (int(bins.col.max(initial=0)) // scale + 1) + bins.col // scale
+    lr_library = np.bincount(np.unique(lr_key, return_inverse=True)[1].ravel(),
+                             weights=bins.library)
+    targets = (_median_library(bins.library), _median_library(lr_library))
+    he_px = max(1, int(round(geo.patch_um / image_mpp)))
+    n_genes = len(genes)
+    hr_shape, lr_shape = (geo.n_hr, geo.n_hr), (geo.n_lr, geo.n_lr)
+
+    def items() -> Iterator[dict[str, np.ndarray]]:
+        with open_slide(slide_path) as slide:
+            for r0, c0, mask, fraction in kept:
+                cover, cover_library = bins.window(r0, c0, geo.n_cover, n_genes)
+                lr, lr_lib = block_sum(cover, scale), block_sum(cover_library, scale)
+                hr, hr_lib = cover[:, :geo.n_hr, :geo.n_hr], cover_library[:geo.n_hr, :geo.n_hr]
+                he = read_region(slide, c0 * side, r0 * side, geo.n_hr * side, geo.n_hr * side,
+                                 he_px, he_px)
+                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, targets),
+                       "he": he.transpose(2, 0, 1), "mask": mask,
+                       "origin_px": np.array([c0 * side, r0 * side]),
+                       "origin_um": np.array([c0 * geo.hr_um, r0 * geo.hr_um]),
+                       "grid_index": np.array([r0, c0]), "tissue_fraction": np.array(fraction)}
+
+    specs = {"lr": ((n_genes, *lr_shape), "float32", ("gene", "y", "x")),
+             "hr": ((n_genes, *hr_shape), "float32", ("gene", "y", "x")),
+             "he": ((3, he_px, he_px), "uint8", ("c", "y", "x")),
+             "mask": (hr_shape, "bool", ("y", "x")),
+             "origin_px": ((2,), "float64", ("xy",)), "origin_um": ((2,), "float64", ("xy",)),
+             "grid_index": ((2,), "int64", ("rowcol",)), "tissue_fraction": ((), "float32", ()),
+             **_norm_specs(normalisation, n_genes, hr_shape, lr_shape)}
+    attrs = {"format": FORMAT, "source": "points", "genes": genes, "lr_um": geo.lr_um,
+             "hr_um": geo.hr_um, "scale": geo.scale, "patch_um": geo.patch_um,
+             "patch_um_requested": float(patch_um), "stride_um": geo.stride_lr * geo.lr_um,
+             "edge": edge, "normalisation": normalisation, "hr_target_sum": targets[0],
+             "lr_target_sum": targets[1], "image_mpp": float(image_mpp), "he_px": he_px,
+             "hr_shape": list(hr_shape), "lr_shape": list(lr_shape), "slide": str(slide_path),
+             "slide_mpp": float(mpp), "min_tissue": float(min_tissue), "tissue_mask": bool(tissue),
+             "n_patches": len(kept)}
+    _write_zarr(Path(out_zarr), len(kept), specs, items(), attrs)
+    log.info("wrote %d SR pairs (%d genes, %s normalisation) to %s", len(kept), n_genes,
+             normalisation, out_zarr)
+    return attrs
+
+
+# ============================================================================ spot grids
+
+def spot_lattice(spots: ad.AnnData, what: str = "spots") -> tuple[np.ndarray, np.ndarray, str]:
+    """Integer lattice (row, col) of each spot and how it was found.
+
+    ``array_row``/``array_col`` (Visium: doubled hex columns, ``array_row + array_col`` always
+    even, are halved so neighbouring spots of a row are adjacent pixels), else
+    ``array_y``/``array_x`` (legacy ST reader), else ``{x}x{y}`` spot names (legacy ST).
+    """
+    obs = spots.obs
+    if {"array_row", "array_col"} <= set(obs.columns):
+        row = obs["array_row"].to_numpy(np.int64)
+        col = obs["array_col"].to_numpy(np.int64)
+        parity = (row + col) % 2
+        if len(row) > 1 and (parity == parity[0]).all() and np.unique(row).size > 1:
+            return row, col // 2, "array_row/array_col (hex, columns halved)"
+        return row, col, "array_row/array_col"
+    if {"array_x", "array_y"} <= set(obs.columns):
+        return (np.rint(obs["array_y"].to_numpy(float)).astype(np.int64),
+                np.rint(obs["array_x"].to_numpy(float)).astype(np.int64), "array_x/array_y")
+    names = pd.Series(spots.obs_names.astype(str))
+    if len(names) and names.str.fullmatch(LEGACY_SPOT_NAME).all():
+        xy = names.str.split("x", expand=True).astype(np.int64).to_numpy()
+        return xy[:, 1], xy[:, 0], "{x}x{y} spot names"
+    raise InputError(what, "no spot lattice: need obs array_row/array_col, array_x/array_y or "
+                           "spot names {x}x{y}")
+
+
+def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: str) -> np.ndarray:
+    """(2, 3) least-squares map of (1, col, row) to level-0 (x, y) px.
+
+    A stagger of odd rows (hexagonal lattices: half a pitch) is fitted as a separate term and
+    left out of the map, so it is not mistaken for a rotation of the lattice.
+    """
+    design = np.column_stack([np.ones(len(row)), col, row]).astype(np.float64)
+    if len(row) < 3 or np.linalg.matrix_rank(design) < 3:
+        raise InputError(what, "need at least 3 spots spanning two lattice rows and columns to "
+                               "place the lattice on the slide")
+    odd = (row % 2).astype(np.float64)
+    if 0 < odd.sum() < len(odd):
+        design = np.column_stack([design, odd])
+    coef, *_ = np.linalg.lstsq(design, np.asarray(spots.obsm["spatial"], np.float64), rcond=None)
+    if len(coef) == 4 and np.abs(coef[3]).max() > 1e-3 * np.abs(coef[1:3]).max():
+        log.info("%s: odd lattice rows are staggered by (%.1f, %.1f) px (hexagonal lattice); "
+                 "each spot is one HR pixel, the stagger is ignored", what, *coef[3])
+    return coef[:3].T  # rows: x, y; columns: 1, col, row
+
+
+def _lattice_axes(affine: np.ndarray, what: str) -> tuple[bool, float, float]:
+    """(transposed, px per lattice column step, px per row step; signed) of the lattice axes."""
+    (_, bx, cx), (_, by, cy) = affine
+    transposed = abs(by) > abs(bx)
+    col_step, row_step = (by, cx) if transposed else (bx, cy)
+    off = max(abs(cx if not transposed else cy), abs(by if not transposed else bx))
+    if off > 0.05 * min(abs(col_step), abs(row_step)):
+        log.warning("%s: the spot lattice is rotated on the slide (off-axis %.1f px per step vs "
+                    "%.1f); H&E patches are read axis-aligned", what, off, min(abs(col_step),
+                                                                             abs(row_step)))
+    return transposed, float(col_step), float(row_step)
+
+
+def _lattice_he(slide, affine: np.ndarray, axes: tuple[bool, float, float], r0: int, c0: int,
+                n: int, out_hw: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) H&E under lattice rows r0..r0+n, cols c0..c0+n, oriented like the lattice."""
+    transposed, col_step, row_step = axes
+    corners = np.array([[1, c, r] for c in (c0 - 0.5, c0 + n - 0.5)
+                        for r in (r0 - 0.5, r0 + n - 0.5)]) @ affine.T
+    x0, y0 = corners[:, 0].min(), corners[:, 1].min()
+    w0, h0 = np.ptp(corners[:, 0]), np.ptp(corners[:, 1])
+    out_h, out_w = out_hw
+    if transposed:  # lattice columns run along y
+        rgb = read_region(slide, x0, y0, w0, h0, out_h, out_w).transpose(1, 0, 2)
+    else:
+        rgb = read_region(slide, x0, y0, w0, h0, out_w, out_h)
+    if col_step < 0:
+        rgb = rgb[:, ::-1]
+    if row_step < 0:
+        rgb = rgb[::-1]
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
+                          genes: Sequence[str] | None, out_zarr: str | Path, *,
+                          mpp: float | None = None, factor: int = 2, patch_spots: int = 16,
+                          stride_spots: int | None = None, min_measured: float = 0.25,
+                          normalisation: Normalisation = "minmax", image_mpp: float = 2.0,
+                          source_name: str = "spots") -> dict[str, Any]:
+    """SR pairs of spot-grid data (legacy ST, Visium): HR = the spot lattice as an image (one
+    pixel per spot, 0 where no spot was measured), LR = sums over ``factor x factor`` lattice
+    blocks, mask = measured spots. Patches are ``patch_spots`` lattice pixels (floored to a
+    multiple of ``factor``, logged), kept when >= ``min_measured`` of them are measured spots.
+    The H&E patch covers the lattice cells (spot pitch around each spot) at ``image_mpp``.
+    """
+    _check_normalisation(normalisation)
+    if factor < 1 or patch_spots < factor or image_mpp <= 0:
+        raise ValueError(f"need factor >= 1, patch_spots >= factor, image_mpp > 0; got {factor}, "
+                         f"{patch_spots}, {image_mpp}")
+    slide_path = Path(slide_path)
+    genes = _gene_columns(spots, genes, source_name)
+    mpp, _, _ = _slide_geometry(slide_path, mpp)
+    values = _csr(spots.X)
+    _check_values(values, source_name)
+    row, col, how = spot_lattice(spots, source_name)
+    affine = _lattice_affine(spots, row, col, source_name)
+    axes = _lattice_axes(affine, source_name)
+    pitch_col_um, pitch_row_um = abs(axes[1]) * mpp, abs(axes[2]) * mpp
+    r_min, c_min = int(row.min()), int(col.min())
+    row, col = row - r_min, col - c_min
+    if len(set(zip(row.tolist(), col.tolist()))) != len(row):
+        raise InputError(source_name, f"several spots share a lattice position ({how})")
+    n_hr = (patch_spots // factor) * factor
+    if n_hr != patch_spots:
+        log.warning("patch_spots %d floored to %d, a multiple of factor %d", patch_spots, n_hr,
+                    factor)
+    n_lr = n_hr // factor
+    stride = max(1, (stride_spots or n_hr) // factor) * factor
+    n_rows, n_cols = int(row.max()) + 1, int(col.max()) + 1
+    gene_idx = spots.var_names.get_indexer(genes)
+    lattice = np.zeros((len(genes), n_rows + n_hr, n_cols + n_hr), np.float64)
+    lattice[:, row, col] = values[:, gene_idx].toarray().T
+    library = np.zeros(lattice.shape[1:], np.float64)
+    library[row, col] = np.asarray(values.sum(axis=1)).ravel()
+    measured = np.zeros(lattice.shape[1:], bool)
+    measured[row, col] = True
+
+    plan = [(int(r0), int(c0), float(measured[r0:r0 + n_hr, c0:c0 + n_hr].mean()))
+            for r0 in patch_starts(n_rows, n_hr, stride)
+            for c0 in patch_starts(n_cols, n_hr, stride)]
+    kept = [p for p in plan if p[2] >= min_measured]
+    log.info("%s: lattice %d x %d from %s (pitch %.1f x %.1f um); %d patches of %d spots, kept "
+             "%d with >= %g measured", source_name, n_rows, n_cols, how, pitch_row_um,
+             pitch_col_um, len(plan), n_hr, len(kept), min_measured)
+    if not kept:
+        raise InputError(source_name, f"no patch of {n_hr} x {n_hr} spots has >= "
+                                      f"{min_measured:.0%} measured spots")
+    h_even, w_even = (library.shape[0] // factor) * factor, (library.shape[1] // factor) * factor
+    targets = (_median_library(library),
+               _median_library(block_sum(library[:h_even, :w_even], factor)))
+    he_hw = (max(1, int(round(n_hr * pitch_row_um / image_mpp))),
+             max(1, int(round(n_hr * pitch_col_um / image_mpp))))
+
+    def items() -> Iterator[dict[str, np.ndarray]]:
+        with open_slide(slide_path) as slide:
+            for r0, c0, fraction in kept:
+                hr = lattice[:, r0:r0 + n_hr, c0:c0 + n_hr]
+                hr_lib = library[r0:r0 + n_hr, c0:c0 + n_hr]
+                lr, lr_lib = block_sum(hr, factor), block_sum(hr_lib, factor)
+                he = _lattice_he(slide, affine, axes, r0 + r_min, c0 + c_min, n_hr, he_hw)
+                origin = np.array([1, c0 + c_min - 0.5, r0 + r_min - 0.5]) @ affine.T
+                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, targets),
+                       "he": he, "mask": measured[r0:r0 + n_hr, c0:c0 + n_hr],
+                       "origin_px": origin, "origin_um": origin * mpp,
+                       "grid_index": np.array([r0, c0]), "tissue_fraction": np.array(fraction)}
+
+    hr_shape, lr_shape = (n_hr, n_hr), (n_lr, n_lr)
+    specs = {"lr": ((len(genes), *lr_shape), "float32", ("gene", "y", "x")),
+             "hr": ((len(genes), *hr_shape), "float32", ("gene", "y", "x")),
+             "he": ((3, *he_hw), "uint8", ("c", "y", "x")),
+             "mask": (hr_shape, "bool", ("y", "x")),
+             "origin_px": ((2,), "float64", ("xy",)), "origin_um": ((2,), "float64", ("xy",)),
+             "grid_index": ((2,), "int64", ("rowcol",)), "tissue_fraction": ((), "float32", ()),
+             **_norm_specs(normalisation, len(genes), hr_shape, lr_shape)}
+    attrs = {"format": FORMAT, "source": "spot_grid", "lattice": how, "genes": genes,
+             "hr_um": pitch_col_um, "hr_um_row": pitch_row_um, "lr_um": pitch_col_um * factor,
+             "scale": int(factor), "patch_spots": n_hr, "patch_um": n_hr * pitch_col_um,
+             "stride_spots": stride, "edge": "floor", "normalisation": normalisation,
+             "hr_target_sum": targets[0], "lr_target_sum": targets[1],
+             "image_mpp": float(image_mpp), "he_hw": list(he_hw), "hr_shape": list(hr_shape),
+             "lr_shape": list(lr_shape), "slide": str(slide_path), "slide_mpp": float(mpp),
+             "min_tissue": float(min_measured), "n_patches": len(kept),
+             "lattice_origin": [int(r_min), int(c_min)]}
+    _write_zarr(Path(out_zarr), len(kept), specs, items(), attrs)
+    log.info("wrote %d spot-grid SR pairs (%d genes) to %s", len(kept), len(genes), out_zarr)
+    return attrs
+
+
+# ============================================================================ reading
+
+def read_sr_pairs(path: str | Path, *, lazy: bool = False) -> tuple[dict[str, Any], dict]:
+    """(arrays by name, attrs) of an SR-pairs zarr; ``lazy`` gives zarr arrays instead of numpy."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "SR pairs zarr does not exist (run the build_sr_pairs rule)")
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs)
+        arrays = {name: root[name] for name in root.array_keys()}
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        raise InputError(path, f"not an SR pairs zarr: {exc}") from exc
+    if attrs.get("format") != FORMAT or not {"lr", "hr", "he", "mask"} <= set(arrays):
+        raise InputError(path, f"not an SR pairs zarr written by histomap ({FORMAT})")
+    if not lazy:
+        arrays = {name: a[...] for name, a in arrays.items()}
+    return arrays, attrs
+
+
+class SRPairDataset:
+    """Map-style torch dataset of an SR-pairs zarr (usable with ``torch.utils.data.DataLoader``).
+
+    Item: dict(``hr`` (G, h, w) float32, ``lr`` (G, h_lr, w_lr) float32, ``lr_up`` the LR map
+    upsampled (``upsample``: "bicubic", "bilinear" or "nearest") onto the HR grid, ``image``
+    (3, H, W) float32 in [0, 1], ``mask`` (h, w) bool, ``index`` int). The LR map is upsampled
+    by ``scale`` and cropped to the HR patch, so ``edge="ceil"`` LR pixels stay in place.
+    """
+
+    def __init__(self, path: str | Path, *, upsample: str = "bicubic",
+                 indices: Sequence[int] | None = None) -> None:
+        if upsample not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
+        self.path = Path(path)
+        arrays, self.attrs = read_sr_pairs(self.path, lazy=True)
+        n = arrays["hr"].shape[0]
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
+        self.upsample = upsample
+        self.genes = list(self.attrs["genes"])
+        self._arrays: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the store
+        return {**self.__dict__, "_arrays": None}
+
+    def __getitem__(self, item: int) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        if self._arrays is None:
+            self._arrays = read_sr_pairs(self.path, lazy=True)[0]
+        i = int(self.indices[item])
+        a = self._arrays
+        hr = torch.from_numpy(np.asarray(a["hr"][i], np.float32))
+        lr = torch.from_numpy(np.asarray(a["lr"][i], np.float32))
+        scale = int(self.attrs["scale"])
+        size = (lr.shape[-2] * scale, lr.shape[-1] * scale)
+        kwargs = {} if self.upsample == "nearest" else {"align_corners": False}
+        lr_up = F.interpolate(lr[None], size=size, mode=self.upsample, **kwargs)[0]
+        lr_up = lr_up[:, :hr.shape[-2], :hr.shape[-1]].contiguous()
+        image = torch.from_numpy(np.asarray(a["he"][i])).float() / 255.0
+        mask = torch.from_numpy(np.asarray(a["mask"][i], bool))
+        return {"hr": hr, "lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
