@@ -6,7 +6,7 @@ CORES  ?= all
 CONFIG ?= config/config.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv lint her2st report clean
+.PHONY: demo test test-cluster venv lint her2st report clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The demo workflow on a real one-node SLURM cluster on this machine (root; installs SLURM from the
+# Debian packages if missing, starts and stops its daemons): cluster/README.md.
+test-cluster: $(STAMP)
+	HISTOMAP_PYTHON=$(abspath $(BIN))/python bash cluster/test_cluster.sh
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
