@@ -55,15 +55,6 @@ def assert_all_grads(module: torch.nn.Module, may_be_zero: str | None = None) ->
             assert p.grad.abs().sum() > 0, f"zero gradient at {name}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny CPU models run fastest on one thread, and do not fight other processes for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ CAM
 @pytest.mark.parametrize("mode,region", [("channel", 3), ("channel", 2), ("spatial", 3)])
 def test_cam_shapes_gradients_and_cross_dependence(mode, region):

@@ -17,15 +17,6 @@ TINY_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 4, "pyramid_channels": 16}
 SMALL_DECODER = [16, 16, 24, 32, 32]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU models run far faster single-threaded on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(b: int = 2, size: int = 64) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(0))
 

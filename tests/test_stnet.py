@@ -12,16 +12,6 @@ from histomap.models import MODELS, STNet, build_model
 BACKBONE = "resnet10t"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny networks run fastest on one thread; on a shared, loaded machine several threads
-    spin against each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _patches(n=4, side=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, side, side, generator=g)

@@ -24,14 +24,6 @@ from histomap.train import TrainConfig, fit, load_model, save_model
 BACKBONE = "test_resnet"  # timm's ~0.4 M parameter test network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny networks run fastest on one thread; on a shared, loaded machine several threads
-    spin against each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 RED, BLUE, GREY = (220, 30, 30), (30, 30, 220), (200, 200, 200)
 
 
