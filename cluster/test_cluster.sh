@@ -85,7 +85,12 @@ write_workdir() { # DIR
   cat > "$1/test_overrides.yaml" <<'YAML'
 synthetic: {size_um: [700, 700], n_genes: 40}
 genes: {name: top20, n_genes: 20}
+models: [stnet, pixnet]
 stnet: {backbone: resnet10t, crop_um: 64}
+pixnet: {window_px: 128, decoder_channels: [8, 16, 32, 64, 64], predict_spot_diameters_um: [8],
+         train: {epochs: 1}}
+cross_scale: {enabled: false}
+superres: {enabled: false}
 train: {epochs: 2, batch_size: 16, patience: 2}
 tiling: {tile_px: 128}
 report: {figure_genes: 2}
@@ -172,8 +177,8 @@ calls = re.findall(r"sbatch call: (sbatch .*?) --wrap=", text)
 assert len(calls) == n_planned, f"{len(calls)} sbatch calls logged"
 for call in calls:
     assert f"-p {partition}" in call and "--gpus" not in call and "--gres" not in call, call
-train = [c for c in calls if "rule_train_stnet" in c]
-assert len(train) == planned["train_stnet"]
+train = [c for c in calls if "rule_train_" in c]
+assert len(train) == planned["train_spot_model"] + planned["train_dense_model"]
 assert all("--cpus-per-task=2" in c and "--mem 2500" in c for c in train), train[0]
 
 bench = work / "results" / "report" / "benchmark.csv"
@@ -276,12 +281,12 @@ def compare_model(rel):
 
 
 compare_table("report/benchmark.csv", ["value"])
-for log_csv in sorted(slurm.glob("models/*/*/train_log.csv")):
+for log_csv in sorted(slurm.glob("models/*/*/*/train_log.csv")):
     rel = log_csv.relative_to(slurm)
     cols = pd.read_csv(log_csv).select_dtypes("number").columns
     # `seconds` is the epoch's wall time: it differs between any two runs
     compare_table(rel, [c for c in cols if c not in ("epoch", "seconds")], ignore=["seconds"])
-for model in sorted(slurm.glob("models/*/*/model.pt")):
+for model in sorted(slurm.glob("models/*/*/*/model.pt")):
     compare_model(model.relative_to(slurm))
 predictions = sorted(p.relative_to(slurm) for p in slurm.glob("predictions/**/*.h5ad"))
 assert predictions, "no predictions"
@@ -304,16 +309,16 @@ log "GPU request check"
 cat > "$WORK/slurm/gpu.yaml" <<'YAML'
 resources: {gpu: 1}
 YAML
-if snakemake_in "$WORK/slurm" gpu_run.log 300 results/models/stnet/P1/model.pt --force \
+if snakemake_in "$WORK/slurm" gpu_run.log 300 results/models/stnet/P1/seed0/model.pt --force \
      "${SLURM_ARGS[@]}" --retries 0 --configfile test_overrides.yaml gpu.yaml \
-     --set-resources train_stnet:gpu_model=a100; then
+     --set-resources train_spot_model:gpu_model=a100; then
   fail "a GPU job was accepted by a test node without GPUs"
 fi
 grep -q -- "--gpus=a100:1" "$WORK/slurm/gpu_run.log" || { show_tail "$WORK/slurm/gpu_run.log";
   fail "sbatch was not asked for --gpus=a100:1"; }
 grep -q "SLURM sbatch failed" "$WORK/slurm/gpu_run.log" || { show_tail "$WORK/slurm/gpu_run.log";
   fail "the refused GPU submission was not reported"; }
-echo "  train_stnet submitted with --gpus=a100:1 (refused by the GPU-less node, reported)"
+echo "  train_spot_model (stnet) submitted with --gpus=a100:1 (refused by the GPU-less node, reported)"
 
 # ---- 4. a job failing inside SLURM is reported as FAILED -------------------------------------
 log "failure check: ingest of a section with negative counts"

@@ -142,6 +142,21 @@ def test_seed_column_is_kept_and_aggregated(metric_files):
               & (agg["metric"] == "PCC@M")].iloc[0]
     assert row["mean"] == pytest.approx(np.mean([0.375, 0.45, 0.475, 0.55]))
     assert (row["n_folds"], row["n_seeds"]) == (2, 2)
+    # spread over seeds of the per-seed fold means (0.4125 and 0.5125), not folds x seeds
+    assert row["std"] == pytest.approx(np.std([0.4125, 0.5125], ddof=1))
+
+
+def test_scale_table_has_one_column_per_scale(metric_files):
+    metrics = report.read_metrics(metric_files)
+    scales = pd.concat([metrics.assign(scale_um=100.0), metrics.assign(scale_um=8.0)],
+                       ignore_index=True).assign(task="cross_scale")
+    scales.loc[(scales["scale_um"] == 8.0) & (scales["metric"] == "pcc"), "value"] -= 0.2
+    table = report.scale_table(report.across_folds(report.benchmark_long(scales)), "cross_scale")
+    header, _, m1 = table.splitlines()[:3]
+    assert header == "| model | 100 µm | 8 µm |"
+    cells = [c.strip() for c in m1.strip("|").split("|")]
+    assert cells[0] == "m1"
+    assert float(cells[1].split(" ± ")[0]) - float(cells[2].split(" ± ")[0]) == pytest.approx(0.2)
 
 
 def test_bad_input_names_file(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -104,12 +105,22 @@ def test_bad_counts_fail_cleanly_without_partial_output(workdir):
 
 @pytest.mark.slow
 def test_demo_end_to_end(workdir):
-    """The demo configuration, shrunk: every rule runs and the benchmark table is complete."""
+    """The demo configuration, shrunk: every rule runs for every model, the benchmark table is
+    complete, PixNet's dense map and extra scales and the cross-scale scores exist."""
+    import anndata as ad
+
+    models = ["stnet", "histogene", "istar", "pixnet"]
     cfg = write_config(
         workdir,
         synthetic={"size_um": [700, 700], "n_genes": 40},
         genes={"name": "top20", "n_genes": 20},
+        models=models,
         stnet={"backbone": "resnet10t", "crop_um": 64},
+        histogene={"dim": 32, "depth": 1, "heads": 2, "train": {"epochs": 2}},
+        istar={"window_px": 128, "hidden": [32], "train": {"epochs": 1}},
+        pixnet={"window_px": 128, "decoder_channels": [8, 16, 32, 64, 64],
+                "predict_spot_diameters_um": [8], "train": {"epochs": 1}},
+        cross_scale={"diameters_um": [55, 8]},
         train={"epochs": 2, "batch_size": 16, "patience": 2},
         tiling={"tile_px": 128},
         report={"figure_genes": 2},
@@ -117,26 +128,31 @@ def test_demo_end_to_end(workdir):
     res = run_snakemake(workdir, "--cores", "2", "--configfile", str(cfg))
     assert res.returncode == 0, res.stderr[-5000:]
     bench = pd.read_csv(workdir / "results" / "report" / "benchmark.csv")
-    assert list(bench.columns[:8]) == ["task", "dataset", "model", "fold", "scale_um",
-                                       "gene_set", "metric", "value"] or {
-        "task", "dataset", "model", "fold", "scale_um", "gene_set", "metric", "value"
-    } <= set(bench.columns)
-    assert set(bench["fold"]) == {"P1", "P2", "P3"}
-    assert set(bench["model"]) == {"stnet"}
-    assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(bench["metric"])
-    assert (bench["scale_um"] == 55).all()
+    assert {"task", "dataset", "model", "fold", "seed", "scale_um", "gene_set", "metric",
+            "value"} <= set(bench.columns)
+    spot = bench[bench["task"] == "spot"]
+    assert set(spot["fold"]) == {"P1", "P2", "P3"}
+    assert set(spot["model"]) == set(models)
+    assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(spot["metric"])
+    assert (spot["scale_um"] == 55).all()
+    scales = bench[bench["task"] == "cross_scale"]
+    assert set(scales["model"]) == {"istar", "pixnet"}
+    assert set(scales["scale_um"]) == {55.0, 8.0}
     md = (workdir / "results" / "report" / "benchmark.md").read_text()
-    assert "stnet" in md
-    for fold, sample in [("P1", "synA"), ("P2", "synB"), ("P3", "synC")]:
-        assert (workdir / "results" / "report" / "figures" / "stnet" / f"{fold}_{sample}.png"
-                ).stat().st_size > 10_000
-        pred = workdir / "results" / "predictions" / "stnet" / fold / sample / "spots_55um.h5ad"
-        assert pred.exists()
-    import anndata as ad
-    pred = ad.read_h5ad(workdir / "results/predictions/stnet/P1/synA/spots_55um.h5ad")
+    assert all(m in md for m in models) and "Cross-scale" in md
     truth = ad.read_h5ad(workdir / "results/st/synA.h5ad")
-    assert list(pred.obs_names) == list(truth.obs_names)
-    assert pred.n_vars == 20
+    for model in models:
+        for fold, sample in [("P1", "synA"), ("P2", "synB"), ("P3", "synC")]:
+            png = workdir / "results" / "report" / "figures" / model / f"{fold}_{sample}.png"
+            assert png.stat().st_size > 10_000
+        pred = ad.read_h5ad(workdir / f"results/predictions/{model}/P1/seed0/synA/spots_55um.h5ad")
+        assert list(pred.obs_names) == list(truth.obs_names)
+        assert pred.n_vars == 20 and np.isfinite(pred.X).all()
+    run = workdir / "results/predictions/pixnet/P1/seed0/synA"
+    assert (run / "dense.zarr").is_dir()
+    small = ad.read_h5ad(run / "spots_8um.h5ad")
+    assert list(small.obs_names) == list(truth.obs_names)
+    assert small.uns["histomap"]["spot_diameter_um"] == 8
     assert (workdir / "results" / "tiles" / "synA.parquet").exists()
     assert (workdir / "results" / "ingest" / "synA" / "sample.zarr").is_dir()
     # a second run has nothing to do

@@ -30,6 +30,7 @@ rule ingest_sample:
         spot_diameter_um=lambda wc: spot_diameter_um(wc.sample),
         spatialdata_mpp=config["ingest"]["spatialdata_mpp"],
         sheet=SAMPLE_SHEET,
+        reader_options=lambda wc: reader_options(wc.sample),
     log:
         "logs/ingest_sample/{sample}.log",
     threads: 1

@@ -1,22 +1,26 @@
-# Training and prediction. Each fold trains on its training samples only (train_inputs); validation
-# for early stopping is carved out of those (config: validation), never out of the test fold.
+# Training and prediction, once per model x fold x training seed. Each fold trains on its
+# training samples only (train_inputs); validation for early stopping is carved out of those
+# (config: validation), never out of the test fold. Spot models (stnet, histogene) see one crop
+# per spot; dense models (istar, pixnet) predict a whole-slide map that any spot is read from.
 
 
-rule train_stnet:
+rule train_spot_model:
     input:
         unpack(train_inputs),
     output:
-        model="results/models/stnet/{fold}/model.pt",
-        log_csv="results/models/stnet/{fold}/train_log.csv",
+        model="results/models/{model}/{fold}/seed{tseed}/model.pt",
+        log_csv="results/models/{model}/{fold}/seed{tseed}/train_log.csv",
+    wildcard_constraints:
+        model=SPOT_RUNS,
     params:
-        model=config["stnet"],
-        train=config["train"],
+        base=lambda wc: base_model(wc.model),
+        model=lambda wc: model_params(wc.model),
+        train=lambda wc: model_train(wc.model),
         validation=config["validation"],
-        seed=config["seed"],
-        samples=lambda wc: fold_samples(wc.fold, "train"),
-        checkpoint_dir=lambda wc: f"results/models/stnet/{wc.fold}/checkpoints",
+        seed=lambda wc: int(wc.tseed),
+        checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, wc.fold, wc.tseed)}/checkpoints",
     log:
-        "logs/train_stnet/{fold}.log",
+        "logs/train/{model}/{fold}/seed{tseed}.log",
     threads: config["resources"]["threads"]["train"]
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
@@ -25,20 +29,51 @@ rule train_stnet:
     conda:
         "../../envs/models.yaml"
     script:
-        "../scripts/train_stnet.py"
+        "../scripts/train_spot_model.py"
 
 
-rule predict_stnet:
+rule train_dense_model:
     input:
-        model="results/models/stnet/{fold}/model.pt",
+        unpack(train_inputs),
+    output:
+        model="results/models/{model}/{fold}/seed{tseed}/model.pt",
+        log_csv="results/models/{model}/{fold}/seed{tseed}/train_log.csv",
+    wildcard_constraints:
+        model=DENSE_RUNS,
+    params:
+        base=lambda wc: base_model(wc.model),
+        model=lambda wc: model_params(wc.model),
+        train=lambda wc: model_train(wc.model),
+        validation=config["validation"],
+        seed=lambda wc: int(wc.tseed),
+        checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, wc.fold, wc.tseed)}/checkpoints",
+    log:
+        "logs/train/{model}/{fold}/seed{tseed}.log",
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/train_dense_model.py"
+
+
+rule predict_spot_model:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         st="results/st/{sample}.h5ad",
         slide="results/ingest/{sample}/slide.tif",
     output:
-        "results/predictions/stnet/{fold}/{sample}/spots_{um}um.h5ad",
+        "results/predictions/{model}/{fold}/seed{tseed}/{sample}/spots_{um}um.h5ad",
+    wildcard_constraints:
+        model=SPOT_RUNS,
     params:
-        train=config["train"],
+        base=lambda wc: base_model(wc.model),
+        train=lambda wc: model_train(wc.model),
     log:
-        "logs/predict_stnet/{fold}/{sample}_{um}um.log",
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_{um}um.log",
     threads: config["resources"]["threads"]["train"]
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
@@ -47,4 +82,84 @@ rule predict_stnet:
     conda:
         "../../envs/models.yaml"
     script:
-        "../scripts/predict_stnet.py"
+        "../scripts/predict_spot_model.py"
+
+
+rule predict_dense_map:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/model.pt",
+        st="results/st/{sample}.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
+        tiles="results/tiles/{sample}.parquet",
+        cover=lambda wc: cross_scale_truth(wc.model, wc.fold, wc.sample),
+    output:
+        directory("results/predictions/{model}/{fold}/seed{tseed}/{sample}/dense.zarr"),
+    wildcard_constraints:
+        model=DENSE_RUNS,
+    params:
+        train=lambda wc: model_train(wc.model),
+        cover_diameters_um=lambda wc: cross_scale_diameters(wc.model, wc.fold),
+        cover_um=lambda wc: max(
+            [
+                spot_diameter_um(wc.sample),
+                *model_block(wc.model).get("predict_spot_diameters_um", []),
+            ]
+        ),
+    log:
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_dense.log",
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/predict_dense_map.py"
+
+
+# Spots of any diameter read out of a dense map: `spots_*` at the sample's own spot centres,
+# `scale_*` at the centres of the cross-scale ground truth (results/scales).
+rule dense_spots:
+    input:
+        dense="results/predictions/{model}/{fold}/seed{tseed}/{sample}/dense.zarr",
+        centres="results/st/{sample}.h5ad",
+    output:
+        "results/predictions/{model}/{fold}/seed{tseed}/{sample}/spots_{um}um.h5ad",
+    wildcard_constraints:
+        model=DENSE_RUNS,
+    log:
+        "logs/dense_spots/{model}/{fold}/seed{tseed}/{sample}_{um}um.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/dense_spots.py"
+
+
+rule dense_scale_spots:
+    input:
+        dense="results/predictions/{model}/{fold}/seed{tseed}/{sample}/dense.zarr",
+        centres=expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+    output:
+        expand(
+            "results/predictions/{{model}}/{{fold}}/seed{{tseed}}/{{sample}}/scale_{um}um.h5ad",
+            um=CROSS_SCALE_LABELS,
+        ),
+    wildcard_constraints:
+        model=DENSE_RUNS,
+    params:
+        diameters_um=CROSS_SCALE.get("diameters_um", []),
+    log:
+        "logs/dense_spots/{model}/{fold}/seed{tseed}/{sample}_scales.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/dense_spots.py"

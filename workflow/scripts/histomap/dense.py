@@ -304,7 +304,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                       tile_px: int, overlap_px: int, out_zarr: str | Path,
                       batch_size: int = 8, device: str | torch.device = "auto",
                       genes: Sequence[str] | None = None, dtype: str = "float32",
-                      band_tile_rows: int | None = 1, amp: bool = True) -> DenseMap:
+                      band_tile_rows: int | None = 1, amp: bool = True,
+                      extra_attrs: dict | None = None) -> DenseMap:
     """Predict a dense map over the tissue tiles of a slide and write it as ``out_zarr``.
 
     Args:
@@ -320,6 +321,7 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
         band_tile_rows: grid rows per band (memory bound, see module docstring); None holds
             every row at once (one-shot).
         dtype: "float32" or "float16" for the stored ``dense`` array (blending is float32).
+        extra_attrs: JSON-able values stored in the group attrs (e.g. the model's provenance).
 
     Returns the written map opened read-only (:func:`read_dense`). The file is written under a
     temporary name and renamed at the end, so a failure leaves nothing.
@@ -359,7 +361,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                          batch_size=batch_size, band_tile_rows=band_tile_rows, device=device,
                          amp_type=amp_type, attrs={"slide": str(slide_path),
                                                    "tile_px": int(tile_px),
-                                                   "overlap_px": int(overlap_px)})
+                                                   "overlap_px": int(overlap_px),
+                                                   **(extra_attrs or {})})
             _remove(out_zarr)
             os.replace(tmp, out_zarr)
         finally:

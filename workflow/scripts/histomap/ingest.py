@@ -58,15 +58,17 @@ def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
 def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str | Path,
                   mpp: float | None = None, spot_diameter_um: float | None = None,
                   image: str | Path | None = None, spatialdata_mpp: float | None = 4.0,
-                  sheet: str | Path = "samples.tsv") -> Sample:
+                  sheet: str | Path = "samples.tsv",
+                  reader_options: dict | None = None) -> Sample:
     """Write ``slide.tif``, ``spots.h5ad``, ``highres.h5ad`` and ``sample.zarr`` to ``out_dir``.
 
     ``highres.h5ad`` has zero rows for platforms without high-resolution measurements.
+    ``reader_options``: platform-specific reader arguments (e.g. Xenium ``min_qv``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     smp = read_sample(platform, sample, path, mpp=mpp, spot_diameter_um=spot_diameter_um,
-                      image=image, sheet=sheet)
+                      image=image, sheet=sheet, **(reader_options or {}))
     slide_path = out_dir / "slide.tif"
     smp.mpp = prepare_slide(smp.image_path, slide_path, smp.mpp)
     smp.spots.uns[UNS_KEY]["mpp"] = smp.mpp

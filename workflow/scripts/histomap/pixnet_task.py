@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .compat import torch
-from .dense import predict_dense_map, spots_from_dense
+from .dense import DenseMap, predict_dense_map, read_dense, spots_from_dense
 from .errors import InputError
 from .folds import validation_split
 from .models import build_model
@@ -52,7 +52,7 @@ from .train import TrainConfig, fit, load_model, resolve_device, save_model, to_
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "pixnet"
+DENSE_MODELS = ("pixnet", "istar")  # models with forward_spots and out_stride
 LOSS_MODES = ("joint", "mse", "pcc")
 TASK_KEYS = ("input_mpp", "window_px", "checkpoint", "loss", "pcc_weight", "mse_weight",
              "jitter_um", "anchor_stride_um", "predict_tile_px", "predict_overlap_px")
@@ -338,25 +338,6 @@ def pixnet_batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     return loss_fn(pred, batch["targets"], batch["valid"])
 
 
-def init_output_bias(model: nn.Module, mean_expression: np.ndarray) -> None:
-    """Start PixNet's dense map at the mean training expression (head bias = its inverse
-    activation), so early epochs fit the spatial pattern rather than the level."""
-    mean = torch.as_tensor(np.asarray(mean_expression), dtype=torch.float32)
-    if hasattr(model, "init_output_bias"):
-        model.init_output_bias(mean)
-        return
-    head = getattr(model, "head", None)
-    if not isinstance(head, nn.Conv2d) or head.bias is None or head.bias.numel() != mean.numel():
-        log.info("model has no head bias matching %d genes; output bias left at init",
-                 mean.numel())
-        return
-    mean = mean.clamp(min=1e-3)
-    bias = mean if getattr(model, "head_activation", "softplus") == "relu" \
-        else mean + torch.log(-torch.expm1(-mean))  # softplus^-1
-    with torch.no_grad():
-        head.bias.copy_(bias)
-
-
 # --------------------------------------------------------------------------- training
 def task_options(model_cfg: Mapping[str, Any], *, window_px: int | None = None,
                  input_mpp: float | None = None) -> tuple[dict, dict]:
@@ -402,9 +383,10 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
                  genes: Sequence[str], *, model_cfg: Mapping, train_cfg: Mapping,
                  validation: Mapping, seed: int, out_model: str | Path, out_log: str | Path,
                  checkpoint_dir: str | Path, window_px: int | None = None,
-                 input_mpp: float | None = None,
+                 input_mpp: float | None = None, model_name: str = "pixnet",
                  on_epoch_end: Callable[[dict], None] | None = None) -> dict:
-    """Train PixNet on the given (training-fold) samples; write ``model.pt`` and the log.
+    """Train PixNet (or another dense model of :data:`DENSE_MODELS`, ``model_name``) on the
+    given (training-fold) samples; write ``model.pt`` and the log.
 
     Validation windows come from spatial blocks of the training slides (``validation``:
     fraction, block_um). Resumes from ``checkpoint_dir/last.pt`` after an interruption.
@@ -412,6 +394,8 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
     if len(st_paths) != len(slide_paths) or not st_paths:
         raise ValueError(f"need one slide per spots file, got {len(st_paths)} and "
                          f"{len(slide_paths)}")
+    if model_name not in DENSE_MODELS:
+        raise ValueError(f"model_name must be one of {DENSE_MODELS}, got {model_name!r}")
     task, pixnet_cfg = task_options(model_cfg, window_px=window_px, input_mpp=input_mpp)
     train_parts, val_parts = [], []
     for i, (st_path, slide) in enumerate(zip(st_paths, slide_paths)):
@@ -425,7 +409,7 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
         val_parts.append(spots.subset(val))
 
     torch.manual_seed(seed)
-    model = build_model(MODEL_NAME, len(genes), pretrained_checkpoint=task.get("checkpoint"),
+    model = build_model(model_name, len(genes), pretrained_checkpoint=task.get("checkpoint"),
                         **pixnet_cfg)
     window = {"window_px": task["window_px"], "input_mpp": task["input_mpp"],
               "out_stride": model.out_stride}
@@ -435,13 +419,13 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
     if any(len(p.centres_px) for p in val_parts):
         val_ds = WindowDataset(val_parts, augment=False,
                                anchor_stride_um=task.get("anchor_stride_um"), **window)
-    init_output_bias(model, train_ds.targets.mean(axis=0))
+    model.init_output_bias(train_ds.targets.mean(axis=0))
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     loss_fn = make_loss_fn(task["loss"], task["pcc_weight"], task["mse_weight"])
     summary = fit(model, train_ds, val_ds, loss_fn=loss_fn, out_dir=checkpoint_dir, cfg=cfg,
                   batch_to_loss=pixnet_batch_loss, on_epoch_end=on_epoch_end)
     task_extra = {k: v for k, v in task.items() if v is not None}
-    save_model(out_model, model, model_name=MODEL_NAME, model_config=model.config, genes=genes,
+    save_model(out_model, model, model_name=model_name, model_config=model.config, genes=genes,
                extra={**task_extra, "out_stride": model.out_stride, "train": cfg.to_dict(),
                       "validation": dict(validation), "best_epoch": summary["best_epoch"],
                       "best_val_loss": summary["best_val_loss"]})
@@ -467,24 +451,20 @@ def _outside_tiles(centres_px: np.ndarray, tiles: pd.DataFrame) -> np.ndarray:
     return outside
 
 
-def predict_pixnet(model_path: str | Path, slide_path: str | Path,
-                   tiles_parquet: str | Path, out_dense_zarr: str | Path,
-                   spots_h5ad: str | Path, out_spot_files: Mapping[float | str, str | Path], *,
-                   tile_px: int | None = None, overlap_px: int | None = None,
-                   batch_size: int = 8, device: str = "auto", dtype: str = "float32",
-                   band_tile_rows: int | None = 1, cover_spots: bool = True
-                   ) -> dict[float, ad.AnnData]:
-    """Dense map of one held-out slide, then spot tables at every requested diameter.
+def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet: str | Path,
+                  spots_h5ad: str | Path, out_dense_zarr: str | Path, *,
+                  tile_px: int | None = None, overlap_px: int | None = None,
+                  batch_size: int = 8, device: str = "auto", dtype: str = "float32",
+                  band_tile_rows: int | None = 1, cover_um: float | None = None,
+                  cover: Sequence[tuple[str | Path, float]] = ()):
+    """Dense map (OME-zarr) of one held-out slide from a trained dense model (PixNet, iStar).
 
-    ``out_spot_files``: {diameter_um: path}; every table uses the sample's spot centres
-    (``spots_h5ad``'s ``obsm["spatial"]``) with discs of that diameter, aggregated as the mean
-    of the dense map over the disc, and is written with
-    :func:`histomap.predict.spots_prediction_anndata`. With ``cover_spots`` the discs of spots
-    outside every tissue tile are added to the map's coverage (logged) so every spot gets a
-    prediction.
+    The map covers the slide's tissue tiles; with ``cover_um`` the discs (of that diameter) of
+    spots of ``spots_h5ad`` outside every tissue tile are added to the coverage (logged), and
+    likewise the discs of every ``(spots file, diameter_um)`` of ``cover`` (e.g. the
+    cross-scale ground truth), so every spot that will be read out of the map is covered.
+    Returns :class:`histomap.dense.DenseMap`.
     """
-    if not out_spot_files:
-        raise ValueError("out_spot_files is empty: name at least one spot diameter")
     model, meta = load_model(model_path, device=resolve_device(device))
     extra = meta.get("extra", {})
     input_mpp = float(extra["input_mpp"])
@@ -502,30 +482,57 @@ def predict_pixnet(model_path: str | Path, slide_path: str | Path,
     tiles = pd.read_parquet(tiles_parquet)
     if tiles.empty:
         raise InputError(tiles_parquet, "tile index has no tissue tile")
-    diameters = {float(d): Path(p) for d, p in out_spot_files.items()}
-    if cover_spots and len(xy):
-        outside = _outside_tiles(xy, tiles)
+    to_cover = [(spots_h5ad, xy, float(cover_um))] if cover_um else []
+    to_cover += [(path, np.asarray(ad.read_h5ad(path).obsm["spatial"], np.float64), float(um))
+                 for path, um in cover]
+    boxes = [tiles[["x0_px", "y0_px", "size_px0"]]]
+    for path, centres, um in to_cover:
+        outside = _outside_tiles(centres, tiles) if len(centres) else np.zeros(0, bool)
         if outside.any():
             log.info("%s: %d of %d spot centres lie outside every tissue tile; their discs "
-                     "(%g um) are added to the map", spots_h5ad, int(outside.sum()), len(xy),
-                     max(diameters))
-            tiles = pd.concat([tiles[["x0_px", "y0_px", "size_px0"]],
-                               _spot_boxes(xy[outside], max(diameters), mpp0)],
-                              ignore_index=True)
-    dense = predict_dense_map(model, slide_path, tiles, input_mpp=input_mpp, tile_px=tile_px,
-                              overlap_px=int(overlap_px), out_zarr=out_dense_zarr,
-                              batch_size=batch_size, device=device, genes=meta["genes"],
-                              dtype=dtype, band_tile_rows=band_tile_rows)
-    results = {}
-    for diameter, path in diameters.items():
-        pred = spots_from_dense(dense, xy, diameter, mpp0, mode="mean")
-        out = spots_prediction_anndata(
-            pred, spots.obs_names, meta["genes"], xy, geometry(spots), diameter,
-            model_info={"model": meta["model_name"], "path": str(model_path),
-                        "dense_map": str(out_dense_zarr), "aggregation": "mean",
-                        "tile_px": tile_px, "overlap_px": int(overlap_px)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out.write_h5ad(path)
-        log.info("%s: %d spots at %g um -> %s", slide_path.name, out.n_obs, diameter, path)
-        results[diameter] = out
-    return results
+                     "(%g um) are added to the map", path, int(outside.sum()), len(centres), um)
+            boxes.append(_spot_boxes(centres[outside], um, mpp0))
+    tiles = pd.concat(boxes, ignore_index=True)
+    return predict_dense_map(model, slide_path, tiles, input_mpp=input_mpp, tile_px=tile_px,
+                             overlap_px=int(overlap_px), out_zarr=out_dense_zarr,
+                             batch_size=batch_size, device=device, genes=meta["genes"],
+                             dtype=dtype, band_tile_rows=band_tile_rows,
+                             extra_attrs={"model": {"model": meta["model_name"],
+                                                    "path": str(model_path)}})
+
+
+def dense_spot_table(dense_map, spots_h5ad: str | Path, diameter_um: float,
+                     out_h5ad: str | Path | None = None) -> ad.AnnData:
+    """Spots of ``spots_h5ad`` (centres, names, geometry) read out of a dense map as discs of
+    ``diameter_um`` (area-weighted mean of G); written to ``out_h5ad`` when given."""
+    dmap = dense_map if isinstance(dense_map, DenseMap) else read_dense(dense_map)
+    spots = ad.read_h5ad(spots_h5ad)
+    xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+    pred = spots_from_dense(dmap, xy, float(diameter_um), geometry(spots)["mpp"], mode="mean")
+    out = spots_prediction_anndata(
+        pred, spots.obs_names, dmap.genes, xy, geometry(spots), float(diameter_um),
+        model_info={**dmap.attrs.get("model", {}), "dense_map": str(dmap.path),
+                    "aggregation": "mean", "tile_px": dmap.attrs.get("tile_px"),
+                    "overlap_px": dmap.attrs.get("overlap_px")})
+    if out_h5ad is not None:
+        out_h5ad = Path(out_h5ad)
+        out_h5ad.parent.mkdir(parents=True, exist_ok=True)
+        out.write_h5ad(out_h5ad)
+        log.info("%s: %d spots at %g um -> %s", dmap.path, out.n_obs, diameter_um, out_h5ad)
+    return out
+
+
+def predict_pixnet(model_path: str | Path, slide_path: str | Path,
+                   tiles_parquet: str | Path, out_dense_zarr: str | Path,
+                   spots_h5ad: str | Path, out_spot_files: Mapping[float | str, str | Path], *,
+                   cover_spots: bool = True, **dense_kwargs) -> dict[float, ad.AnnData]:
+    """Dense map of one held-out slide (:func:`predict_dense`), then spot tables at every
+    requested diameter (:func:`dense_spot_table`): ``out_spot_files`` = {diameter_um: path},
+    every table with the sample's spot centres. ``dense_kwargs`` go to :func:`predict_dense`.
+    """
+    if not out_spot_files:
+        raise ValueError("out_spot_files is empty: name at least one spot diameter")
+    diameters = {float(d): Path(p) for d, p in out_spot_files.items()}
+    dense = predict_dense(model_path, slide_path, tiles_parquet, spots_h5ad, out_dense_zarr,
+                          cover_um=max(diameters) if cover_spots else None, **dense_kwargs)
+    return {d: dense_spot_table(dense, spots_h5ad, d, path) for d, path in diameters.items()}

@@ -120,20 +120,46 @@ def benchmark_long(metric_files: Iterable[str | Path] | pd.DataFrame) -> pd.Data
 
 
 def across_folds(long_df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation (ddof=1) over folds (and seeds, if present) of each metric.
+    """Mean and spread of each metric over folds, and over training seeds when there are
+    several.
 
-    Returns ``task, dataset, model, sample, scale_um, gene_set, metric, mean, std, n_folds``
-    (plus ``n_seeds`` with seeds). Per-slide rows usually occur in one fold only, so their std is
-    NaN; the rows to compare models by are ``mean_over_slides`` and ``pooled``.
+    Returns ``task, dataset, model, sample, scale_um, gene_set, metric, mean, std, n_folds,
+    n_seeds``. With one seed, ``mean``/``std`` (ddof=1) are over folds. With several seeds,
+    each seed's metric is first averaged over folds, and ``mean``/``std`` are over seeds: the
+    spread says how much a benchmark number moves with the training seed alone. Per-slide rows
+    usually occur in one fold only; the rows to compare models by are ``mean_over_slides`` and
+    ``pooled``.
     """
     keys = ["task", "dataset", "model", "sample", "scale_um", "gene_set", "metric"]
-    grouped = long_df.groupby(keys, sort=True, dropna=False)
+    df = long_df if "seed" in long_df.columns else long_df.assign(seed=0)
+    per_seed = df.groupby(keys + ["seed"], sort=True, dropna=False).agg(
+        value=("value", lambda v: v.mean(skipna=False)), n_folds=("fold", "nunique"),
+        fold_std=("value", lambda v: v.std(ddof=1, skipna=False))).reset_index()
+    grouped = per_seed.groupby(keys, sort=True, dropna=False)
     out = grouped["value"].agg(mean=lambda v: v.mean(skipna=False),
                                std=lambda v: v.std(ddof=1, skipna=False)).reset_index()
-    out["n_folds"] = grouped["fold"].nunique().to_numpy()
-    if "seed" in long_df.columns:
-        out["n_seeds"] = grouped["seed"].nunique().to_numpy()
+    out["n_folds"] = grouped["n_folds"].max().to_numpy()
+    out["n_seeds"] = grouped["seed"].nunique().to_numpy()
+    single = out["n_seeds"] == 1
+    out.loc[single, "std"] = grouped["fold_std"].first().to_numpy()[single.to_numpy()]
     return out
+
+
+def scale_table(agg: pd.DataFrame, task: str, metric: str = "PCC@M",
+                sample: str = MEAN_OVER_SLIDES) -> str:
+    """Markdown: models x spot scales of one metric (mean ± spread), e.g. the cross-scale
+    benchmark."""
+    part = agg[(agg["task"] == task) & (agg["metric"] == metric) & (agg["sample"] == sample)]
+    if part.empty:
+        return f"_no {metric} rows for task {task}_"
+    scales = sorted(pd.unique(part["scale_um"]), reverse=True)
+    rows = []
+    for model, by_model in part.groupby("model", sort=True):
+        cells = by_model.set_index("scale_um")
+        rows.append([str(model)] + [
+            _fmt_mean_std(cells.loc[sc, "mean"], cells.loc[sc, "std"], _n_spread(cells.loc[sc]),
+                          metric) if sc in cells.index else "–" for sc in scales])
+    return _markdown_table(["model"] + [f"{sc:g} µm" for sc in scales], rows)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -143,6 +169,11 @@ def _fmt(value: float, metric: str = "", digits: int = 4) -> str:
     if metric in ("n_nan_pcc", "n_genes"):
         return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
     return f"{value:.{digits}f}"
+
+
+def _n_spread(cell: pd.Series) -> int:
+    """How many values the std of an :func:`across_folds` row is over (seeds, else folds)."""
+    return int(cell["n_seeds"]) if int(cell["n_seeds"]) > 1 else int(cell["n_folds"])
 
 
 def _fmt_mean_std(mean: float, std: float, n: int, metric: str) -> str:
@@ -173,7 +204,7 @@ def _model_table(agg: pd.DataFrame, sample: str) -> str:
                 row.append("–")
                 continue
             c = cells.loc[m]
-            row.append(_fmt_mean_std(c["mean"], c["std"], int(c["n_folds"]), m))
+            row.append(_fmt_mean_std(c["mean"], c["std"], _n_spread(c), m))
         rows.append(row)
     return _markdown_table(["model"] + metrics, rows)
 
@@ -228,9 +259,15 @@ def benchmark_markdown(long_df: pd.DataFrame) -> str:
     if long_df.empty:
         return "\n".join(out + ["_no summaries_", ""])
     agg = across_folds(long_df)
-    if "seed" in long_df.columns:
-        out += [f"Seeds: {sorted(pd.unique(long_df['seed']).tolist())}; the std is over folds "
-                "and seeds together.", ""]
+    if "seed" in long_df.columns and long_df["seed"].nunique() > 1:
+        out += [f"Training seeds: {sorted(pd.unique(long_df['seed']).tolist())}. With several "
+                "seeds, every main-table cell is the mean over seeds of the mean over folds, "
+                "± the std over seeds (ddof=1).", ""]
+    if (agg["task"] == "cross_scale").any():
+        out += ["## Cross-scale: PCC@M by spot diameter (mean over slides)", "",
+                "Models trained at the samples' own spot size, scored against ground truth "
+                "re-measured at each diameter from the high-resolution data.", "",
+                scale_table(agg, "cross_scale"), ""]
     blocks = ["task", "dataset", "scale_um", "gene_set"]
     for (task, dataset, scale, gene_set), part in long_df.groupby(blocks, sort=True):
         sub = agg[(agg["task"] == task) & (agg["dataset"] == dataset)

@@ -8,6 +8,7 @@ hires PNG).
 """
 from __future__ import annotations
 
+import inspect
 from importlib import import_module
 from pathlib import Path
 
@@ -26,11 +27,22 @@ READERS = {
 
 def read_sample(platform: str, sample: str, path: str | Path, *, mpp: float | None = None,
                 spot_diameter_um: float | None = None, image: str | Path | None = None,
-                sheet: str | Path = "samples.tsv") -> Sample:
-    """Read one sample with the reader of its platform."""
+                sheet: str | Path = "samples.tsv", **options) -> Sample:
+    """Read one sample with the reader of its platform.
+
+    ``options`` are platform-specific keyword arguments of the reader (e.g. Xenium ``min_qv``,
+    ``origin_um``); ``None`` values are left out (the reader's default applies), and an option
+    the platform's reader does not take is an error naming the sample sheet.
+    """
     if platform not in READERS:
         raise InputError(sheet, f"sample {sample!r}: unknown platform {platform!r}; "
                                 f"known platforms: {', '.join(sorted(READERS))}")
     module = import_module(f"{__name__}.{READERS[platform]}")
+    options = {k: v for k, v in options.items() if v is not None}
+    accepted = set(inspect.signature(module.read).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InputError(sheet, f"sample {sample!r}: platform {platform!r} takes no option(s) "
+                                f"{', '.join(unknown)}")
     return module.read(sample, Path(path), mpp=mpp, spot_diameter_um=spot_diameter_um,
-                       image=Path(image) if image else None)
+                       image=Path(image) if image else None, **options)

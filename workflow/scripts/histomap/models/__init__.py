@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from .histogene import HistoGene
+from .istar import IStar
 from .pixnet import PixNet
 from .stnet import STNet
 
 MODELS: dict[str, type[nn.Module]] = {
     "stnet": STNet,
     "pixnet": PixNet,
+    "histogene": HistoGene,
+    "istar": IStar,
 }
 
 
@@ -39,4 +43,4 @@ def build_model(name: str, n_genes: int, /, **cfg) -> nn.Module:
         raise ValueError(f"bad configuration for model {name!r} {cfg}: {exc}") from exc
 
 
-__all__ = ["MODELS", "PixNet", "STNet", "build_model"]
+__all__ = ["MODELS", "HistoGene", "IStar", "PixNet", "STNet", "build_model"]

@@ -452,6 +452,10 @@ class PixNet(nn.Module):
         """Keyword configuration that rebuilds this model with ``PixNet(n_genes, **config)``."""
         return copy.deepcopy(self._config)
 
+    def init_output_bias(self, mean_expression) -> None:
+        """Start G at the mean training expression (see :func:`init_dense_head_bias`)."""
+        init_dense_head_bias(self.head, self.head_activation, mean_expression)
+
     def train(self, mode: bool = True) -> PixNet:
         super().train(mode)
         if self.freeze_encoder:
@@ -496,6 +500,20 @@ class PixNet(nn.Module):
         """G and the spot predictions (B, N, genes); centres/radii in G pixels (see roi.py)."""
         dense_map = self(images)
         return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid)
+
+
+def init_dense_head_bias(head: nn.Conv2d, activation: str, mean_expression) -> None:
+    """Set a dense map's 1x1 head bias so that the map starts at ``mean_expression`` (G,):
+    the bias is the inverse of the head activation (softplus or relu) of the mean, so early
+    epochs fit the spatial pattern rather than the level."""
+    mean = torch.as_tensor(mean_expression, dtype=torch.float32).flatten()
+    if head.bias is None or head.bias.numel() != mean.numel():
+        raise ValueError(f"head has {head.out_channels} outputs, mean expression has "
+                         f"{mean.numel()} genes")
+    mean = mean.clamp(min=1e-3)
+    bias = mean if activation == "relu" else mean + torch.log(-torch.expm1(-mean))
+    with torch.no_grad():
+        head.bias.copy_(bias.to(head.bias.dtype))
 
 
 def _align(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

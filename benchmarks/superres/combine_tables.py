@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""One Table 1 from several pipeline runs: concatenates their ``results/report/superres.csv``
+(e.g. the synthetic 5x/10x run, the HER2ST 2x run) and writes the markdown of
+:func:`histomap.sr_task.sr_markdown` (rows methods, columns dataset x factor x RMSE/PCC).
+
+    python benchmarks/superres/combine_tables.py synthetic/results/report/superres.csv \\
+        her2st/results/report/superres.csv --out benchmarks/superres/results/table1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
+
+from histomap.sr_task import TABLE_COLUMNS, sr_markdown  # noqa: E402
+
+DEFAULT_ORDER = ["bicubic", "tesla", "unet", "unetpp", "attention_unet", "histogene_sr",
+                 "guided", "diffst"]
+DEFAULT_ABLATIONS = ["diffst_no_cam", "diffst_no_cigc", "diffst_no_hierarchical"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tables", nargs="+", help="superres.csv files of pipeline runs")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="Table-1 rows in order (default: the usual order, then others)")
+    parser.add_argument("--ablations", nargs="+", default=DEFAULT_ABLATIONS)
+    parser.add_argument("--out", required=True, help="output prefix (writes .csv and .md)")
+    args = parser.parse_args(argv)
+    table = pd.concat([pd.read_csv(p) for p in args.tables], ignore_index=True)[TABLE_COLUMNS]
+    present = list(dict.fromkeys(table["method"]))
+    methods = args.methods or [m for m in DEFAULT_ORDER if m in present] + [
+        m for m in present if m not in DEFAULT_ORDER and m not in args.ablations]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    text = sr_markdown(table, methods=methods, ablations=[a for a in args.ablations
+                                                          if a in present])
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

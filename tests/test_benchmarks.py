@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks/pixnet_cost.py at tiny size (--quick): rows, times, ratios."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pixnet_cost.py"
+
+
+@pytest.fixture(scope="module")
+def pixnet_cost():
+    spec = importlib.util.spec_from_file_location("pixnet_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_pixnet_cost_quick(pixnet_cost, tmp_path):
+    argv = ["--quick", "--threads", "1", "--scales-um", "100,16,2", "--out-dir",
+            str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--device", "cpu"]
+    csv_path, md_path = pixnet_cost.main(argv)
+    assert csv_path == tmp_path / "out" / "pixnet_cost.csv" and md_path.is_file()
+    assert not list((tmp_path / "out").glob("*.partial"))
+    table = pd.read_csv(csv_path)
+    assert list(table.columns) == pixnet_cost.COLUMNS
+
+    scales = table[table["benchmark"] == "scales"].set_index("method")
+    assert list(scales.index) == ["pixnet", "stnet", "stnet_fixed_px"]
+    assert (scales["n_scales"] == 3).all() and (scales["scales_um"] == "100;16;2").all()
+    assert (scales["n_spots"] > 0).all() and (scales["device"] == "cpu").all()
+    for col in ("seconds_1_scale", "seconds_all_scales"):
+        assert (scales[col] > 0).all() and np.isfinite(scales[col]).all()
+    np.testing.assert_allclose(scales["ratio_all_to_1"],
+                               scales["seconds_all_scales"] / scales["seconds_1_scale"],
+                               rtol=1e-4)
+    np.testing.assert_allclose(scales["ratio_to_stnet_all_scales"],
+                               scales["seconds_all_scales"]
+                               / scales.loc["stnet", "seconds_all_scales"], rtol=1e-4)
+    np.testing.assert_allclose(scales["seconds_per_extra_scale"],
+                               (scales["seconds_all_scales"] - scales["seconds_1_scale"]) / 2,
+                               rtol=1e-4, atol=1e-6)
+    # ST-Net crops: diameter / input mpp (2 um/px); the fixed variant keeps the first side
+    assert scales.loc["stnet", "crop_px"] == "50;8;1"
+    assert scales.loc["stnet_fixed_px", "crop_px"] == "50;50;50"
+    assert scales.loc["stnet_fixed_px", "seconds_1_scale"] == scales.loc["stnet",
+                                                                         "seconds_1_scale"]
+
+    dense = table[table["benchmark"] == "dense"]
+    assert list(dense["amp"]) == ["off"]  # CPU: no autocast row
+    row = dense.iloc[0]
+    assert row["seconds"] > 0 and row["tissue_mm2"] > 0 and row["n_model_tiles"] > 0
+    assert row["map_covered_mm2"] >= row["tissue_mm2"] * 0.99
+    np.testing.assert_allclose(row["mm2_per_s"], row["tissue_mm2"] / row["seconds"], rtol=1e-4)
+    assert row["peak_rss_mib"] > row["rss_growth_mib"] > 0
+    assert np.isnan(row["cuda_peak_mib"])
+
+    md = md_path.read_text()
+    assert "python benchmarks/pixnet_cost.py --quick --threads 1" in md
+    assert "| pixnet |" in md and "torch threads | 1 |" in md
+
+
+def test_pixnet_cost_rejects_bad_options(pixnet_cost):
+    for argv in (["--methods", "stnet"], ["--scales-um", "100,100"], ["--methods", "foo"]):
+        with pytest.raises(SystemExit):
+            pixnet_cost.parse_args(argv)

@@ -1,0 +1,487 @@
+"""Super-resolution task layer: Diff-ST and baselines trained, predicted and scored end to end on
+tiny synthetic pairs; curriculum, gene graph, validation split, atomic outputs, signed PCC."""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histomap import sr_task
+from histomap.models.diffst import DiffST, normalize_adjacency
+from histomap.models.diffusion import GaussianDiffusion
+from histomap.slide import write_pyramid
+from histomap.srpairs import SRPairDataset, build_spot_grid_pairs, build_sr_pairs, denormalise, \
+    read_sr_pairs
+from histomap.synthetic import simulate_sample
+
+N_GENES = 5
+DIFFST_CFG = dict(base_channels=8, channel_mult=[1, 2], tissue_channels=8, cell_channels=8,
+                  attn_channels=8, fusion_channels=8, gene_node_channels=4, cell_grid=4,
+                  cell_patch_px=8, cam_region=3)
+TRAIN = dict(epochs=3, batch_size=4, lr=2e-3, weight_decay=0.0, patience=5, amp=False,
+             device="cpu")
+VALIDATION = {"fraction": 0.2, "block_um": 80}
+DIFFUSION = {"T": 100}
+
+
+# --------------------------------------------------------------------------- fake baselines
+class _Baseline(nn.Module):
+    trainable = False
+
+    def __init__(self, n_genes: int, **cfg):
+        super().__init__()
+        self.n_genes, self._cfg = n_genes, dict(cfg)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._cfg)
+
+
+class FakeBicubic(_Baseline):
+    def forward(self, lr_up, image, lr=None):
+        return lr_up
+
+
+class FakeNegated(_Baseline):
+    def forward(self, lr_up, image, lr=None):
+        return -lr_up
+
+
+class FakeConstant(_Baseline):
+    def forward(self, lr_up, image, lr=None):
+        return torch.zeros_like(lr_up)
+
+
+class FakeConvNet(_Baseline):
+    """Trainable: a 3x3 conv over (lr_up, image resized to the HR grid), residual on lr_up."""
+    trainable = True
+
+    def __init__(self, n_genes: int, width: int = 8):
+        super().__init__(n_genes, width=width)
+        self.net = nn.Sequential(nn.Conv2d(n_genes + 3, width, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(width, n_genes, 3, padding=1))
+
+    def forward(self, lr_up, image, lr=None):
+        img = F.interpolate(image, size=lr_up.shape[-2:], mode="area")
+        return lr_up + self.net(torch.cat([lr_up, img], dim=1))
+
+
+FAKES = {"bicubic": FakeBicubic, "negated": FakeNegated, "constant": FakeConstant,
+         "unet": FakeConvNet}
+
+
+@pytest.fixture(autouse=True)
+def fake_baselines(monkeypatch):
+    """The baselines module is written separately; these stand-ins follow its interface."""
+    fake = SimpleNamespace(SR_BASELINES=FAKES,
+                           build_sr_baseline=lambda name, n, **cfg: FAKES[name](n, **cfg))
+    monkeypatch.setattr(sr_task, "_baselines", lambda: fake)
+
+
+# --------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """400 x 400 um synthetic section; its 5 most expressed genes."""
+    folder = tmp_path_factory.mktemp("syn") / "sample"
+    simulate_sample(folder, seed=11, size_um=(400.0, 400.0), n_genes=40)
+    cells = ad.read_h5ad(folder / "cells.h5ad")
+    totals = np.asarray(cells.X.sum(axis=0)).ravel()
+    genes = [str(g) for g in cells.var_names[np.argsort(-totals)[:N_GENES]]]
+    return cells, folder / "he.tif", genes
+
+
+def _pairs(synthetic, out, cells=None, **kw):
+    base_cells, slide, genes = synthetic
+    args = dict(patch_um=160, lr_um=20, scale=4, stride_um=80, min_tissue=0.2,
+                normalisation="minmax", image_mpp=5.0, edge="ceil")
+    args.update(kw)
+    build_sr_pairs(base_cells if cells is None else cells, slide, genes, out, **args)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(synthetic, tmp_path_factory):
+    """Training pairs: 32 x 32 HR (5 um), 8 x 8 LR (20 um), overlapping patches."""
+    return _pairs(synthetic, tmp_path_factory.mktemp("pairs") / "train.zarr")
+
+
+@pytest.fixture(scope="module")
+def other_pairs(synthetic, tmp_path_factory):
+    """Pairs of a different 'section': the same cells with the genes' counts shuffled."""
+    cells, _, genes = synthetic
+    shuffled = cells.copy()
+    x = shuffled.X.toarray()
+    idx = [list(cells.var_names).index(g) for g in genes]
+    x[:, idx] = x[np.random.default_rng(0).permutation(len(x))][:, idx[::-1]]
+    shuffled.X = sp.csr_matrix(x)
+    return _pairs(synthetic, tmp_path_factory.mktemp("pairs") / "other.zarr", cells=shuffled)
+
+
+@pytest.fixture(scope="module")
+def trained_diffst(pairs, tmp_path_factory):
+    """Diff-ST trained 3 epochs with the 0.25 -> 0.5 -> 1.0 curriculum (module-wide)."""
+    folder = tmp_path_factory.mktemp("diffst")
+    torch.set_num_threads(1)
+    epochs = []
+    summary = sr_task.train_sr(
+        "diffst", [pairs], model_cfg={**DIFFST_CFG, "curriculum": {"values": [0.25, 0.5, 1.0]}},
+        train_cfg=TRAIN, validation=VALIDATION, seed=0, out_model=folder / "model.pt",
+        out_log=folder / "train_log.csv", checkpoint_dir=folder / "ckpt", diffusion=DIFFUSION,
+        variant="diffst", on_epoch_end=epochs.append)
+    return SimpleNamespace(folder=folder, model=folder / "model.pt", summary=summary,
+                           log=pd.read_csv(folder / "train_log.csv"), epochs=epochs)
+
+
+# --------------------------------------------------------------------------- training
+def test_curriculum_takes_effect_and_is_logged(trained_diffst):
+    log_df = trained_diffst.log
+    assert list(log_df["epoch"]) == [1, 2, 3]
+    assert list(log_df["keep_fraction"]) == [0.25, 0.5, 1.0]
+    # the model really attended to that share of its 16 sub-patches in each epoch
+    np.testing.assert_allclose(log_df["kept_observed"], [0.25, 0.5, 1.0], atol=1e-6)
+    assert log_df["kept_observed"].nunique() == 3
+    assert (log_df["dis"] > 0).all() and (log_df["denoise"] > 0).all()
+    assert np.isfinite(log_df["val_loss"]).all()
+    assert [e["keep_fraction"] for e in trained_diffst.epochs] == [0.25, 0.5, 1.0]
+
+
+def test_adjacency_comes_from_training_patches_only(trained_diffst, pairs, other_pairs):
+    model, meta = sr_task.load_sr_model(trained_diffst.model)
+    assert isinstance(model, DiffST) and meta["train_pairs"] == [str(pairs)]
+    train_idx = [tr for tr, _ in sr_task.split_patches([pairs], seed=0, **VALIDATION)]
+    expected = sr_task.training_adjacency([pairs], train_idx, seed=0)
+    np.testing.assert_allclose(meta["adjacency"].numpy(), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.graph.adjacency.numpy(),
+                               normalize_adjacency(torch.as_tensor(expected,
+                                                                   dtype=torch.float32)).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert bool(model.graph.adjacency_set)
+    # with validation patches or another section's patches the graph would differ
+    everything = sr_task.training_adjacency([pairs], [np.arange(len(read_sr_pairs(pairs)[0]
+                                                                    ["hr"]))], seed=0)
+    other = sr_task.training_adjacency([pairs, other_pairs],
+                                       [train_idx[0], np.arange(4)], seed=0)
+    assert not np.allclose(everything, expected) and not np.allclose(other, expected)
+
+
+def test_validation_patches_are_spatially_separate(pairs):
+    (train, val), = sr_task.split_patches([pairs], seed=0, **VALIDATION)
+    arrays, attrs = read_sr_pairs(pairs)
+    assert len(val) and len(train) and not set(train) & set(val)
+    origin = arrays["origin_um"]
+    side = attrs["patch_um"]
+    for t in train:  # no training patch shares tissue with a validation patch
+        assert (np.abs(origin[val] - origin[t]) >= side - 1e-6).any(axis=1).all()
+
+
+def test_one_batch_overfit_diffst(pairs):
+    torch.manual_seed(0)
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
+                                                  batch_size=2)))
+    model = DiffST(N_GENES, **{**DIFFST_CFG, "base_channels": 16})
+    model.set_adjacency(sr_task.training_adjacency([pairs], [np.array([0, 1])]))
+    objective = sr_task.DiffusionObjective(
+        GaussianDiffusion(T=100), sr_task.ValueRange(), schedule=None, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fixed = torch.Generator().manual_seed(3)
+    state = fixed.get_state()
+    losses = []
+    model.train()
+    for _ in range(150):
+        fixed.set_state(state)  # the same t and noise every step: one batch, one target
+        out = objective.diffusion.p_losses(
+            model, objective.vrange.to_model(batch["hr"]),
+            {"lr_map": objective.vrange.to_model(batch["lr_up"]), "image": batch["image"]},
+            mask=batch["mask"][:, None], generator=fixed)
+        opt.zero_grad()
+        out["denoise"].backward()
+        opt.step()
+        losses.append(out["denoise"].item())
+        if losses[-1] < 0.1 * losses[0]:
+            break
+    assert losses[-1] < 0.2 * losses[0], losses[::15]
+
+
+def test_trainable_baseline_fits_with_masked_mse(pairs, tmp_path):
+    summary = sr_task.train_sr(
+        "unet", [pairs], model_cfg={"width": 8}, train_cfg={**TRAIN, "epochs": 4},
+        validation=VALIDATION, seed=0, out_model=tmp_path / "model.pt",
+        out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt")
+    log_df = pd.read_csv(tmp_path / "log.csv")
+    assert summary["trainable"] and len(log_df) == 4
+    assert log_df["train_loss"].iloc[-1] < log_df["train_loss"].iloc[0]
+    model, meta = sr_task.load_sr_model(tmp_path / "model.pt")
+    assert meta["trainable"] and meta["model_config"] == {"width": 8}
+    assert isinstance(model, FakeConvNet)
+
+
+def test_masked_mse_ignores_pixels_outside_the_mask():
+    target = torch.zeros(1, 2, 4, 4)
+    pred = torch.zeros(1, 2, 4, 4)
+    pred[..., 0, 0] = 100.0  # wrong only outside the mask
+    mask = torch.ones(1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    assert sr_task.masked_mse(pred, target, mask).item() == 0.0
+    mask[0, 0, 0] = True
+    assert sr_task.masked_mse(pred, target, mask).item() == pytest.approx(2 * 100.0 ** 2 / 32)
+
+
+def test_untrainable_method_saves_config_only(pairs, tmp_path):
+    summary = sr_task.train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN,
+                               validation=VALIDATION, seed=0, out_model=tmp_path / "m.pt",
+                               out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt")
+    assert summary == {"trainable": False}
+    assert not (tmp_path / "ckpt").exists()
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["state_dict"] == {} and payload["method"] == "bicubic"
+    assert pd.read_csv(tmp_path / "log.csv").empty
+
+
+def test_resumed_training_continues_the_curriculum(pairs, tmp_path):
+    kwargs = dict(model_cfg={**DIFFST_CFG, "curriculum": {"values": [0.25, 0.5, 1.0]}},
+                  train_cfg=TRAIN, validation=VALIDATION, seed=0, out_model=tmp_path / "m.pt",
+                  out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt",
+                  diffusion=DIFFUSION)
+
+    def killed(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sr_task.train_sr("diffst", [pairs], on_epoch_end=killed, **kwargs)
+    assert not (tmp_path / "m.pt").exists()
+    seen = []
+    sr_task.train_sr("diffst", [pairs], on_epoch_end=seen.append, **kwargs)
+    assert [r["epoch"] for r in seen] == [3] and seen[0]["kept_observed"] == 1.0
+    log_df = pd.read_csv(tmp_path / "log.csv")
+    assert list(log_df["keep_fraction"]) == [0.25, 0.5, 1.0]
+
+
+# --------------------------------------------------------------------------- prediction
+def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, caplog):
+    maps, bins = tmp_path / "maps.zarr", tmp_path / "bins.h5ad"
+    info = sr_task.predict_sr(trained_diffst.model, pairs, maps, bins, sampler="respaced",
+                              steps=4, n_samples=2, batch_size=3, device="cpu", seed=1,
+                              sample="S1")
+    arrays, attrs = read_sr_pairs(pairs)
+    out, m_attrs = sr_task.read_sr_maps(maps)
+    n, g, h, w = arrays["hr"].shape
+    assert info["n_patches"] == n and m_attrs["steps"] == 4 and m_attrs["n_samples"] == 2
+    assert m_attrs["hr_um"] == attrs["hr_um"] and m_attrs["genes"] == attrs["genes"]
+    pred, std = out["pred"][...], out["pred_std"][...]
+    assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
+    assert (std > 0).mean() > 0.5 and pred.min() >= -1e-5 and pred.max() <= 1 + 1e-5
+    for i in range(n):  # counts: the pairs' own de-normalisation of the mean (min-max: linear)
+        np.testing.assert_allclose(
+            out["pred_counts"][i], denormalise(pred[i], "minmax", lo=arrays["hr_min"][i],
+                                               hi=arrays["hr_max"][i]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out["pred_std_counts"][i],
+                                   std[i] * (arrays["hr_max"][i] - arrays["hr_min"][i])
+                                   [:, None, None], rtol=1e-3, atol=1e-4)
+    adata = ad.read_h5ad(bins)
+    assert adata.n_obs == arrays["mask"].sum() and list(adata.var_names) == attrs["genes"]
+    assert {"pred", "truth", "truth_counts", "pred_std", "pred_std_counts"} <= set(adata.layers)
+    first = adata[adata.obs["patch"] == 0]
+    mask0 = arrays["mask"][0]
+    np.testing.assert_allclose(first.layers["truth"], arrays["hr"][0][:, mask0].T, rtol=1e-6)
+    np.testing.assert_allclose(first.layers["pred"], pred[0][:, mask0].T, rtol=1e-6)
+    # bin centres: the HR pixel's centre in level-0 px
+    side = attrs["hr_um"] / attrs["slide_mpp"]
+    i, j = int(first.obs["i"].iloc[0]), int(first.obs["j"].iloc[0])
+    np.testing.assert_allclose(first.obsm["spatial"][0],
+                               arrays["origin_px"][0] + (np.array([j, i]) + 0.5) * side)
+    assert (adata.obs["sample"] == "S1").all()
+
+    with caplog.at_level(logging.WARNING, logger="histomap.sr_task"):
+        summary = sr_task.evaluate_sr([pairs], [maps], tmp_path / "m.parquet",
+                                      tmp_path / "m.csv", method="diffst", scale=4, dataset="syn",
+                                      samples=["S1"], folds=["F1"])
+    per_gene = pd.read_parquet(tmp_path / "m.parquet")
+    assert len(per_gene) == n * g
+    assert {"RMSE", "PCC", "RMSE_counts", "PCC_counts"} == set(summary["metric"])
+    assert set(summary["fold"]) == {"F1", "all"} and set(per_gene["fold"]) == {"F1"}
+    summary = summary[summary["fold"] == "all"]
+    rmse = summary.set_index("metric").loc["RMSE", "value"]
+    assert 0 < rmse < 1
+    n_nan = int(per_gene["pcc"].isna().sum())
+    assert summary.set_index("metric").loc["PCC", "n_nan_pcc"] == n_nan
+    assert (f"{n_nan} of {n * g}" in caplog.text) == (n_nan > 0)
+
+
+def test_baseline_predict_is_lr_up_and_scores_by_hand(pairs, tmp_path):
+    sr_task.train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
+                     seed=0, out_model=tmp_path / "m.pt", out_log=tmp_path / "l.csv",
+                     checkpoint_dir=tmp_path / "ckpt")
+    sr_task.predict_sr(tmp_path / "m.pt", pairs, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
+                       device="cpu")
+    out, attrs = sr_task.read_sr_maps(tmp_path / "maps.zarr")
+    assert "pred_std" not in out and attrs["sampler"] is None
+    ds = SRPairDataset(pairs)
+    np.testing.assert_allclose(out["pred"][2], ds[2]["lr_up"].numpy(), rtol=1e-6, atol=1e-7)
+    table = sr_task.evaluate_maps(pairs, tmp_path / "maps.zarr")
+    arrays, _ = read_sr_pairs(pairs)
+    mask = arrays["mask"][2]
+    truth, pred = arrays["hr"][2][0][mask], out["pred"][2][0][mask]
+    row = table[(table["patch"] == 2) & (table["gene"] == attrs["genes"][0])].iloc[0]
+    assert row["rmse"] == pytest.approx(np.sqrt(np.mean((truth - pred) ** 2)), rel=1e-5)
+    assert row["pcc"] == pytest.approx(np.corrcoef(truth, pred)[0, 1], rel=1e-5)
+    assert row["n_pixels"] == mask.sum()
+
+
+def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    truth = rng.random((2, 6, 6))
+    mask = np.ones((6, 6), bool)
+    rmse, pcc, n = sr_task.patch_gene_metrics(truth, -truth, mask)
+    np.testing.assert_allclose(pcc, -1.0)
+    assert n == 36 and np.all(rmse > 0)
+    _, pcc, _ = sr_task.patch_gene_metrics(truth, np.zeros_like(truth), mask)
+    assert np.isnan(pcc).all()
+
+    summaries = {}
+    for method in ("bicubic", "negated", "constant"):
+        folder = tmp_path / method
+        sr_task.train_sr(method, [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
+                         seed=0, out_model=folder / "m.pt", out_log=folder / "l.csv",
+                         checkpoint_dir=folder / "ckpt")
+        sr_task.predict_sr(folder / "m.pt", pairs, folder / "maps.zarr", folder / "b.h5ad",
+                           device="cpu")
+        with caplog.at_level(logging.WARNING, logger="histomap.sr_task"):
+            summaries[method] = sr_task.evaluate_sr(
+                [pairs], [folder / "maps.zarr"], folder / "m.parquet", folder / "m.csv",
+                method=method, scale=4, dataset="syn", samples=["S1"], folds=["F1"]
+            ).query("fold == 'all'").set_index("metric")
+    assert summaries["bicubic"].loc["PCC", "value"] > 0.2
+    assert summaries["negated"].loc["PCC", "value"] == pytest.approx(
+        -summaries["bicubic"].loc["PCC", "value"], abs=1e-6)
+    n = len(read_sr_pairs(pairs)[0]["hr"])
+    constant = summaries["constant"].loc["PCC"]
+    assert np.isnan(constant["value"]) and constant["n_nan_pcc"] == n * N_GENES
+    assert constant["n_nan_patches"] == n
+    assert f"{n * N_GENES} of {n * N_GENES} patch-gene PCCs are undefined" in caplog.text
+
+    # two held-out samples (two folds): every patch of each counts once
+    both = sr_task.evaluate_sr([pairs, pairs], [tmp_path / "bicubic" / "maps.zarr"] * 2,
+                               tmp_path / "two.parquet", tmp_path / "two.csv", method="bicubic",
+                               scale=4, dataset="syn", samples=["S1", "S2"], folds=["F1", "F2"])
+    pooled = both[both["fold"] == "all"].set_index("metric")
+    assert pooled.loc["PCC", "n_patches"] == 2 * n
+    assert pooled.loc["PCC", "value"] == pytest.approx(summaries["bicubic"].loc["PCC", "value"])
+    assert set(both["fold"]) == {"F1", "F2", "all"}
+
+    table = sr_task.sr_tables([tmp_path / m / "m.parquet" for m in summaries],
+                              tmp_path / "superres.csv", tmp_path / "superres.md",
+                              methods=["bicubic", "negated", "constant"],
+                              ablations=["negated"], reference="bicubic")
+    assert set(table["units"]) == {"normalised", "counts"}
+    md = (tmp_path / "superres.md").read_text()
+    assert "| method | syn 4x RMSE | syn 4x PCC |" in md and "## Ablations" in md
+    assert "| constant |" in md and "n/a" in md and "constant syn 4x: " in md
+    csv = pd.read_csv(tmp_path / "superres.csv")
+    row = csv[(csv.method == "negated") & (csv.metric == "PCC") & (csv.units == "normalised")]
+    assert row["value"].iloc[0] < 0 and row["n_patches"].iloc[0] == n
+
+
+def test_failed_prediction_leaves_no_files(trained_diffst, pairs, synthetic, tmp_path,
+                                          monkeypatch):
+    real = sr_task.predict_chains
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("simulated failure in the second batch")
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(sr_task, "predict_chains", failing)
+    maps, bins = tmp_path / "out" / "maps.zarr", tmp_path / "out" / "bins.h5ad"
+    with pytest.raises(RuntimeError, match="second batch"):
+        sr_task.predict_sr(trained_diffst.model, pairs, maps, bins, steps=2, n_samples=1,
+                           batch_size=2, device="cpu")
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(sr_task, "predict_chains", real)
+    cells, _, genes = synthetic
+    other = next(str(g) for g in cells.var_names if g not in genes)
+    wrong = _pairs((cells, synthetic[1], [*genes[:-1], other]), tmp_path / "wrong.zarr")
+    with pytest.raises(Exception, match="genes differ"):
+        sr_task.predict_sr(trained_diffst.model, wrong, maps, bins, device="cpu")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_time_sampling_table(trained_diffst, pairs):
+    table = sr_task.time_sampling(trained_diffst.model, pairs, steps=(100, 10, 2), n_samples=1,
+                                  max_patches=2, device="cpu")
+    assert list(table["steps"]) == [100, 10, 2]
+    assert list(table["sampler"]) == ["ddpm", "respaced", "respaced"]
+    assert (table["seconds_per_patch"] > 0).all() and (table["n_patches"] == 2).all()
+    assert table["seconds_per_patch"].iloc[0] > table["seconds_per_patch"].iloc[2]
+    assert table[["RMSE", "PCC"]].notna().all().all()
+
+
+# --------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("flip_y, transpose", [(False, False), (True, False), (True, True)])
+def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose):
+    pitch = 20
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(6), np.arange(6), indexing="ij"))
+    y_px = (5 - rows if flip_y else rows) * pitch + pitch / 2 + 10
+    x_px = cols * pitch + pitch / 2 + 10
+    spots = ad.AnnData(X=sp.csr_matrix(np.random.default_rng(0).poisson(3.0, (36, 2))),
+                       obs=pd.DataFrame({"array_row": rows, "array_col": cols},
+                                        index=[f"s{i}" for i in range(36)]),
+                       var=pd.DataFrame(index=["A", "B"]))
+    xy = np.column_stack([y_px, x_px] if transpose else [x_px, y_px])
+    spots.obsm["spatial"] = xy
+    slide = write_pyramid(np.full((140, 140, 3), 200, np.uint8), tmp_path / "s.tif", 1.0)
+    build_spot_grid_pairs(spots, slide, None, tmp_path / "g.zarr", factor=2, patch_spots=4,
+                          stride_spots=2, min_measured=0.0, normalisation="none", image_mpp=1.0)
+    arrays, attrs = read_sr_pairs(tmp_path / "g.zarr")
+    centres = sr_task.hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], attrs)
+    position = {(r, c): p for r, c, p in zip(rows, cols, xy)}
+    for k, (r0, c0) in enumerate(arrays["grid_index"]):
+        got = centres(k)
+        for i in range(4):
+            for j in range(4):
+                np.testing.assert_allclose(got[i, j], position[(r0 + i, c0 + j)], atol=1e-6)
+
+
+def test_light_steps_do_not_import_torch():
+    """Pairs, metrics and tables jobs import the task module without loading torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import histomap.sr_task; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    scripts = Path(sr_task.__file__).parents[1]
+    subprocess.run([sys.executable, "-c", code, str(scripts)], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- real baselines
+def test_real_bicubic_baseline_if_available(monkeypatch, pairs):
+    srnets = pytest.importorskip("histomap.models.srnets")
+    monkeypatch.setattr(sr_task, "_baselines", lambda: srnets)
+    model = sr_task.build_sr_model("bicubic", N_GENES, {})
+    assert not sr_task.is_trainable("bicubic", model)
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs), batch_size=2)))
+    out = next(sr_task.predict_chains(model, {"method": "bicubic"}, batch, device="cpu"))
+    np.testing.assert_allclose(out, batch["lr_up"].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Xenium options
+def test_xenium_options_pass_through_read_sample(xenium_crop_dir):
+    from histomap.errors import InputError
+    from histomap.io import read_sample
+
+    strict = read_sample("xenium", "crop", xenium_crop_dir, mpp=0.2125, min_qv=35.0)
+    assert strict.highres.uns["xenium"]["min_qv"] == 35.0
+    assert strict.highres.uns["xenium"]["dropped"].get("qv < 35", 0) > 0
+    with pytest.raises(InputError, match="min_qv"):
+        read_sample("synthetic", "s", xenium_crop_dir, min_qv=30.0)

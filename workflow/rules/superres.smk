@@ -1,0 +1,132 @@
+# Super-resolution benchmark (Diff-ST and its baselines, issue 4). Per sample and SR factor:
+# aligned LR/HR/H&E pairs. Per method, factor and fold: train on the fold's training samples'
+# pairs (validation patches are carved out of those) and predict its test samples; per method
+# and factor: score every fold's test samples; then the Table-1-shaped report. Target and input
+# functions: common.smk, section "super-resolution".
+
+validate(
+    config.setdefault("superres", {"enabled": False}),
+    schema="../schemas/superres.schema.yaml",
+)
+
+
+wildcard_constraints:
+    sr_method="|".join(sr_method_names()) or "no_sr_method",
+    sr_scale=r"\d+",
+
+
+rule build_sr_pairs:
+    input:
+        unpack(sr_pairs_inputs),
+    output:
+        directory("results/sr/pairs/{sample}_x{sr_scale}.zarr"),
+    params:
+        platform=lambda wc: samples.loc[wc.sample, "platform"],
+        pairs=sr_pair_settings(),
+        n_genes=config["superres"].get("n_genes"),
+    log:
+        "logs/build_sr_pairs/{sample}_x{sr_scale}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/build_sr_pairs.py"
+
+
+rule train_sr:
+    input:
+        pairs=sr_train_inputs,
+    output:
+        model="results/sr/models/{sr_method}/x{sr_scale}/{fold}/model.pt",
+        log_csv="results/sr/models/{sr_method}/x{sr_scale}/{fold}/train_log.csv",
+    params:
+        method=lambda wc: sr_method(wc.sr_method)[0],
+        model=lambda wc: sr_model_config(wc.sr_method),
+        train=lambda wc: sr_train_config(wc.sr_method),
+        validation=sr_validation(),
+        diffusion=config["superres"].get("diffusion", {}),
+        seed=config["seed"],
+        checkpoint_dir=lambda wc: (
+            f"results/sr/models/{wc.sr_method}/x{wc.sr_scale}/{wc.fold}/checkpoints"
+        ),
+    log:
+        "logs/train_sr/{sr_method}/x{sr_scale}/{fold}.log",
+    threads: config["superres"].get("threads", config["resources"]["threads"]["train"])
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/train_sr.py"
+
+
+rule predict_sr:
+    input:
+        model="results/sr/models/{sr_method}/x{sr_scale}/{fold}/model.pt",
+        pairs="results/sr/pairs/{sample}_x{sr_scale}.zarr",
+    output:
+        maps=directory("results/sr/predictions/{sr_method}/x{sr_scale}/{fold}/{sample}/maps.zarr"),
+        bins="results/sr/predictions/{sr_method}/x{sr_scale}/{fold}/{sample}/bins.h5ad",
+    params:
+        sampling=config["superres"].get("sampling", {}),
+        device=config["train"].get("device", "auto"),
+        seed=config["seed"],
+    log:
+        "logs/predict_sr/{sr_method}/x{sr_scale}/{fold}/{sample}.log",
+    threads: config["superres"].get("threads", config["resources"]["threads"]["train"])
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/predict_sr.py"
+
+
+rule evaluate_sr:
+    input:
+        unpack(sr_evaluate_inputs),
+    output:
+        parquet="results/sr/metrics/{sr_method}/x{sr_scale}.parquet",
+        summary="results/sr/metrics/{sr_method}/x{sr_scale}_summary.csv",
+    params:
+        runs=sr_test_runs,
+        dataset=config["dataset"],
+    log:
+        "logs/evaluate_sr/{sr_method}/x{sr_scale}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/evaluate_sr.py"
+
+
+rule sr_tables:
+    input:
+        sr_metric_files(),
+    output:
+        csv="results/report/superres.csv",
+        md="results/report/superres.md",
+    params:
+        methods=config["superres"].get("methods", []),
+        ablations=config["superres"].get("ablations", []),
+        reference=config["superres"].get("reference", "diffst"),
+    log:
+        "logs/sr_tables.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/sr_tables.py"

@@ -1,0 +1,1205 @@
+"""Super-resolution task layer (Diff-ST and its baselines): pairs -> model -> HR maps -> metrics.
+
+The ``*_sr`` rules' work. Every method sees the same inputs from an SR-pairs zarr
+(:mod:`histomap.srpairs`): the LR map upsampled onto the HR grid (``lr_up``), the LR map itself,
+the H&E patch and the tissue mask; every method predicts the HR map in the pairs' normalised
+units, and predictions are also de-normalised to counts (:func:`histomap.srpairs.denormalise`).
+
+Methods (``method``):
+
+* ``"diffst"`` (:class:`~histomap.models.diffst.DiffST`) and ``"guided"`` (its guided-diffusion
+  baseline :class:`~histomap.models.diffst.ConditionalUNet`): conditional DDPMs trained with
+  :meth:`GaussianDiffusion.p_losses` on tissue pixels (T = 1000 by default); Diff-ST adds its
+  disentangling loss (returned by the model, already weighted), gets its CIGC gene graph once from
+  the training HR maps (:func:`training_adjacency`) and its entropy curriculum per epoch
+  (:class:`~histomap.models.diffst.CurriculumSchedule`; the scheduled and the observed kept
+  sub-patch fractions are logged and written to the training log). Maps are moved to [-1, 1]
+  for the diffusion (:class:`ValueRange`).
+* every baseline of :mod:`histomap.models.srnets` (``bicubic``, ``unet``, ``unetpp``,
+  ``attention_unet``, ``histogene_sr``, ``tesla``): ``forward(lr_up, image, lr=None) -> hr``;
+  trainable ones are fitted with MSE on tissue pixels, the others (``.trainable`` False) are
+  saved with their configuration only.
+
+Training uses the shared loop :func:`histomap.train.fit` (checkpoints, resume, early stopping,
+AMP). Validation patches are a spatially separated share of the TRAINING samples' patches
+(:func:`split_patches`); the test fold is never seen.
+
+Files:
+
+* ``model.pt`` (:func:`save_sr_model`): dict(format, method, variant, model_config, genes,
+  state_dict, trainable, diffusion, value_range, task, pairs, train, validation, summary,
+  adjacency) loadable with ``torch.load(weights_only=True)``; :func:`load_sr_model`.
+* maps zarr (:func:`predict_sr`, format ``histomap-srmaps/1``): per patch ``pred`` (G, h, w)
+  normalised mean, ``pred_counts``, for diffusion methods ``pred_std`` / ``pred_std_counts``
+  (per-pixel std over K samples, ddof 0), plus ``mask``, ``origin_px``, ``origin_um``,
+  ``grid_index`` copied from the pairs; attrs = the pair geometry + how it was predicted.
+* HR-bin AnnData (:func:`predict_sr`): one row per HR pixel inside the mask of every patch
+  (overlapping patches give one row each); ``obsm["spatial"]`` bin centres in level-0 px; X =
+  predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
+  ``pred_std``, ``pred_std_counts``.
+* metrics (:func:`evaluate_sr`): one row per (patch, gene): RMSE and signed PCC over the patch's
+  tissue pixels, in normalised units (the paper's) and in counts; constant patch-genes give NaN
+  PCC, counted and logged.
+
+Units caveat: de-normalising min-max maps uses the patch's ground-truth min/max and log1p maps
+the ground-truth HR library (as the pairs store them); counts are for inspection and scoring,
+not a deployable de-normalisation.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+
+from . import __version__
+from .errors import InputError
+from .folds import validation_split
+from .metrics import pearson_per_gene
+from .srpairs import SRPairDataset, build_spot_grid_pairs, build_sr_pairs, denormalise, \
+    read_sr_pairs
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from .models.diffst import CurriculumSchedule, DiffST
+    from .models.diffusion import GaussianDiffusion
+
+log = logging.getLogger(__name__)
+
+SR_MODEL_FORMAT = "histomap.srmodel/1"
+MAPS_FORMAT = "histomap-srmaps/1"
+# diffusion denoisers by method name -> class name in histomap.models.diffst
+DIFFUSION_METHODS = {"diffst": "DiffST", "guided": "ConditionalUNet"}
+# options of a method's config handled here, not by the network constructor
+TASK_KEYS = ("curriculum", "upsample", "adjacency_max_pixels", "adjacency_binarize")
+DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse"}
+SPOT_GRID_PLATFORMS = ("legacy_st", "visium")
+EXTRA_LOG_COLUMNS = ("keep_fraction", "kept_observed", "denoise", "dis")
+METRIC_COLUMNS = {"rmse": "RMSE", "pcc": "PCC", "rmse_counts": "RMSE_counts",
+                  "pcc_counts": "PCC_counts"}
+
+
+# ============================================================================ methods
+# torch and the networks are imported where they are used, so pairs, metrics and tables (light
+# jobs) start without loading torch.
+def _torch():
+    from .compat import torch
+
+    return torch
+
+
+def _diffst():
+    from .models import diffst
+
+    return diffst
+
+
+def _gaussian_diffusion(**kwargs) -> GaussianDiffusion:
+    from .models.diffusion import GaussianDiffusion
+
+    return GaussianDiffusion(**kwargs)
+
+
+def _baselines():
+    """The non-diffusion baselines module (imported lazily; it is written separately)."""
+    from .models import srnets
+
+    return srnets
+
+
+def known_methods() -> list[str]:
+    return [*DIFFUSION_METHODS, *_baselines().SR_BASELINES]
+
+
+def is_diffusion(method: str) -> bool:
+    return method in DIFFUSION_METHODS
+
+
+def split_task_options(model_cfg: Mapping[str, Any] | None) -> tuple[dict, dict]:
+    """(task options, network keyword arguments) of a method's config."""
+    cfg = dict(model_cfg or {})
+    task = {k: cfg.pop(k) for k in TASK_KEYS if k in cfg}
+    task.setdefault("upsample", "bicubic")
+    return task, cfg
+
+
+def build_sr_model(method: str, n_genes: int, model_cfg: Mapping[str, Any] | None = None
+                   ) -> nn.Module:
+    """The network of ``method`` for ``n_genes`` genes from its keyword configuration."""
+    cfg = dict(model_cfg or {})
+    cfg.pop("n_genes", None)
+    if method in DIFFUSION_METHODS:
+        return getattr(_diffst(), DIFFUSION_METHODS[method])(n_genes, **cfg)
+    srnets = _baselines()
+    if method not in srnets.SR_BASELINES:
+        raise ValueError(f"unknown super-resolution method {method!r}; known: "
+                         f"{sorted([*DIFFUSION_METHODS, *srnets.SR_BASELINES])}")
+    return srnets.build_sr_baseline(method, n_genes, **cfg)
+
+
+def is_trainable(method: str, model: nn.Module) -> bool:
+    if is_diffusion(method):
+        return True
+    return bool(getattr(model, "trainable", True)) and any(True for _ in model.parameters())
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """Affine map between normalised maps [lo, hi] and the diffusion's [-1, 1].
+
+    ``bounded``: the data cannot exceed ``hi`` (min-max maps), so sampled x_0 are clipped to
+    [-1, 1]; otherwise (log1p, raw) only the lower bound (zero expression) is clipped."""
+
+    lo: float = 0.0
+    hi: float = 1.0
+    bounded: bool = True
+
+    def to_model(self, values):
+        return (values - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0
+
+    def from_model(self, x):
+        return (x + 1.0) * ((self.hi - self.lo) / 2.0) + self.lo
+
+    @property
+    def clip(self) -> tuple[float, float | None]:
+        return (-1.0, 1.0) if self.bounded else (-1.0, None)
+
+    def as_list(self) -> list:
+        return [float(self.lo), float(self.hi), bool(self.bounded)]
+
+
+# ============================================================================ pairs, splits
+def pairs_attrs(pairs_zarrs: Sequence[str | Path]) -> dict[str, Any]:
+    """Attrs of the first zarr after checking that all agree on genes, grids and units."""
+    if not pairs_zarrs:
+        raise ValueError("no SR pairs given")
+    first = None
+    for path in pairs_zarrs:
+        _, attrs = read_sr_pairs(path, lazy=True)
+        if first is None:
+            first, first_path = attrs, path
+            continue
+        for key in ("genes", "scale", "hr_shape", "lr_shape", "normalisation", "source"):
+            if attrs.get(key) != first.get(key):
+                raise InputError(path, f"SR pairs disagree with {first_path} on {key!r}: "
+                                       f"{attrs.get(key)!r} vs {first.get(key)!r}")
+    return dict(first)
+
+
+def split_patches(pairs_zarrs: Sequence[str | Path], *, fraction: float, block_um: float,
+                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) patch indices of each training zarr.
+
+    Validation patches are whole spatial blocks (:func:`histomap.folds.validation_split` on the
+    patch origins, blocks at least one patch wide); training patches overlapping a validation
+    patch are dropped (logged), so validation tissue is never seen in training.
+    """
+    splits = []
+    for k, path in enumerate(pairs_zarrs):
+        arrays, attrs = read_sr_pairs(path, lazy=True)
+        origin = np.asarray(arrays["origin_um"][...], np.float64).reshape(-1, 2)
+        n = len(origin)
+        side = np.array([float(attrs["patch_um"]),
+                         float(attrs.get("hr_um_row", attrs["hr_um"])) * attrs["hr_shape"][0]])
+        val = validation_split(origin, fraction=float(fraction),
+                               block_px=max(float(block_um), float(side.max())), seed=seed + k)
+        overlaps = np.zeros(n, bool)
+        if val.any():
+            d = np.abs(origin[:, None, :] - origin[None, val, :])
+            overlaps = ((d < side[None, None, :] - 1e-6).all(axis=2)).any(axis=1) & ~val
+        train = ~val & ~overlaps
+        if not train.any():
+            log.warning("%s: validation would leave no training patch; all %d patches train", path,
+                        n)
+            train, val, overlaps = np.ones(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        log.info("%s: %d training, %d validation patches (blocks of %g um); %d patches "
+                 "overlapping validation tissue dropped", Path(path).name, int(train.sum()),
+                 int(val.sum()), max(float(block_um), float(side.max())), int(overlaps.sum()))
+        splits.append((np.flatnonzero(train), np.flatnonzero(val)))
+    return splits
+
+
+def _datasets(pairs_zarrs, splits, upsample: str) -> tuple[Dataset, Dataset | None]:
+    from torch.utils.data import ConcatDataset
+
+    train = [SRPairDataset(p, upsample=upsample, indices=tr) for p, (tr, _) in
+             zip(pairs_zarrs, splits) if len(tr)]
+    val = [SRPairDataset(p, upsample=upsample, indices=va) for p, (_, va) in
+           zip(pairs_zarrs, splits) if len(va)]
+    if not train:
+        raise ValueError("no training patch in the given SR pairs")
+    return ConcatDataset(train), (ConcatDataset(val) if val else None)
+
+
+def training_pixels(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.ndarray], *,
+                    max_pixels: int = 50_000, seed: int = 0) -> np.ndarray:
+    """(n, G) normalised HR values of tissue pixels of the given patches, at most
+    ``max_pixels`` rows (an equal random share per patch, logged when subsampled)."""
+    rng = np.random.default_rng(seed)
+    n_patches = sum(len(i) for i in indices)
+    if n_patches == 0:
+        raise ValueError("no training patch to compute the gene graph from")
+    per_patch = max(1, math.ceil(max_pixels / n_patches))
+    rows, total = [], 0
+    for path, idx in zip(pairs_zarrs, indices):
+        arrays, _ = read_sr_pairs(path, lazy=True)
+        for i in idx:
+            hr = np.asarray(arrays["hr"][int(i)], np.float64)
+            mask = np.asarray(arrays["mask"][int(i)], bool)
+            values = hr[:, mask].T
+            total += len(values)
+            if len(values) > per_patch:
+                values = values[rng.choice(len(values), per_patch, replace=False)]
+            rows.append(values)
+    out = np.concatenate(rows) if rows else np.zeros((0, 0))
+    if len(out) < total:
+        log.info("gene graph: %d of %d training tissue pixels sampled", len(out), total)
+    return out
+
+
+def training_adjacency(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.ndarray], *,
+                       max_pixels: int = 50_000, binarize: bool = False, seed: int = 0
+                       ) -> np.ndarray:
+    """Raw CIGC co-expression adjacency (G, G) from the training patches' HR tissue pixels."""
+    pixels = training_pixels(pairs_zarrs, indices, max_pixels=max_pixels, seed=seed)
+    adj = _diffst().coexpression_adjacency(np.clip(pixels, 0.0, None), binarize=binarize)
+    log.info("CIGC gene graph from %d training pixels of %d patches: mean off-diagonal "
+             "co-expression %.3f", len(pixels), sum(len(i) for i in indices),
+             float((adj.sum() - np.trace(adj)) / max(1, adj.size - len(adj))))
+    return adj
+
+
+def value_range(normalisation: str, pairs_zarrs, indices) -> ValueRange:
+    """[-1, 1] mapping of the pairs' units: [0, 1] for min-max, else [0, max training value]."""
+    if normalisation == "minmax":
+        return ValueRange(0.0, 1.0, True)
+    hi = 0.0
+    for path, idx in zip(pairs_zarrs, indices):
+        arrays, _ = read_sr_pairs(path, lazy=True)
+        for i in idx:
+            hi = max(hi, float(np.max(arrays["hr"][int(i)], initial=0.0)))
+    return ValueRange(0.0, hi if hi > 0 else 1.0, False)
+
+
+def curriculum_schedule(spec: Mapping[str, Any] | None, epochs: int, model: DiffST
+                        ) -> CurriculumSchedule:
+    """The per-epoch curriculum: ``spec`` = dict(at = milestones as fractions of the epochs,
+    values = kept fractions (mode "fraction", default 0.25, 0.5, 1.0) or entropy thresholds
+    (mode "threshold", required), mode = the model's ``curriculum_mode``)."""
+    spec = dict(spec or {})
+    mode = spec.pop("mode", model.cfg.curriculum_mode)
+    if mode != model.cfg.curriculum_mode:
+        raise ValueError(f"curriculum mode {mode!r} differs from the model's curriculum_mode "
+                         f"{model.cfg.curriculum_mode!r}")
+    at = tuple(spec.pop("at", (0.0, 1 / 3, 2 / 3)))
+    if "values" not in spec and mode == "threshold":
+        raise ValueError("a threshold curriculum needs its entropy thresholds as 'values'")
+    values = tuple(spec.pop("values", (0.25, 0.5, 1.0)))
+    if spec:
+        raise ValueError(f"unknown curriculum option(s) {sorted(spec)}; known: at, values, mode")
+    return _diffst().CurriculumSchedule.over_training(epochs, at, values, mode)
+
+
+# ============================================================================ objectives
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the tissue pixels (mask (B, H, W)) of every gene."""
+    w = mask[:, None].to(pred.dtype).expand_as(pred)
+    return ((pred.float() - target.float()).pow(2) * w).sum() / w.sum().clamp_min(1.0)
+
+
+def baseline_batch_loss(model: nn.Module, batch: Mapping, device: torch.device,
+                        loss_fn=None) -> torch.Tensor:
+    """``fit``'s batch_to_loss of the baselines: masked MSE of ``model(lr_up, image, lr)``."""
+    from .train import to_device
+
+    batch = to_device(batch, device)
+    pred = model(batch["lr_up"], batch["image"], lr=batch["lr"])
+    return masked_mse(pred, batch["hr"], batch["mask"])
+
+
+class DiffusionObjective:
+    """``fit``'s batch_to_loss and on_epoch_end for the diffusion methods.
+
+    Before every batch the curriculum of the current epoch is applied (so a resumed run gets the
+    right stage); validation batches draw t and noise from a generator seeded by their patch
+    indices, so the validation loss is comparable between epochs. Per epoch it records the
+    scheduled and the observed kept sub-patch fraction and the loss terms.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, vrange: ValueRange, *,
+                 schedule: CurriculumSchedule | None, seed: int, start_epoch: int = 0,
+                 extras_path: Path | None = None,
+                 on_epoch_end: Callable[[dict], None] | None = None) -> None:
+        self.diffusion, self.vrange, self.schedule = diffusion, vrange, schedule
+        self.seed, self.epoch = int(seed), int(start_epoch)
+        self.extras_path, self.user_hook = extras_path, on_epoch_end
+        self.rows: list[dict] = _read_extras(extras_path, start_epoch)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = {"denoise": 0.0, "dis": 0.0, "kept": 0.0}
+        self.counts = {"denoise": 0, "dis": 0, "kept": 0}
+
+    def scheduled(self) -> float | None:
+        return self.schedule.fraction(self.epoch) if self.schedule is not None else None
+
+    def __call__(self, model: nn.Module, batch: Mapping, device: torch.device,
+                 loss_fn=None) -> torch.Tensor:
+        from .train import to_device
+
+        if self.schedule is not None:
+            self.schedule.apply(model, self.epoch)
+        batch = to_device(batch, device)
+        x0 = self.vrange.to_model(batch["hr"].float())
+        cond = {"lr_map": self.vrange.to_model(batch["lr_up"].float()), "image": batch["image"]}
+        generator = None
+        if not model.training:
+            key = int(batch["index"].sum()) + 7919 * int(batch["index"][0])
+            generator = _torch().Generator().manual_seed(self.seed * 1_000_003 + key)
+        losses = self.diffusion.p_losses(model, x0, cond, mask=batch["mask"][:, None],
+                                         generator=generator)
+        if model.training:
+            self._add("denoise", losses["denoise"])
+            if "dis" in losses:
+                self._add("dis", losses["dis"])
+            kept = getattr(model, "last_cell_mask", None)
+            if kept is not None:
+                self._add("kept", kept.float().mean())
+        return losses["loss"]
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] += float(value.detach())
+        self.counts[key] += 1
+
+    def _mean(self, key: str) -> float:
+        return self.sums[key] / self.counts[key] if self.counts[key] else math.nan
+
+    def on_epoch_end(self, row: dict) -> None:
+        scheduled = self.scheduled()
+        extra = {"epoch": int(row["epoch"]),
+                 "keep_fraction": math.nan if scheduled is None else scheduled,
+                 "kept_observed": self._mean("kept"), "denoise": self._mean("denoise"),
+                 "dis": self._mean("dis")}
+        self.rows.append(extra)
+        if self.schedule is not None:
+            log.info("epoch %d: curriculum %s %.3g, observed kept sub-patch fraction %.3f; "
+                     "denoise loss %.4g, disentangling loss %.4g", extra["epoch"],
+                     self.schedule.mode, scheduled, extra["kept_observed"], extra["denoise"],
+                     extra["dis"])
+        else:
+            log.info("epoch %d: denoise loss %.4g", extra["epoch"], extra["denoise"])
+        if self.extras_path is not None:
+            _write_csv(self.rows, self.extras_path, ("epoch", *EXTRA_LOG_COLUMNS))
+        self.epoch = int(row["epoch"])
+        self._reset()
+        if self.user_hook is not None:
+            self.user_hook({**row, **extra})
+
+
+def _read_extras(path: Path | None, epochs_done: int) -> list[dict]:
+    if path is None or not path.is_file() or epochs_done == 0:
+        return []
+    rows = pd.read_csv(path).to_dict("records")
+    return [r for r in rows if int(r["epoch"]) <= epochs_done]
+
+
+def _write_csv(rows: Sequence[Mapping], path: Path, columns: Sequence[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _epochs_done(checkpoint_dir: Path) -> int:
+    last = checkpoint_dir / "last.pt"
+    if not last.is_file():
+        return 0
+    try:
+        return int(_torch().load(last, map_location="cpu", weights_only=True)["epochs_done"])
+    except Exception:  # noqa: BLE001 - fit reports an unreadable checkpoint itself
+        return 0
+
+
+# ============================================================================ model.pt
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Sequence[str],
+                  trainable: bool, **meta: Any) -> Path:
+    """Write ``model.pt`` atomically (see the module docstring)."""
+    from .train import atomic_save
+
+    torch = _torch()
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"method {method!r}: the model has no .config to rebuild it from")
+    payload = {"format": SR_MODEL_FORMAT, "method": method, "model_config": dict(config),
+               "genes": [str(g) for g in genes], "trainable": bool(trainable),
+               "state_dict": _cpu_state(model) if trainable else {},
+               "histomap_version": __version__, "torch_version": str(torch.__version__),
+               **meta}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_save(payload, path)
+
+
+def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
+    from .train import resolve_device
+
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "model file does not exist (run the train_sr rule)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise InputError(path, f"cannot read as a histomap SR model: {exc}") from exc
+    if not isinstance(payload, Mapping) or payload.get("format") != SR_MODEL_FORMAT:
+        raise InputError(path, f"not a histomap SR model (expected format {SR_MODEL_FORMAT})")
+    config = dict(payload["model_config"])
+    if "pretrained_checkpoint" in config:  # model.pt holds every weight
+        config["pretrained_checkpoint"] = None
+    model = build_sr_model(payload["method"], len(payload["genes"]), config)
+    if payload["trainable"]:
+        try:
+            model.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:
+            raise InputError(path, f"weights do not fit method {payload['method']!r}: {exc}"
+                             ) from exc
+    model.to(resolve_device(device)).eval()
+    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+# ============================================================================ training
+def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mapping | None,
+             train_cfg: Mapping, validation: Mapping, seed: int, out_model: str | Path,
+             out_log: str | Path, checkpoint_dir: str | Path,
+             diffusion: Mapping | None = None, variant: str | None = None,
+             on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+    """Train ``method`` on the training fold's SR pairs; write ``model.pt`` and the epoch log.
+
+    ``model_cfg``: network keyword arguments plus task options (``curriculum``, ``upsample``,
+    ``adjacency_max_pixels``, ``adjacency_binarize``); ``train_cfg``: :class:`TrainConfig`
+    fields; ``validation``: dict(fraction, block_um) of the training patches held out for early
+    stopping; ``diffusion``: dict(T, schedule, loss) for diffusion methods; ``variant``: the
+    configured name (e.g. ``diffst_no_cam``). Resumes from ``checkpoint_dir/last.pt``. The log
+    has fit's columns plus ``keep_fraction`` (scheduled curriculum), ``kept_observed``,
+    ``denoise`` and ``dis`` for diffusion methods.
+    """
+    from .models.diffst import DiffST
+    from .train import TrainConfig, fit
+
+    torch = _torch()
+    pairs_zarrs = [Path(p) for p in pairs_zarrs]
+    attrs = pairs_attrs(pairs_zarrs)
+    genes = list(attrs["genes"])
+    task, net_cfg = split_task_options(model_cfg)
+    checkpoint_dir = Path(checkpoint_dir)
+    torch.manual_seed(seed)
+    model = build_sr_model(method, len(genes), net_cfg)
+    trainable = is_trainable(method, model)
+    pairs_meta = {k: attrs.get(k) for k in ("scale", "lr_um", "hr_um", "hr_shape", "lr_shape",
+                                            "normalisation", "edge", "source", "patch_um")}
+    pairs_meta["upsample"] = task["upsample"]
+    meta = {"variant": variant or method, "task": task, "pairs": pairs_meta,
+            "train_pairs": [str(p) for p in pairs_zarrs]}
+    if not trainable:
+        save_sr_model(out_model, model, method=method, genes=genes, trainable=False,
+                      diffusion={}, value_range=[], **meta)
+        _write_csv([], Path(out_log), ("epoch", "train_loss", "val_loss", "lr", "seconds"))
+        log.info("%s is not trainable: wrote its configuration to %s (no fit)", method,
+                 out_model)
+        return {"trainable": False}
+
+    splits = split_patches(pairs_zarrs, fraction=float(validation.get("fraction", 0.15)),
+                           block_um=float(validation.get("block_um", 0.0)), seed=seed)
+    train_idx = [tr for tr, _ in splits]
+    train_ds, val_ds = _datasets(pairs_zarrs, splits, task["upsample"])
+    cfg = TrainConfig.from_dict({**dict(train_cfg), "seed": seed})
+    extra_meta: dict[str, Any] = {"diffusion": {}, "value_range": []}
+    extras_path = checkpoint_dir / "sr_epochs.csv"
+    if is_diffusion(method):
+        diff_cfg = {**DEFAULT_DIFFUSION, **dict(diffusion or {})}
+        vrange = value_range(attrs["normalisation"], pairs_zarrs, train_idx)
+        diff = _gaussian_diffusion(T=int(diff_cfg["T"]), schedule=diff_cfg["schedule"],
+                                   loss=diff_cfg["loss"])
+        schedule = None
+        if isinstance(model, DiffST):
+            if model.cfg.cigc:
+                adj = training_adjacency(pairs_zarrs, train_idx,
+                                         max_pixels=int(task.get("adjacency_max_pixels", 50_000)),
+                                         binarize=bool(task.get("adjacency_binarize", False)),
+                                         seed=seed)
+                model.set_adjacency(adj)
+                extra_meta["adjacency"] = torch.as_tensor(adj, dtype=torch.float32)
+            if model.cfg.hierarchical:
+                schedule = curriculum_schedule(task.get("curriculum"), cfg.epochs, model)
+                log.info("curriculum (%s): %s from epochs %s of %d", schedule.mode,
+                         list(schedule.fractions),
+                         [math.ceil(m - 1e-9) + 1 for m in schedule.milestones], cfg.epochs)
+            else:
+                log.info("hierarchical features off: no sub-patches, the curriculum is unused")
+        objective = DiffusionObjective(diff, vrange, schedule=schedule, seed=seed,
+                                       start_epoch=_epochs_done(checkpoint_dir),
+                                       extras_path=extras_path, on_epoch_end=on_epoch_end)
+        batch_to_loss, hook = objective, objective.on_epoch_end
+        extra_meta["diffusion"] = diff_cfg
+        extra_meta["value_range"] = vrange.as_list()
+    else:
+        batch_to_loss, hook = baseline_batch_loss, on_epoch_end
+    summary = fit(model, train_ds, val_ds, loss_fn=None, out_dir=checkpoint_dir, cfg=cfg,
+                  batch_to_loss=batch_to_loss, on_epoch_end=hook)
+    if isinstance(model, DiffST) and model.cfg.hierarchical:
+        log.info("saved weights (epoch %d) keep their curriculum state: keep fraction %.3g, "
+                 "entropy threshold %.3g", summary["best_epoch"], float(model.keep_fraction),
+                 float(model.entropy_threshold))
+    save_sr_model(out_model, model, method=method, genes=genes, trainable=True,
+                  train=cfg.to_dict(), validation=dict(validation),
+                  summary={k: summary[k] for k in ("best_epoch", "best_val_loss",
+                                                   "epochs_done", "stopped_early")},
+                  **extra_meta, **meta)
+    _write_train_log(checkpoint_dir, extras_path if is_diffusion(method) else None, out_log)
+    return {**summary, "trainable": True}
+
+
+def _write_train_log(checkpoint_dir: Path, extras_path: Path | None, out_log: str | Path) -> None:
+    rows = pd.read_csv(checkpoint_dir / "train_log.csv")
+    if extras_path is not None and extras_path.is_file():
+        rows = rows.merge(pd.read_csv(extras_path), on="epoch", how="left")
+    Path(out_log).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(out_log) + ".partial")
+    rows.to_csv(tmp, index=False)
+    os.replace(tmp, out_log)
+
+
+# ============================================================================ prediction
+def _meta_range(meta: Mapping) -> ValueRange:
+    values = meta.get("value_range") or []
+    return ValueRange(*values) if values else ValueRange()
+
+
+def _diffusion_of(meta: Mapping) -> GaussianDiffusion | None:
+    if not is_diffusion(meta["method"]):
+        return None
+    cfg = {**DEFAULT_DIFFUSION, **dict(meta.get("diffusion") or {})}
+    return _gaussian_diffusion(T=int(cfg["T"]), schedule=cfg["schedule"], loss=cfg["loss"],
+                               clip_x0=_meta_range(meta).clip)
+
+
+def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: torch.device,
+                   sampler: str = "respaced", steps: int | None = 20, n_samples: int = 1,
+                   eta: float = 0.0, generator: torch.Generator | None = None,
+                   diffusion: GaussianDiffusion | None = None) -> Iterator[np.ndarray]:
+    """Predicted HR maps (B, G, h, w) float64 in the pairs' normalised units: one per reverse
+    chain (``n_samples``) for diffusion methods, one for a baseline. Gradients are off while
+    computing (not between the yields)."""
+    from .train import to_device
+
+    torch = _torch()
+    batch = to_device(batch, device)
+    if not is_diffusion(meta["method"]):
+        with torch.no_grad():
+            out = model(batch["lr_up"], batch["image"], lr=batch["lr"]).double().cpu().numpy()
+        yield out
+        return
+    diffusion = diffusion or _diffusion_of(meta)
+    vrange = _meta_range(meta)
+    cond: dict[str, Any] = {"lr_map": vrange.to_model(batch["lr_up"].float()),
+                            "image": batch["image"]}
+    shape = tuple(batch["hr"].shape)
+    encode = getattr(model, "encode_condition", None)
+    if callable(encode):  # encode LR + histology once, reuse at every step of every chain
+        with torch.no_grad():
+            cond = {"condition": encode(hr_shape=shape[-2:], **cond)}
+    for _ in range(int(n_samples)):
+        with torch.no_grad():
+            x = diffusion.sample_one(model, shape, cond, sampler=sampler, steps=steps, eta=eta,
+                                     generator=generator, device=device)
+            out = vrange.from_model(x.double()).cpu().numpy()
+        yield out
+
+
+class _Welford:
+    """Running mean and (ddof 0) variance of equally shaped arrays."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: np.ndarray) -> None:
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.m2 = x.astype(np.float64).copy(), np.zeros_like(x, np.float64)
+            return
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.n)
+
+
+def _denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray, int], np.ndarray]:
+    """values (G, h, w) of patch i -> counts, with the patch's stored HR statistics."""
+    kind = attrs["normalisation"]
+
+    def counts(values: np.ndarray, i: int) -> np.ndarray:
+        if kind == "minmax":
+            return denormalise(values, kind, lo=np.asarray(arrays["hr_min"][i]),
+                               hi=np.asarray(arrays["hr_max"][i]))
+        if kind == "log1p":
+            return denormalise(values, kind, library=np.asarray(arrays["hr_library"][i]),
+                               target_sum=attrs["hr_target_sum"])
+        return denormalise(values, kind)
+
+    return counts
+
+
+def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mapping
+                     ) -> Callable[[int], np.ndarray]:
+    """Function of a patch index giving its HR pixel centres (h, w, 2) as level-0 (x, y) px.
+
+    Point data: pixels are squares of ``hr_um / slide_mpp`` px from the patch origin. Spot
+    grids: the lattice-to-slide affine is fitted from the patches' origins (lattice corner
+    (r0 - 0.5, c0 - 0.5)), so flipped, transposed or slightly rotated lattices are placed
+    exactly; with patches in a single row or column an axis-aligned lattice is assumed (logged).
+    """
+    h, w = (int(v) for v in attrs["hr_shape"])
+    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    mpp = float(attrs["slide_mpp"])
+    origin_px = np.asarray(origin_px, np.float64).reshape(-1, 2)
+    grid_index = np.asarray(grid_index, np.int64).reshape(-1, 2)
+    if attrs.get("source") != "spot_grid":
+        side = float(attrs["hr_um"]) / mpp
+
+        def centres(i: int) -> np.ndarray:
+            return np.stack([origin_px[i, 0] + (jj + 0.5) * side,
+                             origin_px[i, 1] + (ii + 0.5) * side], axis=-1)
+
+        return centres
+    design = np.column_stack([np.ones(len(grid_index)), grid_index[:, 1] - 0.5,
+                              grid_index[:, 0] - 0.5])
+    if np.linalg.matrix_rank(design) == 3:
+        coef, *_ = np.linalg.lstsq(design, origin_px, rcond=None)  # (3, 2): 1, col, row
+    else:
+        log.warning("spot-grid patches span a single lattice row or column: bin centres assume "
+                    "an axis-aligned lattice with pitch %g x %g um", attrs["hr_um"],
+                    attrs.get("hr_um_row", attrs["hr_um"]))
+        step_c, step_r = float(attrs["hr_um"]) / mpp, float(attrs.get("hr_um_row",
+                                                                      attrs["hr_um"])) / mpp
+        r0, c0 = grid_index[0, 0] - 0.5, grid_index[0, 1] - 0.5
+        coef = np.array([[origin_px[0, 0] - c0 * step_c, origin_px[0, 1] - r0 * step_r],
+                         [step_c, 0.0], [0.0, step_r]])
+
+    def lattice_centres(i: int) -> np.ndarray:
+        r0, c0 = grid_index[i]
+        pts = np.stack([np.ones_like(ii, np.float64), c0 + jj, r0 + ii], axis=-1)
+        return pts @ coef
+
+    return lattice_centres
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: str | Path,
+               out_h5ad: str | Path, *, sampler: str = "respaced", steps: int | None = 20,
+               n_samples: int = 4, batch_size: int = 4, device: str = "auto", seed: int = 0,
+               eta: float = 0.0, sample: str | None = None) -> dict[str, Any]:
+    """Predict the HR map of every patch of ``pairs_zarr``; write the maps zarr and the HR-bin
+    AnnData (module docstring) atomically: both appear only when both are complete.
+
+    Diffusion methods draw ``n_samples`` reverse chains per patch with ``sampler`` ("ddpm": all
+    T steps; "respaced" / "ddim": ``steps`` steps) from a CPU generator seeded with ``seed``
+    (the same numbers on CPU and GPU); the maps hold their mean and per-pixel std.
+    """
+    from torch.utils.data import DataLoader
+
+    from .predict import _h5ad_value
+    from .train import resolve_device
+
+    torch = _torch()
+    out_maps_zarr, out_h5ad = Path(out_maps_zarr), Path(out_h5ad)
+    dev = resolve_device(device)
+    model, meta = load_sr_model(model_path, dev)
+    arrays, attrs = read_sr_pairs(pairs_zarr, lazy=True)
+    genes = list(attrs["genes"])
+    if genes != list(meta["genes"]):
+        raise InputError(pairs_zarr, f"genes differ from those the model {model_path} was "
+                                     f"trained on ({len(genes)} vs {len(meta['genes'])})")
+    for key in ("scale", "hr_shape", "normalisation"):
+        if attrs.get(key) != meta["pairs"].get(key):
+            raise InputError(pairs_zarr, f"{key} {attrs.get(key)!r} differs from the model's "
+                                         f"training pairs ({meta['pairs'].get(key)!r})")
+    diffusion = is_diffusion(meta["method"])
+    n = int(arrays["hr"].shape[0])
+    g, (h, w) = len(genes), (int(v) for v in attrs["hr_shape"])
+    dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"))
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
+    generator = torch.Generator().manual_seed(int(seed))
+    diff = _diffusion_of(meta)
+    to_counts = _denormaliser(arrays, attrs)
+    origin_px = np.asarray(arrays["origin_px"][...], np.float64)
+    grid_index = np.asarray(arrays["grid_index"][...], np.int64)
+    centres = hr_pixel_centres(origin_px, grid_index, attrs)
+    info = {"method": meta["method"], "variant": meta.get("variant", meta["method"]),
+            "model": str(model_path), "pairs": str(pairs_zarr), "sample": sample,
+            "sampler": sampler if diffusion else None,
+            "steps": (steps if sampler != "ddpm" else int(meta["diffusion"]["T"]))
+            if diffusion else None, "n_samples": int(n_samples) if diffusion else 1,
+            "eta": float(eta) if diffusion else None, "seed": int(seed)}
+    geometry = {k: attrs.get(k) for k in ("genes", "scale", "lr_um", "hr_um", "hr_um_row",
+                                          "patch_um", "edge", "normalisation", "source", "slide",
+                                          "slide_mpp", "image_mpp", "hr_shape", "lr_shape",
+                                          "hr_target_sum")}
+    tmp_zarr, tmp_h5ad = _partial(out_maps_zarr), _partial(out_h5ad)
+    out_maps_zarr.parent.mkdir(parents=True, exist_ok=True)
+    out_h5ad.parent.mkdir(parents=True, exist_ok=True)
+    for path in (tmp_zarr, tmp_h5ad):
+        _remove(path)
+    renamed: list[Path] = []
+    try:
+        root = zarr.open_group(tmp_zarr, mode="w")
+        root.attrs.update({"format": MAPS_FORMAT, **geometry, **info, "n_patches": n})
+        names = ["pred", "pred_counts"] + (["pred_std", "pred_std_counts"] if diffusion else [])
+        maps = {name: root.create_array(name, shape=(n, g, h, w), dtype="float32",
+                                        chunks=(1, g, h, w), fill_value=0,
+                                        dimension_names=("patch", "gene", "y", "x"))
+                for name in names}
+        for name in ("mask", "origin_px", "origin_um", "grid_index"):
+            values = np.asarray(arrays[name][...])
+            root.create_array(name, shape=values.shape, dtype=values.dtype,
+                              chunks=values.shape, fill_value=0)[...] = values
+        layers: dict[str, list[np.ndarray]] = {k: [] for k in
+                                               ("X", "pred", "truth", "truth_counts",
+                                                *(("pred_std", "pred_std_counts")
+                                                  if diffusion else ()))}
+        obs_parts = []
+        start = time.perf_counter()
+        for batch in loader:
+            stats = [(_Welford(), _Welford()) for _ in range(len(batch["index"]))]
+            for chain in predict_chains(model, meta, batch, device=dev, sampler=sampler,
+                                        steps=steps, n_samples=n_samples, eta=eta,
+                                        generator=generator, diffusion=diff):
+                for b, i in enumerate(batch["index"].tolist()):
+                    stats[b][0].add(chain[b])
+                    stats[b][1].add(to_counts(chain[b], i))
+            for b, i in enumerate(batch["index"].tolist()):
+                norm, counts = stats[b]
+                maps["pred"][i] = norm.mean.astype(np.float32)
+                maps["pred_counts"][i] = counts.mean.astype(np.float32)
+                if diffusion:
+                    maps["pred_std"][i] = norm.std.astype(np.float32)
+                    maps["pred_std_counts"][i] = counts.std.astype(np.float32)
+                mask = batch["mask"][b].numpy()
+                truth = batch["hr"][b].numpy().astype(np.float64)
+                layers["X"].append(counts.mean[:, mask].T)
+                layers["pred"].append(norm.mean[:, mask].T)
+                layers["truth"].append(truth[:, mask].T)
+                layers["truth_counts"].append(to_counts(truth, i)[:, mask].T)
+                if diffusion:
+                    layers["pred_std"].append(norm.std[:, mask].T)
+                    layers["pred_std_counts"].append(counts.std[:, mask].T)
+                ii, jj = np.nonzero(mask)
+                obs_parts.append(pd.DataFrame({
+                    "patch": i, "i": ii, "j": jj, "row": grid_index[i, 0] + ii,
+                    "col": grid_index[i, 1] + jj,
+                    "x_px": centres(i)[ii, jj, 0], "y_px": centres(i)[ii, jj, 1]}))
+        seconds = time.perf_counter() - start
+        root.attrs["seconds"] = seconds
+        obs = pd.concat(obs_parts, ignore_index=True) if obs_parts else pd.DataFrame(
+            {c: [] for c in ("patch", "i", "j", "row", "col", "x_px", "y_px")})
+        obs.index = [f"p{p}_{a}_{b}" for p, a, b in zip(obs["patch"], obs["i"], obs["j"])]
+        if sample is not None:
+            obs["sample"] = pd.Categorical([sample] * len(obs))
+
+        def stack(key: str) -> np.ndarray:
+            parts = layers[key]
+            return (np.concatenate(parts) if parts else np.zeros((0, g))).astype(np.float32)
+
+        adata = ad.AnnData(X=stack("X"), obs=obs.drop(columns=["x_px", "y_px"]),
+                           var=pd.DataFrame(index=pd.Index(genes)))
+        adata.obsm["spatial"] = obs[["x_px", "y_px"]].to_numpy(np.float64)
+        for key in layers:
+            if key != "X":
+                adata.layers[key] = stack(key)
+        adata.uns["histomap"] = _h5ad_value({"sample": sample, "mpp": attrs.get("slide_mpp"),
+                                             "image": attrs.get("slide"),
+                                             "bin_um": attrs.get("hr_um")})
+        adata.uns["superres"] = _h5ad_value({**{k: v for k, v in geometry.items()
+                                                if k != "genes"}, **info,
+                                             "X": "predicted counts (mean over samples)",
+                                             "units": "layers pred/truth: normalised maps"})
+        adata.write_h5ad(tmp_h5ad)
+        _remove(out_maps_zarr)
+        os.replace(tmp_zarr, out_maps_zarr)
+        renamed.append(out_maps_zarr)
+        _remove(out_h5ad)
+        os.replace(tmp_h5ad, out_h5ad)
+        renamed.append(out_h5ad)
+    except BaseException:
+        for path in renamed:
+            _remove(path)
+        raise
+    finally:
+        for path in (tmp_zarr, tmp_h5ad):
+            _remove(path)
+    log.info("%s: %d patches (%d HR bins in tissue) predicted by %s in %.1f s (%.3g s per "
+             "patch)%s -> %s, %s", Path(pairs_zarr).name, n, adata.n_obs, info["variant"],
+             seconds, seconds / max(n, 1),
+             f", {info['sampler']} sampler, {info['steps']} steps, K={n_samples}"
+             if diffusion else "", out_maps_zarr, out_h5ad)
+    return {"n_patches": n, "n_bins": int(adata.n_obs), "seconds": seconds, **info}
+
+
+# ============================================================================ evaluation
+def read_sr_maps(path: str | Path) -> tuple[dict[str, Any], dict]:
+    """(lazy arrays, attrs) of a maps zarr written by :func:`predict_sr`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "SR maps zarr does not exist (run the predict_sr rule)")
+    root = zarr.open_group(path, mode="r")
+    attrs = dict(root.attrs)
+    if attrs.get("format") != MAPS_FORMAT:
+        raise InputError(path, f"not an SR maps zarr ({MAPS_FORMAT})")
+    return {name: root[name] for name in root.array_keys()}, attrs
+
+
+def patch_gene_metrics(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(RMSE (G,), signed PCC (G,), n pixels) of one patch over its tissue pixels.
+
+    PCC is NaN for a gene constant over the tissue in the truth or the prediction, or with fewer
+    than two pixels (never abs()-ed, never dropped here)."""
+    mask = np.asarray(mask, bool)
+    t = np.asarray(truth, np.float64)[:, mask].T
+    p = np.asarray(pred, np.float64)[:, mask].T
+    if len(t) == 0:
+        return np.full(truth.shape[0], np.nan), np.full(truth.shape[0], np.nan), 0
+    rmse = np.sqrt(((p - t) ** 2).mean(axis=0))
+    return rmse, pearson_per_gene(t, p), len(t)
+
+
+def evaluate_maps(pairs_zarr: str | Path, maps_zarr: str | Path) -> pd.DataFrame:
+    """Per (patch, gene) rows: n_pixels, rmse, pcc (normalised), rmse_counts, pcc_counts."""
+    pairs, p_attrs = read_sr_pairs(pairs_zarr, lazy=True)
+    maps, m_attrs = read_sr_maps(maps_zarr)
+    genes = list(p_attrs["genes"])
+    if list(m_attrs["genes"]) != genes or maps["pred"].shape != pairs["hr"].shape:
+        raise InputError(maps_zarr, f"maps do not match the pairs {pairs_zarr} (genes or shape)")
+    to_counts = _denormaliser(pairs, p_attrs)
+    rows = []
+    for i in range(pairs["hr"].shape[0]):
+        truth = np.asarray(pairs["hr"][i], np.float64)
+        mask = np.asarray(pairs["mask"][i], bool)
+        rmse, pcc, n_px = patch_gene_metrics(truth, maps["pred"][i], mask)
+        rmse_c, pcc_c, _ = patch_gene_metrics(to_counts(truth, i), maps["pred_counts"][i], mask)
+        rows.append(pd.DataFrame({"patch": i, "gene": genes, "n_pixels": n_px, "rmse": rmse,
+                                  "pcc": pcc, "rmse_counts": rmse_c, "pcc_counts": pcc_c}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def patch_means(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Per patch (``keys`` + fold, sample, patch where present): mean over genes of each metric
+    (NaN PCCs skipped, counted in ``n_nan_pcc``; a patch with no defined PCC has PCC NaN)."""
+    by = [*keys, *[c for c in ("fold", "sample") if c in per_gene.columns and c not in keys],
+          "patch"]
+    grouped = per_gene.groupby(by, sort=False, observed=True)
+    out = grouped[list(METRIC_COLUMNS)].mean()  # pandas mean skips NaN
+    out["n_genes"] = grouped["gene"].size()
+    out["n_nan_pcc"] = grouped["pcc"].apply(lambda s: int(s.isna().sum()))
+    return out.reset_index()
+
+
+def summarise_sr(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Diff-ST Table-1 summary per ``keys``: each metric averaged per patch over genes, then over
+    patches; ``n_patches``, ``n_nan_pcc`` (patch-gene pairs with undefined PCC) and
+    ``n_nan_patches`` (patches without any defined PCC) alongside."""
+    patches = patch_means(per_gene, keys)
+    rows = []
+    for key, part in patches.groupby(list(keys), sort=False, observed=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for column, metric in METRIC_COLUMNS.items():
+            rows.append({**dict(zip(keys, key)), "metric": metric,
+                         "value": float(part[column].mean()),
+                         "n_patches": int(part[column].notna().sum()),
+                         "n_nan_pcc": int(part["n_nan_pcc"].sum()),
+                         "n_nan_patches": int(part["pcc"].isna().sum())})
+    return pd.DataFrame(rows)
+
+
+def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Path],
+                out_parquet: str | Path, out_summary: str | Path, *, method: str, scale: int,
+                dataset: str, samples: Sequence[str], folds: Sequence[str]) -> pd.DataFrame:
+    """Score the predicted maps of the test samples of every fold (``samples[i]`` held out by
+    ``folds[i]``, scored from ``pairs_zarrs[i]`` and ``maps_zarrs[i]``): per-(patch, gene)
+    parquet (columns dataset, method, scale, fold, sample, patch, gene, n_pixels, rmse, pcc,
+    rmse_counts, pcc_counts) and the Table-1 summary CSV (:func:`summarise_sr`) per fold and
+    over all folds (``fold == "all"``). Returns the summary."""
+    n = len(samples)
+    if not n or not (len(pairs_zarrs) == len(maps_zarrs) == len(folds) == n):
+        raise ValueError("need one pairs zarr, one maps zarr and one fold per test sample")
+    parts = []
+    for fold, sample, pairs, maps in zip(folds, samples, pairs_zarrs, maps_zarrs):
+        table = evaluate_maps(pairs, maps)
+        table.insert(0, "sample", sample)
+        table.insert(0, "fold", str(fold))
+        parts.append(table)
+    per_gene = pd.concat(parts, ignore_index=True)
+    for col, value in (("scale", int(scale)), ("method", method), ("dataset", dataset)):
+        per_gene.insert(0, col, value)
+    n_nan = int(per_gene["pcc"].isna().sum())
+    if n_nan:
+        log.warning("%s %dx: %d of %d patch-gene PCCs are undefined (gene constant over the "
+                    "patch's tissue in truth or prediction); they are excluded from the "
+                    "per-patch means and counted in n_nan_pcc", method, int(scale), n_nan,
+                    len(per_gene))
+    keys = ["dataset", "method", "scale"]
+    summary = pd.concat([summarise_sr(per_gene, [*keys, "fold"]),
+                         summarise_sr(per_gene.assign(fold="all"), [*keys, "fold"])],
+                        ignore_index=True)
+    for path in (out_parquet, out_summary):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial(Path(out_parquet))
+    per_gene.to_parquet(tmp, index=False)
+    os.replace(tmp, out_parquet)
+    tmp = _partial(Path(out_summary))
+    summary.to_csv(tmp, index=False)
+    os.replace(tmp, out_summary)
+    for row in summary[summary["metric"].isin(["RMSE", "PCC"])].itertuples(index=False):
+        log.info("%s %dx fold %s: %s %.4f over %d patches", method, int(scale), row.fold,
+                 row.metric, row.value, row.n_patches)
+    return summary
+
+
+# ============================================================================ tables
+TABLE_COLUMNS = ["dataset", "method", "scale", "metric", "units", "value", "std_over_folds",
+                 "n_folds", "n_patches", "n_nan_pcc"]
+
+
+def sr_long_table(per_gene: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, method, scale, metric): the mean over every test patch of every fold (each
+    patch scored once, by the fold holding it out), the std of the fold means, counts."""
+    keys = ["dataset", "method", "scale"]
+    pooled = summarise_sr(per_gene, keys)
+    folds = summarise_sr(per_gene, [*keys, "fold"])
+    spread = folds.groupby([*keys, "metric"], observed=True)["value"].agg(
+        std_over_folds=lambda s: float(s.std(ddof=1)) if s.notna().sum() > 1 else math.nan,
+        n_folds="count").reset_index()
+    out = pooled.merge(spread, on=[*keys, "metric"], how="left")
+    out["units"] = np.where(out["metric"].str.endswith("_counts"), "counts", "normalised")
+    out["metric"] = out["metric"].str.replace("_counts", "", regex=False)
+    return out[TABLE_COLUMNS]
+
+
+def _cell(row: pd.Series | None) -> str:
+    if row is None or not np.isfinite(row["value"]):
+        return "n/a"
+    text = f"{row['value']:.4f}"
+    if np.isfinite(row["std_over_folds"]):
+        text += f" ± {row['std_over_folds']:.4f}"
+    return text
+
+
+def _markdown(table: pd.DataFrame, rows: Sequence[str], units: str = "normalised") -> str:
+    part = table[table["units"] == units]
+    columns = [(d, s, m) for d, s in part[["dataset", "scale"]].drop_duplicates()
+               .sort_values(["dataset", "scale"]).itertuples(index=False) for m in ("RMSE", "PCC")]
+    header = ["method", *[f"{d} {s}x {m}" for d, s, m in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    index = {(r.dataset, r.method, r.scale, r.metric): r for r in part.itertuples(index=False)}
+    for method in rows:
+        cells = []
+        for d, s, m in columns:
+            r = index.get((d, method, s, m))
+            cells.append(_cell(pd.Series(r._asdict()) if r is not None else None))
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Sequence[str] = (),
+                reference: str = "diffst") -> str:
+    """Table 1 (rows methods, columns dataset x scale x metric) and the ablation table."""
+    nan = table[(table["metric"] == "PCC") & (table["units"] == "normalised")]
+    lines = ["# Super-resolution benchmark (Diff-ST Table 1 shape)", "",
+             "RMSE and signed PCC per gene per patch over the patch's tissue pixels, in the "
+             "pairs' normalised units; averaged over genes per patch, then over every test patch "
+             "of every fold (± std of the fold means).", "",
+             "## Methods", "", _markdown(table, [m for m in methods if m in set(table.method)])]
+    ablation_rows = [reference] + [a for a in ablations if a != reference] if ablations else []
+    ablation_rows = [m for m in ablation_rows if m in set(table.method)]
+    if ablations and ablation_rows:
+        lines += ["", "## Ablations", "", _markdown(table, ablation_rows)]
+    lines += ["", "## Counts (de-normalised)", "",
+              _markdown(table, [m for m in [*methods, *ablations] if m in set(table.method)],
+                        units="counts")]
+    undefined = nan[nan["n_nan_pcc"] > 0]
+    if len(undefined):
+        lines += ["", "Undefined PCCs (a gene constant over a patch's tissue in truth or "
+                  "prediction), excluded from the means: " + "; ".join(
+                      f"{r.method} {r.dataset} {r.scale}x: {r.n_nan_pcc}"
+                      for r in undefined.itertuples(index=False)) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def sr_tables(metric_files: Sequence[str | Path], out_csv: str | Path, out_md: str | Path, *,
+              methods: Sequence[str], ablations: Sequence[str] = (),
+              reference: str = "diffst") -> pd.DataFrame:
+    """Read the per-(patch, gene) metric parquets, write the long CSV and the markdown tables."""
+    frames = []
+    for path in metric_files:
+        try:
+            frames.append(pd.read_parquet(path))
+        except Exception as exc:  # noqa: BLE001 - unreadable metrics file
+            raise InputError(path, f"cannot read SR metrics parquet ({exc})") from exc
+    if not frames:
+        raise ValueError("no SR metric files given")
+    table = sr_long_table(pd.concat(frames, ignore_index=True))
+    for path, text in ((out_csv, table.to_csv(index=False)),
+                       (out_md, sr_markdown(table, methods=methods, ablations=ablations,
+                                            reference=reference))):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial(path)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    log.info("wrote %s (%d rows) and %s", out_csv, len(table), out_md)
+    return table
+
+
+# ============================================================================ pairs of a sample
+def build_sample_pairs(platform: str, counts_h5ad: str | Path, slide: str | Path,
+                       genes: Sequence[str], out_zarr: str | Path, *, scale: int,
+                       pairs_cfg: Mapping[str, Any], sample: str = "",
+                       n_genes: int | None = None) -> dict[str, Any]:
+    """SR pairs of one sample at ``scale``: spot grids (legacy ST, Visium: ``counts_h5ad`` =
+    raw spots) pool ``scale x scale`` neighbouring spots; point data (synthetic cells, Xenium
+    bins: ``counts_h5ad`` = highres.h5ad) are binned at ``lr_um / scale``. ``n_genes``: keep the
+    first genes of the (ranked) panel only."""
+    genes = list(genes)
+    if n_genes is not None and n_genes < len(genes):
+        log.info("using the first %d of the panel's %d genes: %s", n_genes, len(genes),
+                 ", ".join(genes[:n_genes]))
+        genes = genes[:int(n_genes)]
+    counts = ad.read_h5ad(counts_h5ad)
+    common = {"normalisation": pairs_cfg.get("normalisation", "minmax")}
+    if platform in SPOT_GRID_PLATFORMS:
+        grid = dict(pairs_cfg.get("spot_grid") or {})
+        return build_spot_grid_pairs(counts, slide, genes, out_zarr, factor=int(scale),
+                                     patch_spots=int(grid.get("patch_spots", 16)),
+                                     stride_spots=grid.get("stride_spots"),
+                                     min_measured=float(grid.get("min_measured", 0.25)),
+                                     image_mpp=float(grid.get("image_mpp", 8.0)),
+                                     source_name=f"{sample or counts_h5ad} spots", **common)
+    if counts.n_obs == 0:
+        raise InputError(counts_h5ad, f"platform {platform!r} has no high-resolution "
+                                      "measurements to make super-resolution pairs from")
+    return build_sr_pairs(counts, slide, genes, out_zarr, patch_um=float(pairs_cfg["patch_um"]),
+                          lr_um=float(pairs_cfg["lr_um"]), scale=int(scale),
+                          stride_um=pairs_cfg.get("stride_um"),
+                          min_tissue=float(pairs_cfg.get("min_tissue", 0.25)),
+                          image_mpp=float(pairs_cfg.get("image_mpp", 2.0)),
+                          edge=pairs_cfg.get("edge", "ceil"),
+                          mask_mpp=float(pairs_cfg.get("mask_mpp", 8.0)),
+                          source_name=f"{sample or counts_h5ad} highres", **common)
+
+
+# ============================================================================ sampling speed
+def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
+                  steps: Sequence[int] = (1000, 250, 50, 20), sampler: str = "respaced",
+                  n_samples: int = 1, max_patches: int | None = 4, batch_size: int = 4,
+                  device: str = "auto", seed: int = 0, eta: float = 0.0) -> pd.DataFrame:
+    """Steps-vs-quality table of a diffusion model: for each number of steps (T steps: the full
+    ancestral DDPM; fewer: ``sampler``), seconds per patch and RMSE / PCC (normalised; per gene
+    per patch, averaged) on the first ``max_patches`` patches of ``pairs_zarr``."""
+    from torch.utils.data import DataLoader
+
+    from .train import resolve_device
+
+    torch = _torch()
+    dev = resolve_device(device)
+    model, meta = load_sr_model(model_path, dev)
+    if not is_diffusion(meta["method"]):
+        raise ValueError(f"{model_path}: {meta['method']} is not a diffusion model")
+    arrays, attrs = read_sr_pairs(pairs_zarr, lazy=True)
+    if list(attrs["genes"]) != list(meta["genes"]):
+        raise InputError(pairs_zarr, "genes differ from the model's")
+    n = int(arrays["hr"].shape[0]) if max_patches is None else min(int(max_patches),
+                                                                  int(arrays["hr"].shape[0]))
+    dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
+                            indices=np.arange(n))
+    diff = _diffusion_of(meta)
+    rows = []
+    for k in steps:
+        chain_sampler = "ddpm" if int(k) >= diff.T else sampler
+        generator = torch.Generator().manual_seed(int(seed))
+        metrics = []
+        elapsed = 0.0
+        for batch in DataLoader(dataset, batch_size=int(batch_size), shuffle=False):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            mean = _Welford()
+            for chain in predict_chains(model, meta, batch, device=dev, sampler=chain_sampler,
+                                        steps=int(k), n_samples=n_samples, eta=eta,
+                                        generator=generator, diffusion=diff):
+                mean.add(chain)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            elapsed += time.perf_counter() - start
+            for b, i in enumerate(batch["index"].tolist()):
+                rmse, pcc, _ = patch_gene_metrics(batch["hr"][b].numpy(), mean.mean[b],
+                                                  batch["mask"][b].numpy())
+                metrics.append((i, rmse, pcc))
+        per_gene = pd.DataFrame([{"patch": i, "gene": g, "rmse": r, "pcc": p,
+                                  "rmse_counts": math.nan, "pcc_counts": math.nan}
+                                 for i, rmse, pcc in metrics
+                                 for g, r, p in zip(attrs["genes"], rmse, pcc)])
+        per_gene["method"] = meta.get("variant", meta["method"])
+        summary = summarise_sr(per_gene, ["method"]).set_index("metric")
+        rows.append({"method": meta.get("variant", meta["method"]), "sampler": chain_sampler,
+                     "steps": int(min(int(k), diff.T)), "n_samples": int(n_samples),
+                     "n_patches": n, "seconds_per_patch": elapsed / max(n, 1),
+                     "RMSE": summary.loc["RMSE", "value"], "PCC": summary.loc["PCC", "value"],
+                     "n_nan_pcc": int(summary.loc["PCC", "n_nan_pcc"]), "device": str(dev)})
+        log.info("%d steps (%s): %.3g s per patch, RMSE %.4f, PCC %.4f", rows[-1]["steps"],
+                 chain_sampler, rows[-1]["seconds_per_patch"], rows[-1]["RMSE"],
+                 rows[-1]["PCC"])
+    return pd.DataFrame(rows)
+
+
+__all__ = ["DiffusionObjective", "ValueRange", "baseline_batch_loss", "build_sample_pairs",
+           "build_sr_model", "curriculum_schedule", "evaluate_maps", "evaluate_sr",
+           "hr_pixel_centres", "known_methods", "load_sr_model", "masked_mse",
+           "patch_gene_metrics", "predict_chains", "predict_sr", "read_sr_maps", "save_sr_model",
+           "split_patches", "sr_long_table", "sr_markdown", "sr_tables", "summarise_sr",
+           "time_sampling", "train_sr", "training_adjacency", "training_pixels", "value_range"]

@@ -1,0 +1,12 @@
+"""Snakemake adapter: the super-resolution tables (Diff-ST Table 1 shape, ablations)."""
+from histomap.logs import run_step
+from histomap.sr_task import sr_tables
+
+
+def main(sm):
+    p = sm.params
+    sr_tables(list(sm.input), sm.output.csv, sm.output.md, methods=p.methods,
+              ablations=p.ablations, reference=p.reference)
+
+
+run_step(snakemake.log[0], main, snakemake)  # noqa: F821

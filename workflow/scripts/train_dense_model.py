@@ -1,0 +1,18 @@
+"""Snakemake adapter: train a dense model (PixNet or iStar-style) of one fold and seed."""
+import torch
+
+from histomap.logs import run_step
+from histomap.pixnet_task import train_pixnet
+from histomap.preprocess import read_gene_panel
+
+
+def main(sm):
+    torch.set_num_threads(sm.threads)
+    p = sm.params
+    train_pixnet(sm.input.st, sm.input.slides, read_gene_panel(sm.input.genes),
+                 model_cfg=p.model, train_cfg=p.train, validation=p.validation, seed=p.seed,
+                 out_model=sm.output.model, out_log=sm.output.log_csv,
+                 checkpoint_dir=p.checkpoint_dir, model_name=p.base)
+
+
+run_step(snakemake.log[0], main, snakemake)  # noqa: F821
