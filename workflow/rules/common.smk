@@ -68,7 +68,11 @@ def _alternation(names):
     return "|".join(names) if names else "(?!x)x"
 
 
-SPOT_RUNS = _alternation([m for m in MODELS if base_model(m) in SPOT_MODELS])
+def model_runs(base):
+    """Wildcard regex of the configured models (and variants) built on ``base``."""
+    return _alternation([m for m in MODELS if base_model(m) == base])
+
+
 DENSE_RUNS = _alternation([m for m in MODELS if base_model(m) in DENSE_MODELS])
 TRAIN_SEEDS = [int(s) for s in config.get("train_seeds", [config["seed"]])]
 GENE_PANEL = config["genes"]["name"]
@@ -313,6 +317,13 @@ def sr_method(name):
             f"nor one of {', '.join(SR_ARCHITECTURES)}"
         )
     return arch, entry
+
+
+def sr_methods_of(kind):
+    """Wildcard regex of the configured SR methods built on Diff-ST (``kind="diffst"``: Diff-ST
+    and its ablations) or on anything else (``"baseline"``)."""
+    names = [m for m in sr_method_names() if (sr_method(m)[0] == "diffst") == (kind == "diffst")]
+    return _alternation(names)
 
 
 def sr_model_config(name):

@@ -1,17 +1,20 @@
-# Training and prediction, once per model x fold x training seed. Each fold trains on its
-# training samples only (train_inputs); validation for early stopping is carved out of those
-# (config: validation), never out of the test fold. Spot models (stnet, histogene) see one crop
-# per spot; dense models (istar, pixnet) predict a whole-slide map that any spot is read from.
+# Training and prediction, once per model x fold x training seed: train_{model} and
+# predict_{model} per model (variants of a model, config `variants`, run through its base
+# model's rules). Each fold trains on its training samples only (train_inputs); validation for
+# early stopping is carved out of those (config: validation), never out of the test fold. Spot
+# models (stnet, histogene) see one crop per spot; dense models (pixnet, istar) predict a
+# whole-slide map (predict_{model} -> dense.zarr) that spots of any diameter are read from
+# (dense_spots).
 
 
-rule train_spot_model:
+rule train_stnet:
     input:
         unpack(train_inputs),
     output:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         log_csv="results/models/{model}/{fold}/seed{tseed}/train_log.csv",
     wildcard_constraints:
-        model=SPOT_RUNS,
+        model=model_runs("stnet"),
     params:
         base=lambda wc: base_model(wc.model),
         model=lambda wc: model_params(wc.model),
@@ -32,14 +35,19 @@ rule train_spot_model:
         "../scripts/train_spot_model.py"
 
 
-rule train_dense_model:
+use rule train_stnet as train_histogene with:
+    wildcard_constraints:
+        model=model_runs("histogene"),
+
+
+rule train_pixnet:
     input:
         unpack(train_inputs),
     output:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         log_csv="results/models/{model}/{fold}/seed{tseed}/train_log.csv",
     wildcard_constraints:
-        model=DENSE_RUNS,
+        model=model_runs("pixnet"),
     params:
         base=lambda wc: base_model(wc.model),
         model=lambda wc: model_params(wc.model),
@@ -60,7 +68,12 @@ rule train_dense_model:
         "../scripts/train_dense_model.py"
 
 
-rule predict_spot_model:
+use rule train_pixnet as train_istar with:
+    wildcard_constraints:
+        model=model_runs("istar"),
+
+
+rule predict_stnet:
     input:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         st="results/st/{sample}.h5ad",
@@ -68,7 +81,7 @@ rule predict_spot_model:
     output:
         "results/predictions/{model}/{fold}/seed{tseed}/{sample}/spots_{um}um.h5ad",
     wildcard_constraints:
-        model=SPOT_RUNS,
+        model=model_runs("stnet"),
     params:
         base=lambda wc: base_model(wc.model),
         train=lambda wc: model_train(wc.model),
@@ -85,7 +98,12 @@ rule predict_spot_model:
         "../scripts/predict_spot_model.py"
 
 
-rule predict_dense_map:
+use rule predict_stnet as predict_histogene with:
+    wildcard_constraints:
+        model=model_runs("histogene"),
+
+
+rule predict_pixnet:
     input:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         st="results/st/{sample}.h5ad",
@@ -95,7 +113,7 @@ rule predict_dense_map:
     output:
         directory("results/predictions/{model}/{fold}/seed{tseed}/{sample}/dense.zarr"),
     wildcard_constraints:
-        model=DENSE_RUNS,
+        model=model_runs("pixnet"),
     params:
         train=lambda wc: model_train(wc.model),
         cover_diameters_um=lambda wc: cross_scale_diameters(wc.model, wc.fold),
@@ -116,6 +134,11 @@ rule predict_dense_map:
         "../../envs/models.yaml"
     script:
         "../scripts/predict_dense_map.py"
+
+
+use rule predict_pixnet as predict_istar with:
+    wildcard_constraints:
+        model=model_runs("istar"),
 
 
 # Spots of any diameter read out of a dense map: `spots_*` at the sample's own spot centres,

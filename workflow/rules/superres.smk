@@ -1,8 +1,9 @@
-# Super-resolution benchmark (Diff-ST and its baselines, issue 4). Per sample and SR factor:
-# aligned LR/HR/H&E pairs. Per method, factor and fold: train on the fold's training samples'
-# pairs (validation patches are carved out of those) and predict its test samples; per method
-# and factor: score every fold's test samples; then the Table-1-shaped report. Target and input
-# functions: common.smk, section "super-resolution".
+# Super-resolution benchmark (Diff-ST and its baselines). Per sample and SR factor: aligned
+# LR/HR/H&E pairs. Per method, factor and fold: train on the fold's training samples' pairs
+# (validation patches are carved out of those) and predict its test samples (train_diffst /
+# predict_diffst for Diff-ST and its ablations, train_sr_baseline / predict_sr_baseline for the
+# baselines: same code, same inputs); per method and factor: score every fold's test samples;
+# then the Table-1-shaped report. Target and input functions: common.smk, "super-resolution".
 
 validate(
     config.setdefault("superres", {"enabled": False}),
@@ -36,12 +37,14 @@ rule build_sr_pairs:
         "../scripts/build_sr_pairs.py"
 
 
-rule train_sr:
+rule train_diffst:
     input:
         pairs=sr_train_inputs,
     output:
         model="results/sr/models/{sr_method}/x{sr_scale}/{fold}/model.pt",
         log_csv="results/sr/models/{sr_method}/x{sr_scale}/{fold}/train_log.csv",
+    wildcard_constraints:
+        sr_method=sr_methods_of("diffst"),
     params:
         method=lambda wc: sr_method(wc.sr_method)[0],
         model=lambda wc: sr_model_config(wc.sr_method),
@@ -65,13 +68,20 @@ rule train_sr:
         "../scripts/train_sr.py"
 
 
-rule predict_sr:
+use rule train_diffst as train_sr_baseline with:
+    wildcard_constraints:
+        sr_method=sr_methods_of("baseline"),
+
+
+rule predict_diffst:
     input:
         model="results/sr/models/{sr_method}/x{sr_scale}/{fold}/model.pt",
         pairs="results/sr/pairs/{sample}_x{sr_scale}.zarr",
     output:
         maps=directory("results/sr/predictions/{sr_method}/x{sr_scale}/{fold}/{sample}/maps.zarr"),
         bins="results/sr/predictions/{sr_method}/x{sr_scale}/{fold}/{sample}/bins.h5ad",
+    wildcard_constraints:
+        sr_method=sr_methods_of("diffst"),
     params:
         sampling=config["superres"].get("sampling", {}),
         device=config["train"].get("device", "auto"),
@@ -87,6 +97,11 @@ rule predict_sr:
         "../../envs/models.yaml"
     script:
         "../scripts/predict_sr.py"
+
+
+use rule predict_diffst as predict_sr_baseline with:
+    wildcard_constraints:
+        sr_method=sr_methods_of("baseline"),
 
 
 rule evaluate_sr:

@@ -470,7 +470,7 @@ def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
     torch = _torch()
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "model file does not exist (run the train_sr rule)")
+        raise InputError(path, "model file does not exist (run the train_diffst or train_sr_baseline rule)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
@@ -886,7 +886,7 @@ def read_sr_maps(path: str | Path) -> tuple[dict[str, Any], dict]:
     """(lazy arrays, attrs) of a maps zarr written by :func:`predict_sr`."""
     path = Path(path)
     if not path.is_dir():
-        raise InputError(path, "SR maps zarr does not exist (run the predict_sr rule)")
+        raise InputError(path, "SR maps zarr does not exist (run the predict_diffst or predict_sr_baseline rule)")
     root = zarr.open_group(path, mode="r")
     attrs = dict(root.attrs)
     if attrs.get("format") != MAPS_FORMAT:
