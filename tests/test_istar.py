@@ -9,7 +9,6 @@ import pytest
 import torch
 from skimage.color import rgb2hed
 
-import histomap.models
 from histomap import pixnet_task
 from histomap.dense import read_dense
 from histomap.io.synthetic import read as read_synthetic

@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,6 +59,7 @@ from tqdm.auto import tqdm
 
 from .compat import torch
 from .errors import InputError
+from .outputs import partial_path, remove_path
 from .roi import discs_from_spots, roi_aggregate
 from .slide import open_slide, read_region, slide_mpp
 from .train import amp_dtype, autocast, resolve_device
@@ -280,12 +280,6 @@ def _multiscales(grid: DenseGrid, name: str) -> list[dict]:
     }]
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
 
 def _model_genes(model: nn.Module, genes: Sequence[str] | None) -> list[str]:
     n_genes = getattr(model, "n_genes", None)
@@ -353,8 +347,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                  slide_path.name, grid.height, grid.width, grid.mpp, grid.origin_px,
                  len(genes), len(todo), grid.n_rows * grid.n_cols, tile_px, overlap_px,
                  len(boxes))
-        tmp = out_zarr.with_name(out_zarr.name + ".partial")
-        _remove(tmp)
+        tmp = partial_path(out_zarr)
+        remove_path(tmp)
         out_zarr.parent.mkdir(parents=True, exist_ok=True)
         try:
             _write_dense(model, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
@@ -363,10 +357,10 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                                                    "tile_px": int(tile_px),
                                                    "overlap_px": int(overlap_px),
                                                    **(extra_attrs or {})})
-            _remove(out_zarr)
+            remove_path(out_zarr)
             os.replace(tmp, out_zarr)
         finally:
-            _remove(tmp)
+            remove_path(tmp)
     elapsed = time.perf_counter() - start
     log.info("%s: wrote %s in %.1f s (%.2f tiles/s)", slide_path.name, out_zarr, elapsed,
              len(todo) / max(elapsed, 1e-9))

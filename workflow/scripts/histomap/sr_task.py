@@ -51,7 +51,6 @@ import csv
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ import zarr
 
 from . import __version__
 from .errors import InputError
+from .outputs import partial_path, remove_path
 from .folds import validation_split
 from .metrics import pearson_per_gene
 from .srpairs import SRPairDataset, build_spot_grid_pairs, build_sr_pairs, denormalise, \
@@ -720,15 +720,6 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
     return lattice_centres
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: str | Path,
@@ -781,11 +772,11 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                                           "patch_um", "edge", "normalisation", "source", "slide",
                                           "slide_mpp", "image_mpp", "hr_shape", "lr_shape",
                                           "hr_target_sum")}
-    tmp_zarr, tmp_h5ad = _partial(out_maps_zarr), _partial(out_h5ad)
+    tmp_zarr, tmp_h5ad = partial_path(out_maps_zarr), partial_path(out_h5ad)
     out_maps_zarr.parent.mkdir(parents=True, exist_ok=True)
     out_h5ad.parent.mkdir(parents=True, exist_ok=True)
     for path in (tmp_zarr, tmp_h5ad):
-        _remove(path)
+        remove_path(path)
     renamed: list[Path] = []
     try:
         root = zarr.open_group(tmp_zarr, mode="w")
@@ -860,19 +851,19 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                                              "X": "predicted counts (mean over samples)",
                                              "units": "layers pred/truth: normalised maps"})
         adata.write_h5ad(tmp_h5ad)
-        _remove(out_maps_zarr)
+        remove_path(out_maps_zarr)
         os.replace(tmp_zarr, out_maps_zarr)
         renamed.append(out_maps_zarr)
-        _remove(out_h5ad)
+        remove_path(out_h5ad)
         os.replace(tmp_h5ad, out_h5ad)
         renamed.append(out_h5ad)
     except BaseException:
         for path in renamed:
-            _remove(path)
+            remove_path(path)
         raise
     finally:
         for path in (tmp_zarr, tmp_h5ad):
-            _remove(path)
+            remove_path(path)
     log.info("%s: %d patches (%d HR bins in tissue) predicted by %s in %.1f s (%.3g s per "
              "patch)%s -> %s, %s", Path(pairs_zarr).name, n, adata.n_obs, info["variant"],
              seconds, seconds / max(n, 1),
@@ -989,10 +980,10 @@ def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Pa
                         ignore_index=True)
     for path in (out_parquet, out_summary):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(Path(out_parquet))
+    tmp = partial_path(Path(out_parquet))
     per_gene.to_parquet(tmp, index=False)
     os.replace(tmp, out_parquet)
-    tmp = _partial(Path(out_summary))
+    tmp = partial_path(Path(out_summary))
     summary.to_csv(tmp, index=False)
     os.replace(tmp, out_summary)
     for row in summary[summary["metric"].isin(["RMSE", "PCC"])].itertuples(index=False):
@@ -1089,7 +1080,7 @@ def sr_tables(metric_files: Sequence[str | Path], out_csv: str | Path, out_md: s
                                             reference=reference))):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _partial(path)
+        tmp = partial_path(path)
         tmp.write_text(text)
         os.replace(tmp, path)
     log.info("wrote %s (%d rows) and %s", out_csv, len(table), out_md)

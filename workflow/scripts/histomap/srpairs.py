@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -62,6 +61,7 @@ import scipy.sparse as sp
 import zarr
 
 from .errors import InputError
+from .outputs import partial_path, remove_path
 from .slide import open_slide, read_region, slide_mpp
 
 log = logging.getLogger(__name__)
@@ -188,15 +188,6 @@ def _median_library(library: np.ndarray) -> float:
 
 # ============================================================================ writing
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _write_zarr(out_zarr: Path, n: int, specs: dict[str, tuple[tuple[int, ...], str, tuple]],
@@ -204,9 +195,9 @@ def _write_zarr(out_zarr: Path, n: int, specs: dict[str, tuple[tuple[int, ...], 
     """Write ``n`` patches (dicts of per-patch arrays) into arrays of ``specs`` (name ->
     (per-patch shape, dtype, dimension names)) under a temporary name, then rename."""
     out_zarr = Path(out_zarr)
-    tmp = _partial(out_zarr)
+    tmp = partial_path(out_zarr)
     out_zarr.parent.mkdir(parents=True, exist_ok=True)
-    _remove(tmp)
+    remove_path(tmp)
     try:
         root = zarr.open_group(tmp, mode="w")
         root.attrs.update(attrs)
@@ -225,10 +216,10 @@ def _write_zarr(out_zarr: Path, n: int, specs: dict[str, tuple[tuple[int, ...], 
         for name, values in columns.items():
             if values:
                 arrays[name][:] = np.stack(values).astype(specs[name][1])
-        _remove(out_zarr)
+        remove_path(out_zarr)
         os.replace(tmp, out_zarr)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
 def _norm_specs(kind: str, n_genes: int, hr_shape, lr_shape) -> dict:

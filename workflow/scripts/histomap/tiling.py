@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import zarr
 from scipy import ndimage
 
 from .errors import InputError
+from .outputs import partial_path, remove_path
 from .slide import open_slide, read_region, slide_mpp
 
 log = logging.getLogger(__name__)
@@ -203,15 +203,6 @@ def tissue_fraction(mask: np.ndarray, mask_px0: float, x0: np.ndarray, y0: np.nd
 
 
 # --------------------------------------------------------------------------- outputs
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def _write_tiles(slide: openslide.OpenSlide, index: pd.DataFrame, zarr_path: Path,
@@ -270,22 +261,22 @@ def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, ti
 def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict, out_zarr: Path,
                    out_parquet: Path) -> None:
     """Write both outputs under ``.partial`` names, then rename; on error remove them all."""
-    tmp_zarr, tmp_parquet = _partial(out_zarr), _partial(out_parquet)
+    tmp_zarr, tmp_parquet = partial_path(out_zarr), partial_path(out_parquet)
     out_zarr.parent.mkdir(parents=True, exist_ok=True)
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     moved: list[Path] = []
     try:
-        _remove(tmp_zarr)
-        _remove(tmp_parquet)
+        remove_path(tmp_zarr)
+        remove_path(tmp_parquet)
         _write_tiles(slide, index, tmp_zarr, attrs["tile_px"], attrs)
         index.to_parquet(tmp_parquet, engine="pyarrow", index=False)
         for tmp, final in ((tmp_zarr, out_zarr), (tmp_parquet, out_parquet)):
-            _remove(final)
+            remove_path(final)
             os.replace(tmp, final)
             moved.append(final)
     except BaseException:
         for path in (tmp_zarr, tmp_parquet, *moved):
-            _remove(path)
+            remove_path(path)
         raise
 
 
