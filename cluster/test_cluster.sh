@@ -178,7 +178,7 @@ assert len(calls) == n_planned, f"{len(calls)} sbatch calls logged"
 for call in calls:
     assert f"-p {partition}" in call and "--gpus" not in call and "--gres" not in call, call
 train = [c for c in calls if "rule_train_" in c]
-assert len(train) == planned["train_spot_model"] + planned["train_dense_model"]
+assert len(train) == planned["train_stnet"] + planned["train_pixnet"]
 assert all("--cpus-per-task=2" in c and "--mem 2500" in c for c in train), train[0]
 
 bench = work / "results" / "report" / "benchmark.csv"
@@ -311,14 +311,14 @@ resources: {gpu: 1}
 YAML
 if snakemake_in "$WORK/slurm" gpu_run.log 300 results/models/stnet/P1/seed0/model.pt --force \
      "${SLURM_ARGS[@]}" --retries 0 --configfile test_overrides.yaml gpu.yaml \
-     --set-resources train_spot_model:gpu_model=a100; then
+     --set-resources train_stnet:gpu_model=a100; then
   fail "a GPU job was accepted by a test node without GPUs"
 fi
 grep -q -- "--gpus=a100:1" "$WORK/slurm/gpu_run.log" || { show_tail "$WORK/slurm/gpu_run.log";
   fail "sbatch was not asked for --gpus=a100:1"; }
 grep -q "SLURM sbatch failed" "$WORK/slurm/gpu_run.log" || { show_tail "$WORK/slurm/gpu_run.log";
   fail "the refused GPU submission was not reported"; }
-echo "  train_spot_model (stnet) submitted with --gpus=a100:1 (refused by the GPU-less node, reported)"
+echo "  train_stnet submitted with --gpus=a100:1 (refused by the GPU-less node, reported)"
 
 # ---- 4. a job failing inside SLURM is reported as FAILED -------------------------------------
 log "failure check: ingest of a section with negative counts"

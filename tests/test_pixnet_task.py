@@ -237,3 +237,34 @@ def test_train_resume_and_predict(sample):
         np.testing.assert_allclose(pred.X, spots_from_dense(dmap, st.obsm["spatial"], diameter,
                                                             SLIDE_MPP), rtol=1e-6)
     assert not np.allclose(preds[55.0].X, preds[27.5].X)
+
+
+def test_mixed_scale_training_uses_every_spot_size(sample, caplog):
+    """Extra spot tables of other sizes (here 27.5 um discs re-measured from the simulated cells)
+    train together with the 55 um spots, each with its own disc."""
+    from histomap.scales import truth_at_scale
+
+    synthetic = read_synthetic("s1", sample["root"] / "s1")
+    small = truth_at_scale(synthetic.highres, ad.read_h5ad(sample["st"]), 27.5,
+                           min_spacing_um=27.5, preprocess={"min_counts": 10, "min_genes": 5})
+    small_path = sample["root"] / "s1_27.5um.h5ad"
+    small.write_h5ad(small_path)
+    seen = []
+    original = WindowDataset.__init__
+
+    def spy(self, parts, **kwargs):
+        original(self, parts, **kwargs)
+        seen.append(np.concatenate([p.diameter_um for p in parts]))
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", "histomap.pixnet_task"):
+        mp.setattr(WindowDataset, "__init__", spy)
+        _, summary = _train(sample, "mixed", extra_st_paths=[[small_path]])
+    assert summary["epochs_done"] == 2
+    train_diameters = seen[0]
+    assert set(np.unique(train_diameters)) == {27.5, 55.0}
+    st = ad.read_h5ad(sample["st"])
+    # both sizes are split by the same validation blocks: all spots are in train or validation
+    assert sum(len(d) for d in seen) == st.n_obs + small.n_obs
+    assert f"+ {small.n_obs} spots of 27.5 um" in caplog.text
+    with pytest.raises(ValueError, match="one list per sample"):
+        _train(sample, "bad", extra_st_paths=[[small_path], []])

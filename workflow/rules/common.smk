@@ -141,6 +141,7 @@ def model_params(model):
     block = model_block(model)
     block.pop("train", None)
     block.pop("predict_spot_diameters_um", None)
+    block.pop("train_diameters_um", None)
     return block
 
 
@@ -230,12 +231,37 @@ def metric_files():
     return spot + scales
 
 
+def extra_train_spots(model, fold):
+    """Per training sample of a fold, the extra spot tables a dense model trains on besides the
+    sample's own spots (`train_diameters_um`: the high-resolution data re-measured with discs of
+    those sizes by truth_at_scale; samples without high-resolution data have none)."""
+    diameters = model_block(model).get("train_diameters_um", [])
+    return [
+        [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
+        if samples.loc[s, "platform"] in HIGHRES_PLATFORMS
+        else []
+        for s in fold_samples(fold, "train")
+    ]
+
+
+for _model in MODELS:
+    for _um in model_block(_model).get("train_diameters_um", []):
+        if scale_label(_um) not in CROSS_SCALE_LABELS:
+            raise ValueError(
+                f"config: {_model}.train_diameters_um has {_um}, which is not one of "
+                f"cross_scale.diameters_um {CROSS_SCALE['diameters_um']} (the sizes re-measured "
+                "from high-resolution data)"
+            )
+
+
 def train_inputs(wildcards):
     train = fold_samples(wildcards.fold, "train")
+    extra = extra_train_spots(wildcards.model, wildcards.fold)
     return {
         "st": [f"results/st/{s}.h5ad" for s in train],
         "slides": [f"results/ingest/{s}/slide.tif" for s in train],
         "genes": f"results/genes/{GENE_PANEL}.tsv",
+        "extra": [path for paths in extra for path in paths],
     }
 
 

@@ -54,6 +54,7 @@ rule train_pixnet:
         train=lambda wc: model_train(wc.model),
         validation=config["validation"],
         seed=lambda wc: int(wc.tseed),
+        extra_st=lambda wc: extra_train_spots(wc.model, wc.fold),
         checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, wc.fold, wc.tseed)}/checkpoints",
     log:
         "logs/train/{model}/{fold}/seed{tseed}.log",

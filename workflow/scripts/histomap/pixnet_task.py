@@ -91,6 +91,16 @@ class SlideSpots:
         return SlideSpots(self.slide_path, self.centres_px[keep], self.diameter_um[keep],
                           self.targets[keep], self.name)
 
+    def concat(self, other: SlideSpots) -> SlideSpots:
+        """These spots and ``other``'s (same slide, e.g. the same tissue measured with another
+        spot or bin size), each keeping its own diameter."""
+        if other.slide_path != self.slide_path:
+            raise ValueError(f"{other.name}: spots of {other.slide_path} cannot join spots of "
+                             f"{self.slide_path}")
+        return SlideSpots(self.slide_path, np.concatenate([self.centres_px, other.centres_px]),
+                          np.concatenate([self.diameter_um, other.diameter_um]),
+                          np.concatenate([self.targets, other.targets]), self.name)
+
 
 def dihedral_points(xy: np.ndarray, k: int, side: float) -> np.ndarray:
     """Map (x, y) points of a ``side`` x ``side`` square (continuous coordinates, pixel j
@@ -384,22 +394,37 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
                  validation: Mapping, seed: int, out_model: str | Path, out_log: str | Path,
                  checkpoint_dir: str | Path, window_px: int | None = None,
                  input_mpp: float | None = None, model_name: str = "pixnet",
+                 extra_st_paths: Sequence[Sequence[str | Path]] | None = None,
                  on_epoch_end: Callable[[dict], None] | None = None) -> dict:
     """Train PixNet (or another dense model of :data:`DENSE_MODELS`, ``model_name``) on the
     given (training-fold) samples; write ``model.pt`` and the log.
 
-    Validation windows come from spatial blocks of the training slides (``validation``:
-    fraction, block_um). Resumes from ``checkpoint_dir/last.pt`` after an interruption.
+    ``extra_st_paths``: per sample, further normalised spot tables of the same slide with other
+    spot or bin sizes (e.g. ground truth re-measured at 55 um from synthetic cells or Xenium
+    transcripts); they train together with the sample's own spots, each spot with its own
+    diameter (mixed-scale supervision). Validation windows come from spatial blocks of the
+    training slides (``validation``: fraction, block_um), the same blocks for every size.
+    Resumes from ``checkpoint_dir/last.pt`` after an interruption.
     """
     if len(st_paths) != len(slide_paths) or not st_paths:
         raise ValueError(f"need one slide per spots file, got {len(st_paths)} and "
                          f"{len(slide_paths)}")
+    extra_st_paths = list(extra_st_paths) if extra_st_paths else [[] for _ in st_paths]
+    if len(extra_st_paths) != len(st_paths):
+        raise ValueError(f"extra_st_paths needs one list per sample, got {len(extra_st_paths)} "
+                         f"for {len(st_paths)} samples")
     if model_name not in DENSE_MODELS:
         raise ValueError(f"model_name must be one of {DENSE_MODELS}, got {model_name!r}")
     task, pixnet_cfg = task_options(model_cfg, window_px=window_px, input_mpp=input_mpp)
     train_parts, val_parts = [], []
-    for i, (st_path, slide) in enumerate(zip(st_paths, slide_paths)):
+    for i, (st_path, slide, extra) in enumerate(zip(st_paths, slide_paths, extra_st_paths)):
         spots, adata = slide_spots(st_path, slide, genes)
+        for extra_path in extra:
+            more = slide_spots(extra_path, slide, genes)[0]
+            log.info("%s: + %d spots of %s um from %s (mixed-scale training)", spots.name,
+                     len(more.centres_px), ", ".join(f"{d:g}" for d in
+                                                     np.unique(more.diameter_um)), extra_path)
+            spots = spots.concat(more)
         block_px = float(validation["block_um"]) / float(geometry(adata)["mpp"])
         val = validation_split(spots.centres_px, fraction=float(validation["fraction"]),
                                block_px=block_px, seed=seed + i)
