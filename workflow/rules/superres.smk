@@ -129,7 +129,11 @@ rule sr_tables:
     input:
         sr_metric_files(),
     output:
-        csv="results/report/superres.csv",
+        csv=report(
+            "results/report/superres.csv",
+            caption="../report/superres.rst",
+            category="Super-resolution",
+        ),
         md="results/report/superres.md",
     params:
         methods=config["superres"].get("methods", []),
