@@ -263,13 +263,17 @@ def benchmark_markdown(long_df: pd.DataFrame) -> str:
         out += [f"Training seeds: {sorted(pd.unique(long_df['seed']).tolist())}. With several "
                 "seeds, every main-table cell is the mean over seeds of the mean over folds, "
                 "± the std over seeds (ddof=1).", ""]
-    if (agg["task"] == "cross_scale").any():
-        out += ["## Cross-scale: PCC@M by spot diameter (mean over slides)", "",
-                "Models trained at the samples' own spot size, scored against ground truth "
-                "re-measured at each diameter from the high-resolution data.", "",
-                scale_table(agg, "cross_scale"), ""]
     blocks = ["task", "dataset", "scale_um", "gene_set"]
-    for (task, dataset, scale, gene_set), part in long_df.groupby(blocks, sort=True):
+    # the spot task first, then the others; larger spots first within a task
+    order = {"spot": 0}
+    groups = sorted(long_df.groupby(blocks, sort=True),
+                    key=lambda kv: (order.get(kv[0][0], 1), kv[0][0], kv[0][1], -kv[0][2]))
+    for i, ((task, dataset, scale, gene_set), part) in enumerate(groups):
+        if task == "cross_scale" and (i == 0 or groups[i - 1][0][0] != "cross_scale"):
+            out += ["## Cross-scale: PCC@M by spot diameter (mean over slides)", "",
+                    "Models trained at the samples' own spot size, scored against ground "
+                    "truth re-measured at each diameter from the high-resolution data.", "",
+                    scale_table(agg, "cross_scale"), ""]
         sub = agg[(agg["task"] == task) & (agg["dataset"] == dataset)
                   & (agg["scale_um"] == scale) & (agg["gene_set"] == gene_set)]
         folds = sorted(pd.unique(part["fold"]).astype(str).tolist())
