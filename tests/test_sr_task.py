@@ -485,3 +485,45 @@ def test_xenium_options_pass_through_read_sample(xenium_crop_dir):
     assert strict.highres.uns["xenium"]["dropped"].get("qv < 35", 0) > 0
     with pytest.raises(InputError, match="min_qv"):
         read_sample("synthetic", "s", xenium_crop_dir, min_qv=30.0)
+
+
+# --------------------------------------------------------------------------- diffusion target
+def test_residual_target_round_trip_and_range():
+    x0, res = sr_task.DiffusionTarget("x0"), sr_task.DiffusionTarget("residual")
+    hr, lr_up = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 4, 4) * 2 - 1
+    enc = res.encode(hr, lr_up)
+    assert enc.abs().max() <= 1.0  # half the difference of two [-1, 1] maps
+    torch.testing.assert_close(res.decode(enc, lr_up), hr)
+    assert x0.encode(hr, lr_up) is hr and x0.decode(hr, lr_up) is hr
+    bounded, unbounded = sr_task.ValueRange(), sr_task.ValueRange(0.0, 5.0, bounded=False)
+    assert res.clip(bounded) == (-1.0, 1.0) and res.clip(unbounded) is None
+    assert x0.clip(unbounded) == (-1.0, None)
+    with pytest.raises(ValueError, match="residual"):
+        sr_task.DiffusionTarget("eps")
+
+
+class ZeroX0(nn.Module):
+    """A denoiser whose implied x_0 is 0 at every step (eps = x_t / sqrt(1 - abar_t))."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.scale = diffusion.sqrt_one_minus_alphas_cumprod.float()
+
+    def forward(self, x_t, t, lr_map=None, image=None):
+        return x_t / self.scale[t].view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("target", ["x0", "residual"])
+def test_residual_target_adds_the_upsampled_lr_map(pairs, target):
+    """With a zero x_0 the chain ends at 0: the HR map is the range's midpoint for x0, and the
+    upsampled LR map itself (inside the maps' [0, 1] range: bicubic overshoots) for the
+    residual target."""
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
+                                                  batch_size=2)))
+    diffusion = GaussianDiffusion(T=100, clip_x0=(-1.0, 1.0))
+    meta = {"method": "diffst", "value_range": [0.0, 1.0, True],
+            "diffusion": {"T": 100, "target": target}}
+    (out,) = sr_task.predict_chains(ZeroX0(diffusion), meta, batch, device=torch.device("cpu"),
+                                    sampler="ddpm", steps=None, diffusion=diffusion)
+    expected = np.clip(batch["lr_up"].double().numpy(), 0, 1) if target == "residual" else 0.5
+    np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)

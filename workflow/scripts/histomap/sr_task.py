@@ -86,7 +86,7 @@ MAPS_FORMAT = "histomap-srmaps/1"
 DIFFUSION_METHODS = {"diffst": "DiffST", "guided": "ConditionalUNet"}
 # options of a method's config handled here, not by the network constructor
 TASK_KEYS = ("curriculum", "upsample", "adjacency_max_pixels", "adjacency_binarize")
-DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse"}
+DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse", "target": "x0"}
 SPOT_GRID_PLATFORMS = ("legacy_st", "visium")
 EXTRA_LOG_COLUMNS = ("keep_fraction", "kept_observed", "denoise", "dis")
 METRIC_COLUMNS = {"rmse": "RMSE", "pcc": "PCC", "rmse_counts": "RMSE_counts",
@@ -180,6 +180,35 @@ class ValueRange:
 
     def as_list(self) -> list:
         return [float(self.lo), float(self.hi), bool(self.bounded)]
+
+
+@dataclass(frozen=True)
+class DiffusionTarget:
+    """What the diffusion generates, in the model's [-1, 1] units (``diffusion.target``).
+
+    ``"x0"`` (the paper): the HR map itself. ``"residual"`` (as SRDiff / ResShift do for image
+    super-resolution): half the difference between the HR map and the LR map upsampled onto the
+    HR grid, so the chain only has to add the detail the LR map lacks; the HR map is then
+    ``2 x + lr_up``. Both condition the denoiser on the same LR map and H&E patch.
+    """
+
+    kind: str = "x0"
+
+    def __post_init__(self):
+        if self.kind not in ("x0", "residual"):
+            raise ValueError(f"diffusion target must be 'x0' or 'residual', got {self.kind!r}")
+
+    def encode(self, hr, lr_up):
+        return hr if self.kind == "x0" else (hr - lr_up) / 2.0
+
+    def decode(self, x, lr_up):
+        return x if self.kind == "x0" else 2.0 * x + lr_up
+
+    def clip(self, vrange: ValueRange) -> tuple[float, float | None] | None:
+        """Range of the sampled x_0 (a residual of unbounded maps has no fixed bound)."""
+        if self.kind == "x0" or vrange.bounded:
+            return vrange.clip
+        return None
 
 
 # ============================================================================ pairs, splits
@@ -343,8 +372,10 @@ class DiffusionObjective:
     def __init__(self, diffusion: GaussianDiffusion, vrange: ValueRange, *,
                  schedule: CurriculumSchedule | None, seed: int, start_epoch: int = 0,
                  extras_path: Path | None = None,
-                 on_epoch_end: Callable[[dict], None] | None = None) -> None:
+                 on_epoch_end: Callable[[dict], None] | None = None,
+                 target: DiffusionTarget = DiffusionTarget()) -> None:
         self.diffusion, self.vrange, self.schedule = diffusion, vrange, schedule
+        self.target = target
         self.seed, self.epoch = int(seed), int(start_epoch)
         self.extras_path, self.user_hook = extras_path, on_epoch_end
         self.rows: list[dict] = _read_extras(extras_path, start_epoch)
@@ -364,8 +395,9 @@ class DiffusionObjective:
         if self.schedule is not None:
             self.schedule.apply(model, self.epoch)
         batch = to_device(batch, device)
-        x0 = self.vrange.to_model(batch["hr"].float())
-        cond = {"lr_map": self.vrange.to_model(batch["lr_up"].float()), "image": batch["image"]}
+        lr_up = self.vrange.to_model(batch["lr_up"].float())
+        x0 = self.target.encode(self.vrange.to_model(batch["hr"].float()), lr_up)
+        cond = {"lr_map": lr_up, "image": batch["image"]}
         generator = None
         if not model.training:
             key = int(batch["index"].sum()) + 7919 * int(batch["index"][0])
@@ -562,7 +594,8 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                 log.info("hierarchical features off: no sub-patches, the curriculum is unused")
         objective = DiffusionObjective(diff, vrange, schedule=schedule, seed=seed,
                                        start_epoch=_epochs_done(checkpoint_dir),
-                                       extras_path=extras_path, on_epoch_end=on_epoch_end)
+                                       extras_path=extras_path, on_epoch_end=on_epoch_end,
+                                       target=DiffusionTarget(diff_cfg["target"]))
         batch_to_loss, hook = objective, objective.on_epoch_end
         extra_meta["diffusion"] = diff_cfg
         extra_meta["value_range"] = vrange.as_list()
@@ -599,12 +632,16 @@ def _meta_range(meta: Mapping) -> ValueRange:
     return ValueRange(*values) if values else ValueRange()
 
 
+def _diffusion_target(meta: Mapping) -> DiffusionTarget:
+    return DiffusionTarget({**DEFAULT_DIFFUSION, **dict(meta.get("diffusion") or {})}["target"])
+
+
 def _diffusion_of(meta: Mapping) -> GaussianDiffusion | None:
     if not is_diffusion(meta["method"]):
         return None
     cfg = {**DEFAULT_DIFFUSION, **dict(meta.get("diffusion") or {})}
     return _gaussian_diffusion(T=int(cfg["T"]), schedule=cfg["schedule"], loss=cfg["loss"],
-                               clip_x0=_meta_range(meta).clip)
+                               clip_x0=_diffusion_target(meta).clip(_meta_range(meta)))
 
 
 def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: torch.device,
@@ -624,9 +661,9 @@ def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: t
         yield out
         return
     diffusion = diffusion or _diffusion_of(meta)
-    vrange = _meta_range(meta)
-    cond: dict[str, Any] = {"lr_map": vrange.to_model(batch["lr_up"].float()),
-                            "image": batch["image"]}
+    vrange, target = _meta_range(meta), _diffusion_target(meta)
+    lr_up = vrange.to_model(batch["lr_up"].float())
+    cond: dict[str, Any] = {"lr_map": lr_up, "image": batch["image"]}
     shape = tuple(batch["hr"].shape)
     encode = getattr(model, "encode_condition", None)
     if callable(encode):  # encode LR + histology once, reuse at every step of every chain
@@ -636,6 +673,9 @@ def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: t
         with torch.no_grad():
             x = diffusion.sample_one(model, shape, cond, sampler=sampler, steps=steps, eta=eta,
                                      generator=generator, device=device)
+            x = target.decode(x, lr_up)
+            if target.kind == "residual":  # back inside the data range of the maps
+                x = x.clamp(*vrange.clip)
             out = vrange.from_model(x.double()).cpu().numpy()
         yield out
 
