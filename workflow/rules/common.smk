@@ -24,6 +24,7 @@ DATA_DIR = config.get("data_dir", "")
 DEFAULT_SPOT_DIAMETER_UM = {
     "legacy_st": 100.0,
     "visium": 55.0,
+    "xenium": 55.0,  # spots a Xenium sample is binned into
     "synthetic": float(config["synthetic"]["spot_diameter_um"]),
 }
 
@@ -287,8 +288,7 @@ def all_targets():
     ]
 
 
-# ==== BEGIN super-resolution (Diff-ST benchmark; rules in superres.smk) ====================
-DEFAULT_SPOT_DIAMETER_UM.setdefault("xenium", 55.0)
+# ---- super-resolution (Diff-ST benchmark; rules in superres.smk) ----------------------------
 SR_SPOT_GRID_PLATFORMS = ("legacy_st", "visium")  # LR = pooled neighbouring spots
 SR_ARCHITECTURES = (
     "diffst",
@@ -463,5 +463,3 @@ def reader_options(sample):
         options["origin_um"] = [float(x), float(y)]
     return options
 
-
-# ==== END super-resolution ==================================================================
