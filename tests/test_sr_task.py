@@ -223,6 +223,25 @@ def test_trainable_baseline_fits_with_masked_mse(pairs, tmp_path):
     assert isinstance(model, FakeConvNet)
 
 
+def test_sections_with_different_he_sizes_train_together(synthetic, pairs, tmp_path):
+    """Spot-grid sections differ by a pixel in H&E patch size; batches mix sections, so every
+    patch is resized to the most common size, which prediction reuses."""
+    other = _pairs(synthetic, tmp_path / "other.zarr", image_mpp=4.8)
+    sizes = [tuple(read_sr_pairs(p, lazy=True)[0]["he"].shape[-2:]) for p in
+             (pairs, other)]
+    assert sizes[0] != sizes[1]
+    train = {**TRAIN, "epochs": 1, "batch_size": 64}  # one batch holds patches of both
+    sr_task.train_sr("unet", [pairs, pairs, other], model_cfg={"width": 8}, train_cfg=train,
+                     validation={"fraction": 0.0, "block_um": 80}, seed=0,
+                     out_model=tmp_path / "model.pt", out_log=tmp_path / "log.csv",
+                     checkpoint_dir=tmp_path / "ckpt")
+    _, meta = sr_task.load_sr_model(tmp_path / "model.pt")
+    assert tuple(meta["pairs"]["image_hw"]) == sizes[0]
+    item = SRPairDataset(other, image_hw=sizes[0])[0]
+    assert tuple(item["image"].shape) == (3, *sizes[0])
+    assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+
+
 def test_masked_mse_ignores_pixels_outside_the_mask():
     target = torch.zeros(1, 2, 4, 4)
     pred = torch.zeros(1, 2, 4, 4)

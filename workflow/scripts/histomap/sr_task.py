@@ -262,13 +262,26 @@ def split_patches(pairs_zarrs: Sequence[str | Path], *, fraction: float, block_u
     return splits
 
 
-def _datasets(pairs_zarrs, splits, upsample: str) -> tuple[Dataset, Dataset | None]:
+def common_image_hw(pairs_zarrs: Sequence[str | Path]) -> tuple[int, int]:
+    """One H&E patch size for pairs of several sections: the most common one (spot-grid
+    sections differ by a pixel or two with their measured spot pitch)."""
+    sizes = [tuple(int(v) for v in read_sr_pairs(p, lazy=True)[0]["he"].shape[-2:])
+             for p in pairs_zarrs]
+    common = max(sorted(set(sizes)), key=sizes.count)
+    if len(set(sizes)) > 1:
+        log.info("H&E patches of %s px are resized to %s px to stack in batches",
+                 sorted(set(sizes)), common)
+    return common
+
+
+def _datasets(pairs_zarrs, splits, upsample: str, image_hw: tuple[int, int]
+              ) -> tuple[Dataset, Dataset | None]:
     from torch.utils.data import ConcatDataset
 
-    train = [SRPairDataset(p, upsample=upsample, indices=tr) for p, (tr, _) in
-             zip(pairs_zarrs, splits) if len(tr)]
-    val = [SRPairDataset(p, upsample=upsample, indices=va) for p, (_, va) in
-           zip(pairs_zarrs, splits) if len(va)]
+    train = [SRPairDataset(p, upsample=upsample, indices=tr, image_hw=image_hw)
+             for p, (tr, _) in zip(pairs_zarrs, splits) if len(tr)]
+    val = [SRPairDataset(p, upsample=upsample, indices=va, image_hw=image_hw)
+           for p, (_, va) in zip(pairs_zarrs, splits) if len(va)]
     if not train:
         raise ValueError("no training patch in the given SR pairs")
     return ConcatDataset(train), (ConcatDataset(val) if val else None)
@@ -554,6 +567,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     pairs_meta = {k: attrs.get(k) for k in ("scale", "lr_um", "hr_um", "hr_shape", "lr_shape",
                                             "normalisation", "edge", "source", "patch_um")}
     pairs_meta["upsample"] = task["upsample"]
+    pairs_meta["image_hw"] = list(common_image_hw(pairs_zarrs))  # H&E size the model saw
     meta = {"variant": variant or method, "task": task, "pairs": pairs_meta,
             "train_pairs": [str(p) for p in pairs_zarrs]}
     if not trainable:
@@ -567,7 +581,8 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     splits = split_patches(pairs_zarrs, fraction=float(validation.get("fraction", 0.15)),
                            block_um=float(validation.get("block_um", 0.0)), seed=seed)
     train_idx = [tr for tr, _ in splits]
-    train_ds, val_ds = _datasets(pairs_zarrs, splits, task["upsample"])
+    train_ds, val_ds = _datasets(pairs_zarrs, splits, task["upsample"],
+                                 tuple(pairs_meta["image_hw"]))
     cfg = TrainConfig.from_dict({**dict(train_cfg), "seed": seed})
     extra_meta: dict[str, Any] = {"diffusion": {}, "value_range": []}
     extras_path = checkpoint_dir / "sr_epochs.csv"
@@ -794,7 +809,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     diffusion = is_diffusion(meta["method"])
     n = int(arrays["hr"].shape[0])
     g, (h, w) = len(genes), (int(v) for v in attrs["hr_shape"])
-    dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"))
+    dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
+                            image_hw=meta["pairs"].get("image_hw"))
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
     generator = torch.Generator().manual_seed(int(seed))
     diff = _diffusion_of(meta)
@@ -1187,7 +1203,7 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
     n = int(arrays["hr"].shape[0]) if max_patches is None else min(int(max_patches),
                                                                   int(arrays["hr"].shape[0]))
     dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
-                            indices=np.arange(n))
+                            indices=np.arange(n), image_hw=meta["pairs"].get("image_hw"))
     diff = _diffusion_of(meta)
     rows = []
     for k in steps:

@@ -675,10 +675,14 @@ class SRPairDataset:
     upsampled (``upsample``: "bicubic", "bilinear" or "nearest") onto the HR grid, ``image``
     (3, H, W) float32 in [0, 1], ``mask`` (h, w) bool, ``index`` int). The LR map is upsampled
     by ``scale`` and cropped to the HR patch, so ``edge="ceil"`` LR pixels stay in place.
+    ``image_hw``: resize the H&E patch to this (H, W) (area-averaged), so that the pairs of
+    several sections stack in one batch (spot-grid sections differ by a pixel or two in
+    their measured spot pitch).
     """
 
     def __init__(self, path: str | Path, *, upsample: str = "bicubic",
-                 indices: Sequence[int] | None = None) -> None:
+                 indices: Sequence[int] | None = None,
+                 image_hw: tuple[int, int] | None = None) -> None:
         if upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
         self.path = Path(path)
@@ -686,6 +690,7 @@ class SRPairDataset:
         n = arrays["hr"].shape[0]
         self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
         self.upsample = upsample
+        self.image_hw = tuple(int(v) for v in image_hw) if image_hw is not None else None
         self.genes = list(self.attrs["genes"])
         self._arrays: dict | None = None
 
@@ -711,5 +716,8 @@ class SRPairDataset:
         lr_up = F.interpolate(lr[None], size=size, mode=self.upsample, **kwargs)[0]
         lr_up = lr_up[:, :hr.shape[-2], :hr.shape[-1]].contiguous()
         image = torch.from_numpy(np.asarray(a["he"][i])).float() / 255.0
+        if self.image_hw is not None and tuple(image.shape[-2:]) != self.image_hw:
+            image = F.interpolate(image[None], size=self.image_hw, mode="bilinear",
+                                  antialias=True, align_corners=False)[0].clamp(0.0, 1.0)
         mask = torch.from_numpy(np.asarray(a["mask"][i], bool))
         return {"hr": hr, "lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
