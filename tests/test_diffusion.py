@@ -168,3 +168,28 @@ def test_p_losses_epsilon_mse_aux_and_mask():
     a = d.p_losses(zero_with_aux, x0, {"scale": 1.0}, generator=torch.Generator().manual_seed(9))
     b = d.p_losses(zero_with_aux, x0, {"scale": 1.0}, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a["loss"], b["loss"])
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("respaced", 20), ("ddim", 10)])
+def test_x0_prediction_samplers_and_loss(sampler, steps):
+    """prediction="x0": the network outputs x_0; an exact one is recovered by every sampler and
+    has zero loss, and the loss is measured against x_0, not against the noise."""
+    d = GaussianDiffusion(T=1000, prediction="x0")
+    x0 = _x0((4, 2, 16, 16))
+    calls = []
+
+    def exact(x_t, t):
+        calls.append(int(t[0]))
+        return x0.clone()
+
+    out = d.sample_one(exact, x0.shape, sampler=sampler, steps=steps,
+                       generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(out, x0, atol=1e-4)
+    assert calls[0] == 999 and calls[-1] == 0
+    t = torch.tensor([3, 3, 600, 999])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    assert d.p_losses(exact, x0, t=t, noise=noise)["loss"].item() < 1e-12
+    zero = d.p_losses(lambda x_t, t: torch.zeros_like(x_t), x0, t=t, noise=noise)
+    assert zero["denoise"].item() == pytest.approx(x0.pow(2).mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(T=10, prediction="v")

@@ -546,3 +546,28 @@ def test_residual_target_adds_the_upsampled_lr_map(pairs, target):
                                     sampler="ddpm", steps=None, diffusion=diffusion)
     expected = np.clip(batch["lr_up"].double().numpy(), 0, 1) if target == "residual" else 0.5
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
+
+
+def test_x0_prediction_is_kept_with_the_model_and_used_to_sample(pairs, tmp_path):
+    """`diffusion.prediction` is saved with the model and decides how its output is read: a
+    network answering 0 means x_0 = 0 (the range's midpoint) under x0-prediction and "no noise
+    left" under eps-prediction, whose chain then keeps its starting noise."""
+    torch.set_num_threads(1)
+    sr_task.train_sr("diffst", [pairs], model_cfg=DIFFST_CFG, train_cfg={**TRAIN, "epochs": 1},
+                     validation=VALIDATION, seed=0, out_model=tmp_path / "model.pt",
+                     out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt",
+                     diffusion={**DIFFUSION, "prediction": "x0"})
+    _, meta = sr_task.load_sr_model(tmp_path / "model.pt")
+    assert meta["diffusion"]["prediction"] == "x0"
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
+                                                  batch_size=2)))
+    outs = {}
+    for prediction in ("x0", "eps"):
+        meta = {"method": "diffst", "value_range": [0.0, 1.0, True],
+                "diffusion": {"T": 100, "prediction": prediction}}
+        (outs[prediction],) = sr_task.predict_chains(
+            lambda x_t, t, **cond: torch.zeros_like(x_t), meta, batch,
+            device=torch.device("cpu"), sampler="respaced", steps=10,
+            generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(outs["x0"], 0.5, atol=1e-6)
+    assert outs["eps"].std() > 0.1

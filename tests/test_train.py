@@ -14,11 +14,11 @@ from torch.utils.data import TensorDataset
 import histomap.train as train_mod
 from histomap.compat import torch
 from histomap.errors import InputError
+from histomap.imagenorm import IMAGENET_MEAN, IMAGENET_STD
 from histomap.models import STNet
 from histomap.predict import predict_spots, spots_prediction_anndata
 from histomap.slide import write_pyramid
-from histomap.spot_patches import (IMAGENET_MEAN, IMAGENET_STD, SpotDataset, dihedral,
-                                   extract_spot_patches)
+from histomap.spot_patches import SpotDataset, dihedral, extract_spot_patches
 from histomap.train import TrainConfig, fit, load_model, save_model
 
 BACKBONE = "test_resnet"  # timm's ~0.4 M parameter test network

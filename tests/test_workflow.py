@@ -55,6 +55,26 @@ def test_schema_rejects_bad_value(workdir):
     assert "random" in res.stderr + res.stdout
 
 
+def test_sr_method_diffusion_overrides_are_validated(workdir):
+    """A method's own `diffusion:` block (e.g. the paper's eps-prediction beside an x0 default)
+    is accepted; a bad value in it is rejected by the schema before anything runs."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    sr = config["superres"]
+    sr["diffusion"]["prediction"] = "x0"
+    sr["ablations"] = ["diffst_eps"]
+    sr["models"]["diffst_eps"] = {"based_on": "diffst", "diffusion": {"prediction": "eps"}}
+    cfg = workdir / "sr_config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    res = run_snakemake(workdir, "-n", "--configfile", str(cfg), "--", "results/report/superres.md")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "results/sr/models/diffst_eps/x5/P1/model.pt" in res.stdout + res.stderr
+    sr["models"]["diffst_eps"]["diffusion"]["prediction"] = "v_pred"
+    cfg.write_text(yaml.safe_dump(config))
+    res = run_snakemake(workdir, "-n", "--configfile", str(cfg), "--", "results/report/superres.md")
+    assert res.returncode != 0
+    assert "v_pred" in res.stderr + res.stdout
+
+
 def test_sample_sheet_unknown_platform(workdir):
     sheet = workdir / "bad.tsv"
     sheet.write_text("sample\tpatient\tplatform\tpath\nS1\tP\tnanostring\tx\nS2\tQ\tsynthetic\t\n")

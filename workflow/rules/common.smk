@@ -353,9 +353,11 @@ def sr_methods_of(kind):
 
 
 def sr_model_config(name):
-    """Network settings and task options of an SR method (its `train:` overrides removed)."""
+    """Network settings and task options of an SR method (its `train:` and `diffusion:`
+    overrides removed)."""
     entry = sr_method(name)[1]
     entry.pop("train", None)
+    entry.pop("diffusion", None)
     return entry
 
 
@@ -363,6 +365,11 @@ def sr_train_config(name):
     """`train`, then `superres.train`, then the method's own `train:` overrides."""
     entry = sr_method(name)[1]
     return {**config["train"], **sr_config().get("train", {}), **entry.get("train", {})}
+
+
+def sr_diffusion_config(name):
+    """`superres.diffusion` with the method's own `diffusion:` overrides."""
+    return {**sr_config().get("diffusion", {}), **sr_method(name)[1].get("diffusion", {})}
 
 
 def sr_validation():

@@ -50,7 +50,7 @@ rule train_diffst:
         model=lambda wc: sr_model_config(wc.sr_method),
         train=lambda wc: sr_train_config(wc.sr_method),
         validation=sr_validation(),
-        diffusion=config["superres"].get("diffusion", {}),
+        diffusion=lambda wc: sr_diffusion_config(wc.sr_method),
         seed=config["seed"],
         checkpoint_dir=lambda wc: (
             f"results/sr/models/{wc.sr_method}/x{wc.sr_scale}/{wc.fold}/checkpoints"

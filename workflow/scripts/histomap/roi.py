@@ -149,6 +149,19 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
     return out
 
 
+class DenseSpotsMixin:
+    """``forward_spots`` for a module whose ``forward(images)`` returns a dense map
+    (B, genes, h, w): the map and its spot predictions (B, N, genes)."""
+
+    def forward_spots(self, images: torch.Tensor, centres: torch.Tensor,
+                      radii: torch.Tensor | float, mode: str = "mean",
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense map and the spot predictions; centres/radii in map pixels (see
+        :func:`roi_aggregate`)."""
+        dense_map = self(images)
+        return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid)
+
+
 def discs_from_spots(centres_level0_px, diameter_um, slide_mpp: float, map_origin_px,
                      map_mpp: float):
     """Convert spot centres and diameters to disc centres and radii in dense-map pixels.

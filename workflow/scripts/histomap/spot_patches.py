@@ -14,12 +14,11 @@ from tqdm.auto import tqdm
 
 from .compat import torch
 from .errors import InputError
+from .imagenorm import ImageNormalize
 from .slide import open_slide, read_patch, slide_mpp
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def patch_side_px(crop_um: float, out_mpp: float) -> int:
@@ -101,8 +100,7 @@ class SpotDataset(Dataset):
                                  f"{targets.shape}")
             self.targets = torch.from_numpy(np.ascontiguousarray(targets))
         self.augment = bool(augment)
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self._normalize = ImageNormalize()
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -111,7 +109,7 @@ class SpotDataset(Dataset):
         image = self.patches[i].permute(2, 0, 1).float().div_(255.0)
         if self.augment:
             image = dihedral(image, int(torch.randint(8, ()).item()))
-        image = (image - self._mean) / self._std
+        image = self._normalize(image)
         if self.targets is None:
             return image
         return image, self.targets[i]

@@ -86,7 +86,8 @@ MAPS_FORMAT = "histomap-srmaps/1"
 DIFFUSION_METHODS = {"diffst": "DiffST", "guided": "ConditionalUNet"}
 # options of a method's config handled here, not by the network constructor
 TASK_KEYS = ("curriculum", "upsample", "adjacency_max_pixels", "adjacency_binarize")
-DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse", "target": "x0"}
+DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse", "prediction": "eps",
+                     "target": "x0"}
 SPOT_GRID_PLATFORMS = ("legacy_st", "visium")
 EXTRA_LOG_COLUMNS = ("keep_fraction", "kept_observed", "denoise", "dis")
 METRIC_COLUMNS = {"rmse": "RMSE", "pcc": "PCC", "rmse_counts": "RMSE_counts",
@@ -108,10 +109,13 @@ def _diffst():
     return diffst
 
 
-def _gaussian_diffusion(**kwargs) -> GaussianDiffusion:
+def _gaussian_diffusion(cfg: Mapping, clip_x0: tuple[float, float] | None = None
+                        ) -> GaussianDiffusion:
+    """The diffusion process of a ``superres.diffusion`` config (merged over the defaults)."""
     from .models.diffusion import GaussianDiffusion
 
-    return GaussianDiffusion(**kwargs)
+    return GaussianDiffusion(T=int(cfg["T"]), schedule=cfg["schedule"], loss=cfg["loss"],
+                             prediction=cfg["prediction"], clip_x0=clip_x0)
 
 
 def _baselines():
@@ -589,8 +593,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     if is_diffusion(method):
         diff_cfg = {**DEFAULT_DIFFUSION, **dict(diffusion or {})}
         vrange = value_range(attrs["normalisation"], pairs_zarrs, train_idx)
-        diff = _gaussian_diffusion(T=int(diff_cfg["T"]), schedule=diff_cfg["schedule"],
-                                   loss=diff_cfg["loss"])
+        diff = _gaussian_diffusion(diff_cfg)
         schedule = None
         if isinstance(model, DiffST):
             if model.cfg.cigc:
@@ -654,8 +657,7 @@ def _diffusion_target(meta: Mapping) -> DiffusionTarget:
 def _diffusion_of(meta: Mapping) -> GaussianDiffusion | None:
     if not is_diffusion(meta["method"]):
         return None
-    cfg = {**DEFAULT_DIFFUSION, **dict(meta.get("diffusion") or {})}
-    return _gaussian_diffusion(T=int(cfg["T"]), schedule=cfg["schedule"], loss=cfg["loss"],
+    return _gaussian_diffusion({**DEFAULT_DIFFUSION, **dict(meta.get("diffusion") or {})},
                                clip_x0=_diffusion_target(meta).clip(_meta_range(meta)))
 
 

@@ -4,7 +4,12 @@ The process (schedules, forward noising, training loss, samplers) knows nothing 
 except its calling convention::
 
     out = model(x_t, t, **cond)          # x_t (B, G, H, W); t (B,) int64 step indices in [0, T)
-    eps = out  or  (eps, aux_losses)     # aux_losses: dict of already-weighted scalar losses
+    pred = out  or  (pred, aux_losses)   # aux_losses: dict of already-weighted scalar losses
+
+``pred`` is the noise estimate (``prediction="eps"``, DDPM and the Diff-ST authors' code) or the
+x_0 estimate itself (``prediction="x0"``, guided-diffusion's ``predict_xstart``); the training
+loss compares it with the noise or with x_0 accordingly, and the samplers convert either into the
+pair (eps, x_0) they need.
 
 ``t`` is always an index into the *original* T-step schedule, also for respaced and DDIM sampling
 (improved-DDPM convention), so one trained network serves every sampler.
@@ -141,13 +146,17 @@ class GaussianDiffusion(nn.Module):
     var_type : reverse-step variance, ``"fixed_small"`` (posterior beta-tilde) or ``"fixed_large"``
         (beta). The authors' code learns the variance; this implementation keeps it fixed.
     loss : ``"mse"`` (the paper) or ``"charbonnier"`` (sqrt(d^2 + 1e-6), the authors' code).
+    prediction : what the network outputs and the loss targets: ``"eps"`` (the paper) or ``"x0"``.
     """
 
     def __init__(self, T: int = 1000, schedule: Schedule = "linear",
                  clip_x0: tuple[float, float] | None = None,
                  var_type: Literal["fixed_small", "fixed_large"] = "fixed_small",
-                 loss: Literal["mse", "charbonnier"] = "mse") -> None:
+                 loss: Literal["mse", "charbonnier"] = "mse",
+                 prediction: Literal["eps", "x0"] = "eps") -> None:
         super().__init__()
+        if prediction not in ("eps", "x0"):
+            raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
         if var_type not in ("fixed_small", "fixed_large"):
             raise ValueError(f"var_type must be 'fixed_small' or 'fixed_large', got {var_type!r}")
         if loss not in ("mse", "charbonnier"):
@@ -157,6 +166,7 @@ class GaussianDiffusion(nn.Module):
         self.clip_x0 = clip_x0
         self.var_type = var_type
         self.loss_type = loss
+        self.prediction = prediction
         for name, value in _schedule_terms(beta_schedule(schedule, self.T)).items():
             self.register_buffer(name, value, persistent=False)
 
@@ -187,7 +197,8 @@ class GaussianDiffusion(nn.Module):
                  t: Tensor | None = None, noise: Tensor | None = None,
                  mask: Tensor | None = None,
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Epsilon-prediction loss at random (or given) steps.
+        """Denoising loss at random (or given) steps: the network's output against the noise
+        (``prediction="eps"``) or against x_0 (``"x0"``).
 
         Returns a dict of scalars: ``"loss"`` (denoising loss + every auxiliary loss the model
         returned, which the model has already weighted), ``"denoise"`` and each auxiliary term.
@@ -202,11 +213,11 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = _randn(x0.shape, x0.device, x0.dtype, generator)
         x_t = self.q_sample(x0, t, noise)
-        eps, aux = split_model_output(model(x_t, t, **cond))
-        if eps.shape != noise.shape:
-            raise ValueError(f"model returned eps of shape {tuple(eps.shape)}, "
+        pred, aux = split_model_output(model(x_t, t, **cond))
+        if pred.shape != noise.shape:
+            raise ValueError(f"model returned {self.prediction} of shape {tuple(pred.shape)}, "
                              f"expected {tuple(noise.shape)}")
-        diff = eps - noise
+        diff = pred - (noise if self.prediction == "eps" else x0)
         per_px = diff.pow(2) if self.loss_type == "mse" else (diff.pow(2) + 1e-6).sqrt()
         if mask is None:
             denoise = per_px.mean()
@@ -237,12 +248,14 @@ class GaussianDiffusion(nn.Module):
     def _eps_x0(self, model: Callable[..., Any], x: Tensor, t_model: Tensor, t_chain: Tensor,
                 cond: dict[str, Any], terms: dict[str, Tensor],
                 clip: bool) -> tuple[Tensor, Tensor]:
-        eps, _ = split_model_output(model(x, t_model, **cond))
-        x0 = self.predict_x0(x, t_chain, eps, terms)
-        if clip and self.clip_x0 is not None:
+        pred, _ = split_model_output(model(x, t_model, **cond))
+        x0 = self.predict_x0(x, t_chain, pred, terms) if self.prediction == "eps" else pred
+        clipped = clip and self.clip_x0 is not None
+        if clipped:
             x0 = x0.clamp(*self.clip_x0)
-            eps = self.predict_eps(x, t_chain, x0, terms)
-        return eps, x0
+        if self.prediction == "eps" and not clipped:
+            return pred, x0
+        return self.predict_eps(x, t_chain, x0, terms), x0
 
     def _ancestral(self, model: Callable[..., Any], x: Tensor, cond: dict[str, Any],
                    timesteps: Tensor, clip: bool, generator: torch.Generator | None) -> Tensor:

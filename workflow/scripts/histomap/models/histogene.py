@@ -17,7 +17,7 @@ import logging
 from torch import nn
 
 from ..compat import torch
-from ..spot_patches import IMAGENET_MEAN, IMAGENET_STD
+from ..imagenorm import ImageNormalize
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,7 @@ class HistoGene(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, self.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(self.dim)
         self.head = nn.Linear(self.dim, self.n_genes)
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1),
-                             persistent=False)
+        self.image_norm = ImageNormalize()
 
     @property
     def config(self) -> dict:
@@ -97,7 +94,7 @@ class HistoGene(nn.Module):
             raise ValueError(f"key_padding_mask must be ({b}, {n}), got "
                              f"{tuple(key_padding_mask.shape)}")
         positions = positions.long().clamp(0, self.n_pos - 1)
-        x = ((patches - self._mean) / self._std).flatten(2)
+        x = self.image_norm(patches).flatten(2)
         x = (self.patch_embedding(x) + self.x_embedding(positions[..., 0])
              + self.y_embedding(positions[..., 1]))
         x = self.encoder(self.embedding_dropout(x),

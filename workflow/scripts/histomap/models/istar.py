@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histomap.roi import roi_aggregate
+from histomap.imagenorm import ImageNormalize
+from histomap.roi import DenseSpotsMixin
 
-from .pixnet import (IMAGENET_MEAN, IMAGENET_STD, VIT_ENCODER_NAMES, TimmPyramidEncoder,
+from .pixnet import (VIT_ENCODER_NAMES, TimmPyramidEncoder,
                      ViTPyramidEncoder, init_dense_head_bias, load_encoder_weights)
 
 log = logging.getLogger(__name__)
@@ -252,10 +253,7 @@ class DenseFeatures(nn.Module):
                 self.encoder_channels = int(sum(self.encoder.channels))
         self.channels = self.encoder_channels + (self.filterbank.channels
                                                  if self.filterbank is not None else 0)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.image_norm = ImageNormalize()
         self.requires_grad_(False)
         self.eval()
 
@@ -271,7 +269,7 @@ class DenseFeatures(nn.Module):
         raise ValueError("these features have no encoder")
 
     def _encoder_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = (images - self.mean) / self.std
+        x = self.image_norm(images)
         if isinstance(self.encoder, ViTPyramidEncoder):
             return list(self.encoder.tokens(x))
         return self.encoder(x)
@@ -289,7 +287,7 @@ class DenseFeatures(nn.Module):
 
 
 # --------------------------------------------------------------------------- iStar
-class IStar(nn.Module):
+class IStar(DenseSpotsMixin, nn.Module):
     """iStar-style dense map: frozen dense features -> per-pixel MLP -> non-negative genes.
 
     Args:
@@ -388,9 +386,3 @@ class IStar(nn.Module):
         g = self.head(self.mlp(self.norm(self.features(images))))
         return F.softplus(g) if self.head_activation == "softplus" else F.relu(g)
 
-    def forward_spots(self, images: torch.Tensor, centres: torch.Tensor,
-                      radii: torch.Tensor | float, mode: str = "mean",
-                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense map and the spot predictions (B, N, genes); centres/radii in map pixels."""
-        dense_map = self(images)
-        return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid)

@@ -40,13 +40,12 @@ from torch import nn
 
 from histomap.compat import timm
 from histomap.errors import InputError
-from histomap.roi import roi_aggregate
+from histomap.imagenorm import ImageNormalize
+from histomap.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DECODER_CHANNELS = (64, 128, 256, 512, 512, 512)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # UNI2-h (MahmoodLab) architecture as timm VisionTransformer kwargs; weights come from a file.
 UNI2H_VIT_KWARGS: dict[str, Any] = {
@@ -338,7 +337,7 @@ def build_encoder(encoder: str, encoder_cfg: dict[str, Any] | None) -> nn.Module
 
 
 # --------------------------------------------------------------------------- PixNet
-class PixNet(nn.Module):
+class PixNet(DenseSpotsMixin, nn.Module):
     """Dense gene-expression map from an H&E patch.
 
     Args:
@@ -442,10 +441,7 @@ class PixNet(nn.Module):
         self.head = nn.Conv2d(dec[0], n_genes, 1)
         self.head_activation = head_activation
         self.normalize = normalize
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.image_norm = ImageNormalize()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -477,7 +473,7 @@ class PixNet(nn.Module):
         """images (B, 3, H, W) RGB in [0, 1] -> G (B, genes, H / out_stride, W / out_stride)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        x = (images - self.mean) / self.std if self.normalize else images
+        x = self.image_norm(images) if self.normalize else images
         feats = self._encode(x)
         feats = [feats[i] for i in self.levels]
         d = self.bottleneck(feats[-1])
@@ -494,12 +490,6 @@ class PixNet(nn.Module):
         g = _align(g, size)
         return F.softplus(g) if self.head_activation == "softplus" else F.relu(g)
 
-    def forward_spots(self, images: torch.Tensor, centres: torch.Tensor,
-                      radii: torch.Tensor | float, mode: str = "mean",
-                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """G and the spot predictions (B, N, genes); centres/radii in G pixels (see roi.py)."""
-        dense_map = self(images)
-        return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid)
 
 
 def init_dense_head_bias(head: nn.Conv2d, activation: str, mean_expression) -> None:

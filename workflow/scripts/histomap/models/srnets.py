@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffst import IMAGENET_MEAN, IMAGENET_STD, _as_float_image, _resize
+from ..imagenorm import ImageNormalize
+from .diffst import _as_float_image, _resize
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,7 @@ class _SRCNN(nn.Module):
         self.widths = [int(base_channels) * 2 ** i for i in range(self.depth + 1)]
         self.in_channels = self.n_genes + 3
         self.head = nn.Conv2d(self.widths[0], self.n_genes, 1)
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.image_norm = ImageNormalize()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -201,7 +199,7 @@ class _SRCNN(nn.Module):
         """``lr`` is accepted for a common interface and not used."""
         _check_inputs(self.n_genes, lr_up, image, lr)
         H, W = lr_up.shape[-2:]
-        img = (hr_image(image, (H, W), lr_up.dtype) - self._mean) / self._std
+        img = self.image_norm(hr_image(image, (H, W), lr_up.dtype))
         x = _pad_to_multiple(torch.cat([lr_up, img], dim=1), 2 ** self.depth)
         out = self.head(self.features(x))[..., :H, :W]
         if self._config["residual"]:
@@ -390,10 +388,7 @@ class HistoGeneSR(nn.Module):
                                                         attn_dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.n_genes * t * t)
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.image_norm = ImageNormalize()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -408,7 +403,7 @@ class HistoGeneSR(nn.Module):
         if max(gy, gx) > self.max_grid:
             raise ValueError(f"HR map {H}x{W} needs a {gy}x{gx} token grid; max_grid is "
                              f"{self.max_grid} (raise it or token_px)")
-        img = (hr_image(image, (H * p, W * p), lr_up.dtype) - self._mean) / self._std
+        img = self.image_norm(hr_image(image, (H * p, W * p), lr_up.dtype))
         img = _pad_to_multiple(img, t * p)
         tokens = self.patch_embedding(F.unfold(img, t * p, stride=t * p).transpose(1, 2))
         rows = torch.arange(gy, device=lr_up.device).repeat_interleave(gx)
