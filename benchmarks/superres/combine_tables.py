@@ -20,7 +20,8 @@ from histomap.sr_task import TABLE_COLUMNS, sr_markdown  # noqa: E402
 
 DEFAULT_ORDER = ["bicubic", "tesla", "unet", "unetpp", "attention_unet", "histogene_sr",
                  "guided", "diffst"]
-DEFAULT_ABLATIONS = ["diffst_no_cam", "diffst_no_cigc", "diffst_no_hierarchical"]
+DEFAULT_ABLATIONS = ["diffst_no_cam", "diffst_no_cigc", "diffst_no_hierarchical", "diffst_eps",
+                     "diffst_x0"]
 
 
 def main(argv=None) -> None:
