@@ -655,6 +655,13 @@ def _diffusion_target(meta: Mapping) -> DiffusionTarget:
     return DiffusionTarget({**DEFAULT_DIFFUSION, **dict(meta.get("diffusion") or {})}["target"])
 
 
+def _model_dataset(meta: Mapping, pairs_zarr: str | Path,
+                   indices: Sequence[int] | None = None) -> SRPairDataset:
+    """The pairs as a trained model saw them: its LR upsampling and its H&E patch size."""
+    return SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
+                         indices=indices, image_hw=meta["pairs"].get("image_hw"))
+
+
 def _diffusion_of(meta: Mapping) -> GaussianDiffusion | None:
     if not is_diffusion(meta["method"]):
         return None
@@ -812,8 +819,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     diffusion = is_diffusion(meta["method"])
     n = int(arrays["hr"].shape[0])
     g, (h, w) = len(genes), (int(v) for v in attrs["hr_shape"])
-    dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
-                            image_hw=meta["pairs"].get("image_hw"))
+    dataset = _model_dataset(meta, pairs_zarr)
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
     generator = torch.Generator().manual_seed(int(seed))
     diff = _diffusion_of(meta)
@@ -1205,8 +1211,7 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
         raise InputError(pairs_zarr, "genes differ from the model's")
     n = int(arrays["hr"].shape[0]) if max_patches is None else min(int(max_patches),
                                                                   int(arrays["hr"].shape[0]))
-    dataset = SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
-                            indices=np.arange(n), image_hw=meta["pairs"].get("image_hw"))
+    dataset = _model_dataset(meta, pairs_zarr, indices=np.arange(n))
     diff = _diffusion_of(meta)
     rows = []
     for k in steps:

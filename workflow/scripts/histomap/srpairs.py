@@ -675,8 +675,8 @@ class SRPairDataset:
     upsampled (``upsample``: "bicubic", "bilinear" or "nearest") onto the HR grid, ``image``
     (3, H, W) float32 in [0, 1], ``mask`` (h, w) bool, ``index`` int). The LR map is upsampled
     by ``scale`` and cropped to the HR patch, so ``edge="ceil"`` LR pixels stay in place.
-    ``image_hw``: resize the H&E patch to this (H, W) (area-averaged), so that the pairs of
-    several sections stack in one batch (spot-grid sections differ by a pixel or two in
+    ``image_hw``: resize the H&E patch to this (H, W) (antialiased bilinear), so that the pairs
+    of several sections stack in one batch (spot-grid sections differ by a pixel or two in
     their measured spot pitch).
     """
 
