@@ -4,15 +4,15 @@
 Issue 3's cost benchmark. Weights do not change cost, so every model is freshly initialised
 with a fixed seed, saved with :func:`histomap.train.save_model` as training would save it, and
 predicted through the package's real prediction functions, on a synthetic slide
-(:func:`histomap.synthetic.simulate_sample` -> normalised spots ->
-:func:`histomap.tiling.tile_slide`).
+(:func:`histomap.data.synthetic.simulate_sample` -> normalised spots ->
+:func:`histomap.data.tiling.tile_slide`).
 
 1. Cost of scales: seconds to predict the sample's N spots at 1 scale (the first of
    ``--scales-um``, the sample's spot diameter) and at every scale of ``--scales-um``:
 
-   * ``pixnet``: :func:`histomap.pixnet_task.predict_pixnet` once with one output file per
+   * ``pixnet``: :func:`histomap.tasks.dense.predict_pixnet` once with one output file per
      diameter (one dense map, then one disc aggregation per scale);
-   * ``stnet``: :func:`histomap.spot_model.predict_spot_model` once per scale, each with a
+   * ``stnet``: :func:`histomap.tasks.spot.predict_spot_model` once per scale, each with a
      ``model.pt`` whose saved ``crop_um`` is ``--stnet-crop-factor`` x the diameter
      (``predict_spot_model`` takes its crop from the saved config only), so the encoder re-runs
      per scale on a crop of ``crop_um / input_mpp`` pixels (a 2 um spot at 1 um/px is a 2 px
@@ -24,7 +24,7 @@ predicted through the package's real prediction functions, on a synthetic slide
    Each configuration is run once as a warm-up, then ``--repeats`` times round-robin across the
    configurations (so background load hits all alike); the median is reported.
 2. Dense-map throughput: mm^2 of tissue (area of the tissue tiles of the tile index) per second of
-   :func:`histomap.dense.predict_dense_map` (warm-up, then the median of ``--repeats``), with
+   :func:`histomap.tasks.dense_map.predict_dense_map` (warm-up, then the median of ``--repeats``), with
    and without autocast on CUDA. Peak memory is measured in a fresh subprocess per setting
    (imports, model load, then one cold dense-map prediction): the peak resident set size is
    reset right before the prediction (Linux ``/proc/self/clear_refs``; elsewhere
@@ -64,7 +64,7 @@ if str(REPO / "workflow" / "scripts") not in sys.path:
 
 # the memory worker (a fresh process) needs only these; the rest is imported where used
 from histomap.compat import torch  # noqa: E402  (after the sys.path line)
-from histomap.dense import predict_dense_map, read_dense  # noqa: E402
+from histomap.tasks.dense_map import predict_dense_map, read_dense  # noqa: E402
 from histomap.train import amp_dtype, load_model, resolve_device, save_model  # noqa: E402
 
 log = logging.getLogger("pixnet_cost")
@@ -184,10 +184,10 @@ class Inputs:
 
 def prepare_inputs(work: Path, args: argparse.Namespace) -> Inputs:
     """Synthetic slide + normalised spots (optionally subsampled) + tissue tile index."""
-    from histomap.io.synthetic import read as read_synthetic
-    from histomap.preprocess import normalise_spots
-    from histomap.synthetic import simulate_sample
-    from histomap.tiling import tile_slide
+    from histomap.data.io.synthetic import read as read_synthetic
+    from histomap.data.preprocess import normalise_spots
+    from histomap.data.synthetic import simulate_sample
+    from histomap.data.tiling import tile_slide
 
     sample_dir = work / "sample"
     simulate_sample(sample_dir, seed=args.seed, size_um=(args.size_um, args.size_um),
@@ -254,8 +254,8 @@ def save_stnets(folder: Path, args: argparse.Namespace, genes: list[str]
     Same weights everywhere (one seed); only the saved crop and input mpp differ, which is
     all :func:`predict_spot_model` reads to choose its patches.
     """
+    from histomap.data.spot_patches import patch_side_px
     from histomap.models.stnet import STNet
-    from histomap.spot_patches import patch_side_px
 
     torch.manual_seed(args.seed)
     model = STNet(len(genes), backbone=stnet_backbone(args.encoder))
@@ -305,8 +305,8 @@ def run_timings(configs: dict[str, Callable[[], object]], repeats: int, device: 
 def scale_configs(inputs: Inputs, args: argparse.Namespace, pixnet_pt: Path,
                   stnets: dict[str, dict[float, tuple[Path, int]]], work: Path
                   ) -> dict[str, Callable[[], object]]:
-    from histomap.pixnet_task import predict_pixnet
-    from histomap.spot_model import predict_spot_model
+    from histomap.tasks.dense import predict_pixnet
+    from histomap.tasks.spot import predict_spot_model
 
     pred = work / "predictions"
     device = args.device_str

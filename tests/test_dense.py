@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from histomap.dense import blend_weights, predict_dense_map, read_dense, spots_from_dense
+from histomap.data.slide import open_slide, read_region, write_pyramid
 from histomap.errors import InputError
-from histomap.roi import discs_from_spots, roi_aggregate
-from histomap.slide import open_slide, read_region, write_pyramid
+from histomap.models.roi import discs_from_spots, roi_aggregate
+from histomap.tasks.dense_map import blend_weights, predict_dense_map, read_dense, spots_from_dense
 
 MPP = 1.0            # slide um/px; the models read at the same mpp, so tiles are exact crops
 STRIDE = 4

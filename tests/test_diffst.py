@@ -10,9 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from histomap.models.diffst import (
-    ConditionalUNet, CrossModalModulation, CurriculumSchedule, DiffST, DiffSTConfig,
-    Disentangler, GeneGraph, coexpression_adjacency, local_cross_gram, normalize_adjacency,
-    select_subpatches, split_subpatches, subpatch_entropy)
+    ConditionalUNet,
+    CrossModalModulation,
+    CurriculumSchedule,
+    DiffST,
+    DiffSTConfig,
+    Disentangler,
+    GeneGraph,
+    coexpression_adjacency,
+    local_cross_gram,
+    normalize_adjacency,
+    select_subpatches,
+    split_subpatches,
+    subpatch_entropy,
+)
 from histomap.models.diffusion import GaussianDiffusion
 
 G, HR, LR, IMG, GRID = 3, 16, 4, 32, 4

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from histomap.errors import InputError
-from histomap.folds import make_folds, validation_split
+from histomap.evaluation.folds import make_folds, validation_split
 
 SHEET = pd.DataFrame({"sample": ["B4", "C2", "C3", "C4"], "patient": ["B", "C", "C", "C"]})
 

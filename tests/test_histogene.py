@@ -11,14 +11,22 @@ import torch
 import torch.nn.functional as F
 
 from histomap import models
-from histomap.histogene_task import (SlideSequence, SpotSequenceDataset, histogene_batch_loss,
-                                     predict_histogene, quantise_positions, resize_patches,
-                                     spot_positions, task_options, train_histogene)
-from histomap.io.synthetic import read as read_synthetic
+from histomap.data.io.synthetic import read as read_synthetic
+from histomap.data.preprocess import normalise_spots
+from histomap.data.spot_patches import dihedral
+from histomap.data.synthetic import SyntheticConfig, simulate_sample, spot_grid
 from histomap.models.histogene import HistoGene
-from histomap.preprocess import normalise_spots
-from histomap.spot_patches import dihedral
-from histomap.synthetic import SyntheticConfig, simulate_sample, spot_grid
+from histomap.tasks.spot import (
+    SlideSequence,
+    SpotSequenceDataset,
+    histogene_batch_loss,
+    predict_histogene,
+    quantise_positions,
+    resize_patches,
+    spot_positions,
+    task_options,
+    train_histogene,
+)
 from histomap.train import load_model
 
 TINY = {"patch_px": 8, "dim": 16, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0,
@@ -150,7 +158,7 @@ def test_spot_positions_from_lattice_quantised_and_clipped(caplog):
                     np.array([[0, 0], [290, 0], [580, 290], [2030, 5800]]))
     np.testing.assert_array_equal(spot_positions(legacy, n_pos=64),
                                   [[0, 0], [1, 0], [2, 1], [7, 20]])
-    with caplog.at_level(logging.WARNING, logger="histomap.histogene_task"):
+    with caplog.at_level(logging.WARNING, logger="histomap.tasks.spot"):
         clipped = spot_positions(legacy, n_pos=8)
     assert "1 of 4 spots" in caplog.text and "clipped" in caplog.text
     np.testing.assert_array_equal(clipped[-1], [7, 7])

@@ -5,9 +5,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from histomap.data.ingest import ingest_sample
+from histomap.data.slide import open_slide, slide_mpp
 from histomap.errors import InputError
-from histomap.ingest import ingest_sample
-from histomap.slide import open_slide, slide_mpp
 
 
 @pytest.fixture(scope="module")

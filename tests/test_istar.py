@@ -9,17 +9,17 @@ import pytest
 import torch
 from skimage.color import rgb2hed
 
-from histomap import pixnet_task
-from histomap.dense import read_dense
-from histomap.io.synthetic import read as read_synthetic
+from histomap.data.io.synthetic import read as read_synthetic
+from histomap.data.preprocess import normalise_spots
+from histomap.data.slide import write_pyramid
+from histomap.data.synthetic import simulate_sample
+from histomap.data.tiling import tile_slide
 from histomap.models.istar import FilterBank, IStar, gaussian_kernels, pyramid_factor
 from histomap.models.pixnet import loss_terms
-from histomap.pixnet_task import SlideSpots, WindowDataset, make_loss_fn, pixnet_batch_loss
-from histomap.preprocess import normalise_spots
-from histomap.roi import roi_aggregate
-from histomap.slide import write_pyramid
-from histomap.synthetic import simulate_sample
-from histomap.tiling import tile_slide
+from histomap.models.roi import roi_aggregate
+from histomap.tasks import dense as pixnet_task
+from histomap.tasks.dense import SlideSpots, WindowDataset, make_loss_fn, pixnet_batch_loss
+from histomap.tasks.dense_map import read_dense
 from histomap.train import load_model, save_model
 
 CNN = "test_resnet"  # timm's tiny ResNet (strides 2..32), as in test_pixnet.py

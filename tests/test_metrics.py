@@ -9,8 +9,14 @@ import scipy.sparse as sp
 from scipy.stats import pearsonr
 
 from histomap.errors import InputError
-from histomap.metrics import (aggregate_over_slides, evaluate_matrices, evaluate_predictions,
-                              gene_metrics, pearson_per_gene, summarise)
+from histomap.evaluation.metrics import (
+    aggregate_over_slides,
+    evaluate_matrices,
+    evaluate_predictions,
+    gene_metrics,
+    pearson_per_gene,
+    summarise,
+)
 
 
 def _value(table: pd.DataFrame, **where) -> float:

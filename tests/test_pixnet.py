@@ -9,8 +9,14 @@ import torch
 
 from histomap.compat import timm
 from histomap.errors import InputError
-from histomap.models.pixnet import (SAFB, PixNet, SeparableSelfAttention, load_encoder_weights,
-                                    loss_terms, pixnet_loss)
+from histomap.models.pixnet import (
+    SAFB,
+    PixNet,
+    SeparableSelfAttention,
+    load_encoder_weights,
+    loss_terms,
+    pixnet_loss,
+)
 
 CNN = "test_resnet"  # timm's tiny ResNet: strides 2..32, trains in milliseconds on CPU
 TINY_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 4, "pyramid_channels": 16}

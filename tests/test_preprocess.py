@@ -7,10 +7,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from histomap.data.preprocess import (
+    expression_matrix,
+    normalise_spots,
+    read_gene_panel,
+    select_genes,
+    write_gene_panel,
+)
+from histomap.data.sample import annotate_spots
 from histomap.errors import InputError
-from histomap.preprocess import (expression_matrix, normalise_spots, read_gene_panel,
-                                 select_genes, write_gene_panel)
-from histomap.sample import annotate_spots
 
 
 def _raw_spots(n_spots=40, n_genes=60, seed=0, genes=None, low=()) -> ad.AnnData:

@@ -14,9 +14,9 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
+from histomap.data.io import legacy_st, read_sample, visium
+from histomap.data.sample import UNS_KEY
 from histomap.errors import InputError
-from histomap.io import legacy_st, read_sample, visium
-from histomap.sample import UNS_KEY
 
 # --- real HER2ST ---------------------------------------------------------------------------------
 
@@ -62,7 +62,7 @@ def test_her2st_counts_match_tsv(her2st_dir, her2st_samples):
 
 
 def test_her2st_logs_spots_without_counts(her2st_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="histomap.io.legacy_st"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.io.legacy_st"):
         legacy_st.read("C4", her2st_dir / "C4", mpp=0.69)
     assert "3 selected spots have no row in C4.tsv.gz" in caplog.text
 
@@ -107,7 +107,7 @@ def write_legacy(folder: Path, *, sample: str = "S1", spots=GRID, genes=("GA", "
 
 def test_legacy_small_reads_and_infers_mpp(tmp_path, caplog):
     folder = write_legacy(tmp_path / "S1")
-    with caplog.at_level(logging.INFO, logger="histomap.io.legacy_st"):
+    with caplog.at_level(logging.INFO, logger="histomap.data.io.legacy_st"):
         sample = legacy_st.read("S1", folder)
     assert sample.mpp == pytest.approx(200.0 / PX_PER_STEP, rel=0.02)
     assert "inferred mpp" in caplog.text
@@ -142,7 +142,7 @@ def test_legacy_partial_mismatch_logs_dropped(tmp_path, caplog):
     names = [f"{x}x{y}" for x, y in GRID]
     names[0], names[1] = "9x9", "8x8"  # two count rows without a spot, two spots without counts
     folder = write_legacy(tmp_path / "S1", count_names=names)
-    with caplog.at_level(logging.WARNING, logger="histomap.io.legacy_st"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.io.legacy_st"):
         sample = legacy_st.read("S1", folder)
     assert sample.spots.n_obs == len(GRID) - 2
     assert "2 selected spots have no row in S1.tsv.gz" in caplog.text
@@ -307,7 +307,7 @@ def test_visium_reads(tmp_path, variant, caplog):
     if variant == "parquet":
         pytest.importorskip("pyarrow")
     outs, image = write_visium(tmp_path / "outs", variant)
-    with caplog.at_level(logging.INFO, logger="histomap.io.visium"):
+    with caplog.at_level(logging.INFO, logger="histomap.data.io.visium"):
         sample = read_sample("visium", "V1", tmp_path, image=image)  # parent of outs/ works too
     spots = sample.spots
     assert list(spots.obs_names) == BARCODES[:4]  # off-tissue ACGT-1 dropped
@@ -330,7 +330,7 @@ def test_visium_reads(tmp_path, variant, caplog):
 def test_visium_explicit_mpp_and_non_gene_features(tmp_path, caplog):
     types = ["Gene Expression", "Gene Expression", "Antibody Capture", "Gene Expression"]
     outs, image = write_visium(tmp_path / "outs", scalefactors=False, types=types)
-    with caplog.at_level(logging.INFO, logger="histomap.io.visium"):
+    with caplog.at_level(logging.INFO, logger="histomap.data.io.visium"):
         sample = visium.read("V1", outs, mpp=0.25, image=image)
     assert sample.mpp == 0.25 and list(sample.spots.var_names) == ["GA", "GB", "GD"]
     assert "dropped 1 non gene-expression features" in caplog.text

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histomap import report
 from histomap.errors import InputError
+from histomap.evaluation import figures, report
 
 GENES = ["g1", "g2", "g3"]
 FOLDS = {"f1": ["A", "B"], "f2": ["C", "D"]}
@@ -193,13 +193,13 @@ def test_plot_expression_maps_writes_png(tmp_path):
     pred = _spots(truth.X + rng.normal(0, 1, size=(30, 3)), xy)
     thumb = rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
     out = tmp_path / "fig" / "maps.png"
-    report.plot_expression_maps(truth, pred, ["g1", "g3", "missing"], thumb, 32.0, out)
+    figures.plot_expression_maps(truth, pred, ["g1", "g3", "missing"], thumb, 32.0, out)
     assert out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_pcc_distribution_writes_png(metric_files, tmp_path):
     out = tmp_path / "pcc.png"
-    report.plot_pcc_distribution(report.read_metrics(metric_files), out)
+    figures.plot_pcc_distribution(report.read_metrics(metric_files), out)
     assert out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from histomap.roi import disc_pixel_areas, discs_from_spots, roi_aggregate
+from histomap.models.roi import disc_pixel_areas, discs_from_spots, roi_aggregate
 
 
 def quadrature_areas(cx: float, cy: float, r: float, h: int, w: int, n: int = 2000
@@ -116,7 +116,7 @@ def test_discs_near_border_use_area_inside_map():
 
 def test_disc_outside_map_is_zero_and_logged(caplog):
     dense_map = np.ones((2, 5, 5))
-    with caplog.at_level(logging.WARNING, logger="histomap.roi"):
+    with caplog.at_level(logging.WARNING, logger="histomap.models.roi"):
         got = _aggregate_one(dense_map, [(-3.0, 2.0, 1.0), (2.5, 2.5, 1.0)], "mean")
     np.testing.assert_array_equal(got[0], 0.0)
     np.testing.assert_allclose(got[1], 1.0)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from histomap.data.sample import annotate_spots, geometry
 from histomap.errors import InputError
-from histomap.sample import annotate_spots, geometry
-from histomap.scales import lattice_centres, truth_at_scale
+from histomap.evaluation.scales import lattice_centres, truth_at_scale
 
 MPP = 0.5
 

@@ -8,9 +8,15 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from histomap.data.slide import (
+    open_slide,
+    prepare_slide,
+    read_patch,
+    read_region,
+    slide_mpp,
+    write_pyramid,
+)
 from histomap.errors import InputError
-from histomap.slide import (open_slide, prepare_slide, read_patch, read_region, slide_mpp,
-                            write_pyramid)
 
 
 def smooth_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from histomap.models.srnets import (
-    SR_BASELINES, AttentionUNetSR, TeslaSR, build_sr_baseline, lr_scale, upsample_lr)
+    SR_BASELINES,
+    AttentionUNetSR,
+    TeslaSR,
+    build_sr_baseline,
+    lr_scale,
+    upsample_lr,
+)
 
 TRAINABLE = [n for n, cls in SR_BASELINES.items() if cls.trainable]
 # (HR side, LR side): exact multiples of scale 4, and an edge="ceil" pair (10 LR -> 40 -> 38 HR)

@@ -10,11 +10,18 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from histomap.data.slide import write_pyramid
+from histomap.data.srpairs import (
+    SRPairDataset,
+    block_sum,
+    build_spot_grid_pairs,
+    build_sr_pairs,
+    denormalise,
+    pair_geometry,
+    read_sr_pairs,
+)
+from histomap.data.synthetic import aggregate_bins, simulate_sample
 from histomap.errors import InputError
-from histomap.slide import write_pyramid
-from histomap.srpairs import (SRPairDataset, block_sum, build_spot_grid_pairs, build_sr_pairs,
-                              denormalise, pair_geometry, read_sr_pairs)
-from histomap.synthetic import aggregate_bins, simulate_sample
 
 SIZE_UM = 600.0
 G = 40  # synthetic genes
@@ -121,7 +128,7 @@ def test_min_tissue_drops_glass_patches(synthetic, tmp_path):
 
 
 def test_patch_sizes_floor_or_follow_the_paper(caplog):
-    with caplog.at_level(logging.WARNING, logger="histomap.srpairs"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.srpairs"):
         geo = pair_geometry(2560, 100, 5)
     assert (geo.n_lr, geo.n_hr, geo.patch_um) == (25, 125, 2500)
     assert "floored to 2500 um" in caplog.text
@@ -130,7 +137,7 @@ def test_patch_sizes_floor_or_follow_the_paper(caplog):
     assert (geo.n_lr, geo.n_hr, geo.n_cover) == (26, 128, 130)
     assert pair_geometry(2560, 100, 10, edge="ceil").n_hr == 256
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="histomap.srpairs"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.srpairs"):
         assert pair_geometry(500, 100, 5, stride_um=250).stride_lr == 2
     assert "stride_um 250 floored to 200" in caplog.text
 
@@ -278,7 +285,7 @@ def _lattice_sample(tmp_path, style: str, flip_y: bool = False, transpose: bool 
 def test_spot_grid_pairs(tmp_path, caplog, style, flip_y, transpose):
     spots, slide, dense, measured = _lattice_sample(tmp_path, style, flip_y, transpose)
     out = tmp_path / "grid.zarr"
-    with caplog.at_level(logging.INFO, logger="histomap.srpairs"):
+    with caplog.at_level(logging.INFO, logger="histomap.data.srpairs"):
         attrs = build_spot_grid_pairs(spots, slide, None, out, factor=2, patch_spots=4,
                                       stride_spots=2, min_measured=0.0, normalisation="none",
                                       image_mpp=1.0)
@@ -304,7 +311,7 @@ def test_spot_grid_pairs(tmp_path, caplog, style, flip_y, transpose):
 
 def test_spot_grid_pairs_floor_patch_and_need_a_lattice(tmp_path, caplog):
     spots, slide, _, _ = _lattice_sample(tmp_path, "array")
-    with caplog.at_level(logging.WARNING, logger="histomap.srpairs"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.srpairs"):
         build_spot_grid_pairs(spots, slide, ["A"], tmp_path / "g.zarr", patch_spots=5,
                               min_measured=0.0, normalisation="minmax")
     assert "patch_spots 5 floored to 4" in caplog.text
@@ -320,8 +327,8 @@ def test_spot_grid_pairs_floor_patch_and_need_a_lattice(tmp_path, caplog):
 # --- the real Xenium crop ------------------------------------------------------------------------
 
 def test_xenium_crop_pairs(xenium_crop_dir, tmp_path):
-    from histomap.io import read_sample
-    from histomap.slide import prepare_slide
+    from histomap.data.io import read_sample
+    from histomap.data.slide import prepare_slide
 
     sample = read_sample("xenium", "crop", xenium_crop_dir, mpp=0.2125)
     slide = tmp_path / "slide.tif"

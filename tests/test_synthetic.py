@@ -11,11 +11,11 @@ import pytest
 import scipy.sparse as sp
 import tifffile
 
-from histomap import synthetic
+from histomap.data import synthetic
+from histomap.data.io import read_sample
+from histomap.data.io.synthetic import read
+from histomap.data.synthetic import CELL_TYPES, aggregate_bins, aggregate_discs, simulate_sample
 from histomap.errors import InputError
-from histomap.io import read_sample
-from histomap.io.synthetic import read
-from histomap.synthetic import CELL_TYPES, aggregate_bins, aggregate_discs, simulate_sample
 
 SIZE_UM = (500.0, 500.0)   # small: ~1k cells, < 1 s to generate
 SEED = 3                   # a seed whose small sample holds every cell type

@@ -8,11 +8,10 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from histomap import tiling
+from histomap.data import tiling
+from histomap.data.slide import open_slide, prepare_slide, write_pyramid
+from histomap.data.tiling import INDEX_COLUMNS, read_tiles, tile_slide, tissue_fraction, tissue_mask
 from histomap.errors import InputError
-from histomap.slide import open_slide, prepare_slide, write_pyramid
-from histomap.tiling import (INDEX_COLUMNS, read_tiles, tile_slide, tissue_fraction,
-                             tissue_mask)
 
 MPP = 0.5
 H, W = 3000, 4000                  # level-0 px: 1.5 x 2 mm

@@ -13,12 +13,12 @@ from torch.utils.data import TensorDataset
 
 import histomap.train as train_mod
 from histomap.compat import torch
+from histomap.data.slide import write_pyramid
+from histomap.data.spot_patches import SpotDataset, dihedral, extract_spot_patches
 from histomap.errors import InputError
 from histomap.imagenorm import IMAGENET_MEAN, IMAGENET_STD
 from histomap.models import STNet
-from histomap.predict import predict_spots, spots_prediction_anndata
-from histomap.slide import write_pyramid
-from histomap.spot_patches import SpotDataset, dihedral, extract_spot_patches
+from histomap.tasks.predict import predict_spots, spots_prediction_anndata
 from histomap.train import TrainConfig, fit, load_model, save_model
 
 BACKBONE = "test_resnet"  # timm's ~0.4 M parameter test network
@@ -62,7 +62,7 @@ def test_extract_spot_patches_shape_and_content(toy_slide):
 def test_extract_spot_patches_checks_geometry(toy_slide, caplog):
     with pytest.raises(InputError, match="outside"):
         extract_spot_patches(toy_slide, np.array([[5000.0, 100.0]]), crop_um=10, out_mpp=0.5)
-    with caplog.at_level(logging.WARNING, logger="histomap.spot_patches"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.spot_patches"):
         patches = extract_spot_patches(toy_slide, np.array([[100.0, 300.0], [-50.0, 10.0]]),
                                        crop_um=10, out_mpp=0.5)
     assert "1 of 2 spot centres lie outside" in caplog.text

@@ -11,9 +11,9 @@ import pytest
 import scipy.sparse as sp
 import tifffile
 
+from histomap.data.io import read_sample, xenium
+from histomap.data.sample import UNS_KEY
 from histomap.errors import InputError
-from histomap.io import read_sample, xenium
-from histomap.sample import UNS_KEY
 
 CROP_MPP = 0.2125
 CROP_SIZE = (2400, 1800)  # (width, height) px of morphology_mip_small.tif
@@ -160,7 +160,7 @@ def _folder(tmp_path: Path, table: pd.DataFrame, *, name: str = "transcripts.csv
 def test_filters_qv_and_controls_with_logged_counts(tmp_path, caplog, name):
     table = _transcripts()
     folder = _folder(tmp_path, table, name=name)
-    with caplog.at_level(logging.INFO, logger="histomap.io.xenium"):
+    with caplog.at_level(logging.INFO, logger="histomap.data.io.xenium"):
         sample = xenium.read("toy", folder, mpp=MPP)
     genes = ["ERBB2", "KRT8", "PTPRC"]
     assert list(sample.highres.var_names) == genes
@@ -199,7 +199,7 @@ def test_origin_default_inferred_and_alignment_json(tmp_path, caplog):
     table = _transcripts(offset=(1000.0, 500.0))
     table.loc[0, ["x_location", "y_location"]] = [1000.3, 500.4]  # the smallest coordinates
     folder = _folder(tmp_path / "inferred", table)
-    with caplog.at_level(logging.WARNING, logger="histomap.io.xenium"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.io.xenium"):
         sample = xenium.read("toy", folder, mpp=MPP)
     assert sample.highres.uns["xenium"]["origin_um"] == [1000.0, 500.0]
     assert "INFERRED" in caplog.text and "(1000, 500)" in caplog.text
@@ -207,7 +207,7 @@ def test_origin_default_inferred_and_alignment_json(tmp_path, caplog):
     folder = _folder(tmp_path / "explicit", table)
     (folder / "alignment.json").write_text(json.dumps({"origin_um": [999.5, 499.0]}))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="histomap.io.xenium"):
+    with caplog.at_level(logging.WARNING, logger="histomap.data.io.xenium"):
         sample = xenium.read("toy", folder, mpp=MPP)
     assert "INFERRED" not in caplog.text
     assert sample.highres.uns["xenium"]["origin_source"] == "alignment.json"

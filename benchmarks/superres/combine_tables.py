@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One Table 1 from several pipeline runs: concatenates their ``results/report/superres.csv``
 (e.g. the synthetic 5x/10x run, the HER2ST 2x run) and writes the markdown of
-:func:`histomap.sr_task.sr_markdown` (rows methods, columns dataset x factor x RMSE/PCC).
+:func:`histomap.tasks.superres.sr_markdown` (rows methods, columns dataset x factor x RMSE/PCC).
 
     python benchmarks/superres/combine_tables.py synthetic/results/report/superres.csv \\
         her2st/results/report/superres.csv --out benchmarks/superres/results/table1
@@ -16,7 +16,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
-from histomap.sr_task import TABLE_COLUMNS, sr_markdown  # noqa: E402
+from histomap.tasks.superres import TABLE_COLUMNS, sr_markdown  # noqa: E402
 
 DEFAULT_ORDER = ["bicubic", "tesla", "unet", "unetpp", "attention_unet", "histogene_sr",
                  "guided", "diffst"]

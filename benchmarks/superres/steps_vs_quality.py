@@ -4,7 +4,7 @@
 For each number of reverse steps (T = the full ancestral DDPM; fewer: respaced or DDIM) it
 samples the first ``--max-patches`` patches of an SR-pairs zarr and reports seconds per patch and
 RMSE / signed PCC per gene per patch (normalised units), through
-:func:`histomap.sr_task.time_sampling` (the same sampling code as the ``predict_sr`` rule).
+:func:`histomap.tasks.superres.time_sampling` (the same sampling code as the ``predict_sr`` rule).
 
 Example (a model trained by the pipeline, its fold's held-out pairs)::
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
 from histomap.logs import setup_logging  # noqa: E402
-from histomap.sr_task import time_sampling  # noqa: E402
+from histomap.tasks.superres import time_sampling  # noqa: E402
 
 
 def markdown(table) -> str:

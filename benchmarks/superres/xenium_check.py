@@ -24,11 +24,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
-from histomap import sr_task  # noqa: E402
-from histomap.io import read_sample  # noqa: E402
+from histomap.data.io import read_sample  # noqa: E402
+from histomap.data.slide import prepare_slide  # noqa: E402
+from histomap.data.srpairs import build_sr_pairs  # noqa: E402
+from histomap.evaluation import metrics as sr_metrics
+from histomap.evaluation import report as sr_report
 from histomap.logs import setup_logging  # noqa: E402
-from histomap.slide import prepare_slide  # noqa: E402
-from histomap.srpairs import build_sr_pairs  # noqa: E402
+from histomap.tasks import superres as sr_task  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -63,12 +65,12 @@ def main(argv=None) -> None:
                              checkpoint_dir=run / "ckpt")
             sr_task.predict_sr(run / "model.pt", pairs, run / "maps.zarr", run / "bins.h5ad",
                                device="cpu", sample="xenium_crop")
-            sr_task.evaluate_sr([pairs], [run / "maps.zarr"], run / "m.parquet",
+            sr_metrics.evaluate_sr([pairs], [run / "maps.zarr"], run / "m.parquet",
                                 run / "m.csv", method=method, scale=args.scale,
                                 dataset="xenium_crop", samples=["xenium_crop"],
                                 folds=["none"])
             metrics.append(pd.read_parquet(run / "m.parquet"))
-        table = sr_task.sr_long_table(pd.concat(metrics, ignore_index=True))
+        table = sr_report.sr_long_table(pd.concat(metrics, ignore_index=True))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_suffix(".csv"), index=False)

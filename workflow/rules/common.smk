@@ -6,7 +6,7 @@ import pandas as pd
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
-from histomap.folds import make_folds  # noqa: E402
+from histomap.evaluation.folds import make_folds  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 

@@ -23,7 +23,7 @@ rule evaluate:
 
 
 # Cross-scale: ground truth re-measured from highres.h5ad with discs of each diameter
-# (histomap.scales), normalised like the training spots, and the dense models scored on it.
+# (histomap.evaluation.scales), normalised like the training spots, and the dense models scored on it.
 rule truth_at_scale:
     input:
         highres="results/ingest/{sample}/highres.h5ad",

@@ -1,6 +1,7 @@
 """Snakemake adapter: benchmark.csv (long), benchmark.md (paper-shaped) and the PCC figure."""
+from histomap.evaluation.figures import plot_pcc_distribution
+from histomap.evaluation.report import benchmark_long, read_metrics, write_report
 from histomap.logs import run_step
-from histomap.report import benchmark_long, plot_pcc_distribution, read_metrics, write_report
 
 
 def main(sm):

@@ -2,7 +2,7 @@
 (spots at the sample's centres) or `params.diameters_um`, parallel to `input.centres` and the
 outputs (cross-scale: each diameter with its own ground-truth centres)."""
 from histomap.logs import run_step
-from histomap.pixnet_task import dense_spot_table
+from histomap.tasks.dense import dense_spot_table
 
 
 def main(sm):

@@ -7,10 +7,10 @@ rows.
 import anndata as ad
 import pandas as pd
 
+from histomap.data.preprocess import read_gene_panel
+from histomap.data.sample import geometry
+from histomap.evaluation.metrics import evaluate_predictions
 from histomap.logs import run_step
-from histomap.metrics import evaluate_predictions
-from histomap.preprocess import read_gene_panel
-from histomap.sample import geometry
 
 
 def main(sm):

@@ -1,7 +1,7 @@
 """Snakemake adapter: RMSE and signed PCC per patch and gene of one SR method and factor, over
 the test samples of every fold."""
+from histomap.evaluation.metrics import evaluate_sr
 from histomap.logs import run_step
-from histomap.sr_task import evaluate_sr
 
 
 def main(sm):

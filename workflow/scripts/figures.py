@@ -3,9 +3,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from histomap.data.slide import open_slide
+from histomap.evaluation.figures import plot_expression_maps
 from histomap.logs import run_step
-from histomap.report import plot_expression_maps
-from histomap.slide import open_slide
 
 
 def pick_genes(metrics_file, sample, n):

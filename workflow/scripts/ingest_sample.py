@@ -1,7 +1,7 @@
 """Snakemake adapter: platform reader -> slide.tif, spots.h5ad, highres.h5ad, sample.zarr."""
 from pathlib import Path
 
-from histomap.ingest import ingest_sample
+from histomap.data.ingest import ingest_sample
 from histomap.logs import run_step
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)

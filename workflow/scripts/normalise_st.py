@@ -1,8 +1,8 @@
 """Snakemake adapter: QC, library-size normalisation and log1p of one sample's spots."""
 import anndata as ad
 
+from histomap.data.preprocess import normalise_spots
 from histomap.logs import run_step
-from histomap.preprocess import normalise_spots
 
 
 def main(sm):

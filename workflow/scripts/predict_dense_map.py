@@ -2,7 +2,7 @@
 import torch
 
 from histomap.logs import run_step
-from histomap.pixnet_task import predict_dense
+from histomap.tasks.dense import predict_dense
 
 
 def main(sm):

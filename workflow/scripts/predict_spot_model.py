@@ -8,11 +8,11 @@ def main(sm):
     torch.set_num_threads(sm.threads)
     device = sm.params.train.get("device", "auto")
     if sm.params.base == "histogene":
-        from histomap.histogene_task import predict_histogene
+        from histomap.tasks.spot import predict_histogene
         predict_histogene(sm.input.model, sm.input.st, sm.input.slide, sm.output[0],
                           device=device)
         return
-    from histomap.spot_model import predict_spot_model
+    from histomap.tasks.spot import predict_spot_model
     predict_spot_model(sm.input.model, sm.input.st, sm.input.slide, sm.output[0],
                        batch_size=sm.params.train["batch_size"], device=device)
 

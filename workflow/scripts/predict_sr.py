@@ -2,7 +2,7 @@
 import torch
 
 from histomap.logs import run_step
-from histomap.sr_task import predict_sr
+from histomap.tasks.superres import predict_sr
 
 
 def main(sm):

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import anndata as ad
 
+from histomap.data.preprocess import select_genes, write_gene_panel
 from histomap.logs import run_step
-from histomap.preprocess import select_genes, write_gene_panel
 
 
 def main(sm):

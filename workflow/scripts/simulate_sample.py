@@ -1,8 +1,8 @@
 """Snakemake adapter: generate one synthetic section (H&E, cells, spots) from the seed."""
 import zlib
 
+from histomap.data.synthetic import simulate_sample
 from histomap.logs import run_step
-from histomap.synthetic import simulate_sample
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 sample = sm.wildcards.sample

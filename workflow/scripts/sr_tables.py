@@ -1,6 +1,6 @@
 """Snakemake adapter: the super-resolution tables (Diff-ST Table 1 shape, ablations)."""
+from histomap.evaluation.report import sr_tables
 from histomap.logs import run_step
-from histomap.sr_task import sr_tables
 
 
 def main(sm):

@@ -1,6 +1,6 @@
 """Snakemake adapter: tissue tiles of a slide at the model mpp (zarr + parquet index)."""
+from histomap.data.tiling import tile_slide
 from histomap.logs import run_step
-from histomap.tiling import tile_slide
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 t = sm.params.tiling

@@ -1,9 +1,9 @@
 """Snakemake adapter: train a dense model (PixNet or iStar-style) of one fold and seed."""
 import torch
 
+from histomap.data.preprocess import read_gene_panel
 from histomap.logs import run_step
-from histomap.pixnet_task import train_pixnet
-from histomap.preprocess import read_gene_panel
+from histomap.tasks.dense import train_pixnet
 
 
 def main(sm):

@@ -1,18 +1,18 @@
 """Snakemake adapter: train a spot model (ST-Net-style or HistoGene-style) of one fold and seed."""
 import torch
 
+from histomap.data.preprocess import read_gene_panel
 from histomap.logs import run_step
-from histomap.preprocess import read_gene_panel
 
 
 def main(sm):
     torch.set_num_threads(sm.threads)
     p = sm.params
     if p.base == "histogene":
-        from histomap.histogene_task import train_histogene as train
+        from histomap.tasks.spot import train_histogene as train
         kwargs = {}
     else:
-        from histomap.spot_model import train_spot_model as train
+        from histomap.tasks.spot import train_spot_model as train
         kwargs = {"model_name": p.base}
     train(sm.input.st, sm.input.slides, read_gene_panel(sm.input.genes), model_cfg=p.model,
           train_cfg=p.train, validation=p.validation, seed=p.seed, out_model=sm.output.model,

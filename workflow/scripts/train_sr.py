@@ -2,7 +2,7 @@
 import torch
 
 from histomap.logs import run_step
-from histomap.sr_task import train_sr
+from histomap.tasks.superres import train_sr
 
 
 def main(sm):

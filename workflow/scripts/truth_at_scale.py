@@ -1,8 +1,8 @@
 """Snakemake adapter: cross-scale ground truth of one sample at every configured diameter."""
 import anndata as ad
 
+from histomap.evaluation.scales import truth_at_scale
 from histomap.logs import run_step
-from histomap.scales import truth_at_scale
 
 
 def main(sm):

@@ -40,9 +40,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import __version__
-from .compat import torch
-from .errors import InputError
+from histomap import __version__
+from histomap.compat import torch
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ def save_model(path: str | Path, model: nn.Module, *, model_name: str,
     model; ``extra`` holds plain values (numbers, strings, lists, dicts, tensors) such as the
     patch size and mpp the model was trained at.
     """
-    from .models import MODELS
+    from histomap.models import MODELS
 
     if model_name not in MODELS:
         raise ValueError(f"model {model_name!r} is not registered in histomap.models.MODELS")
@@ -473,7 +473,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"
     Returns (model, meta) where meta is the saved dict without the state dict. A
     ``pretrained_checkpoint`` in the config is not re-read: ``model.pt`` holds every weight.
     """
-    from .models import build_model
+    from histomap.models import build_model
 
     path = Path(path)
     if not path.is_file():

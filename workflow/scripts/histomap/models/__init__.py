@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .histogene import HistoGene
-from .istar import IStar
-from .pixnet import PixNet
-from .stnet import STNet
+from histomap.models.histogene import HistoGene
+from histomap.models.istar import IStar
+from histomap.models.pixnet import PixNet
+from histomap.models.stnet import STNet
 
 MODELS: dict[str, type[nn.Module]] = {
     "stnet": STNet,

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..imagenorm import IMAGENET_MEAN, IMAGENET_STD
+from histomap.imagenorm import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +313,8 @@ class TimmTissueEncoder(nn.Module):
     def __init__(self, name: str, out_ch: int, stage: int = 2,
                  pretrained_checkpoint: str | None = None) -> None:
         super().__init__()
-        from ..compat import timm  # imported lazily: timm is slow to import
-        from .stnet import load_backbone_checkpoint
+        from histomap.compat import timm  # imported lazily: timm is slow to import
+        from histomap.models.stnet import load_backbone_checkpoint
 
         self.backbone = timm.create_model(name, pretrained=False, features_only=True,
                                           out_indices=(stage,))

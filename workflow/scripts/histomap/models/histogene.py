@@ -16,8 +16,8 @@ import logging
 
 from torch import nn
 
-from ..compat import torch
-from ..imagenorm import ImageNormalize
+from histomap.compat import torch
+from histomap.imagenorm import ImageNormalize
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ of the H&E with a frozen encoder (HIPT), then trains a small MLP that maps each 
 feature vector to gene expression; the MLP is weakly supervised: the super-pixel predictions
 inside a spot are aggregated and compared with the spot's measured expression. iStar sums the
 super-pixels of a spot against the spot counts; here the aggregation is the area-weighted mean
-over the spot disc (:func:`histomap.roi.roi_aggregate`, mode "mean"), the same thing divided
+over the spot disc (:func:`histomap.models.roi.roi_aggregate`, mode "mean"), the same thing divided
 by the spot area, which lets spots of any size and log-normalised targets share one dense map
 (per unit area). There is no spatial mixing beyond what the features already see: the MLP is a
 stack of 1x1 convolutions.
@@ -31,7 +31,7 @@ Feature extractors (all frozen: no parameter of them trains, they stay in eval m
 Input features are standardised by a BatchNorm without affine parameters (running statistics
 at inference), then the MLP (1x1 conv, LeakyReLU(0.1), dropout per hidden layer; iStar's
 activation) and a 1x1 conv head with softplus (or ReLU): a non-negative dense map
-(B, genes, H / out_stride, W / out_stride), a drop-in for PixNet in :mod:`histomap.pixnet_task`.
+(B, genes, H / out_stride, W / out_stride), a drop-in for PixNet in :mod:`histomap.tasks.dense`.
 """
 from __future__ import annotations
 
@@ -47,10 +47,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from histomap.imagenorm import ImageNormalize
-from histomap.roi import DenseSpotsMixin
-
-from .pixnet import (VIT_ENCODER_NAMES, TimmPyramidEncoder,
-                     ViTPyramidEncoder, init_dense_head_bias, load_encoder_weights)
+from histomap.models.pixnet import (
+    VIT_ENCODER_NAMES,
+    TimmPyramidEncoder,
+    ViTPyramidEncoder,
+    init_dense_head_bias,
+    load_encoder_weights,
+)
+from histomap.models.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 After Zhang, Yang & Pan, "From Spots to Pixels" (no public code). The network maps an RGB
 patch to a dense, non-negative map ``G`` (B, genes, H / out_stride, W / out_stride); spot values
-are the area-weighted aggregation of ``G`` inside each spot's disc (``histomap.roi``), so the
+are the area-weighted aggregation of ``G`` inside each spot's disc (``histomap.models.roi``), so the
 spot size at inference may differ from the one used in training.
 
 Pieces:
@@ -41,7 +41,7 @@ from torch import nn
 from histomap.compat import timm
 from histomap.errors import InputError
 from histomap.imagenorm import ImageNormalize
-from histomap.roi import DenseSpotsMixin
+from histomap.models.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
 

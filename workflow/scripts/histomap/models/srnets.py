@@ -5,14 +5,14 @@ Every baseline maps the same inputs to the HR ST map of G genes::
     model(lr_up, image, lr=None) -> hr      # (B, G, H, W)
 
 * ``lr_up`` (B, G, H, W): the LR map already upsampled (bicubic) onto the HR grid, as
-  :class:`histomap.srpairs.SRPairDataset` gives it (upsampled by the integer ``scale`` and cropped
+  :class:`histomap.data.srpairs.SRPairDataset` gives it (upsampled by the integer ``scale`` and cropped
   to the HR patch, so ``edge="ceil"`` LR pixels stay in place);
 * ``image`` (B, 3, Hi, Wi): the H&E patch over the same tissue square, RGB float in [0, 1] (uint8
   is divided by 255), any size: each model resizes it internally;
 * ``lr`` (B, G, h, w): the raw LR map (used by ``bicubic`` and ``tesla``; the CNNs and HistoGene
   ignore it).
 
-The output is in the units of the inputs (min-max [0, 1] or log1p, see :mod:`histomap.srpairs`);
+The output is in the units of the inputs (min-max [0, 1] or log1p, see :mod:`histomap.data.srpairs`);
 nothing is clamped. ``out_activation`` picks the last step: ``"identity"`` (default) or
 ``"softplus"`` (non-negative). Any H, W work: networks pad (replicate) to the size their
 down-sampling needs and crop back.
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..imagenorm import ImageNormalize
-from .diffst import _as_float_image, _resize
+from histomap.imagenorm import ImageNormalize
+from histomap.models.diffst import _as_float_image, _resize
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def lr_scale(hr_hw: Sequence[int], lr_hw: Sequence[int], scale: int | None = Non
 def upsample_lr(lr: Tensor, hr_hw: Sequence[int], scale: int | None = None,
                 mode: str = "bicubic") -> Tensor:
     """LR map (B, G, h, w) upsampled by the integer scale and cropped to (H, W), exactly as
-    :class:`histomap.srpairs.SRPairDataset` builds ``lr_up``."""
+    :class:`histomap.data.srpairs.SRPairDataset` builds ``lr_up``."""
     s = lr_scale(hr_hw, lr.shape[-2:], scale)
     kw = {} if mode == "nearest" else {"align_corners": False}
     up = F.interpolate(lr, size=(lr.shape[-2] * s, lr.shape[-1] * s), mode=mode, **kw)

@@ -6,7 +6,7 @@ pooled features), optionally initialised from a local checkpoint (e.g. a patholo
 model); weights are never downloaded.
 
 Input: (batch, 3, s, s) float patches normalised with ImageNet mean/std
-(:class:`histomap.spot_patches.SpotDataset`). Output: (batch, n_genes) predicted log-normalised
+(:class:`histomap.data.spot_patches.SpotDataset`). Output: (batch, n_genes) predicted log-normalised
 expression.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..compat import timm, torch
-from ..errors import InputError
+from histomap.compat import timm, torch
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import pandas as pd
 import zarr
 from scipy import ndimage
 
-from .errors import InputError
-from .outputs import partial_path, remove_path
-from .slide import open_slide, read_region, slide_mpp
+from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.errors import InputError
+from histomap.outputs import partial_path, remove_path
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@
 Training sees square image windows, not single-spot crops: each window of ``window_px`` pixels
 at ``input_mpp`` is centred on an anchor spot (with random jitter in training) and carries every
 spot of its split whose whole disc lies inside it, as discs in dense-map pixels
-(:func:`histomap.roi.discs_from_spots`, each spot with its own diameter, so mixed spot sizes
+(:func:`histomap.models.roi.discs_from_spots`, each spot with its own diameter, so mixed spot sizes
 train together). PixNet predicts the dense map of the window, the discs are aggregated
 (``roi_aggregate``, mode "mean") and compared with the spots' log-normalised expression by
 PixNet's joint loss.
 
-Prediction runs PixNet over the slide's tissue tiles (:func:`histomap.dense.predict_dense_map`)
-and reads spots of any diameter out of the dense map (:func:`histomap.dense.spots_from_dense`).
+Prediction runs PixNet over the slide's tissue tiles (:func:`histomap.tasks.dense_map.predict_dense_map`)
+and reads spots of any diameter out of the dense map (:func:`histomap.tasks.dense_map.spots_from_dense`).
 
 Model options read from the ``pixnet`` config besides PixNet's own keyword arguments:
 ``input_mpp`` and ``window_px`` (unless passed explicitly), ``checkpoint`` (local encoder
@@ -36,19 +36,19 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .compat import torch
-from .dense import DenseMap, predict_dense_map, read_dense, spots_from_dense
-from .errors import InputError
-from .folds import validation_split
-from .models import build_model
-from .models.pixnet import pixnet_loss
-from .predict import spots_prediction_anndata
-from .preprocess import expression_matrix
-from .roi import discs_from_spots
-from .sample import geometry
-from .slide import open_slide, read_region, slide_mpp
-from .spot_patches import dihedral
-from .train import TrainConfig, fit, load_model, resolve_device, save_model, to_device
+from histomap.compat import torch
+from histomap.data.preprocess import expression_matrix
+from histomap.data.sample import geometry
+from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.data.spot_patches import dihedral
+from histomap.errors import InputError
+from histomap.evaluation.folds import validation_split
+from histomap.models import build_model
+from histomap.models.pixnet import pixnet_loss
+from histomap.models.roi import discs_from_spots
+from histomap.tasks.dense_map import DenseMap, predict_dense_map, read_dense, spots_from_dense
+from histomap.tasks.predict import spots_prediction_anndata
+from histomap.train import TrainConfig, fit, load_model, resolve_device, save_model, to_device
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SlideSpots:
 
 def dihedral_points(xy: np.ndarray, k: int, side: float) -> np.ndarray:
     """Map (x, y) points of a ``side`` x ``side`` square (continuous coordinates, pixel j
-    covering [j, j + 1)) the way :func:`histomap.spot_patches.dihedral` maps the image: ``k %
+    covering [j, j + 1)) the way :func:`histomap.data.spot_patches.dihedral` maps the image: ``k %
     4`` quarter turns of ``torch.rot90`` (x, y) -> (y, side - x), then a left-right flip
     x -> side - x when ``k >= 4``."""
     out = np.array(xy, dtype=np.float64, copy=True)
@@ -488,7 +488,7 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
     spots of ``spots_h5ad`` outside every tissue tile are added to the coverage (logged), and
     likewise the discs of every ``(spots file, diameter_um)`` of ``cover`` (e.g. the
     cross-scale ground truth), so every spot that will be read out of the map is covered.
-    Returns :class:`histomap.dense.DenseMap`.
+    Returns :class:`histomap.tasks.dense_map.DenseMap`.
     """
     model, meta = load_model(model_path, device=resolve_device(device))
     extra = meta.get("extra", {})

@@ -1,4 +1,4 @@
-"""Benchmark tables and figures: per-gene metric files -> long summary table, markdown, PNGs.
+"""Benchmark tables: per-gene metric files -> long summary table and markdown (spot and SR).
 
 Input (the ``evaluate`` contract): ``results/metrics/{task}/{model}/{fold}.parquet``, one row per
 gene x sample x scale x metric with columns ``task, dataset, model, fold, sample, scale_um,
@@ -12,22 +12,25 @@ PCC@M (first quartile, median, mean of per-gene PCC over genes with a defined PC
 (genes whose PCC is undefined, e.g. constant prediction), MSE, MAE (means over genes) and
 n_genes, for every slide, for ``pooled``, and for ``mean_over_slides`` (the mean of the per-slide
 summaries of one fold; for n_nan_pcc their total). The summaries themselves are
-:mod:`histomap.metrics`'s, so evaluation and report cannot disagree.
+:mod:`histomap.evaluation.metrics`'s, so evaluation and report cannot disagree. Super-resolution
+tables (:func:`sr_tables`) are made the same way from the per-(patch, gene) SR metric parquets.
+Figures: :mod:`histomap.evaluation.figures`.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .metrics import POOLED, aggregate_over_slides, pearson_per_gene, summarise
+from histomap.errors import InputError
+from histomap.evaluation.metrics import POOLED, aggregate_over_slides, summarise, summarise_sr
+from histomap.outputs import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,8 @@ def benchmark_long(metric_files: Iterable[str | Path] | pd.DataFrame) -> pd.Data
     """Summary metrics per (task, dataset, model, fold, sample, scale_um, gene_set), long form.
 
     ``metric_files`` are the per-fold parquet files (or their concatenated table). Summaries
-    come from :func:`histomap.metrics.summarise` plus ``n_genes``. Adds ``sample =
-    mean_over_slides`` rows per fold (:func:`histomap.metrics.aggregate_over_slides`): the
+    come from :func:`histomap.evaluation.metrics.summarise` plus ``n_genes``. Adds ``sample =
+    mean_over_slides`` rows per fold (:func:`histomap.evaluation.metrics.aggregate_over_slides`): the
     unweighted mean over the fold's slides of every summary (a NaN slide gives NaN), except
     ``n_nan_pcc``, which is the total of NaN-PCC genes over the fold's slides.
     """
@@ -327,125 +330,98 @@ def write_report(long_df: pd.DataFrame, out_csv: str | Path, out_md: str | Path)
     log.info("wrote %s (%d rows) and %s", out_csv, len(long_df), out_md)
 
 
-def _atomic_savefig(fig, out_png: str | Path) -> None:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ====================================================================== super-resolution tables
+SR_TABLE_COLUMNS = ["dataset", "method", "scale", "metric", "units", "value",
+                    "std_over_folds", "n_folds", "n_patches", "n_nan_pcc"]
 
 
-# --------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def sr_long_table(per_gene: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, method, scale, metric): the mean over every test patch of every fold (each
+    patch scored once, by the fold holding it out), the std of the fold means, counts."""
+    keys = ["dataset", "method", "scale"]
+    pooled = summarise_sr(per_gene, keys)
+    folds = summarise_sr(per_gene, [*keys, "fold"])
+    spread = folds.groupby([*keys, "metric"], observed=True)["value"].agg(
+        std_over_folds=lambda s: float(s.std(ddof=1)) if s.notna().sum() > 1 else math.nan,
+        n_folds="count").reset_index()
+    out = pooled.merge(spread, on=[*keys, "metric"], how="left")
+    out["units"] = np.where(out["metric"].str.endswith("_counts"), "counts", "normalised")
+    out["metric"] = out["metric"].str.replace("_counts", "", regex=False)
+    return out[SR_TABLE_COLUMNS]
 
 
-def _gene_values(spots: ad.AnnData, gene: str) -> np.ndarray:
-    col = spots[:, gene].X
-    col = col.toarray() if hasattr(col, "toarray") else np.asarray(col)
-    return col.ravel().astype(float)
+def _sr_cell(row: pd.Series | None) -> str:
+    if row is None or not np.isfinite(row["value"]):
+        return "n/a"
+    text = f"{row['value']:.4f}"
+    if np.isfinite(row["std_over_folds"]):
+        text += f" ± {row['std_over_folds']:.4f}"
+    return text
 
 
-def plot_expression_maps(spots_truth: ad.AnnData, spots_pred: ad.AnnData, genes: Sequence[str],
-                         thumbnail: np.ndarray, thumb_downsample: float,
-                         out_png: str | Path) -> None:
-    """Measured | predicted expression per gene as discs over a slide thumbnail.
-
-    Spot centres are ``spots_truth.obsm["spatial"]`` (level-0 px) / ``thumb_downsample``; disc
-    radius = ``obs["diameter_um"] / 2 / mpp / thumb_downsample`` thumbnail px, with ``mpp`` from
-    ``uns["histomap"]``. Spots are matched by name; each panel has its own colour scale and the
-    row title gives the gene's PCC over the shared spots.
-    """
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Circle
-
-    plt = _pyplot()
-    shared = spots_truth.obs_names.intersection(spots_pred.obs_names, sort=False)
-    if len(shared) == 0:
-        raise ValueError("measured and predicted spots share no spot names")
-    for name, spots in (("measured", spots_truth), ("predicted", spots_pred)):
-        if len(shared) < spots.n_obs:
-            log.warning("%d %s spots have no counterpart and are not drawn",
-                        spots.n_obs - len(shared), name)
-    truth, pred = spots_truth[shared], spots_pred[shared]
-    genes = list(genes)
-    missing = [g for g in genes if g not in truth.var_names or g not in pred.var_names]
-    if missing:
-        log.warning("genes not in both measured and predicted spots, not drawn: %s", missing)
-    genes = [g for g in genes if g not in missing]
-    if not genes:
-        raise ValueError("none of the requested genes is in both measured and predicted spots")
-
-    mpp = float(truth.uns["histomap"]["mpp"])
-    xy = np.asarray(truth.obsm["spatial"], float) / thumb_downsample
-    radius = np.asarray(truth.obs["diameter_um"], float) / 2.0 / mpp / thumb_downsample
-    pad = 2 * float(radius.max())
-    h, w = thumbnail.shape[:2]
-    x_lim = (max(xy[:, 0].min() - pad, 0), min(xy[:, 0].max() + pad, w))
-    y_lim = (min(xy[:, 1].max() + pad, h), max(xy[:, 1].min() - pad, 0))
-
-    fig, axes = plt.subplots(len(genes), 2, figsize=(9, 4.2 * len(genes)), squeeze=False)
-    for row, gene in zip(axes, genes):
-        values = {"measured": _gene_values(truth, gene), "predicted": _gene_values(pred, gene)}
-        r = float(pearson_per_gene(values["measured"][:, None],
-                                   values["predicted"][:, None])[0])
-        for ax, (kind, v) in zip(row, values.items()):
-            ax.imshow(thumbnail, origin="upper")
-            discs = PatchCollection([Circle((x, y), rad) for (x, y), rad in zip(xy, radius)],
-                                    cmap="viridis", alpha=0.85, linewidths=0)
-            discs.set_array(v)
-            ax.add_collection(discs)
-            fig.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
-            ax.set_xlim(*x_lim)
-            ax.set_ylim(*y_lim)
-            ax.set_title(f"{gene} {kind}")
-            ax.set_axis_off()
-        row[0].annotate(f"{gene}: PCC = {_fmt(r, digits=3)}", xy=(0, 1.12),
-                        xycoords="axes fraction", fontsize=11, fontweight="bold")
-    _atomic_savefig(fig, out_png)
-    plt.close(fig)
+def _sr_markdown_table(table: pd.DataFrame, rows: Sequence[str], units: str = "normalised"
+                       ) -> str:
+    part = table[table["units"] == units]
+    columns = [(d, s, m) for d, s in part[["dataset", "scale"]].drop_duplicates()
+               .sort_values(["dataset", "scale"]).itertuples(index=False) for m in ("RMSE", "PCC")]
+    header = ["method", *[f"{d} {s}x {m}" for d, s, m in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    index = {(r.dataset, r.method, r.scale, r.metric): r for r in part.itertuples(index=False)}
+    for method in rows:
+        cells = []
+        for d, s, m in columns:
+            r = index.get((d, method, s, m))
+            cells.append(_sr_cell(pd.Series(r._asdict()) if r is not None else None))
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines)
 
 
-def plot_pcc_distribution(per_gene_df: pd.DataFrame, out_png: str | Path,
-                          sample: str = POOLED) -> None:
-    """Box plots of per-gene PCC by model and fold, one panel per task x dataset x scale x set.
+def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Sequence[str] = (),
+                reference: str = "diffst") -> str:
+    """Table 1 (rows methods, columns dataset x scale x metric) and the ablation table."""
+    nan = table[(table["metric"] == "PCC") & (table["units"] == "normalised")]
+    lines = ["# Super-resolution benchmark (Diff-ST Table 1 shape)", "",
+             "RMSE and signed PCC per gene per patch over the patch's tissue pixels, in the "
+             "pairs' normalised units; averaged over genes per patch, then over every test patch "
+             "of every fold (± std of the fold means).", "",
+             "## Methods", "",
+             _sr_markdown_table(table, [m for m in methods if m in set(table.method)])]
+    ablation_rows = [reference] + [a for a in ablations if a != reference] if ablations else []
+    ablation_rows = [m for m in ablation_rows if m in set(table.method)]
+    if ablations and ablation_rows:
+        lines += ["", "## Ablations", "", _sr_markdown_table(table, ablation_rows)]
+    lines += ["", "## Counts (de-normalised)", "",
+              _sr_markdown_table(table, [m for m in [*methods, *ablations]
+                                         if m in set(table.method)], units="counts")]
+    undefined = nan[nan["n_nan_pcc"] > 0]
+    if len(undefined):
+        lines += ["", "Undefined PCCs (a gene constant over a patch's tissue in truth or "
+                  "prediction), excluded from the means: " + "; ".join(
+                      f"{r.method} {r.dataset} {r.scale}x: {r.n_nan_pcc}"
+                      for r in undefined.itertuples(index=False)) + "."]
+    return "\n".join(lines) + "\n"
 
-    ``per_gene_df`` is the concatenated per-gene metric table (:func:`read_metrics`). Uses the
-    ``sample`` rows (default ``pooled``); where a fold has none, all its slides' per-gene PCCs.
-    NaN PCCs are not drawn; their count is printed under each box.
-    """
-    plt = _pyplot()
-    pcc = per_gene_df[per_gene_df["metric"] == "pcc"]
-    if pcc.empty:
-        raise ValueError("per-gene table has no 'pcc' rows")
-    panels = list(pcc.groupby(["task", "dataset", "scale_um", "gene_set"], sort=True))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.0 * pcc.groupby(
-        ["model", "fold"]).ngroups + 2), 4 * len(panels)), squeeze=False)
-    for ax, ((task, dataset, scale, gene_set), part) in zip(axes[:, 0], panels):
-        data, labels = [], []
-        for (model, fold), grp in part.groupby(["model", "fold"], sort=True):
-            chosen = grp[grp["sample"] == sample]
-            which = sample if not chosen.empty else "slides"
-            if chosen.empty:
-                chosen = grp[grp["sample"] != POOLED]
-            v = chosen["value"].to_numpy(float)
-            n_nan = int(np.isnan(v).sum())
-            data.append(v[~np.isnan(v)] if n_nan < v.size else np.array([np.nan]))
-            labels.append(f"{model}\n{fold} ({which})\nnan={n_nan}")
-        ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
-        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-        ax.set_ylabel("per-gene PCC")
-        ax.set_title(f"{task} — {dataset} — {scale:g} µm — {gene_set}")
-    fig.tight_layout()
-    _atomic_savefig(fig, out_png)
-    plt.close(fig)
+
+def sr_tables(metric_files: Sequence[str | Path], out_csv: str | Path, out_md: str | Path, *,
+              methods: Sequence[str], ablations: Sequence[str] = (),
+              reference: str = "diffst") -> pd.DataFrame:
+    """Read the per-(patch, gene) metric parquets, write the long CSV and the markdown tables."""
+    frames = []
+    for path in metric_files:
+        try:
+            frames.append(pd.read_parquet(path))
+        except Exception as exc:  # noqa: BLE001 - unreadable metrics file
+            raise InputError(path, f"cannot read SR metrics parquet ({exc})") from exc
+    if not frames:
+        raise ValueError("no SR metric files given")
+    table = sr_long_table(pd.concat(frames, ignore_index=True))
+    for path, text in ((out_csv, table.to_csv(index=False)),
+                       (out_md, sr_markdown(table, methods=methods, ablations=ablations,
+                                            reference=reference))):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = partial_path(path)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    log.info("wrote %s (%d rows) and %s", out_csv, len(table), out_md)
+    return table

@@ -26,10 +26,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputError
-from ..sample import Sample, annotate_spots
-from .legacy_st import (_examples, check_count_values, check_positive, check_unique,
-                        check_within_image, to_csr_counts)
+from histomap.data.io.legacy_st import (
+    _examples,
+    check_count_values,
+    check_positive,
+    check_unique,
+    check_within_image,
+    to_csr_counts,
+)
+from histomap.data.sample import Sample, annotate_spots
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ A zarr v3 group with
 
 * ``dense``: float32 (or float16) array (genes, H, W), one chunk per tile step of the
   prediction grid (``(genes, step, step)`` map pixels); expression per unit map-pixel area, the
-  unit :func:`histomap.roi.roi_aggregate` expects (log-normalised expression for PixNet);
+  unit :func:`histomap.models.roi.roi_aggregate` expects (log-normalised expression for PixNet);
 * ``mask``: uint8 (H, W), 1 where the map pixel's centre lies in a tissue tile (or requested
   region), 0 elsewhere; ``dense`` is 0 where ``mask`` is 0.
 
@@ -57,16 +57,16 @@ import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compat import torch
-from .errors import InputError
-from .outputs import partial_path, remove_path
-from .roi import discs_from_spots, roi_aggregate
-from .slide import open_slide, read_region, slide_mpp
-from .train import amp_dtype, autocast, resolve_device
+from histomap.compat import torch
+from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.errors import InputError
+from histomap.models.roi import discs_from_spots, roi_aggregate
+from histomap.outputs import partial_path, remove_path
+from histomap.train import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
-FORMAT = "histomap.dense/1"
+FORMAT = "histomap.tasks.dense_map/1"
 TILE_COLUMNS = ("x0_px", "y0_px", "size_px0")
 DTYPES = ("float32", "float16")
 

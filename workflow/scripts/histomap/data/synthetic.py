@@ -45,7 +45,7 @@ import scipy.sparse as sp
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .slide import write_pyramid
+from histomap.data.slide import write_pyramid
 
 log = logging.getLogger(__name__)
 

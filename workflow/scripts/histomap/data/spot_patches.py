@@ -12,10 +12,10 @@ import numpy as np
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .compat import torch
-from .errors import InputError
-from .imagenorm import ImageNormalize
-from .slide import open_slide, read_patch, slide_mpp
+from histomap.compat import torch
+from histomap.data.slide import open_slide, read_patch, slide_mpp
+from histomap.errors import InputError
+from histomap.imagenorm import ImageNormalize
 
 log = logging.getLogger(__name__)
 

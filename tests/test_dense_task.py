@@ -9,16 +9,23 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from histomap.dense import read_dense, spots_from_dense
-from histomap.io.synthetic import read as read_synthetic
+from histomap.data.io.synthetic import read as read_synthetic
+from histomap.data.preprocess import normalise_spots
+from histomap.data.slide import write_pyramid
+from histomap.data.spot_patches import dihedral
+from histomap.data.synthetic import simulate_sample
+from histomap.data.tiling import tile_slide
 from histomap.models.pixnet import PixNet
-from histomap.pixnet_task import (SlideSpots, WindowDataset, dihedral_points, make_loss_fn,
-                                  pixnet_batch_loss, predict_pixnet, train_pixnet)
-from histomap.preprocess import normalise_spots
-from histomap.slide import write_pyramid
-from histomap.spot_patches import dihedral
-from histomap.synthetic import simulate_sample
-from histomap.tiling import tile_slide
+from histomap.tasks.dense import (
+    SlideSpots,
+    WindowDataset,
+    dihedral_points,
+    make_loss_fn,
+    pixnet_batch_loss,
+    predict_pixnet,
+    train_pixnet,
+)
+from histomap.tasks.dense_map import read_dense, spots_from_dense
 from histomap.train import load_model
 
 SLIDE_MPP = 0.5
@@ -242,7 +249,7 @@ def test_train_resume_and_predict(sample):
 def test_mixed_scale_training_uses_every_spot_size(sample, caplog):
     """Extra spot tables of other sizes (here 27.5 um discs re-measured from the simulated cells)
     train together with the 55 um spots, each with its own disc."""
-    from histomap.scales import truth_at_scale
+    from histomap.evaluation.scales import truth_at_scale
 
     synthetic = read_synthetic("s1", sample["root"] / "s1")
     small = truth_at_scale(synthetic.highres, ad.read_h5ad(sample["st"]), 27.5,
@@ -256,7 +263,7 @@ def test_mixed_scale_training_uses_every_spot_size(sample, caplog):
         original(self, parts, **kwargs)
         seen.append(np.concatenate([p.diameter_um for p in parts]))
 
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", "histomap.pixnet_task"):
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", "histomap.tasks.dense"):
         mp.setattr(WindowDataset, "__init__", spy)
         _, summary = _train(sample, "mixed", extra_st_paths=[[small_path]])
     assert summary["epochs_done"] == 2

@@ -8,10 +8,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from .errors import InputError
-from .io import read_sample
-from .sample import UNS_KEY, Sample
-from .slide import open_slide, prepare_slide, read_region
+from histomap.data.io import read_sample
+from histomap.data.sample import UNS_KEY, Sample
+from histomap.data.slide import open_slide, prepare_slide, read_region
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 

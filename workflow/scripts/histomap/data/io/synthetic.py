@@ -1,5 +1,5 @@
 """Reader for the ``synthetic`` platform: a folder written by
-:func:`histomap.synthetic.simulate_sample` (he.tif, cells.h5ad, spots.h5ad, meta.json)."""
+:func:`histomap.data.synthetic.simulate_sample` (he.tif, cells.h5ad, spots.h5ad, meta.json)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import InputError
-from ..sample import Sample, annotate_spots
+from histomap.data.sample import Sample, annotate_spots
+from histomap.errors import InputError
 
 PLATFORM = "synthetic"
 FILES = ("meta.json", "spots.h5ad", "cells.h5ad", "he.tif")

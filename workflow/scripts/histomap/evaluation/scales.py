@@ -5,8 +5,8 @@ A sample whose ``highres.h5ad`` holds point-like measurements (synthetic cells, 
 transcript bins) can be re-measured with discs of any diameter: the discs sit on a square
 lattice over the measured area (spacing ``max(diameter, min_spacing_um)``, so small discs are
 not tens of thousands), each disc sums the counts of the points inside it
-(:func:`histomap.synthetic.aggregate_discs`, exact), and the result is normalised exactly as the
-training spots (:func:`histomap.preprocess.normalise_spots`: QC, library size, log1p). Discs
+(:func:`histomap.data.synthetic.aggregate_discs`, exact), and the result is normalised exactly as the
+training spots (:func:`histomap.data.preprocess.normalise_spots`: QC, library size, log1p). Discs
 that QC removes (no or too few counts, e.g. a 2 um disc between cells) are logged by
 ``normalise_spots``; the number kept is logged here.
 """
@@ -20,10 +20,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .preprocess import normalise_spots
-from .sample import annotate_spots, geometry
-from .synthetic import aggregate_discs
+from histomap.data.preprocess import normalise_spots
+from histomap.data.sample import annotate_spots, geometry
+from histomap.data.synthetic import aggregate_discs
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histomap import sr_task
+from histomap.data import srmaps
+from histomap.data.slide import write_pyramid
+from histomap.data.srpairs import (
+    SRPairDataset,
+    build_spot_grid_pairs,
+    build_sr_pairs,
+    denormalise,
+    read_sr_pairs,
+)
+from histomap.data.synthetic import simulate_sample
+from histomap.evaluation import metrics as sr_metrics
+from histomap.evaluation import report as sr_report
 from histomap.models.diffst import DiffST, normalize_adjacency
 from histomap.models.diffusion import GaussianDiffusion
-from histomap.slide import write_pyramid
-from histomap.srpairs import SRPairDataset, build_spot_grid_pairs, build_sr_pairs, denormalise, \
-    read_sr_pairs
-from histomap.synthetic import simulate_sample
+from histomap.tasks import superres as sr_task
 
 N_GENES = 5
 DIFFST_CFG = dict(base_channels=8, channel_mult=[1, 2], tissue_channels=8, cell_channels=8,
@@ -291,7 +299,7 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
                               steps=4, n_samples=2, batch_size=3, device="cpu", seed=1,
                               sample="S1")
     arrays, attrs = read_sr_pairs(pairs)
-    out, m_attrs = sr_task.read_sr_maps(maps)
+    out, m_attrs = srmaps.read_sr_maps(maps)
     n, g, h, w = arrays["hr"].shape
     assert info["n_patches"] == n and m_attrs["steps"] == 4 and m_attrs["n_samples"] == 2
     assert m_attrs["hr_um"] == attrs["hr_um"] and m_attrs["genes"] == attrs["genes"]
@@ -319,8 +327,8 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
                                arrays["origin_px"][0] + (np.array([j, i]) + 0.5) * side)
     assert (adata.obs["sample"] == "S1").all()
 
-    with caplog.at_level(logging.WARNING, logger="histomap.sr_task"):
-        summary = sr_task.evaluate_sr([pairs], [maps], tmp_path / "m.parquet",
+    with caplog.at_level(logging.WARNING, logger="histomap.tasks.superres"):
+        summary = sr_metrics.evaluate_sr([pairs], [maps], tmp_path / "m.parquet",
                                       tmp_path / "m.csv", method="diffst", scale=4, dataset="syn",
                                       samples=["S1"], folds=["F1"])
     per_gene = pd.read_parquet(tmp_path / "m.parquet")
@@ -341,11 +349,11 @@ def test_baseline_predict_is_lr_up_and_scores_by_hand(pairs, tmp_path):
                      checkpoint_dir=tmp_path / "ckpt")
     sr_task.predict_sr(tmp_path / "m.pt", pairs, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
                        device="cpu")
-    out, attrs = sr_task.read_sr_maps(tmp_path / "maps.zarr")
+    out, attrs = srmaps.read_sr_maps(tmp_path / "maps.zarr")
     assert "pred_std" not in out and attrs["sampler"] is None
     ds = SRPairDataset(pairs)
     np.testing.assert_allclose(out["pred"][2], ds[2]["lr_up"].numpy(), rtol=1e-6, atol=1e-7)
-    table = sr_task.evaluate_maps(pairs, tmp_path / "maps.zarr")
+    table = sr_metrics.evaluate_maps(pairs, tmp_path / "maps.zarr")
     arrays, _ = read_sr_pairs(pairs)
     mask = arrays["mask"][2]
     truth, pred = arrays["hr"][2][0][mask], out["pred"][2][0][mask]
@@ -359,10 +367,10 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     rng = np.random.default_rng(0)
     truth = rng.random((2, 6, 6))
     mask = np.ones((6, 6), bool)
-    rmse, pcc, n = sr_task.patch_gene_metrics(truth, -truth, mask)
+    rmse, pcc, n = sr_metrics.patch_gene_metrics(truth, -truth, mask)
     np.testing.assert_allclose(pcc, -1.0)
     assert n == 36 and np.all(rmse > 0)
-    _, pcc, _ = sr_task.patch_gene_metrics(truth, np.zeros_like(truth), mask)
+    _, pcc, _ = sr_metrics.patch_gene_metrics(truth, np.zeros_like(truth), mask)
     assert np.isnan(pcc).all()
 
     summaries = {}
@@ -373,8 +381,8 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
                          checkpoint_dir=folder / "ckpt")
         sr_task.predict_sr(folder / "m.pt", pairs, folder / "maps.zarr", folder / "b.h5ad",
                            device="cpu")
-        with caplog.at_level(logging.WARNING, logger="histomap.sr_task"):
-            summaries[method] = sr_task.evaluate_sr(
+        with caplog.at_level(logging.WARNING, logger="histomap.tasks.superres"):
+            summaries[method] = sr_metrics.evaluate_sr(
                 [pairs], [folder / "maps.zarr"], folder / "m.parquet", folder / "m.csv",
                 method=method, scale=4, dataset="syn", samples=["S1"], folds=["F1"]
             ).query("fold == 'all'").set_index("metric")
@@ -388,7 +396,7 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     assert f"{n * N_GENES} of {n * N_GENES} patch-gene PCCs are undefined" in caplog.text
 
     # two held-out samples (two folds): every patch of each counts once
-    both = sr_task.evaluate_sr([pairs, pairs], [tmp_path / "bicubic" / "maps.zarr"] * 2,
+    both = sr_metrics.evaluate_sr([pairs, pairs], [tmp_path / "bicubic" / "maps.zarr"] * 2,
                                tmp_path / "two.parquet", tmp_path / "two.csv", method="bicubic",
                                scale=4, dataset="syn", samples=["S1", "S2"], folds=["F1", "F2"])
     pooled = both[both["fold"] == "all"].set_index("metric")
@@ -396,7 +404,7 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     assert pooled.loc["PCC", "value"] == pytest.approx(summaries["bicubic"].loc["PCC", "value"])
     assert set(both["fold"]) == {"F1", "F2", "all"}
 
-    table = sr_task.sr_tables([tmp_path / m / "m.parquet" for m in summaries],
+    table = sr_report.sr_tables([tmp_path / m / "m.parquet" for m in summaries],
                               tmp_path / "superres.csv", tmp_path / "superres.md",
                               methods=["bicubic", "negated", "constant"],
                               ablations=["negated"], reference="bicubic")
@@ -477,9 +485,10 @@ def test_light_steps_do_not_import_torch():
     import sys
     from pathlib import Path
 
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import histomap.sr_task; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import histomap.tasks.superres, "
+            "histomap.evaluation.metrics, histomap.evaluation.report, histomap.data.srpairs; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    scripts = Path(sr_task.__file__).parents[1]
+    scripts = Path(sr_task.__file__).parents[2]
     subprocess.run([sys.executable, "-c", code, str(scripts)], check=True, timeout=120)
 
 
@@ -496,8 +505,8 @@ def test_real_bicubic_baseline_if_available(monkeypatch, pairs):
 
 # --------------------------------------------------------------------------- Xenium options
 def test_xenium_options_pass_through_read_sample(xenium_crop_dir):
+    from histomap.data.io import read_sample
     from histomap.errors import InputError
-    from histomap.io import read_sample
 
     strict = read_sample("xenium", "crop", xenium_crop_dir, mpp=0.2125, min_qv=35.0)
     assert strict.highres.uns["xenium"]["min_qv"] == 35.0

@@ -17,7 +17,7 @@ import openslide
 import tifffile
 from PIL import Image
 
-from .errors import InputError
+from histomap.errors import InputError
 
 TILE = 256
 # A HER2ST JPEG has ~92 Mpx, above PIL's default decompression-bomb limit (89 Mpx).

@@ -1,23 +1,31 @@
-"""HistoGene training and prediction from normalised spots + slides (the ``*_histogene`` rules).
+"""Spot models: training and prediction of the models that predict one value per spot.
 
-HistoGene (:class:`histomap.models.histogene.HistoGene`) predicts all spots of a slide at once:
+Two families, both trained on the shared loop (:func:`histomap.train.fit`) from normalised spots
+and slides, and both written as the spot predictions AnnData of
+:func:`histomap.tasks.predict.spots_prediction_anndata` (arrow: normalised spots + slide ->
+model -> spot predictions):
+
+**Crop regressors (ST-Net style)**: the H&E crop around each spot predicts the spot's
+log-normalised expression of the gene panel (``train_stnet`` / ``predict_stnet`` rules).
+
+**HistoGene** (:class:`histomap.models.histogene.HistoGene`) predicts all spots of a slide at once:
 the sequence is the slide's spots, each a flattened H&E patch plus the spot's (x, y) grid
 position. Here:
 
 * **patches**: ``crop_um`` squares centred on the spots (default: the spot diameter), read at
   ``input_mpp`` (default: ``crop_um / patch_px``) and resized to the model's ``patch_px``;
 * **positions**: the spot lattice (``array_row``/``array_col``, legacy ST array coordinates or
-  ``{x}x{y}`` names, :func:`histomap.srpairs.spot_lattice`), else spot centres quantised to a grid
+  ``{x}x{y}`` names, :func:`histomap.data.srpairs.spot_lattice`), else spot centres quantised to a grid
   (:func:`quantise_positions`); shifted to start at 0 per slide and clipped to ``n_pos - 1``
   (logged);
 * **training items**: random subsets of up to ``max_spots`` training spots of one training slide
   (``items_per_slide`` items per slide per epoch; default: enough to show every spot about once),
   each patch under a random dihedral transform;
-* **validation**: spatial blocks of the training slides (:func:`histomap.folds.validation_split`);
+* **validation**: spatial blocks of the training slides (:func:`histomap.evaluation.folds.validation_split`);
   one sequence per slide holding ALL its spots (training spots as context) in which only the
   validation spots are scored. Test-fold slides are never seen;
 * **prediction**: one sequence per held-out slide with all its spots, written as the spot
-  predictions AnnData of :func:`histomap.predict.spots_prediction_anndata`.
+  predictions AnnData of :func:`histomap.tasks.predict.spots_prediction_anndata`.
 
 Model options read from the ``histogene`` config besides HistoGene's keyword arguments:
 ``input_mpp``, ``crop_um``, ``max_spots`` (256), ``items_per_slide``.
@@ -36,21 +44,110 @@ import anndata as ad
 import numpy as np
 from scipy.spatial import cKDTree
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
-from .compat import torch
-from .errors import InputError
-from .folds import validation_split
-from .models import build_model
-from .predict import spots_prediction_anndata
-from .preprocess import expression_matrix
-from .sample import geometry
-from .spot_patches import dihedral, extract_spot_patches
-from .srpairs import spot_lattice
-from .train import (TrainConfig, amp_dtype, autocast, fit, load_model, resolve_device,
-                    save_model, to_device)
+from histomap.compat import torch
+from histomap.data.preprocess import expression_matrix
+from histomap.data.sample import geometry
+from histomap.data.spot_patches import SpotDataset, dihedral, extract_spot_patches
+from histomap.data.srpairs import spot_lattice
+from histomap.errors import InputError
+from histomap.evaluation.folds import validation_split
+from histomap.models import build_model
+from histomap.tasks.predict import predict_spots, spots_prediction_anndata
+from histomap.train import (
+    TrainConfig,
+    amp_dtype,
+    autocast,
+    fit,
+    load_model,
+    resolve_device,
+    save_model,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
+
+
+def crop_um_for(model_cfg: Mapping, spots: ad.AnnData) -> float:
+    return float(model_cfg.get("crop_um") or geometry(spots)["spot_diameter_um"])
+
+
+def _slide_datasets(spots: ad.AnnData, slide: str | Path, genes: Sequence[str], *,
+                    crop_um: float, input_mpp: float, validation: Mapping, seed: int,
+                    path: str | Path) -> tuple[SpotDataset, SpotDataset | None]:
+    """Training and validation datasets of one training slide (validation = spatial blocks)."""
+    xy = np.asarray(spots.obsm["spatial"])
+    patches = extract_spot_patches(slide, xy, crop_um=crop_um, out_mpp=input_mpp)
+    targets = expression_matrix(spots, genes, path=path)
+    block_px = float(validation["block_um"]) / geometry(spots)["mpp"]
+    val = validation_split(xy, fraction=float(validation["fraction"]), block_px=block_px,
+                           seed=seed)
+    log.info("%s: %d training spots, %d validation spots (spatial blocks of %g um)",
+             Path(path).name, int((~val).sum()), int(val.sum()), validation["block_um"])
+    train_ds = SpotDataset(patches[~val], targets[~val], augment=True)
+    val_ds = SpotDataset(patches[val], targets[val], augment=False) if val.any() else None
+    return train_ds, val_ds
+
+
+def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Path],
+                     genes: Sequence[str], *, model_name: str, model_cfg: Mapping,
+                     train_cfg: Mapping, validation: Mapping, seed: int,
+                     out_model: str | Path, out_log: str | Path,
+                     checkpoint_dir: str | Path) -> dict:
+    """Train on the given (training-fold) samples; write ``model.pt`` and ``train_log.csv``.
+
+    Resumes from ``checkpoint_dir/last.pt`` after an interruption.
+    """
+    torch.manual_seed(seed)
+    model_cfg = dict(model_cfg)
+    input_mpp = float(model_cfg.pop("input_mpp"))
+    crop_cfg = model_cfg.pop("crop_um", None)
+    checkpoint = model_cfg.pop("checkpoint", None)
+    train_parts, val_parts = [], []
+    for i, (st_path, slide) in enumerate(zip(st_paths, slide_paths)):
+        spots = ad.read_h5ad(st_path)
+        crop_um = float(crop_cfg or geometry(spots)["spot_diameter_um"])
+        tr, va = _slide_datasets(spots, slide, genes, crop_um=crop_um, input_mpp=input_mpp,
+                                 validation=validation, seed=seed + i, path=st_path)
+        train_parts.append(tr)
+        if va is not None:
+            val_parts.append(va)
+    model = build_model(model_name, len(genes), pretrained_checkpoint=checkpoint, **model_cfg)
+    if hasattr(model, "init_output_bias"):
+        model.init_output_bias(torch.cat([part.targets for part in train_parts]).mean(dim=0))
+    cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
+    summary = fit(model, ConcatDataset(train_parts),
+                  ConcatDataset(val_parts) if val_parts else None,
+                  loss_fn=torch.nn.functional.mse_loss, out_dir=checkpoint_dir, cfg=cfg)
+    save_model(out_model, model, model_name=model_name, model_config=model.config, genes=genes,
+               extra={"input_mpp": input_mpp, "crop_um": crop_cfg, "train": cfg.to_dict(),
+                      "validation": dict(validation), "best_epoch": summary["best_epoch"],
+                      "best_val_loss": summary["best_val_loss"]})
+    shutil.copyfile(Path(checkpoint_dir) / "train_log.csv", out_log)
+    return summary
+
+
+def predict_spot_model(model_path: str | Path, st_path: str | Path, slide: str | Path,
+                       out_path: str | Path, *, batch_size: int = 64,
+                       device: str = "auto") -> ad.AnnData:
+    """Predict every spot of one held-out sample at its own spot size; write the AnnData."""
+    model, meta = load_model(model_path)
+    spots = ad.read_h5ad(st_path)
+    extra = meta.get("extra", {})
+    crop_um = float(extra.get("crop_um") or geometry(spots)["spot_diameter_um"])
+    patches = extract_spot_patches(slide, np.asarray(spots.obsm["spatial"]), crop_um=crop_um,
+                                   out_mpp=float(extra["input_mpp"]))
+    pred = predict_spots(model, SpotDataset(patches), batch_size=batch_size, device=device)
+    out = spots_prediction_anndata(
+        pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geometry(spots),
+        geometry(spots)["spot_diameter_um"],
+        model_info={"model": meta["model_name"], "path": str(model_path)})
+    out.write_h5ad(out_path)
+    return out
+
+
+# ============================================================================ HistoGene
 
 MODEL_NAME = "histogene"
 TASK_KEYS = ("input_mpp", "crop_um", "max_spots", "items_per_slide")

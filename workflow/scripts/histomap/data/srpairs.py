@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -60,9 +61,9 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from .errors import InputError
-from .outputs import partial_path, remove_path
-from .slide import open_slide, read_region, slide_mpp
+from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.errors import InputError
+from histomap.outputs import partial_path, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +408,7 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
     box = _measured_box(highres, width0, height0)
     tissue_mask, tissue_px0 = None, 1.0
     if tissue:
-        from .tiling import tissue_mask as _tissue_mask
+        from histomap.data.tiling import tissue_mask as _tissue_mask
 
         with open_slide(slide_path) as slide:
             tissue_mask, tissue_mpp = _tissue_mask(slide, mask_mpp=mask_mpp)
@@ -721,3 +722,59 @@ class SRPairDataset:
                                   antialias=True, align_corners=False)[0].clamp(0.0, 1.0)
         mask = torch.from_numpy(np.asarray(a["mask"][i], bool))
         return {"hr": hr, "lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
+
+
+def pairs_denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray, int], np.ndarray]:
+    """values (G, h, w) of patch i -> counts, with the patch's stored HR statistics."""
+    kind = attrs["normalisation"]
+
+    def counts(values: np.ndarray, i: int) -> np.ndarray:
+        if kind == "minmax":
+            return denormalise(values, kind, lo=np.asarray(arrays["hr_min"][i]),
+                               hi=np.asarray(arrays["hr_max"][i]))
+        if kind == "log1p":
+            return denormalise(values, kind, library=np.asarray(arrays["hr_library"][i]),
+                               target_sum=attrs["hr_target_sum"])
+        return denormalise(values, kind)
+
+    return counts
+
+
+# ============================================================================ pairs of a sample
+SPOT_GRID_PLATFORMS = ("legacy_st", "visium")
+
+
+def build_sample_pairs(platform: str, counts_h5ad: str | Path, slide: str | Path,
+                       genes: Sequence[str], out_zarr: str | Path, *, scale: int,
+                       pairs_cfg: Mapping[str, Any], sample: str = "",
+                       n_genes: int | None = None) -> dict[str, Any]:
+    """SR pairs of one sample at ``scale``: spot grids (legacy ST, Visium: ``counts_h5ad`` =
+    raw spots) pool ``scale x scale`` neighbouring spots; point data (synthetic cells, Xenium
+    bins: ``counts_h5ad`` = highres.h5ad) are binned at ``lr_um / scale``. ``n_genes``: keep the
+    first genes of the (ranked) panel only."""
+    genes = list(genes)
+    if n_genes is not None and n_genes < len(genes):
+        log.info("using the first %d of the panel's %d genes: %s", n_genes, len(genes),
+                 ", ".join(genes[:n_genes]))
+        genes = genes[:int(n_genes)]
+    counts = ad.read_h5ad(counts_h5ad)
+    common = {"normalisation": pairs_cfg.get("normalisation", "minmax")}
+    if platform in SPOT_GRID_PLATFORMS:
+        grid = dict(pairs_cfg.get("spot_grid") or {})
+        return build_spot_grid_pairs(counts, slide, genes, out_zarr, factor=int(scale),
+                                     patch_spots=int(grid.get("patch_spots", 16)),
+                                     stride_spots=grid.get("stride_spots"),
+                                     min_measured=float(grid.get("min_measured", 0.25)),
+                                     image_mpp=float(grid.get("image_mpp", 8.0)),
+                                     source_name=f"{sample or counts_h5ad} spots", **common)
+    if counts.n_obs == 0:
+        raise InputError(counts_h5ad, f"platform {platform!r} has no high-resolution "
+                                      "measurements to make super-resolution pairs from")
+    return build_sr_pairs(counts, slide, genes, out_zarr, patch_um=float(pairs_cfg["patch_um"]),
+                          lr_um=float(pairs_cfg["lr_um"]), scale=int(scale),
+                          stride_um=pairs_cfg.get("stride_um"),
+                          min_tissue=float(pairs_cfg.get("min_tissue", 0.25)),
+                          image_mpp=float(pairs_cfg.get("image_mpp", 2.0)),
+                          edge=pairs_cfg.get("edge", "ceil"),
+                          mask_mpp=float(pairs_cfg.get("mask_mpp", 8.0)),
+                          source_name=f"{sample or counts_h5ad} highres", **common)

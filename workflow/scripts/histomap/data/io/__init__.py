@@ -1,4 +1,4 @@
-"""One reader per platform, all returning :class:`histomap.sample.Sample`.
+"""One reader per platform, all returning :class:`histomap.data.sample.Sample`.
 
 Every reader has the signature ``read(sample, path, *, mpp=None, spot_diameter_um=None,
 image=None) -> Sample`` where ``path`` is the sample-sheet ``path`` column, ``mpp`` the
@@ -12,8 +12,8 @@ import inspect
 from importlib import import_module
 from pathlib import Path
 
-from ..errors import InputError
-from ..sample import Sample
+from histomap.data.sample import Sample
+from histomap.errors import InputError
 
 # platform -> module implementing ``read``; imported lazily so one reader's heavy imports do not
 # slow the others.

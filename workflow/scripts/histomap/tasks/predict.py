@@ -3,7 +3,7 @@
 Predictions AnnData (``spots_{um}um.h5ad``): ``X`` = predicted log-normalised expression
 (float32, dense), ``var_names`` = genes, ``obs_names`` = source spot names, ``obsm["spatial"]``
 = (x, y) level-0 pixels, ``obs["diameter_um"]``, ``uns["histomap"]`` = the sample geometry
-(:mod:`histomap.sample`) with ``spot_diameter_um`` set to the predicted scale, plus ``model``
+(:mod:`histomap.data.sample`) with ``spot_diameter_um`` set to the predicted scale, plus ``model``
 (name, config, ...).
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .compat import torch
-from .sample import UNS_KEY
-from .train import amp_dtype, autocast, resolve_device
+from histomap.compat import torch
+from histomap.data.sample import UNS_KEY
+from histomap.train import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
 

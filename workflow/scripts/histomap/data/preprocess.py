@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError
-from .sample import UNS_KEY
+from histomap.data.sample import UNS_KEY
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 

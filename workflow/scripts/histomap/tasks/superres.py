@@ -1,9 +1,11 @@
-"""Super-resolution task layer (Diff-ST and its baselines): pairs -> model -> HR maps -> metrics.
+"""Super-resolution task (Diff-ST and its baselines): SR pairs -> model -> HR maps.
 
-The ``*_sr`` rules' work. Every method sees the same inputs from an SR-pairs zarr
-(:mod:`histomap.srpairs`): the LR map upsampled onto the HR grid (``lr_up``), the LR map itself,
+The ``train_*`` / ``predict_*`` super-resolution rules' work; the pairs come from
+:mod:`histomap.data.srpairs`, the maps are scored by :mod:`histomap.evaluation.metrics`
+(``evaluate_sr``) and tabled by :mod:`histomap.evaluation.report` (``sr_tables``). Every method sees the same inputs from an SR-pairs zarr
+(:mod:`histomap.data.srpairs`): the LR map upsampled onto the HR grid (``lr_up``), the LR map itself,
 the H&E patch and the tissue mask; every method predicts the HR map in the pairs' normalised
-units, and predictions are also de-normalised to counts (:func:`histomap.srpairs.denormalise`).
+units, and predictions are also de-normalised to counts (:func:`histomap.data.srpairs.denormalise`).
 
 Methods (``method``):
 
@@ -29,7 +31,7 @@ Files:
 * ``model.pt`` (:func:`save_sr_model`): dict(format, method, variant, model_config, genes,
   state_dict, trainable, diffusion, value_range, task, pairs, train, validation, summary,
   adjacency) loadable with ``torch.load(weights_only=True)``; :func:`load_sr_model`.
-* maps zarr (:func:`predict_sr`, format ``histomap-srmaps/1``): per patch ``pred`` (G, h, w)
+* maps zarr (:func:`predict_sr`, format :data:`histomap.data.srmaps.MAPS_FORMAT`): per patch ``pred`` (G, h, w)
   normalised mean, ``pred_counts``, for diffusion methods ``pred_std`` / ``pred_std_counts``
   (per-pixel std over K samples, ddof 0), plus ``mask``, ``origin_px``, ``origin_um``,
   ``grid_index`` copied from the pairs; attrs = the pair geometry + how it was predicted.
@@ -37,9 +39,6 @@ Files:
   (overlapping patches give one row each); ``obsm["spatial"]`` bin centres in level-0 px; X =
   predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
   ``pred_std``, ``pred_std_counts``.
-* metrics (:func:`evaluate_sr`): one row per (patch, gene): RMSE and signed PCC over the patch's
-  tissue pixels, in normalised units (the paper's) and in counts; constant patch-genes give NaN
-  PCC, counted and logged.
 
 Units caveat: de-normalising min-max maps uses the patch's ground-truth min/max and log1p maps
 the ground-truth HR library (as the pairs store them); counts are for inspection and scoring,
@@ -62,49 +61,45 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import __version__
-from .errors import InputError
-from .outputs import partial_path, remove_path
-from .folds import validation_split
-from .metrics import pearson_per_gene
-from .srpairs import SRPairDataset, build_spot_grid_pairs, build_sr_pairs, denormalise, \
-    read_sr_pairs
+from histomap import __version__
+from histomap.data.srmaps import MAPS_FORMAT
+from histomap.data.srpairs import SRPairDataset, pairs_denormaliser, read_sr_pairs
+from histomap.errors import InputError
+from histomap.evaluation.folds import validation_split
+from histomap.evaluation.metrics import patch_gene_metrics, summarise_sr
+from histomap.outputs import partial_path, remove_path
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.utils.data import Dataset
 
-    from .models.diffst import CurriculumSchedule, DiffST
-    from .models.diffusion import GaussianDiffusion
+    from histomap.models.diffst import CurriculumSchedule, DiffST
+    from histomap.models.diffusion import GaussianDiffusion
 
 log = logging.getLogger(__name__)
 
 SR_MODEL_FORMAT = "histomap.srmodel/1"
-MAPS_FORMAT = "histomap-srmaps/1"
 # diffusion denoisers by method name -> class name in histomap.models.diffst
 DIFFUSION_METHODS = {"diffst": "DiffST", "guided": "ConditionalUNet"}
 # options of a method's config handled here, not by the network constructor
 TASK_KEYS = ("curriculum", "upsample", "adjacency_max_pixels", "adjacency_binarize")
 DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse", "prediction": "eps",
                      "target": "x0"}
-SPOT_GRID_PLATFORMS = ("legacy_st", "visium")
 EXTRA_LOG_COLUMNS = ("keep_fraction", "kept_observed", "denoise", "dis")
-METRIC_COLUMNS = {"rmse": "RMSE", "pcc": "PCC", "rmse_counts": "RMSE_counts",
-                  "pcc_counts": "PCC_counts"}
 
 
 # ============================================================================ methods
 # torch and the networks are imported where they are used, so pairs, metrics and tables (light
 # jobs) start without loading torch.
 def _torch():
-    from .compat import torch
+    from histomap.compat import torch
 
     return torch
 
 
 def _diffst():
-    from .models import diffst
+    from histomap.models import diffst
 
     return diffst
 
@@ -112,7 +107,7 @@ def _diffst():
 def _gaussian_diffusion(cfg: Mapping, clip_x0: tuple[float, float] | None = None
                         ) -> GaussianDiffusion:
     """The diffusion process of a ``superres.diffusion`` config (merged over the defaults)."""
-    from .models.diffusion import GaussianDiffusion
+    from histomap.models.diffusion import GaussianDiffusion
 
     return GaussianDiffusion(T=int(cfg["T"]), schedule=cfg["schedule"], loss=cfg["loss"],
                              prediction=cfg["prediction"], clip_x0=clip_x0)
@@ -120,7 +115,7 @@ def _gaussian_diffusion(cfg: Mapping, clip_x0: tuple[float, float] | None = None
 
 def _baselines():
     """The non-diffusion baselines module (imported lazily; it is written separately)."""
-    from .models import srnets
+    from histomap.models import srnets
 
     return srnets
 
@@ -237,7 +232,7 @@ def split_patches(pairs_zarrs: Sequence[str | Path], *, fraction: float, block_u
                   seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, validation) patch indices of each training zarr.
 
-    Validation patches are whole spatial blocks (:func:`histomap.folds.validation_split` on the
+    Validation patches are whole spatial blocks (:func:`histomap.evaluation.folds.validation_split` on the
     patch origins, blocks at least one patch wide); training patches overlapping a validation
     patch are dropped (logged), so validation tissue is never seen in training.
     """
@@ -370,7 +365,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 def baseline_batch_loss(model: nn.Module, batch: Mapping, device: torch.device,
                         loss_fn=None) -> torch.Tensor:
     """``fit``'s batch_to_loss of the baselines: masked MSE of ``model(lr_up, image, lr)``."""
-    from .train import to_device
+    from histomap.train import to_device
 
     batch = to_device(batch, device)
     pred = model(batch["lr_up"], batch["image"], lr=batch["lr"])
@@ -407,7 +402,7 @@ class DiffusionObjective:
 
     def __call__(self, model: nn.Module, batch: Mapping, device: torch.device,
                  loss_fn=None) -> torch.Tensor:
-        from .train import to_device
+        from histomap.train import to_device
 
         if self.schedule is not None:
             self.schedule.apply(model, self.epoch)
@@ -495,7 +490,7 @@ def _cpu_state(model: nn.Module) -> dict:
 def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Sequence[str],
                   trainable: bool, **meta: Any) -> Path:
     """Write ``model.pt`` atomically (see the module docstring)."""
-    from .train import atomic_save
+    from histomap.train import atomic_save
 
     torch = _torch()
     config = getattr(model, "config", None)
@@ -514,7 +509,7 @@ def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Seq
 def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
                   ) -> tuple[nn.Module, dict]:
     """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
-    from .train import resolve_device
+    from histomap.train import resolve_device
 
     torch = _torch()
     path = Path(path)
@@ -557,8 +552,8 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     ``keep_fraction`` (scheduled curriculum), ``kept_observed``, ``denoise`` and ``dis`` for
     diffusion methods.
     """
-    from .models.diffst import DiffST
-    from .train import TrainConfig, fit
+    from histomap.models.diffst import DiffST
+    from histomap.train import TrainConfig, fit
 
     torch = _torch()
     pairs_zarrs = [Path(p) for p in pairs_zarrs]
@@ -676,7 +671,7 @@ def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: t
     """Predicted HR maps (B, G, h, w) float64 in the pairs' normalised units: one per reverse
     chain (``n_samples``) for diffusion methods, one for a baseline. Gradients are off while
     computing (not between the yields)."""
-    from .train import to_device
+    from histomap.train import to_device
 
     torch = _torch()
     batch = to_device(batch, device)
@@ -723,22 +718,6 @@ class _Welford:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / self.n)
-
-
-def _denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray, int], np.ndarray]:
-    """values (G, h, w) of patch i -> counts, with the patch's stored HR statistics."""
-    kind = attrs["normalisation"]
-
-    def counts(values: np.ndarray, i: int) -> np.ndarray:
-        if kind == "minmax":
-            return denormalise(values, kind, lo=np.asarray(arrays["hr_min"][i]),
-                               hi=np.asarray(arrays["hr_max"][i]))
-        if kind == "log1p":
-            return denormalise(values, kind, library=np.asarray(arrays["hr_library"][i]),
-                               target_sum=attrs["hr_target_sum"])
-        return denormalise(values, kind)
-
-    return counts
 
 
 def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mapping
@@ -800,8 +779,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     """
     from torch.utils.data import DataLoader
 
-    from .predict import _h5ad_value
-    from .train import resolve_device
+    from histomap.tasks.predict import _h5ad_value
+    from histomap.train import resolve_device
 
     torch = _torch()
     out_maps_zarr, out_h5ad = Path(out_maps_zarr), Path(out_h5ad)
@@ -823,7 +802,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
     generator = torch.Generator().manual_seed(int(seed))
     diff = _diffusion_of(meta)
-    to_counts = _denormaliser(arrays, attrs)
+    to_counts = pairs_denormaliser(arrays, attrs)
     origin_px = np.asarray(arrays["origin_px"][...], np.float64)
     grid_index = np.asarray(arrays["grid_index"][...], np.int64)
     centres = hr_pixel_centres(origin_px, grid_index, attrs)
@@ -937,258 +916,6 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     return {"n_patches": n, "n_bins": int(adata.n_obs), "seconds": seconds, **info}
 
 
-# ============================================================================ evaluation
-def read_sr_maps(path: str | Path) -> tuple[dict[str, Any], dict]:
-    """(lazy arrays, attrs) of a maps zarr written by :func:`predict_sr`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(path, "SR maps zarr does not exist (run the predict_diffst or predict_sr_baseline rule)")
-    root = zarr.open_group(path, mode="r")
-    attrs = dict(root.attrs)
-    if attrs.get("format") != MAPS_FORMAT:
-        raise InputError(path, f"not an SR maps zarr ({MAPS_FORMAT})")
-    return {name: root[name] for name in root.array_keys()}, attrs
-
-
-def patch_gene_metrics(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(RMSE (G,), signed PCC (G,), n pixels) of one patch over its tissue pixels.
-
-    PCC is NaN for a gene constant over the tissue in the truth or the prediction, or with fewer
-    than two pixels (never abs()-ed, never dropped here)."""
-    mask = np.asarray(mask, bool)
-    t = np.asarray(truth, np.float64)[:, mask].T
-    p = np.asarray(pred, np.float64)[:, mask].T
-    if len(t) == 0:
-        return np.full(truth.shape[0], np.nan), np.full(truth.shape[0], np.nan), 0
-    rmse = np.sqrt(((p - t) ** 2).mean(axis=0))
-    return rmse, pearson_per_gene(t, p), len(t)
-
-
-def evaluate_maps(pairs_zarr: str | Path, maps_zarr: str | Path) -> pd.DataFrame:
-    """Per (patch, gene) rows: n_pixels, rmse, pcc (normalised), rmse_counts, pcc_counts."""
-    pairs, p_attrs = read_sr_pairs(pairs_zarr, lazy=True)
-    maps, m_attrs = read_sr_maps(maps_zarr)
-    genes = list(p_attrs["genes"])
-    if list(m_attrs["genes"]) != genes or maps["pred"].shape != pairs["hr"].shape:
-        raise InputError(maps_zarr, f"maps do not match the pairs {pairs_zarr} (genes or shape)")
-    to_counts = _denormaliser(pairs, p_attrs)
-    rows = []
-    for i in range(pairs["hr"].shape[0]):
-        truth = np.asarray(pairs["hr"][i], np.float64)
-        mask = np.asarray(pairs["mask"][i], bool)
-        rmse, pcc, n_px = patch_gene_metrics(truth, maps["pred"][i], mask)
-        rmse_c, pcc_c, _ = patch_gene_metrics(to_counts(truth, i), maps["pred_counts"][i], mask)
-        rows.append(pd.DataFrame({"patch": i, "gene": genes, "n_pixels": n_px, "rmse": rmse,
-                                  "pcc": pcc, "rmse_counts": rmse_c, "pcc_counts": pcc_c}))
-    return pd.concat(rows, ignore_index=True)
-
-
-def patch_means(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Per patch (``keys`` + fold, sample, patch where present): mean over genes of each metric
-    (NaN PCCs skipped, counted in ``n_nan_pcc``; a patch with no defined PCC has PCC NaN)."""
-    by = [*keys, *[c for c in ("fold", "sample") if c in per_gene.columns and c not in keys],
-          "patch"]
-    grouped = per_gene.groupby(by, sort=False, observed=True)
-    out = grouped[list(METRIC_COLUMNS)].mean()  # pandas mean skips NaN
-    out["n_genes"] = grouped["gene"].size()
-    out["n_nan_pcc"] = grouped["pcc"].apply(lambda s: int(s.isna().sum()))
-    return out.reset_index()
-
-
-def summarise_sr(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Diff-ST Table-1 summary per ``keys``: each metric averaged per patch over genes, then over
-    patches; ``n_patches``, ``n_nan_pcc`` (patch-gene pairs with undefined PCC) and
-    ``n_nan_patches`` (patches without any defined PCC) alongside."""
-    patches = patch_means(per_gene, keys)
-    rows = []
-    for key, part in patches.groupby(list(keys), sort=False, observed=True):
-        key = key if isinstance(key, tuple) else (key,)
-        for column, metric in METRIC_COLUMNS.items():
-            rows.append({**dict(zip(keys, key)), "metric": metric,
-                         "value": float(part[column].mean()),
-                         "n_patches": int(part[column].notna().sum()),
-                         "n_nan_pcc": int(part["n_nan_pcc"].sum()),
-                         "n_nan_patches": int(part["pcc"].isna().sum())})
-    return pd.DataFrame(rows)
-
-
-def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Path],
-                out_parquet: str | Path, out_summary: str | Path, *, method: str, scale: int,
-                dataset: str, samples: Sequence[str], folds: Sequence[str]) -> pd.DataFrame:
-    """Score the predicted maps of the test samples of every fold (``samples[i]`` held out by
-    ``folds[i]``, scored from ``pairs_zarrs[i]`` and ``maps_zarrs[i]``): per-(patch, gene)
-    parquet (columns dataset, method, scale, fold, sample, patch, gene, n_pixels, rmse, pcc,
-    rmse_counts, pcc_counts) and the Table-1 summary CSV (:func:`summarise_sr`) per fold and
-    over all folds (``fold == "all"``). Returns the summary."""
-    n = len(samples)
-    if not n or not (len(pairs_zarrs) == len(maps_zarrs) == len(folds) == n):
-        raise ValueError("need one pairs zarr, one maps zarr and one fold per test sample")
-    parts = []
-    for fold, sample, pairs, maps in zip(folds, samples, pairs_zarrs, maps_zarrs):
-        table = evaluate_maps(pairs, maps)
-        table.insert(0, "sample", sample)
-        table.insert(0, "fold", str(fold))
-        parts.append(table)
-    per_gene = pd.concat(parts, ignore_index=True)
-    for col, value in (("scale", int(scale)), ("method", method), ("dataset", dataset)):
-        per_gene.insert(0, col, value)
-    n_nan = int(per_gene["pcc"].isna().sum())
-    if n_nan:
-        log.warning("%s %dx: %d of %d patch-gene PCCs are undefined (gene constant over the "
-                    "patch's tissue in truth or prediction); they are excluded from the "
-                    "per-patch means and counted in n_nan_pcc", method, int(scale), n_nan,
-                    len(per_gene))
-    keys = ["dataset", "method", "scale"]
-    summary = pd.concat([summarise_sr(per_gene, [*keys, "fold"]),
-                         summarise_sr(per_gene.assign(fold="all"), [*keys, "fold"])],
-                        ignore_index=True)
-    for path in (out_parquet, out_summary):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(Path(out_parquet))
-    per_gene.to_parquet(tmp, index=False)
-    os.replace(tmp, out_parquet)
-    tmp = partial_path(Path(out_summary))
-    summary.to_csv(tmp, index=False)
-    os.replace(tmp, out_summary)
-    for row in summary[summary["metric"].isin(["RMSE", "PCC"])].itertuples(index=False):
-        log.info("%s %dx fold %s: %s %.4f over %d patches", method, int(scale), row.fold,
-                 row.metric, row.value, row.n_patches)
-    return summary
-
-
-# ============================================================================ tables
-TABLE_COLUMNS = ["dataset", "method", "scale", "metric", "units", "value", "std_over_folds",
-                 "n_folds", "n_patches", "n_nan_pcc"]
-
-
-def sr_long_table(per_gene: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method, scale, metric): the mean over every test patch of every fold (each
-    patch scored once, by the fold holding it out), the std of the fold means, counts."""
-    keys = ["dataset", "method", "scale"]
-    pooled = summarise_sr(per_gene, keys)
-    folds = summarise_sr(per_gene, [*keys, "fold"])
-    spread = folds.groupby([*keys, "metric"], observed=True)["value"].agg(
-        std_over_folds=lambda s: float(s.std(ddof=1)) if s.notna().sum() > 1 else math.nan,
-        n_folds="count").reset_index()
-    out = pooled.merge(spread, on=[*keys, "metric"], how="left")
-    out["units"] = np.where(out["metric"].str.endswith("_counts"), "counts", "normalised")
-    out["metric"] = out["metric"].str.replace("_counts", "", regex=False)
-    return out[TABLE_COLUMNS]
-
-
-def _cell(row: pd.Series | None) -> str:
-    if row is None or not np.isfinite(row["value"]):
-        return "n/a"
-    text = f"{row['value']:.4f}"
-    if np.isfinite(row["std_over_folds"]):
-        text += f" ± {row['std_over_folds']:.4f}"
-    return text
-
-
-def _markdown(table: pd.DataFrame, rows: Sequence[str], units: str = "normalised") -> str:
-    part = table[table["units"] == units]
-    columns = [(d, s, m) for d, s in part[["dataset", "scale"]].drop_duplicates()
-               .sort_values(["dataset", "scale"]).itertuples(index=False) for m in ("RMSE", "PCC")]
-    header = ["method", *[f"{d} {s}x {m}" for d, s, m in columns]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    index = {(r.dataset, r.method, r.scale, r.metric): r for r in part.itertuples(index=False)}
-    for method in rows:
-        cells = []
-        for d, s, m in columns:
-            r = index.get((d, method, s, m))
-            cells.append(_cell(pd.Series(r._asdict()) if r is not None else None))
-        lines.append("| " + " | ".join([method, *cells]) + " |")
-    return "\n".join(lines)
-
-
-def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Sequence[str] = (),
-                reference: str = "diffst") -> str:
-    """Table 1 (rows methods, columns dataset x scale x metric) and the ablation table."""
-    nan = table[(table["metric"] == "PCC") & (table["units"] == "normalised")]
-    lines = ["# Super-resolution benchmark (Diff-ST Table 1 shape)", "",
-             "RMSE and signed PCC per gene per patch over the patch's tissue pixels, in the "
-             "pairs' normalised units; averaged over genes per patch, then over every test patch "
-             "of every fold (± std of the fold means).", "",
-             "## Methods", "", _markdown(table, [m for m in methods if m in set(table.method)])]
-    ablation_rows = [reference] + [a for a in ablations if a != reference] if ablations else []
-    ablation_rows = [m for m in ablation_rows if m in set(table.method)]
-    if ablations and ablation_rows:
-        lines += ["", "## Ablations", "", _markdown(table, ablation_rows)]
-    lines += ["", "## Counts (de-normalised)", "",
-              _markdown(table, [m for m in [*methods, *ablations] if m in set(table.method)],
-                        units="counts")]
-    undefined = nan[nan["n_nan_pcc"] > 0]
-    if len(undefined):
-        lines += ["", "Undefined PCCs (a gene constant over a patch's tissue in truth or "
-                  "prediction), excluded from the means: " + "; ".join(
-                      f"{r.method} {r.dataset} {r.scale}x: {r.n_nan_pcc}"
-                      for r in undefined.itertuples(index=False)) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def sr_tables(metric_files: Sequence[str | Path], out_csv: str | Path, out_md: str | Path, *,
-              methods: Sequence[str], ablations: Sequence[str] = (),
-              reference: str = "diffst") -> pd.DataFrame:
-    """Read the per-(patch, gene) metric parquets, write the long CSV and the markdown tables."""
-    frames = []
-    for path in metric_files:
-        try:
-            frames.append(pd.read_parquet(path))
-        except Exception as exc:  # noqa: BLE001 - unreadable metrics file
-            raise InputError(path, f"cannot read SR metrics parquet ({exc})") from exc
-    if not frames:
-        raise ValueError("no SR metric files given")
-    table = sr_long_table(pd.concat(frames, ignore_index=True))
-    for path, text in ((out_csv, table.to_csv(index=False)),
-                       (out_md, sr_markdown(table, methods=methods, ablations=ablations,
-                                            reference=reference))):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial_path(path)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    log.info("wrote %s (%d rows) and %s", out_csv, len(table), out_md)
-    return table
-
-
-# ============================================================================ pairs of a sample
-def build_sample_pairs(platform: str, counts_h5ad: str | Path, slide: str | Path,
-                       genes: Sequence[str], out_zarr: str | Path, *, scale: int,
-                       pairs_cfg: Mapping[str, Any], sample: str = "",
-                       n_genes: int | None = None) -> dict[str, Any]:
-    """SR pairs of one sample at ``scale``: spot grids (legacy ST, Visium: ``counts_h5ad`` =
-    raw spots) pool ``scale x scale`` neighbouring spots; point data (synthetic cells, Xenium
-    bins: ``counts_h5ad`` = highres.h5ad) are binned at ``lr_um / scale``. ``n_genes``: keep the
-    first genes of the (ranked) panel only."""
-    genes = list(genes)
-    if n_genes is not None and n_genes < len(genes):
-        log.info("using the first %d of the panel's %d genes: %s", n_genes, len(genes),
-                 ", ".join(genes[:n_genes]))
-        genes = genes[:int(n_genes)]
-    counts = ad.read_h5ad(counts_h5ad)
-    common = {"normalisation": pairs_cfg.get("normalisation", "minmax")}
-    if platform in SPOT_GRID_PLATFORMS:
-        grid = dict(pairs_cfg.get("spot_grid") or {})
-        return build_spot_grid_pairs(counts, slide, genes, out_zarr, factor=int(scale),
-                                     patch_spots=int(grid.get("patch_spots", 16)),
-                                     stride_spots=grid.get("stride_spots"),
-                                     min_measured=float(grid.get("min_measured", 0.25)),
-                                     image_mpp=float(grid.get("image_mpp", 8.0)),
-                                     source_name=f"{sample or counts_h5ad} spots", **common)
-    if counts.n_obs == 0:
-        raise InputError(counts_h5ad, f"platform {platform!r} has no high-resolution "
-                                      "measurements to make super-resolution pairs from")
-    return build_sr_pairs(counts, slide, genes, out_zarr, patch_um=float(pairs_cfg["patch_um"]),
-                          lr_um=float(pairs_cfg["lr_um"]), scale=int(scale),
-                          stride_um=pairs_cfg.get("stride_um"),
-                          min_tissue=float(pairs_cfg.get("min_tissue", 0.25)),
-                          image_mpp=float(pairs_cfg.get("image_mpp", 2.0)),
-                          edge=pairs_cfg.get("edge", "ceil"),
-                          mask_mpp=float(pairs_cfg.get("mask_mpp", 8.0)),
-                          source_name=f"{sample or counts_h5ad} highres", **common)
-
-
 # ============================================================================ sampling speed
 def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
                   steps: Sequence[int] = (1000, 250, 50, 20), sampler: str = "respaced",
@@ -1199,7 +926,7 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
     per patch, averaged) on the first ``max_patches`` patches of ``pairs_zarr``."""
     from torch.utils.data import DataLoader
 
-    from .train import resolve_device
+    from histomap.train import resolve_device
 
     torch = _torch()
     dev = resolve_device(device)
@@ -1252,9 +979,7 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
     return pd.DataFrame(rows)
 
 
-__all__ = ["DiffusionObjective", "ValueRange", "baseline_batch_loss", "build_sample_pairs",
-           "build_sr_model", "curriculum_schedule", "evaluate_maps", "evaluate_sr",
-           "hr_pixel_centres", "known_methods", "load_sr_model", "masked_mse",
-           "patch_gene_metrics", "predict_chains", "predict_sr", "read_sr_maps", "save_sr_model",
-           "split_patches", "sr_long_table", "sr_markdown", "sr_tables", "summarise_sr",
+__all__ = ["DiffusionObjective", "ValueRange", "baseline_batch_loss", "build_sr_model",
+           "curriculum_schedule", "hr_pixel_centres", "known_methods", "load_sr_model",
+           "masked_mse", "predict_chains", "predict_sr", "save_sr_model", "split_patches",
            "time_sampling", "train_sr", "training_adjacency", "training_pixels", "value_range"]

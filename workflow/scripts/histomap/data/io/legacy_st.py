@@ -24,9 +24,9 @@ import pandas as pd
 import scipy.sparse as sp
 from PIL import Image
 
-from .. import slide as _slide  # noqa: F401  (raises PIL.Image.MAX_IMAGE_PIXELS for big H&E)
-from ..errors import InputError
-from ..sample import Sample, annotate_spots
+from histomap.data import slide as _slide  # noqa: F401  (raises PIL.Image.MAX_IMAGE_PIXELS for big H&E)
+from histomap.data.sample import Sample, annotate_spots
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 

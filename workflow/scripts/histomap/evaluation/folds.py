@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("leave_one_patient_out", "leave_one_sample_out", "explicit")

@@ -1,0 +1,8 @@
+"""How each model family trains and predicts, on the one loop of :mod:`histomap.train`.
+
+model inputs -> **model** -> predictions. ``spot`` (ST-Net-style crop regressors and
+HistoGene-style slide transformers: one value per spot), ``dense`` (PixNet and iStar-style:
+windows around spots, dense maps, spots read out of the map; the map itself by ``dense_map``),
+``superres`` (Diff-ST and the SR baselines). ``predict`` holds the spot-prediction loop and the
+predictions AnnData that every task writes.
+"""
