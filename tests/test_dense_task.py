@@ -275,3 +275,32 @@ def test_mixed_scale_training_uses_every_spot_size(sample, caplog):
     assert f"+ {small.n_obs} spots of 27.5 um" in caplog.text
     with pytest.raises(ValueError, match="one list per sample"):
         _train(sample, "bad", extra_st_paths=[[small_path], []])
+
+
+def _outside_tiles_brute_force(centres, tiles):
+    """The tiles x spots scan the grid look-up replaced: every centre against every tile."""
+    outside = np.ones(len(centres), dtype=bool)
+    for a, b, s in tiles[["x0_px", "y0_px", "size_px0"]].to_numpy(float):
+        outside &= ~((centres[:, 0] >= a) & (centres[:, 0] < a + s)
+                     & (centres[:, 1] >= b) & (centres[:, 1] < b + s))
+    return outside
+
+
+def test_outside_tiles_grid_lookup_equals_the_full_scan():
+    """Grid tiles, overlapping tiles of mixed sizes (spot boxes) and centres on tile edges give
+    exactly the answer of the full scan."""
+    from histomap.tasks.dense import _outside_tiles
+
+    rng = np.random.default_rng(0)
+    grid = [(x, y, 448.0) for x in range(0, 4480, 448) for y in range(0, 2688, 448)
+            if rng.random() < 0.6]
+    boxes = [(float(x), float(y), float(s)) for x, y, s in
+             zip(rng.uniform(-50, 4500, 40), rng.uniform(-50, 2700, 40), rng.uniform(5, 300, 40))]
+    tiles = pd.DataFrame(grid + boxes, columns=["x0_px", "y0_px", "size_px0"])
+    centres = np.concatenate([rng.uniform(-100, 4600, (5000, 2)) * [1, 0.6],
+                              tiles[["x0_px", "y0_px"]].to_numpy(),            # on a corner
+                              tiles[["x0_px", "y0_px"]].to_numpy() + tiles[["size_px0"]].to_numpy()])
+    fast = _outside_tiles(centres, tiles)
+    np.testing.assert_array_equal(fast, _outside_tiles_brute_force(centres, tiles))
+    assert 0 < fast.sum() < len(fast)
+    assert _outside_tiles(np.zeros((0, 2)), tiles).shape == (0,)

@@ -10,7 +10,8 @@ from scipy import ndimage
 
 from histomap.data import tiling
 from histomap.data.slide import open_slide, prepare_slide, write_pyramid
-from histomap.data.tiling import INDEX_COLUMNS, read_tiles, tile_slide, tissue_fraction, tissue_mask
+from histomap.data.tiling import (INDEX_COLUMNS, read_tile_index, read_tiles, tile_slide,
+                                  tissue_fraction, tissue_mask)
 from histomap.errors import InputError
 
 MPP = 0.5
@@ -134,6 +135,37 @@ def test_tile_content_matches_index(synthetic, tiled):
     # each tile is the slide at its index position, and a 16 px (8 um) shift would be visible
     assert max(errors) < 6
     assert np.mean(shifted) > 2 * np.mean(errors)
+
+
+def test_index_only_tiling_writes_no_tile_images(synthetic, tiled, tmp_path):
+    """Without a zarr path only the index is written: the same tiles, the parameters in its
+    metadata, and no tile image store."""
+    path, _ = synthetic
+    index = tile_slide(path, None, tmp_path / "t.parquet", tile_px=64, tile_mpp=2.0,
+                       min_tissue=0.5)
+    pd.testing.assert_frame_equal(index, tiled[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+    stored, params = read_tile_index(tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(stored, tiled[0])
+    assert params["tile_px"] == 64 and params["mpp"] == 2.0 and params["n_tiles"] == len(index)
+
+
+def test_sharded_tile_store_holds_every_tile(synthetic, tmp_path, monkeypatch):
+    """Tiles written a shard at a time (a shard smaller than the tile count, so the last shard
+    is partial) equal the slide read tile by tile."""
+    from histomap.data import tiling
+    from histomap.data.slide import read_region
+
+    monkeypatch.setattr(tiling, "SHARD_TILES", 7)
+    path, _ = synthetic
+    index = tile_slide(path, tmp_path / "t.zarr", tmp_path / "t.parquet", tile_px=64,
+                       tile_mpp=2.0, min_tissue=0.5)
+    assert len(index) % 7 != 0
+    tiles, _ = read_tiles(tmp_path / "t.zarr")
+    with open_slide(path) as slide:
+        for i, row in index.iterrows():
+            expected = read_region(slide, row.x0_px, row.y0_px, row.size_px0, row.size_px0, 64, 64)
+            np.testing.assert_array_equal(tiles[i], expected)
 
 
 def test_overlap_shrinks_the_stride(synthetic, tmp_path):

@@ -35,6 +35,20 @@ FOLDS = make_folds(
     sheet=SAMPLE_SHEET,
 )
 MODELS = list(config["models"])
+
+
+def tile_files():
+    """tile_slide's files: the index always, the tile images only with tiling.write_tiles."""
+    out = {"index": "results/tiles/{sample}.parquet"}
+    if config["tiling"].get("write_tiles", False):
+        out["zarr"] = "results/tiles/{sample}.zarr"
+    return out
+
+
+def tile_outputs():
+    return {k: directory(v) if k == "zarr" else v for k, v in tile_files().items()}
+
+
 SPOT_MODELS = ("stnet", "histogene")  # one image crop per spot
 DENSE_MODELS = ("istar", "pixnet")  # a dense map, spots read out of it at any diameter
 # Variants (ablations): a new model name = a base model's block with some keys overridden.
@@ -283,7 +297,7 @@ def all_targets():
         "results/report/figures/pcc_distribution.png",
         *figure_files(),
         *extra_scale_files(),
-        *expand("results/tiles/{sample}.parquet", sample=samples["sample"]),
+        *expand(list(tile_files().values()), sample=samples["sample"]),
         *superres_targets(),
     ]
 

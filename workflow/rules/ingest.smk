@@ -43,12 +43,12 @@ rule ingest_sample:
         "../scripts/ingest_sample.py"
 
 
+# The tile images (zarr) are written only on request (tiling.write_tiles): models read the slide.
 rule tile_slide:
     input:
         slide="results/ingest/{sample}/slide.tif",
     output:
-        zarr=directory("results/tiles/{sample}.zarr"),
-        index="results/tiles/{sample}.parquet",
+        **tile_outputs(),
     params:
         tiling=config["tiling"],
     log:

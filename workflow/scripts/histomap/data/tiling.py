@@ -1,13 +1,16 @@
 """Tissue detection and tiling of a slide into fixed-size tiles at the model mpp.
 
-``tile_slide`` writes two files (the ``tile_slide`` rule's contract):
+Arrow: slide -> **tissue tiles** (the ``tile_slide`` rule's contract). ``tile_slide`` writes
 
-- ``tiles.zarr``: zarr v3 group with array ``tiles`` (n, tile_px, tile_px, 3) uint8, one chunk
-  per tile; group attrs ``mpp`` (tile um/px), ``tile_px``, ``overlap_px``, ``slide`` (path),
-  ``slide_mpp`` (level-0 um/px) and the tiling parameters.
-- ``tiles.parquet``: one row per tile, row ``tile_id`` = index into ``tiles``: ``x0_px``,
-  ``y0_px`` (level-0 top-left, px), ``size_px0`` (tile side in level-0 px), ``x0_um``, ``y0_um``,
-  ``tissue_fraction`` (0..1, from the tissue mask), ``row``, ``col`` (grid position).
+- ``tiles.parquet`` (always): one row per tile, ``tile_id``, ``x0_px``, ``y0_px`` (level-0
+  top-left, px), ``size_px0`` (tile side in level-0 px), ``x0_um``, ``y0_um``,
+  ``tissue_fraction`` (0..1, from the tissue mask), ``row``, ``col`` (grid position); the tiling
+  parameters (``mpp`` of the tiles, ``tile_px``, ``overlap_px``, ``slide``, ``slide_mpp``, ...)
+  are in the parquet's schema metadata under ``histomap`` (:func:`read_tile_index`).
+- ``tiles.zarr`` (only when asked for, ``tiling.write_tiles``; no rule of the pipeline reads it:
+  models read the slide itself): zarr v3 group with array ``tiles`` (n, tile_px, tile_px, 3)
+  uint8, one chunk per tile inside shards of ``SHARD_TILES`` tiles, written a shard at a time;
+  group attrs as the parquet metadata. Row ``tile_id`` of the index = index into ``tiles``.
 
 Tissue mask method (``tissue_mask``): the slide is read at about ``mask_mpp`` (16 um/px by
 default) in horizontal bands from the coarsest pyramid level that suffices, so the cost does not
@@ -24,6 +27,7 @@ threshold, so sparse nuclei still mark tissue. The mask is then closed (3x3), ho
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 from scipy import ndimage
 
@@ -49,6 +55,8 @@ MAX_HOLE_UM2 = 20_000.0          # holes in tissue smaller than this are filled
 MIN_OBJECT_UM2 = 20_000.0        # tissue pieces smaller than this are removed as specks
 GREYSCALE_SATURATION = 0.03      # 99.9th percentile saturation below this: a colourless image
 BAND_PIXELS = 4_000_000          # pyramid-level pixels read per band when building the mask
+SHARD_TILES = 256                # tiles per zarr shard of the optional tile store (one write each)
+META_KEY = b"histomap"           # parquet schema metadata key of the tiling parameters
 
 INDEX_COLUMNS = ["tile_id", "x0_px", "y0_px", "size_px0", "x0_um", "y0_um", "tissue_fraction",
                  "row", "col"]
@@ -207,18 +215,46 @@ def tissue_fraction(mask: np.ndarray, mask_px0: float, x0: np.ndarray, y0: np.nd
 
 def _write_tiles(slide: openslide.OpenSlide, index: pd.DataFrame, zarr_path: Path,
                  tile_px: int, attrs: dict) -> None:
-    """Read each tile at the tile mpp and write it into ``tiles``: one tile in memory at a time."""
+    """Read each tile at the tile mpp and write ``tiles`` a shard (``SHARD_TILES`` tiles) at a
+    time: one shard of tiles in memory, one zarr write per shard."""
     root = zarr.open_group(zarr_path, mode="w")
     root.attrs.update(attrs)
-    tiles = root.create_array("tiles", shape=(len(index), tile_px, tile_px, 3), dtype="uint8",
-                              chunks=(1, tile_px, tile_px, 3), fill_value=255,
-                              dimension_names=("tile", "y", "x", "c"))
+    n = len(index)
+    shard = max(1, min(SHARD_TILES, n))
+    tiles = root.create_array("tiles", shape=(n, tile_px, tile_px, 3), dtype="uint8",
+                              chunks=(1, tile_px, tile_px, 3), shards=(shard, tile_px, tile_px, 3),
+                              fill_value=255, dimension_names=("tile", "y", "x", "c"))
     size0 = float(index["size_px0"].iloc[0])
     xy0 = index[["x0_px", "y0_px"]].to_numpy(dtype=float)
-    for i, (x0, y0) in enumerate(xy0):
-        tiles[i] = read_region(slide, x0, y0, size0, size0, tile_px, tile_px)
-        if (i + 1) % 5000 == 0:
-            log.info("%d / %d tiles written", i + 1, len(index))
+    buffer = np.empty((shard, tile_px, tile_px, 3), dtype=np.uint8)
+    start = last = time.perf_counter()
+    for lo in range(0, n, shard):
+        hi = min(lo + shard, n)
+        for k, (x0, y0) in enumerate(xy0[lo:hi]):
+            buffer[k] = read_region(slide, x0, y0, size0, size0, tile_px, tile_px)
+        tiles[lo:hi] = buffer[:hi - lo]
+        now = time.perf_counter()
+        if now - last > 5.0 or hi == n:
+            log.info("%d / %d tiles written (%.0f tiles/s)", hi, n, hi / max(now - start, 1e-9))
+            last = now
+
+
+def _write_index(index: pd.DataFrame, attrs: dict, path: Path) -> None:
+    table = pa.Table.from_pandas(index, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[META_KEY] = json.dumps(attrs).encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def read_tile_index(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The tile index written by :func:`tile_slide` and its tiling parameters."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(path, f"cannot read the tile index: {exc}") from exc
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    return table.to_pandas(), json.loads(raw) if raw else {}
 
 
 def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, tile_mpp: float,
@@ -258,36 +294,39 @@ def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, ti
     return index[INDEX_COLUMNS], attrs
 
 
-def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict, out_zarr: Path,
-                   out_parquet: Path) -> None:
-    """Write both outputs under ``.partial`` names, then rename; on error remove them all."""
-    tmp_zarr, tmp_parquet = partial_path(out_zarr), partial_path(out_parquet)
-    out_zarr.parent.mkdir(parents=True, exist_ok=True)
-    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict,
+                   out_zarr: Path | None, out_parquet: Path) -> None:
+    """Write the outputs under ``.partial`` names, then rename; on error remove them all."""
+    outputs = [p for p in (out_zarr, out_parquet) if p is not None]
+    temps = [partial_path(p) for p in outputs]
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
     moved: list[Path] = []
     try:
-        remove_path(tmp_zarr)
-        remove_path(tmp_parquet)
-        _write_tiles(slide, index, tmp_zarr, attrs["tile_px"], attrs)
-        index.to_parquet(tmp_parquet, engine="pyarrow", index=False)
-        for tmp, final in ((tmp_zarr, out_zarr), (tmp_parquet, out_parquet)):
+        for tmp in temps:
+            remove_path(tmp)
+        if out_zarr is not None:
+            _write_tiles(slide, index, temps[0], attrs["tile_px"], attrs)
+        _write_index(index, attrs, temps[-1])
+        for tmp, final in zip(temps, outputs):
             remove_path(final)
             os.replace(tmp, final)
             moved.append(final)
     except BaseException:
-        for path in (tmp_zarr, tmp_parquet, *moved):
+        for path in (*temps, *moved):
             remove_path(path)
         raise
 
 
-def tile_slide(slide_path: str | Path, out_zarr: str | Path, out_parquet: str | Path, *,
+def tile_slide(slide_path: str | Path, out_zarr: str | Path | None, out_parquet: str | Path, *,
                tile_px: int = 224, tile_mpp: float = 1.0, overlap_px: int = 0,
                min_tissue: float = 0.25, mask_mpp: float = 16.0) -> pd.DataFrame:
     """Cut the tissue of a slide into ``tile_px`` tiles at ``tile_mpp`` um/px; return the index.
 
     Tiles lie on a grid with stride ``tile_px - overlap_px`` (tile pixels); only tiles whose
-    tissue fraction is >= ``min_tissue`` are kept. Both outputs are written under temporary
-    names and renamed at the end, so a failure leaves neither.
+    tissue fraction is >= ``min_tissue`` are kept. ``out_zarr=None`` writes the index only (it
+    reads no tile: the cost is the tissue mask's); with a path the tile images are written too.
+    Outputs are written under temporary names and renamed at the end, so a failure leaves none.
     """
     if tile_px <= 0 or not 0 <= overlap_px < tile_px:
         raise ValueError(f"need tile_px > 0 and 0 <= overlap_px < tile_px, got {tile_px}, "
@@ -295,15 +334,16 @@ def tile_slide(slide_path: str | Path, out_zarr: str | Path, out_parquet: str | 
     if tile_mpp <= 0 or not 0 <= min_tissue <= 1:
         raise ValueError(f"need tile_mpp > 0 and 0 <= min_tissue <= 1, got {tile_mpp}, "
                          f"{min_tissue}")
-    slide_path, out_zarr, out_parquet = Path(slide_path), Path(out_zarr), Path(out_parquet)
+    slide_path, out_parquet = Path(slide_path), Path(out_parquet)
+    out_zarr = None if out_zarr is None else Path(out_zarr)
     start = time.perf_counter()
     with open_slide(slide_path) as slide:
         index, attrs = plan_tiles(slide, slide_path, tile_px=tile_px, tile_mpp=tile_mpp,
                                   overlap_px=overlap_px, min_tissue=min_tissue, mask_mpp=mask_mpp)
         _write_outputs(slide, index, attrs, out_zarr, out_parquet)
     elapsed = time.perf_counter() - start
-    log.info("%s: wrote %d tiles to %s in %.1f s (%.1f tiles/s)", slide_path.name, len(index),
-             out_zarr, elapsed, len(index) / max(elapsed, 1e-9))
+    log.info("%s: %d tissue tiles in %.1f s -> %s%s", slide_path.name, len(index), elapsed,
+             out_parquet, f" and the tile images in {out_zarr}" if out_zarr else "")
     return index
 
 

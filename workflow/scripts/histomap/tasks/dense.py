@@ -467,12 +467,44 @@ def _spot_boxes(centres_px: np.ndarray, diameter_um: float, mpp0: float) -> pd.D
 
 
 def _outside_tiles(centres_px: np.ndarray, tiles: pd.DataFrame) -> np.ndarray:
+    """True for each centre that lies in no tile ([x0, x0 + size) x [y0, y0 + size)).
+
+    Linear in spots + tiles: tiles are registered in the cells of a square grid (cell = the
+    largest tile side) they overlap, and each centre is tested only against its cell's tiles.
+    """
+    centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
     x0, y0 = tiles["x0_px"].to_numpy(float), tiles["y0_px"].to_numpy(float)
     size = tiles["size_px0"].to_numpy(float)
     outside = np.ones(len(centres_px), dtype=bool)
-    for a, b, s in zip(x0, y0, size):
-        outside &= ~((centres_px[:, 0] >= a) & (centres_px[:, 0] < a + s)
-                     & (centres_px[:, 1] >= b) & (centres_px[:, 1] < b + s))
+    if len(centres_px) == 0 or len(x0) == 0:
+        return outside
+    cell = float(size.max()) if size.max() > 0 else 1.0
+    cx0, cy0 = np.floor(x0 / cell).astype(np.int64), np.floor(y0 / cell).astype(np.int64)
+    cx1 = np.floor((x0 + size) / cell).astype(np.int64)
+    cy1 = np.floor((y0 + size) / cell).astype(np.int64)
+    px = np.floor(centres_px[:, 0] / cell).astype(np.int64)
+    py = np.floor(centres_px[:, 1] / cell).astype(np.int64)
+    lo = min(int(cx0.min()), int(cy0.min()), int(px.min()), int(py.min()))
+    span = max(int(cx1.max()), int(cy1.max()), int(px.max()), int(py.max())) - lo + 1
+    # every (tile, cell) pair a tile overlaps; a tile spans at most 2 x 2 cells of its own size
+    tile_ids, keys = [], []
+    for dx in range(int((cx1 - cx0).max()) + 1):
+        for dy in range(int((cy1 - cy0).max()) + 1):
+            ok = (cx0 + dx <= cx1) & (cy0 + dy <= cy1)
+            tile_ids.append(np.flatnonzero(ok))
+            keys.append((cx0[ok] + dx - lo) * span + (cy0[ok] + dy - lo))
+    tile_ids, keys = np.concatenate(tile_ids), np.concatenate(keys)
+    order = np.argsort(keys, kind="stable")
+    tile_ids, keys = tile_ids[order], keys[order]
+    point_keys = (px - lo) * span + (py - lo)
+    first = np.searchsorted(keys, point_keys, side="left")
+    last = np.searchsorted(keys, point_keys, side="right")
+    x, y = centres_px[:, 0], centres_px[:, 1]
+    for j in range(int((last - first).max())):
+        has = first + j < last
+        t = tile_ids[np.minimum(first + j, len(tile_ids) - 1)]
+        a, b, s = x0[t], y0[t], size[t]
+        outside &= ~(has & (x >= a) & (x < a + s) & (y >= b) & (y < b + s))
     return outside
 
 
