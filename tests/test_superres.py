@@ -218,6 +218,34 @@ def test_one_batch_overfit_diffst(pairs):
     assert losses[-1] < 0.2 * losses[0], losses[::15]
 
 
+def test_validation_loss_uses_every_subpatch_at_every_stage(pairs, trained_diffst):
+    """Issue 13: the validation loss that picks the checkpoint is computed with every sub-patch
+    at every curriculum stage (the early stages keep a quarter in training only), and the saved
+    model predicts with every sub-patch."""
+    from histomap.models.diffst import CurriculumSchedule
+
+    torch.manual_seed(0)
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
+                                                  batch_size=2)))
+    model = DiffST(N_GENES, **DIFFST_CFG)
+    objective = sr_task.DiffusionObjective(
+        GaussianDiffusion(T=100), sr_task.ValueRange(),
+        schedule=CurriculumSchedule.over_training(3), seed=0)
+    losses = []
+    for stage in (0, 1, 2):
+        objective.epoch = stage
+        model.eval()
+        with torch.no_grad():
+            losses.append(float(objective(model, batch, torch.device("cpu"))))
+        assert model.last_cell_mask.all()
+        model.train()
+        objective(model, batch, torch.device("cpu"))
+        assert model.last_cell_mask.float().mean().item() == [0.25, 0.5, 1.0][stage]
+    assert losses[0] == losses[1] == losses[2]  # same weights, same t and noise: same loss
+    loaded, _ = sr_task.load_sr_model(trained_diffst.model)
+    assert float(loaded.keep_fraction) == 1.0
+
+
 def test_trainable_baseline_fits_with_masked_mse(pairs, tmp_path):
     summary = sr_task.train_sr(
         "unet", [pairs], model_cfg={"width": 8}, train_cfg={**TRAIN, "epochs": 4},

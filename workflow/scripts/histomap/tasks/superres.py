@@ -378,7 +378,9 @@ class DiffusionObjective:
     Before every batch the curriculum of the current epoch is applied (so a resumed run gets the
     right stage); validation batches draw t and noise from a generator seeded by their patch
     indices, so the validation loss is comparable between epochs. Per epoch it records the
-    scheduled and the observed kept sub-patch fraction and the loss terms.
+    scheduled and the observed kept sub-patch fraction and the loss terms. Validation losses
+    (model in eval mode) are computed with every sub-patch at every curriculum stage, so the
+    checkpoint is chosen by the loss of the model as it predicts.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, vrange: ValueRange, *,
@@ -404,6 +406,8 @@ class DiffusionObjective:
                  loss_fn=None) -> torch.Tensor:
         from histomap.train import to_device
 
+        # the curriculum selects sub-patches in training mode only: validation batches (eval
+        # mode) use every sub-patch at every stage, as inference does
         if self.schedule is not None:
             self.schedule.apply(model, self.epoch)
         batch = to_device(batch, device)
@@ -618,9 +622,12 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     summary = fit(model, train_ds, val_ds, loss_fn=None, out_dir=checkpoint_dir, cfg=cfg,
                   batch_to_loss=batch_to_loss, on_epoch_end=hook)
     if isinstance(model, DiffST) and model.cfg.hierarchical:
-        log.info("saved weights (epoch %d) keep their curriculum state: keep fraction %.3g, "
-                 "entropy threshold %.3g", summary["best_epoch"], float(model.keep_fraction),
-                 float(model.entropy_threshold))
+        # the curriculum is a training device: the saved model predicts (and was validated)
+        # with every sub-patch, whatever stage its best epoch was trained at
+        log.info("best epoch %d was trained at curriculum keep fraction %.3g, entropy threshold "
+                 "%.3g; the saved model uses every sub-patch at inference", summary["best_epoch"],
+                 float(model.keep_fraction), float(model.entropy_threshold))
+        model.set_curriculum(keep_fraction=1.0, entropy_threshold=0.0)
     save_sr_model(out_model, model, method=method, genes=genes, trainable=True,
                   train=cfg.to_dict(), validation=dict(validation),
                   summary={k: summary[k] for k in ("best_epoch", "best_val_loss",
