@@ -334,13 +334,14 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     pred, std = out["pred"][...], out["pred_std"][...]
     assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
     assert (std > 0).mean() > 0.5 and pred.min() >= -1e-5 and pred.max() <= 1 + 1e-5
-    for i in range(n):  # counts: the pairs' own de-normalisation of the mean (min-max: linear)
+    s2 = attrs["scale"] ** 2
+    for i in range(n):  # counts: min-max undone with the LR patch's range / scale^2 (linear)
         np.testing.assert_allclose(
-            out["pred_counts"][i], denormalise(pred[i], "minmax", lo=arrays["hr_min"][i],
-                                               hi=arrays["hr_max"][i]), rtol=1e-4, atol=1e-4)
+            out["pred_counts"][i], denormalise(pred[i], "minmax", lo=arrays["lr_min"][i] / s2,
+                                               hi=arrays["lr_max"][i] / s2), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(out["pred_std_counts"][i],
-                                   std[i] * (arrays["hr_max"][i] - arrays["hr_min"][i])
-                                   [:, None, None], rtol=1e-3, atol=1e-4)
+                                   std[i] * (arrays["lr_max"][i] - arrays["lr_min"][i])
+                                   [:, None, None] / s2, rtol=1e-3, atol=1e-4)
     adata = ad.read_h5ad(bins)
     assert adata.n_obs == arrays["mask"].sum() and list(adata.var_names) == attrs["genes"]
     assert {"pred", "truth", "truth_counts", "pred_std", "pred_std_counts"} <= set(adata.layers)
@@ -391,6 +392,69 @@ def test_baseline_predict_is_lr_up_and_scores_by_hand(pairs, tmp_path):
     assert row["n_pixels"] == mask.sum()
 
 
+def _bicubic_model(pairs_zarr, folder):
+    sr_task.train_sr("bicubic", [pairs_zarr], model_cfg={}, train_cfg=TRAIN,
+                     validation=VALIDATION, seed=0, out_model=folder / "m.pt",
+                     out_log=folder / "l.csv", checkpoint_dir=folder / "ckpt")
+    return folder / "m.pt"
+
+
+@pytest.mark.parametrize("normalisation", ["minmax", "log1p"])
+def test_predictions_never_use_the_truth(synthetic, tmp_path, normalisation):
+    """Issue 13: predicted maps and predicted counts depend on the inputs only. Changing the HR
+    truth and its stored statistics (min/max, libraries) of the pairs changes no prediction
+    (the old de-normalisation scaled predictions with the truth's min/max or library)."""
+    import shutil
+
+    import zarr
+
+    pairs_zarr = _pairs(synthetic, tmp_path / "p.zarr", normalisation=normalisation)
+    model = _bicubic_model(pairs_zarr, tmp_path)
+    sr_task.predict_sr(model, pairs_zarr, tmp_path / "a.zarr", tmp_path / "a.h5ad", device="cpu")
+    changed = tmp_path / "changed.zarr"
+    shutil.copytree(pairs_zarr, changed)
+    root = zarr.open_group(changed, mode="r+")
+    root["hr"][...] = np.asarray(root["hr"][...]) * 0.5 + 0.25
+    for name in ("hr_min", "hr_max", "hr_library"):
+        if name in root:
+            root[name][...] = np.asarray(root[name][...]) * 3.0 + 1.0
+    sr_task.predict_sr(model, changed, tmp_path / "b.zarr", tmp_path / "b.h5ad", device="cpu")
+    a, _ = srmaps.read_sr_maps(tmp_path / "a.zarr")
+    b, _ = srmaps.read_sr_maps(tmp_path / "b.zarr")
+    np.testing.assert_array_equal(a["pred"][...], b["pred"][...])
+    np.testing.assert_array_equal(a["pred_counts"][...], b["pred_counts"][...])
+
+
+def test_log1p_units_come_from_the_training_sections(synthetic, tmp_path):
+    """A test section sequenced twice as deep has the same library fractions: in the model's
+    units (target sum of its training pairs) its truth and its scores are the same. With each
+    section's own target sum (the old pairs) they differed."""
+    cells = synthetic[0]
+    deep = cells.copy()
+    deep.X = deep.X * 2
+    train = _pairs(synthetic, tmp_path / "train.zarr", normalisation="log1p")
+    test = _pairs(synthetic, tmp_path / "test.zarr", normalisation="log1p")
+    test_deep = _pairs(synthetic, tmp_path / "deep.zarr", cells=deep, normalisation="log1p")
+    arrays, attrs = read_sr_pairs(train)
+    _, deep_attrs = read_sr_pairs(test_deep)
+    assert deep_attrs["hr_target_sum"] == pytest.approx(2 * attrs["hr_target_sum"])
+    model = _bicubic_model(train, tmp_path)
+    _, meta = sr_task.load_sr_model(model)
+    want = float(np.median(arrays["hr_library"][arrays["mask"] & (arrays["hr_library"] > 0)]))
+    assert meta["pairs"]["target_sum"] == pytest.approx(want)
+    tables = []
+    for name, pairs_zarr in (("same", test), ("deep", test_deep)):
+        maps = tmp_path / f"{name}.maps.zarr"
+        sr_task.predict_sr(model, pairs_zarr, maps, tmp_path / f"{name}.h5ad", device="cpu")
+        assert srmaps.read_sr_maps(maps)[1]["target_sum"] == pytest.approx(want)
+        tables.append(sr_metrics.evaluate_maps(pairs_zarr, maps))
+    np.testing.assert_allclose(tables[0]["rmse"], tables[1]["rmse"], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(tables[0]["pcc"], tables[1]["pcc"], rtol=1e-3, atol=1e-5)
+    # counts: the measured counts and the LR-derived predicted counts both double
+    np.testing.assert_allclose(tables[1]["rmse_counts"], 2 * tables[0]["rmse_counts"],
+                               rtol=1e-3, atol=1e-4)
+
+
 def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     rng = np.random.default_rng(0)
     truth = rng.random((2, 6, 6))
@@ -436,13 +500,41 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
                               tmp_path / "superres.csv", tmp_path / "superres.md",
                               methods=["bicubic", "negated", "constant"],
                               ablations=["negated"], reference="bicubic")
-    assert set(table["units"]) == {"normalised", "counts"}
+    assert set(table["units"]) == {sr_report.SR_UNITS["minmax"], sr_report.SR_COUNTS_UNITS}
     md = (tmp_path / "superres.md").read_text()
     assert "| method | syn 4x RMSE | syn 4x PCC |" in md and "## Ablations" in md
     assert "| constant |" in md and "n/a" in md and "constant syn 4x: " in md
     csv = pd.read_csv(tmp_path / "superres.csv")
-    row = csv[(csv.method == "negated") & (csv.metric == "PCC") & (csv.units == "normalised")]
+    row = csv[(csv.method == "negated") & (csv.metric == "PCC")
+              & (csv.units == sr_report.SR_UNITS["minmax"])]
     assert row["value"].iloc[0] < 0 and row["n_patches"].iloc[0] == n
+
+
+def test_sr_table_names_its_unit_and_counts_dropped_and_nan_patches(synthetic, tmp_path):
+    """The SR CSV carries the unit (the paper's per-patch min-max is named as its protocol),
+    patches dropped when the pairs were built, patches without a defined PCC and whether a
+    method reads the LR map; the markdown says the min-max RMSE depends on the truth's range."""
+    pairs_zarr = _pairs(synthetic, tmp_path / "p.zarr", min_tissue=0.9)
+    _, attrs = read_sr_pairs(pairs_zarr)
+    assert attrs["n_patches_dropped"] > 0
+    model = _bicubic_model(pairs_zarr, tmp_path)
+    sr_task.predict_sr(model, pairs_zarr, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
+                       device="cpu")
+    sr_metrics.evaluate_sr([pairs_zarr, pairs_zarr], [tmp_path / "maps.zarr"] * 2,
+                           tmp_path / "m.parquet", tmp_path / "m.csv", method="bicubic", scale=4,
+                           dataset="syn", samples=["S1", "S2"], folds=["F1", "F2"])
+    sr_report.sr_tables([tmp_path / "m.parquet"], tmp_path / "sr.csv", tmp_path / "sr.md",
+                        methods=["bicubic"])
+    csv = pd.read_csv(tmp_path / "sr.csv")
+    for column in ("n_dropped_patches", "n_nan_patches", "n_nan_pcc", "uses_lr_map", "units"):
+        assert column in csv.columns
+    assert (csv["n_dropped_patches"] == 2 * attrs["n_patches_dropped"]).all()
+    assert csv["uses_lr_map"].all()
+    assert set(csv["units"]) == {"per-patch min-max (paper protocol)",
+                                 sr_report.SR_COUNTS_UNITS}
+    md = (tmp_path / "sr.md").read_text()
+    assert "paper protocol" in md and "depends on the truth's range" in md
+    assert f"syn 4x: {2 * attrs['n_patches_dropped']}" in md
 
 
 def test_failed_prediction_leaves_no_files(trained_diffst, pairs, synthetic, tmp_path,

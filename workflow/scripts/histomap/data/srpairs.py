@@ -4,8 +4,12 @@ One pair is a square of tissue seen four ways, all on the same footprint:
 
 * ``hr`` (G, h, w): gene counts on the HR grid (pixel side ``hr_um = lr_um / scale``);
 * ``lr`` (G, h_lr, w_lr): the *same counts* on the LR grid (pixel side ``lr_um``): each LR pixel
-  is exactly the sum of the ``scale x scale`` HR pixels it covers (before normalisation), i.e. a
-  coarse measurement of the same tissue, not an interpolation;
+  measures exactly the sum of the ``scale x scale`` HR pixels it covers, i.e. a coarse
+  measurement of the same tissue, not an interpolation. It is stored **in the HR map's units**
+  (attr ``lr_units = "hr"``): the HR-unit estimate of an LR pixel is its sum / scale^2 (raw
+  counts) or, log-normalised, the same library fraction scaled by the HR target sum, so that
+  interpolating it (bicubic, TESLA) predicts the HR map in the truth's units and every learned
+  method gets its input in those units too;
 * ``he`` (3, H, W) uint8: the H&E (or morphology) patch at ``image_mpp`` um/px;
 * ``mask`` (h, w) bool: HR pixels that are measured (fully inside the slide and the highres
   measurement area, or a measured spot for spot-grid data) and, for point data, tissue.
@@ -26,16 +30,25 @@ the HR patch and sums all of its HR pixels, as a real coarse measurement would.
 
 Normalisation (``normalisation``), stored values and how to undo it:
 
-* ``"minmax"`` (the Diff-ST code): per patch and gene, ``(x - min) / (max - min)`` separately for
-  HR and LR, 0 where the patch-gene is constant; arrays ``hr_min``, ``hr_max``, ``lr_min``,
-  ``lr_max`` (n, G) give ``x = v * (max - min) + min``. De-normalising a prediction with
-  ``hr_min/hr_max`` uses ground-truth statistics (fine for scoring normalised maps, not for
-  deployment);
-* ``"log1p"``: ``log1p(x / library * target_sum)`` per pixel, library = total counts of all genes
-  of the input in the pixel, ``target_sum`` = the median non-zero library over the sample at that
-  resolution (attrs ``hr_target_sum``, ``lr_target_sum``); arrays ``hr_library``, ``lr_library``
-  give ``x = expm1(v) * library / target_sum``; 0 where the library is 0;
-* ``"none"``: raw counts as float32.
+* ``"log1p"`` (the default unit: log-normalised counts): ``log1p(x / library * target_sum)`` per
+  pixel, library = total counts of all genes of the input in the pixel (LR: of the LR pixel);
+  stored with ``target_sum`` = the median non-zero HR library of this sample (attrs
+  ``hr_target_sum`` = ``lr_target_sum``), a storage scale only: a model re-expresses every pair
+  with the target sum of its *training* pairs (:func:`retarget_log1p`,
+  :func:`training_target_sum`), exactly, so no statistic of a test section enters its units;
+  arrays ``hr_library``, ``lr_library`` give ``x = expm1(v) * library / target_sum``; 0 where
+  the library is 0;
+* ``"minmax"`` (the paper's protocol, Diff-ST's code): per patch and gene, ``(x - min) / (max -
+  min)`` separately for HR and LR, 0 where the patch-gene is constant; arrays ``hr_min``,
+  ``hr_max``, ``lr_min``, ``lr_max`` (n, G; ``lr_*`` of the LR sums) give ``x = v * (max - min) +
+  min``. The truth is scaled by its own range, so RMSE in these units depends on that range;
+* ``"none"``: raw counts as float32 (LR: sums / scale^2).
+
+De-normalising: the truth back to counts uses its own stored statistics
+(:func:`pairs_denormaliser`); a *prediction* is never scaled with statistics of the truth it is
+scored against: :func:`prediction_denormaliser` uses the LR patch (min-max: the LR range /
+scale^2; log1p: each HR pixel's library estimated as its LR pixel's library / scale^2) and the
+model's training target sum.
 
 Zarr v3 group written by :func:`build_sr_pairs` and :func:`build_spot_grid_pairs` (one chunk per
 patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he``, ``mask``,
@@ -43,7 +56,8 @@ patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he`
 ``grid_index`` (n, 2) int64 (row, col) of the patch's first HR pixel on the global HR grid,
 ``tissue_fraction`` (n,) and the normalisation arrays above; attrs ``format``, ``genes``,
 ``lr_um``, ``hr_um``, ``scale``, ``normalisation``, ``patch_um``, ``stride_um``, ``edge``,
-``image_mpp``, ``slide``, ``slide_mpp``, ``source`` ("points" or "spot_grid"), shapes, ...
+``image_mpp``, ``slide``, ``slide_mpp``, ``source`` ("points" or "spot_grid"), ``lr_units``,
+``n_patches`` (kept) and ``n_patches_dropped`` (planned patches below ``min_tissue``), shapes, ...
 """
 from __future__ import annotations
 
@@ -182,6 +196,17 @@ def denormalise(values: np.ndarray, kind: str, *, lo=None, hi=None, library=None
     raise ValueError(f"unknown normalisation {kind!r}")
 
 
+def retarget_log1p(values, from_sum: float, to_sum: float):
+    """Log1p maps stored with target sum ``from_sum`` re-expressed with ``to_sum`` (exact:
+    ``log1p(expm1(v) * to / from)``); numpy arrays or torch tensors."""
+    if to_sum is None or float(to_sum) == float(from_sum):
+        return values
+    ratio = float(to_sum) / float(from_sum)
+    if isinstance(values, np.ndarray):
+        return np.log1p(np.expm1(values.astype(np.float64)) * ratio).astype(values.dtype)
+    return (values.double().expm1() * ratio).log1p().to(values.dtype)
+
+
 def _median_library(library: np.ndarray) -> float:
     positive = library[library > 0]
     return float(np.median(positive)) if positive.size else 1.0
@@ -234,18 +259,22 @@ def _norm_specs(kind: str, n_genes: int, hr_shape, lr_shape) -> dict:
 
 
 def _normalised(kind: str, hr: np.ndarray, lr: np.ndarray, hr_library: np.ndarray,
-                lr_library: np.ndarray, targets: tuple[float, float]) -> dict[str, np.ndarray]:
+                lr_library: np.ndarray, target: float, scale: int
+                ) -> dict[str, np.ndarray]:
+    """Normalised HR and LR maps of one patch; the LR map (sums of scale x scale HR pixels) in
+    the HR map's units (module docstring)."""
     if kind == "minmax":
         hr_n, hr_lo, hr_hi = minmax(hr)
         lr_n, lr_lo, lr_hi = minmax(lr)
         return {"hr": hr_n, "lr": lr_n, "hr_min": hr_lo, "hr_max": hr_hi, "lr_min": lr_lo,
                 "lr_max": lr_hi}
     if kind == "log1p":
-        return {"hr": log1p_normalise(hr, hr_library, targets[0]),
-                "lr": log1p_normalise(lr, lr_library, targets[1]),
+        # the library fraction of an LR pixel, scaled like an HR pixel's (HR target sum)
+        return {"hr": log1p_normalise(hr, hr_library, target),
+                "lr": log1p_normalise(lr, lr_library, target),
                 "hr_library": hr_library.astype(np.float32),
                 "lr_library": lr_library.astype(np.float32)}
-    return {"hr": hr.astype(np.float32), "lr": lr.astype(np.float32)}
+    return {"hr": hr.astype(np.float32), "lr": (lr / float(scale) ** 2).astype(np.float32)}
 
 
 def _check_normalisation(kind: str) -> None:
@@ -429,11 +458,8 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
         raise InputError(slide_path, f"no patch has a tissue/measured fraction >= "
                                      f"{min_tissue} (best {max(p[3] for p in plan):.3f})")
 
-    # log1p targets: median non-zero library at each resolution over the sample
-    lr_key = (bins.row // scale) * (int(bins.col.max(initial=0)) // scale + 1) + bins.col // scale
-    lr_library = np.bincount(np.unique(lr_key, return_inverse=True)[1].ravel(),
-                             weights=bins.library)
-    targets = (_median_library(bins.library), _median_library(lr_library))
+    # log1p storage scale: median non-zero HR library of the sample (models retarget it)
+    target = _median_library(bins.library)
     he_px = max(1, int(round(geo.patch_um / image_mpp)))
     n_genes = len(genes)
     hr_shape, lr_shape = (geo.n_hr, geo.n_hr), (geo.n_lr, geo.n_lr)
@@ -446,7 +472,7 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
                 hr, hr_lib = cover[:, :geo.n_hr, :geo.n_hr], cover_library[:geo.n_hr, :geo.n_hr]
                 he = read_region(slide, c0 * side, r0 * side, geo.n_hr * side, geo.n_hr * side,
                                  he_px, he_px)
-                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, targets),
+                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, target, scale),
                        "he": he.transpose(2, 0, 1), "mask": mask,
                        "origin_px": np.array([c0 * side, r0 * side]),
                        "origin_um": np.array([c0 * geo.hr_um, r0 * geo.hr_um]),
@@ -462,8 +488,9 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
     attrs = {"format": FORMAT, "source": "points", "genes": genes, "lr_um": geo.lr_um,
              "hr_um": geo.hr_um, "scale": geo.scale, "patch_um": geo.patch_um,
              "patch_um_requested": float(patch_um), "stride_um": geo.stride_lr * geo.lr_um,
-             "edge": edge, "normalisation": normalisation, "hr_target_sum": targets[0],
-             "lr_target_sum": targets[1], "image_mpp": float(image_mpp), "he_px": he_px,
+             "edge": edge, "normalisation": normalisation, "hr_target_sum": target,
+             "lr_target_sum": target, "lr_units": "hr", "image_mpp": float(image_mpp),
+             "he_px": he_px, "n_patches_dropped": len(plan) - len(kept),
              "hr_shape": list(hr_shape), "lr_shape": list(lr_shape), "slide": str(slide_path),
              "slide_mpp": float(mpp), "min_tissue": float(min_tissue), "tissue_mask": bool(tissue),
              "n_patches": len(kept)}
@@ -608,9 +635,7 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
     if not kept:
         raise InputError(source_name, f"no patch of {n_hr} x {n_hr} spots has >= "
                                       f"{min_measured:.0%} measured spots")
-    h_even, w_even = (library.shape[0] // factor) * factor, (library.shape[1] // factor) * factor
-    targets = (_median_library(library),
-               _median_library(block_sum(library[:h_even, :w_even], factor)))
+    target = _median_library(library)  # log1p storage scale (models retarget it)
     he_hw = (max(1, int(round(n_hr * pitch_row_um / image_mpp))),
              max(1, int(round(n_hr * pitch_col_um / image_mpp))))
 
@@ -622,7 +647,8 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
                 lr, lr_lib = block_sum(hr, factor), block_sum(hr_lib, factor)
                 he = _lattice_he(slide, affine, axes, r0 + r_min, c0 + c_min, n_hr, he_hw)
                 origin = np.array([1, c0 + c_min - 0.5, r0 + r_min - 0.5]) @ affine.T
-                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, targets),
+                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, target,
+                                     factor),
                        "he": he, "mask": measured[r0:r0 + n_hr, c0:c0 + n_hr],
                        "origin_px": origin, "origin_um": origin * mpp,
                        "grid_index": np.array([r0, c0]), "tissue_fraction": np.array(fraction)}
@@ -639,7 +665,8 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
              "hr_um": pitch_col_um, "hr_um_row": pitch_row_um, "lr_um": pitch_col_um * factor,
              "scale": int(factor), "patch_spots": n_hr, "patch_um": n_hr * pitch_col_um,
              "stride_spots": stride, "edge": "floor", "normalisation": normalisation,
-             "hr_target_sum": targets[0], "lr_target_sum": targets[1],
+             "hr_target_sum": target, "lr_target_sum": target, "lr_units": "hr",
+             "n_patches_dropped": len(plan) - len(kept),
              "image_mpp": float(image_mpp), "he_hw": list(he_hw), "hr_shape": list(hr_shape),
              "lr_shape": list(lr_shape), "slide": str(slide_path), "slide_mpp": float(mpp),
              "min_tissue": float(min_measured), "n_patches": len(kept),
@@ -678,12 +705,15 @@ class SRPairDataset:
     by ``scale`` and cropped to the HR patch, so ``edge="ceil"`` LR pixels stay in place.
     ``image_hw``: resize the H&E patch to this (H, W) (antialiased bilinear), so that the pairs
     of several sections stack in one batch (spot-grid sections differ by a pixel or two in
-    their measured spot pitch).
+    their measured spot pitch). ``target_sum``: log1p pairs are re-expressed with this target
+    sum (a model's, from its training pairs: :func:`training_target_sum`); None keeps the
+    stored one. ``hr`` and ``lr`` are in the same units (the LR map is stored in HR units).
     """
 
     def __init__(self, path: str | Path, *, upsample: str = "bicubic",
                  indices: Sequence[int] | None = None,
-                 image_hw: tuple[int, int] | None = None) -> None:
+                 image_hw: tuple[int, int] | None = None,
+                 target_sum: float | None = None) -> None:
         if upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
         self.path = Path(path)
@@ -693,6 +723,8 @@ class SRPairDataset:
         self.upsample = upsample
         self.image_hw = tuple(int(v) for v in image_hw) if image_hw is not None else None
         self.genes = list(self.attrs["genes"])
+        self.target_sum = (float(target_sum) if target_sum is not None
+                           and self.attrs["normalisation"] == "log1p" else None)
         self._arrays: dict | None = None
 
     def __len__(self) -> int:
@@ -711,6 +743,10 @@ class SRPairDataset:
         a = self._arrays
         hr = torch.from_numpy(np.asarray(a["hr"][i], np.float32))
         lr = torch.from_numpy(np.asarray(a["lr"][i], np.float32))
+        if self.target_sum is not None:
+            stored = float(self.attrs["hr_target_sum"])
+            hr = retarget_log1p(hr, stored, self.target_sum)
+            lr = retarget_log1p(lr, stored, self.target_sum)
         scale = int(self.attrs["scale"])
         size = (lr.shape[-2] * scale, lr.shape[-1] * scale)
         kwargs = {} if self.upsample == "nearest" else {"align_corners": False}
@@ -724,8 +760,22 @@ class SRPairDataset:
         return {"hr": hr, "lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
 
 
+def training_target_sum(pairs_zarrs: Sequence[str | Path]) -> float | None:
+    """Log1p target sum of a model: the median non-zero HR-pixel library over the measured
+    pixels of its training pairs (None for other normalisations)."""
+    libraries = []
+    for path in pairs_zarrs:
+        arrays, attrs = read_sr_pairs(path, lazy=True)
+        if attrs["normalisation"] != "log1p":
+            return None
+        library = np.asarray(arrays["hr_library"][...], np.float64)
+        libraries.append(library[np.asarray(arrays["mask"][...], bool)])
+    return _median_library(np.concatenate(libraries)) if libraries else None
+
+
 def pairs_denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray, int], np.ndarray]:
-    """values (G, h, w) of patch i -> counts, with the patch's stored HR statistics."""
+    """Stored truth values (G, h, w) of patch i -> counts, with the patch's own HR statistics
+    (recovers the measured counts; for the truth only, never for a prediction)."""
     kind = attrs["normalisation"]
 
     def counts(values: np.ndarray, i: int) -> np.ndarray:
@@ -735,6 +785,34 @@ def pairs_denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray,
         if kind == "log1p":
             return denormalise(values, kind, library=np.asarray(arrays["hr_library"][i]),
                                target_sum=attrs["hr_target_sum"])
+        return denormalise(values, kind)
+
+    return counts
+
+
+def lr_library_on_hr(lr_library: np.ndarray, scale: int, hr_shape: Sequence[int]) -> np.ndarray:
+    """HR-pixel library estimated from the LR patch: each LR pixel's library / scale^2 on the
+    scale x scale HR pixels under it (cropped to ``hr_shape``)."""
+    up = np.repeat(np.repeat(np.asarray(lr_library, np.float64), scale, axis=0), scale, axis=1)
+    return up[:hr_shape[0], :hr_shape[1]] / float(scale) ** 2
+
+
+def prediction_denormaliser(arrays: Mapping, attrs: Mapping, target_sum: float | None = None
+                            ) -> Callable[[np.ndarray, int], np.ndarray]:
+    """Predicted values (G, h, w) of patch i (in the model's units) -> counts, with statistics
+    available at prediction time only: the LR patch and the model's training ``target_sum``
+    (None: the stored one). Min-max: the LR patch's per-gene range / scale^2; log1p: each HR
+    pixel's library estimated from its LR pixel (:func:`lr_library_on_hr`)."""
+    kind, scale = attrs["normalisation"], int(attrs["scale"])
+    target = float(target_sum if target_sum is not None else attrs.get("hr_target_sum", 1.0))
+
+    def counts(values: np.ndarray, i: int) -> np.ndarray:
+        if kind == "minmax":
+            return denormalise(values, kind, lo=np.asarray(arrays["lr_min"][i]) / scale ** 2,
+                               hi=np.asarray(arrays["lr_max"][i]) / scale ** 2)
+        if kind == "log1p":
+            library = lr_library_on_hr(arrays["lr_library"][i], scale, values.shape[-2:])
+            return denormalise(values, kind, library=library, target_sum=target)
         return denormalise(values, kind)
 
     return counts
@@ -758,7 +836,7 @@ def build_sample_pairs(platform: str, counts_h5ad: str | Path, slide: str | Path
                  ", ".join(genes[:n_genes]))
         genes = genes[:int(n_genes)]
     counts = ad.read_h5ad(counts_h5ad)
-    common = {"normalisation": pairs_cfg.get("normalisation", "minmax")}
+    common = {"normalisation": pairs_cfg.get("normalisation", "log1p")}
     if platform in SPOT_GRID_PLATFORMS:
         grid = dict(pairs_cfg.get("spot_grid") or {})
         return build_spot_grid_pairs(counts, slide, genes, out_zarr, factor=int(scale),
