@@ -295,7 +295,7 @@ def _lattice_sample(tmp_path, style: str, flip_y: bool = False, transpose: bool 
     spots.obsm["spatial"] = np.column_stack([y_px, x_px] if transpose else [x_px, y_px])
     rgb = np.full((140, 140, 3), 255, np.uint8)
     gy = int((5 - 1 if flip_y else 1) * PITCH_PX + 10)
-    gx = 4 * PITCH_PX + 10
+    gx = 4 * PITCH_PX + 10 + (PITCH_PX // 2 if style == "visium" else 0)  # row 1: staggered
     if transpose:  # lattice rows run along x
         gx, gy = gy, gx
     rgb[gy:gy + PITCH_PX, gx:gx + PITCH_PX] = (0, 200, 0)
@@ -320,6 +320,8 @@ def test_spot_grid_pairs(tmp_path, caplog, style, flip_y, transpose):
                                       image_mpp=1.0)
     assert "rotated" not in caplog.text
     assert ("staggered by (10.0, " in caplog.text) == (style == "visium")
+    np.testing.assert_allclose(attrs["stagger_px"], [10.0, 0.0] if style == "visium" else 0.0,
+                               atol=1e-9)
     arrays, _ = read_sr_pairs(out)
     assert attrs["source"] == "spot_grid" and attrs["hr_um"] == pytest.approx(PITCH_PX)
     assert attrs["lr_um"] == pytest.approx(2 * PITCH_PX) and attrs["scale"] == 2
@@ -380,3 +382,40 @@ def test_xenium_crop_pairs(xenium_crop_dir, tmp_path):
     # the crop is tissue almost everywhere it was imaged; past its edge nothing is measured
     assert arrays["mask"][0].mean() > 0.8
     assert arrays["mask"][3].mean() < 0.25
+
+
+# --- the real HER2ST square lattice --------------------------------------------------------------
+
+@pytest.mark.slow  # decodes the 4k JPEG into a pyramid (~20 s)
+def test_her2st_square_grid_pairs_are_unchanged(her2st_dir, tmp_path):
+    """Handling Visium's hexagonal stagger leaves HER2ST's square grid as it was: the fitted
+    odd-row offset is position jitter (no stagger, so the H&E is read as one region per patch as
+    before), and the pairs' counts, mask and placement equal those of the code before the
+    change (digests recorded from it; LR now in HR units: the old LR sums / 4)."""
+    import hashlib
+
+    from histomap.data.io import read_sample
+    from histomap.data.slide import prepare_slide
+
+    sample = read_sample("legacy_st", "B4", her2st_dir / "B4")
+    slide = tmp_path / "slide.tif"
+    prepare_slide(sample.image_path, slide, sample.mpp)
+    genes = list(sample.spots.var_names[:20])
+    attrs = build_spot_grid_pairs(sample.spots, slide, genes, tmp_path / "p.zarr", factor=2,
+                                  patch_spots=8, min_measured=0.25, normalisation="none",
+                                  image_mpp=4.0)
+    arrays, _ = read_sr_pairs(tmp_path / "p.zarr")
+    assert attrs["stagger_px"] == [0.0, 0.0]
+
+    def digest(name):
+        return hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes()).hexdigest()[:16]
+
+    assert digest("hr") == "ab233823a3954448"
+    assert digest("mask") == "2a27293c740416f4"
+    assert digest("grid_index") == "95679f6399eafb2b"
+    np.testing.assert_allclose(arrays["lr"], block_sum(arrays["hr"], 2) / 4, rtol=1e-6)
+    np.testing.assert_allclose(arrays["origin_px"][[0, 1, 5]],
+                               [[1273.9960861485013, 3381.4795822246288],
+                                [3609.20978980354, 3382.451096684631],
+                                [1269.770896202255, 8019.655000563352]], rtol=1e-9)
+    assert arrays["he"].shape == (6, 3, 399, 402)

@@ -574,14 +574,19 @@ def test_time_sampling_table(trained_diffst, pairs):
 
 
 # --------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize("flip_y, transpose", [(False, False), (True, False), (True, True)])
-def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose):
+@pytest.mark.parametrize("flip_y, transpose, hexagonal", [
+    (False, False, False), (True, False, False), (True, True, False), (False, False, True),
+    (True, True, True)])
+def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose, hexagonal):
+    """HR bins sit on their spots, also on Visium's hexagonal lattice (odd rows staggered by
+    half a pitch; array_col doubled), which the old bin centres ignored."""
     pitch = 20
-    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(6), np.arange(6), indexing="ij"))
-    y_px = (5 - rows if flip_y else rows) * pitch + pitch / 2 + 10
-    x_px = cols * pitch + pitch / 2 + 10
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(1, 7), np.arange(6), indexing="ij"))
+    y_px = (6 - rows if flip_y else rows) * pitch + pitch / 2 + 10
+    x_px = cols * pitch + pitch / 2 + 10 + (rows % 2) * (pitch / 2 if hexagonal else 0)
+    array_col = 2 * cols + rows % 2 if hexagonal else cols
     spots = ad.AnnData(X=sp.csr_matrix(np.random.default_rng(0).poisson(3.0, (36, 2))),
-                       obs=pd.DataFrame({"array_row": rows, "array_col": cols},
+                       obs=pd.DataFrame({"array_row": rows, "array_col": array_col},
                                         index=[f"s{i}" for i in range(36)]),
                        var=pd.DataFrame(index=["A", "B"]))
     xy = np.column_stack([y_px, x_px] if transpose else [x_px, y_px])
@@ -591,7 +596,7 @@ def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose)
                           stride_spots=2, min_measured=0.0, normalisation="none", image_mpp=1.0)
     arrays, attrs = read_sr_pairs(tmp_path / "g.zarr")
     centres = sr_task.hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], attrs)
-    position = {(r, c): p for r, c, p in zip(rows, cols, xy)}
+    position = {(r - 1, c): p for r, c, p in zip(rows, cols, xy)}  # lattice from row 1
     for k, (r0, c0) in enumerate(arrays["grid_index"]):
         got = centres(k)
         for i in range(4):

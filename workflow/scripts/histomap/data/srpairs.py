@@ -528,11 +528,19 @@ def spot_lattice(spots: ad.AnnData, what: str = "spots") -> tuple[np.ndarray, np
                            "spot names {x}x{y}")
 
 
-def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: str) -> np.ndarray:
-    """(2, 3) least-squares map of (1, col, row) to level-0 (x, y) px.
+# a fitted odd-row offset below this share of a lattice step is position jitter (square grids,
+# e.g. HER2ST), at or above it a hexagonal stagger (Visium: half a step)
+STAGGER_MIN_STEPS = 0.25
+
+
+def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """((2, 3) least-squares map of (1, col, row) to level-0 (x, y) px, (2,) stagger px).
 
     A stagger of odd rows (hexagonal lattices: half a pitch) is fitted as a separate term and
-    left out of the map, so it is not mistaken for a rotation of the lattice.
+    left out of the map, so it is not mistaken for a rotation of the lattice. It is returned
+    (level-0 px added to every spot of an odd lattice row) when it is at least
+    :data:`STAGGER_MIN_STEPS` of a lattice step, else zero (jitter of a square grid).
     """
     design = np.column_stack([np.ones(len(row)), col, row]).astype(np.float64)
     if len(row) < 3 or np.linalg.matrix_rank(design) < 3:
@@ -542,10 +550,19 @@ def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: s
     if 0 < odd.sum() < len(odd):
         design = np.column_stack([design, odd])
     coef, *_ = np.linalg.lstsq(design, np.asarray(spots.obsm["spatial"], np.float64), rcond=None)
-    if len(coef) == 4 and np.abs(coef[3]).max() > 1e-3 * np.abs(coef[1:3]).max():
-        log.info("%s: odd lattice rows are staggered by (%.1f, %.1f) px (hexagonal lattice); "
-                 "each spot is one HR pixel, the stagger is ignored", what, *coef[3])
-    return coef[:3].T  # rows: x, y; columns: 1, col, row
+    stagger = np.zeros(2)
+    if len(coef) == 4:
+        step = min(np.linalg.norm(coef[1]), np.linalg.norm(coef[2]))
+        if np.linalg.norm(coef[3]) >= STAGGER_MIN_STEPS * step:
+            stagger = coef[3].copy()
+            log.info("%s: odd lattice rows are staggered by (%.1f, %.1f) px (hexagonal lattice); "
+                     "each spot is one HR pixel and the H&E of odd rows is read shifted by the "
+                     "stagger, so every HR pixel sits on its spot's tissue", what, *stagger)
+        elif np.abs(coef[3]).max() > 1e-3 * step:
+            log.info("%s: odd lattice rows are offset by (%.2f, %.2f) px, under %g of a step: "
+                     "position jitter of a square lattice, no stagger", what, *coef[3],
+                     STAGGER_MIN_STEPS)
+    return coef[:3].T, stagger  # affine rows: x, y; columns: 1, col, row
 
 
 def _lattice_axes(affine: np.ndarray, what: str) -> tuple[bool, float, float]:
@@ -562,11 +579,25 @@ def _lattice_axes(affine: np.ndarray, what: str) -> tuple[bool, float, float]:
 
 
 def _lattice_he(slide, affine: np.ndarray, axes: tuple[bool, float, float], r0: int, c0: int,
-                n: int, out_hw: tuple[int, int]) -> np.ndarray:
-    """(3, H, W) H&E under lattice rows r0..r0+n, cols c0..c0+n, oriented like the lattice."""
+                n: int, out_hw: tuple[int, int], stagger: np.ndarray | None = None,
+                n_rows: int | None = None) -> np.ndarray:
+    """(3, H, W) H&E under lattice rows r0..r0+n_rows (default n), cols c0..c0+n, oriented
+    like the lattice. With a non-zero ``stagger`` (hexagonal lattice) every lattice row is read
+    as its own band, odd rows (``r % 2``) shifted by the stagger, so the image row band of a
+    lattice row covers that row's spots."""
+    n_rows = n if n_rows is None else n_rows
+    if stagger is not None and np.any(stagger):
+        h = out_hw[0]
+        edges = [round(k * h / n_rows) for k in range(n_rows + 1)]
+        bands = [_lattice_he(slide, affine + np.column_stack([stagger * ((r0 + k) % 2),
+                                                              np.zeros((2, 2))]),
+                             axes, r0 + k, c0, n, (max(1, edges[k + 1] - edges[k]), out_hw[1]),
+                             n_rows=1)[:, :edges[k + 1] - edges[k]]
+                 for k in range(n_rows)]
+        return np.ascontiguousarray(np.concatenate(bands, axis=1))
     transposed, col_step, row_step = axes
     corners = np.array([[1, c, r] for c in (c0 - 0.5, c0 + n - 0.5)
-                        for r in (r0 - 0.5, r0 + n - 0.5)]) @ affine.T
+                        for r in (r0 - 0.5, r0 + n_rows - 0.5)]) @ affine.T
     x0, y0 = corners[:, 0].min(), corners[:, 1].min()
     w0, h0 = np.ptp(corners[:, 0]), np.ptp(corners[:, 1])
     out_h, out_w = out_hw
@@ -589,9 +620,17 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
                           source_name: str = "spots") -> dict[str, Any]:
     """SR pairs of spot-grid data (legacy ST, Visium): HR = the spot lattice as an image (one
     pixel per spot, 0 where no spot was measured), LR = sums over ``factor x factor`` lattice
-    blocks, mask = measured spots. Patches are ``patch_spots`` lattice pixels (floored to a
-    multiple of ``factor``, logged), kept when >= ``min_measured`` of them are measured spots.
-    The H&E patch covers the lattice cells (spot pitch around each spot) at ``image_mpp``.
+    blocks (stored in HR units), mask = measured spots. Patches are ``patch_spots`` lattice
+    pixels (floored to a multiple of ``factor``, logged), kept when >= ``min_measured`` of them
+    are measured spots. The H&E patch covers the lattice cells (spot pitch around each spot) at
+    ``image_mpp``.
+
+    Hexagonal lattices (Visium: odd rows shifted by half a pitch; attr ``stagger_px``): spots
+    keep one HR pixel each in offset coordinates (row, column // 2), an LR pixel sums ``factor``
+    neighbouring spots of each of ``factor`` rows, and the H&E of each lattice row is read
+    shifted by that row's stagger, so HR pixel (r, c) and its H&E show the same tissue. A
+    square lattice (HER2ST; fitted offset under a quarter step) has no stagger and gives the
+    same pairs as before hexagonal lattices were handled.
     """
     _check_normalisation(normalisation)
     if factor < 1 or patch_spots < factor or image_mpp <= 0:
@@ -603,7 +642,7 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
     values = _csr(spots.X)
     _check_values(values, source_name)
     row, col, how = spot_lattice(spots, source_name)
-    affine = _lattice_affine(spots, row, col, source_name)
+    affine, stagger = _lattice_affine(spots, row, col, source_name)
     axes = _lattice_axes(affine, source_name)
     pitch_col_um, pitch_row_um = abs(axes[1]) * mpp, abs(axes[2]) * mpp
     r_min, c_min = int(row.min()), int(col.min())
@@ -645,7 +684,8 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
                 hr = lattice[:, r0:r0 + n_hr, c0:c0 + n_hr]
                 hr_lib = library[r0:r0 + n_hr, c0:c0 + n_hr]
                 lr, lr_lib = block_sum(hr, factor), block_sum(hr_lib, factor)
-                he = _lattice_he(slide, affine, axes, r0 + r_min, c0 + c_min, n_hr, he_hw)
+                he = _lattice_he(slide, affine, axes, r0 + r_min, c0 + c_min, n_hr, he_hw,
+                                 stagger)
                 origin = np.array([1, c0 + c_min - 0.5, r0 + r_min - 0.5]) @ affine.T
                 yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, target,
                                      factor),
@@ -670,7 +710,8 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
              "image_mpp": float(image_mpp), "he_hw": list(he_hw), "hr_shape": list(hr_shape),
              "lr_shape": list(lr_shape), "slide": str(slide_path), "slide_mpp": float(mpp),
              "min_tissue": float(min_measured), "n_patches": len(kept),
-             "lattice_origin": [int(r_min), int(c_min)]}
+             "lattice_origin": [int(r_min), int(c_min)],
+             "stagger_px": [float(v) for v in stagger]}
     _write_zarr(Path(out_zarr), len(kept), specs, items(), attrs)
     log.info("wrote %d spot-grid SR pairs (%d genes) to %s", len(kept), len(genes), out_zarr)
     return attrs

@@ -765,6 +765,7 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
     grids: the lattice-to-slide affine is fitted from the patches' origins (lattice corner
     (r0 - 0.5, c0 - 0.5)), so flipped, transposed or slightly rotated lattices are placed
     exactly; with patches in a single row or column an axis-aligned lattice is assumed (logged).
+    Odd lattice rows of a hexagonal lattice are shifted by the pairs' ``stagger_px``.
     """
     h, w = (int(v) for v in attrs["hr_shape"])
     ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
@@ -793,10 +794,14 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
         coef = np.array([[origin_px[0, 0] - c0 * step_c, origin_px[0, 1] - r0 * step_r],
                          [step_c, 0.0], [0.0, step_r]])
 
+    stagger = np.asarray(attrs.get("stagger_px") or (0.0, 0.0), np.float64)
+    first_row = int((attrs.get("lattice_origin") or (0, 0))[0])
+
     def lattice_centres(i: int) -> np.ndarray:
         r0, c0 = grid_index[i]
         pts = np.stack([np.ones_like(ii, np.float64), c0 + jj, r0 + ii], axis=-1)
-        return pts @ coef
+        odd = ((first_row + r0 + ii) % 2)[..., None]   # hexagonal lattices: odd rows shifted
+        return pts @ coef + odd * stagger
 
     return lattice_centres
 
