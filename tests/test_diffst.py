@@ -228,7 +228,7 @@ def test_select_subpatches_directions():
 
 def test_keep_fraction_changes_attention_mask_and_output():
     torch.manual_seed(0)
-    model = DiffST(G, tiny_cfg()).eval()
+    model = DiffST(G, tiny_cfg()).train()  # the curriculum acts in training mode only
     b = batch()
     x_t, t = torch.randn(2, G, HR, HR), torch.tensor([10, 600])
     sched = CurriculumSchedule.over_training(3)
@@ -250,7 +250,7 @@ def test_keep_fraction_changes_attention_mask_and_output():
 
 def test_entropy_threshold_curriculum():
     torch.manual_seed(0)
-    model = DiffST(G, tiny_cfg(curriculum_mode="threshold")).eval()
+    model = DiffST(G, tiny_cfg(curriculum_mode="threshold")).train()
     b = batch()
     x_t, t = torch.randn(2, G, HR, HR), torch.tensor([10, 600])
     ent = subpatch_entropy(b["image"], GRID)
@@ -281,8 +281,9 @@ def test_ablation_switches_build_and_run(overrides):
     model.set_curriculum(keep_fraction=0.5)
     eps, aux = model(torch.randn(2, G, HR, HR), torch.tensor([3, 900]), **batch())
     assert eps.shape == (2, G, HR, HR) and torch.isfinite(eps).all()
-    assert ("dis" in aux) == cfg.cam
-    assert (model.graph is None) == (not cfg.cigc)
+    assert "dis" in aux  # the disentangling network stays without CAM
+    assert (model.cam is None) == (not cfg.cam)
+    assert model.graph.fixed_identity == (not cfg.cigc)
     assert (model.last_cell_mask is None) == (not cfg.hierarchical)
     (eps.pow(2).mean() + sum(aux.values())).backward()
     if cfg.tissue_backbone:
@@ -367,3 +368,67 @@ def test_overfits_two_samples():
         if losses[-1] < 0.3 * losses[0]:
             break
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+# ------------------------------------------------------------------ ablations remove one part
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("switch, removed", [("cigc", ()), ("cam", ("cam.",)),
+                                             ("hierarchical", ("cell_encoder.",
+                                                               "cell_attention."))])
+def test_ablation_removes_only_its_part(switch, removed):
+    """Each ablated model has every parameter of the full model with the same shape, except the
+    removed part's own (issue 13: without CIGC Diff-ST used to lose its per-gene stem and three
+    quarters of the U-Net input channels; without CAM also the disentangling network)."""
+    full, ablated = DiffST(G, tiny_cfg()), DiffST(G, tiny_cfg(**{switch: False}))
+    want = {n: s for n, s in _shapes(full).items() if not n.startswith(removed)}
+    assert _shapes(ablated) == want
+    assert removed or sum(p.numel() for p in ablated.parameters()) == \
+        sum(p.numel() for p in full.parameters())
+    assert ablated.unet.conv_in.in_channels == full.unet.conv_in.in_channels == G * 4
+    # the condition map the U-Net gets has the same channels and grid
+    b = batch()
+    with torch.no_grad():
+        cond_full = full.eval().encode_condition(**b, hr_shape=(HR, HR))
+        cond_abl = ablated.eval().encode_condition(**b, hr_shape=(HR, HR))
+    assert cond_full.features.shape == cond_abl.features.shape
+    assert set(cond_full.aux) == set(cond_abl.aux) == {"dis"}
+
+
+def test_cigc_ablation_keeps_an_identity_graph():
+    torch.manual_seed(0)
+    model = DiffST(G, tiny_cfg(cigc=False))
+    model.set_adjacency(np.ones((G, G)))
+    assert torch.equal(model.graph.adjacency, torch.eye(G))
+    full = DiffST(G, tiny_cfg())
+    full.load_state_dict(model.state_dict())   # same layers: the weights transfer
+    full.set_adjacency(np.ones((G, G)))
+    x = torch.randn(1, G, HR, HR)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    with torch.no_grad():
+        own, other = model.graph(x), model.graph(x2)
+        coupled, coupled2 = full.graph(x), full.graph(x2)
+    assert torch.equal(own[:, 1:], other[:, 1:])           # genes are not coupled
+    assert not torch.allclose(coupled[:, 1:], coupled2[:, 1:])
+
+
+def test_inference_and_validation_use_every_subpatch():
+    """A model whose curriculum state keeps a quarter of its sub-patches (the state saved with an
+    early best epoch) attends to all of them in eval mode; training mode follows the curriculum."""
+    torch.manual_seed(0)
+    model = DiffST(G, tiny_cfg())
+    model.set_curriculum(keep_fraction=0.25)
+    x_t, t = torch.randn(2, G, HR, HR), torch.tensor([10, 600])
+    with torch.no_grad():
+        model.train()
+        model(x_t, t, **batch())
+        assert model.last_cell_mask.sum(1).tolist() == [4, 4]
+        model.eval()
+        eps_eval, _ = model(x_t, t, **batch())
+        assert model.last_cell_mask.all()
+        model.set_curriculum(keep_fraction=1.0)
+        eps_all, _ = model(x_t, t, **batch())
+    assert torch.equal(eps_eval, eps_all)

@@ -64,14 +64,18 @@ def test_gradients_reach_every_parameter(name):
         assert p.grad.abs().sum() > 0, f"{name}: zero gradient at {pname}"
 
 
-def test_histogene_ignores_lr_unless_asked():
+def test_histogene_reads_the_lr_map_by_default():
+    """Every SR method gets the LR map (issue 13): histogene_sr reads it unless asked to be
+    HistoGene itself (use_lr=False), and says so in ``uses_lr_map``."""
     torch.manual_seed(0)
     lr_up, image, lr = pair(5, 32, 8)
     model = build_sr_baseline("histogene_sr", 5, dropout=0.0).eval()
-    assert torch.equal(model(lr_up, image, lr), model(lr_up * 2 + 1, image, lr))
+    assert model.uses_lr_map
+    assert not torch.allclose(model(lr_up, image), model(lr_up * 2 + 1, image))
     assert not torch.equal(model(lr_up, image), model(lr_up, image.flip(-1)))
-    with_lr = build_sr_baseline("histogene_sr", 5, dropout=0.0, use_lr=True).eval()
-    assert not torch.allclose(with_lr(lr_up, image), with_lr(lr_up * 2 + 1, image))
+    histology_only = build_sr_baseline("histogene_sr", 5, dropout=0.0, use_lr=False).eval()
+    assert not histology_only.uses_lr_map
+    assert torch.equal(histology_only(lr_up, image, lr), histology_only(lr_up * 2 + 1, image, lr))
 
 
 def test_residual_and_softplus_options():

@@ -61,7 +61,9 @@ def test_lr_is_exact_sum_of_hr_and_hr_is_binned_counts(synthetic, raw_pairs):
     assert arrays["he"].shape == (n, 3, 250, 250) and arrays["he"].dtype == np.uint8
     assert arrays["mask"].shape == (n, 25, 25) and arrays["mask"].dtype == bool
     assert attrs["hr_um"] == 20 and attrs["lr_um"] == 100 and attrs["scale"] == 5
-    np.testing.assert_array_equal(block_sum(arrays["hr"], 5), arrays["lr"])
+    # LR pixels measure the sum of their 5 x 5 HR pixels, stored in HR units (sum / 25)
+    assert attrs["lr_units"] == "hr"
+    np.testing.assert_allclose(block_sum(arrays["hr"], 5) / 25, arrays["lr"], rtol=1e-6)
     # independent: the cells summed into 20 um bins at each patch's origin
     for i in range(n):
         bins = aggregate_bins(cells, 20.0, mpp, origin=tuple(arrays["origin_px"][i]),
@@ -94,7 +96,9 @@ def test_minmax_normalisation_round_trip(synthetic, raw_pairs, tmp_path):
         assert (values[~varying] == 0).all()
         for i in range(len(values)):
             back = denormalise(values[i], "minmax", lo=lo[i], hi=hi[i])
-            np.testing.assert_allclose(back, raw[grid][i][idx], atol=1e-3)
+            # lr_min/lr_max are the LR measurement's (sums of 25 HR pixels)
+            want = raw[grid][i][idx] * (25 if grid == "lr" else 1)
+            np.testing.assert_allclose(back, want, rtol=1e-6, atol=1e-3)
 
 
 def test_log1p_normalisation_round_trip(synthetic, raw_pairs, tmp_path):
@@ -104,7 +108,8 @@ def test_log1p_normalisation_round_trip(synthetic, raw_pairs, tmp_path):
                    normalisation="log1p", min_tissue=0.0)
     arrays, attrs = read_sr_pairs(out)
     raw, _ = raw_pairs
-    assert attrs["hr_target_sum"] > 0 and attrs["lr_target_sum"] > attrs["hr_target_sum"]
+    # one target sum for both grids: the LR map is in the HR map's units
+    assert attrs["hr_target_sum"] > 0 and attrs["lr_target_sum"] == attrs["hr_target_sum"]
     # the library is every gene's counts in the pixel; LR libraries are sums of HR libraries
     np.testing.assert_allclose(arrays["hr_library"], raw["hr"].sum(axis=1), rtol=1e-6)
     np.testing.assert_allclose(block_sum(arrays["hr_library"], 5), arrays["lr_library"],
@@ -113,7 +118,30 @@ def test_log1p_normalisation_round_trip(synthetic, raw_pairs, tmp_path):
         for i in range(len(arrays[grid])):
             back = denormalise(arrays[grid][i], "log1p", library=arrays[f"{grid}_library"][i],
                                target_sum=attrs[f"{grid}_target_sum"])
-            np.testing.assert_allclose(back, raw[grid][i], rtol=1e-4, atol=1e-3)
+            want = raw[grid][i] * (25 if grid == "lr" else 1)  # the LR sums
+            np.testing.assert_allclose(back, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("normalisation", ["none", "log1p"])
+def test_lr_map_is_in_the_hr_maps_units(synthetic, raw_pairs, tmp_path, normalisation):
+    """Issue 13: interpolating the LR map must predict the HR map in the truth's units. An LR
+    pixel's HR-unit estimate is the mean of its HR pixels in counts (its sum / 25) and, log-
+    normalised, the block's library fraction scaled by the HR target sum."""
+    cells, slide, _ = synthetic
+    out = tmp_path / f"{normalisation}.zarr"
+    build_sr_pairs(cells, slide, None, out, patch_um=500, lr_um=100, scale=5,
+                   normalisation=normalisation, min_tissue=0.0)
+    arrays, attrs = read_sr_pairs(out)
+    raw_hr = raw_pairs[0]["hr"].astype(np.float64)
+    block_mean = block_sum(raw_hr, 5) / 25
+    if normalisation == "none":
+        np.testing.assert_allclose(arrays["lr"], block_mean, rtol=1e-6)
+    else:
+        library = block_sum(raw_hr.sum(axis=1), 5)
+        fraction = np.divide(block_sum(raw_hr, 5), library[:, None], where=library[:, None] > 0,
+                             out=np.zeros_like(block_mean))
+        np.testing.assert_allclose(arrays["lr"], np.log1p(fraction * attrs["hr_target_sum"]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_min_tissue_drops_glass_patches(synthetic, tmp_path):
@@ -149,9 +177,10 @@ def test_edge_ceil_lr_covers_whole_lr_pixels(synthetic, tmp_path):
                    normalisation="none", min_tissue=0.0)
     arrays, attrs = read_sr_pairs(out)
     assert arrays["hr"].shape[2:] == (13, 13) and arrays["lr"].shape[2:] == (3, 3)
-    # the first 2 x 2 LR pixels lie inside the HR patch and are sums of its HR pixels
-    np.testing.assert_array_equal(block_sum(arrays["hr"][:, :, :10, :10], 5),
-                                  arrays["lr"][:, :, :2, :2])
+    # the first 2 x 2 LR pixels lie inside the HR patch and are sums of its HR pixels (stored
+    # in HR units: / 25)
+    np.testing.assert_allclose(block_sum(arrays["hr"][:, :, :10, :10], 5) / 25,
+                               arrays["lr"][:, :, :2, :2], rtol=1e-6)
     # every LR pixel (also the partial last ones) is the full 100 um bin of the sample's grid
     lr_bins = aggregate_bins(cells, 100.0, mpp, shape=(6, 6), keep_empty=True)
     grid = lr_bins.X.toarray().T.reshape(G, 6, 6)
@@ -159,7 +188,7 @@ def test_edge_ceil_lr_covers_whole_lr_pixels(synthetic, tmp_path):
         want = np.zeros((G, 3, 3))
         part = grid[:, r0:r0 + 3, c0:c0 + 3]
         want[:, :part.shape[1], :part.shape[2]] = part
-        np.testing.assert_array_equal(arrays["lr"][i], want)
+        np.testing.assert_allclose(arrays["lr"][i], want / 25, rtol=1e-6)
     # the dataset upsamples LR onto the 15 x 15 cover grid and crops it to the HR patch
     item = SRPairDataset(out, upsample="nearest")[0]
     lr = arrays["lr"][0]
@@ -266,7 +295,7 @@ def _lattice_sample(tmp_path, style: str, flip_y: bool = False, transpose: bool 
     spots.obsm["spatial"] = np.column_stack([y_px, x_px] if transpose else [x_px, y_px])
     rgb = np.full((140, 140, 3), 255, np.uint8)
     gy = int((5 - 1 if flip_y else 1) * PITCH_PX + 10)
-    gx = 4 * PITCH_PX + 10
+    gx = 4 * PITCH_PX + 10 + (PITCH_PX // 2 if style == "visium" else 0)  # row 1: staggered
     if transpose:  # lattice rows run along x
         gx, gy = gy, gx
     rgb[gy:gy + PITCH_PX, gx:gx + PITCH_PX] = (0, 200, 0)
@@ -291,12 +320,14 @@ def test_spot_grid_pairs(tmp_path, caplog, style, flip_y, transpose):
                                       image_mpp=1.0)
     assert "rotated" not in caplog.text
     assert ("staggered by (10.0, " in caplog.text) == (style == "visium")
+    np.testing.assert_allclose(attrs["stagger_px"], [10.0, 0.0] if style == "visium" else 0.0,
+                               atol=1e-9)
     arrays, _ = read_sr_pairs(out)
     assert attrs["source"] == "spot_grid" and attrs["hr_um"] == pytest.approx(PITCH_PX)
     assert attrs["lr_um"] == pytest.approx(2 * PITCH_PX) and attrs["scale"] == 2
     assert arrays["hr"].shape == (4, 3, 4, 4) and arrays["lr"].shape == (4, 3, 2, 2)
     assert arrays["he"].shape == (4, 3, 80, 80)
-    np.testing.assert_array_equal(arrays["lr"], block_sum(arrays["hr"], 2))
+    np.testing.assert_allclose(arrays["lr"], block_sum(arrays["hr"], 2) / 4, rtol=1e-6)
     for i, (r0, c0) in enumerate(arrays["grid_index"]):
         np.testing.assert_array_equal(arrays["hr"][i], dense[:, r0:r0 + 4, c0:c0 + 4])
         np.testing.assert_array_equal(arrays["mask"][i], measured[r0:r0 + 4, c0:c0 + 4])
@@ -341,7 +372,7 @@ def test_xenium_crop_pairs(xenium_crop_dir, tmp_path):
     assert n == 4  # 510 x 382.5 um crop, 300 um patches
     assert arrays["lr"].shape == (n, 4, 6, 6) and arrays["hr"].shape == (n, 4, 30, 30)
     assert arrays["he"].shape == (n, 3, 150, 150) and arrays["mask"].shape == (n, 30, 30)
-    np.testing.assert_array_equal(block_sum(arrays["hr"], 5), arrays["lr"])
+    np.testing.assert_allclose(block_sum(arrays["hr"], 5) / 25, arrays["lr"], rtol=1e-6)
     # every kept transcript of these genes is in exactly one patch
     table = pd.read_csv(xenium_crop_dir / "transcripts_small.csv", index_col=0,
                         usecols=[0, 4, 5, 6, 8])
@@ -351,3 +382,40 @@ def test_xenium_crop_pairs(xenium_crop_dir, tmp_path):
     # the crop is tissue almost everywhere it was imaged; past its edge nothing is measured
     assert arrays["mask"][0].mean() > 0.8
     assert arrays["mask"][3].mean() < 0.25
+
+
+# --- the real HER2ST square lattice --------------------------------------------------------------
+
+@pytest.mark.slow  # decodes the 4k JPEG into a pyramid (~20 s)
+def test_her2st_square_grid_pairs_are_unchanged(her2st_dir, tmp_path):
+    """Handling Visium's hexagonal stagger leaves HER2ST's square grid as it was: the fitted
+    odd-row offset is position jitter (no stagger, so the H&E is read as one region per patch as
+    before), and the pairs' counts, mask and placement equal those of the code before the
+    change (digests recorded from it; LR now in HR units: the old LR sums / 4)."""
+    import hashlib
+
+    from histomap.data.io import read_sample
+    from histomap.data.slide import prepare_slide
+
+    sample = read_sample("legacy_st", "B4", her2st_dir / "B4")
+    slide = tmp_path / "slide.tif"
+    prepare_slide(sample.image_path, slide, sample.mpp)
+    genes = list(sample.spots.var_names[:20])
+    attrs = build_spot_grid_pairs(sample.spots, slide, genes, tmp_path / "p.zarr", factor=2,
+                                  patch_spots=8, min_measured=0.25, normalisation="none",
+                                  image_mpp=4.0)
+    arrays, _ = read_sr_pairs(tmp_path / "p.zarr")
+    assert attrs["stagger_px"] == [0.0, 0.0]
+
+    def digest(name):
+        return hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes()).hexdigest()[:16]
+
+    assert digest("hr") == "ab233823a3954448"
+    assert digest("mask") == "2a27293c740416f4"
+    assert digest("grid_index") == "95679f6399eafb2b"
+    np.testing.assert_allclose(arrays["lr"], block_sum(arrays["hr"], 2) / 4, rtol=1e-6)
+    np.testing.assert_allclose(arrays["origin_px"][[0, 1, 5]],
+                               [[1273.9960861485013, 3381.4795822246288],
+                                [3609.20978980354, 3382.451096684631],
+                                [1269.770896202255, 8019.655000563352]], rtol=1e-9)
+    assert arrays["he"].shape == (6, 3, 399, 402)

@@ -218,6 +218,34 @@ def test_one_batch_overfit_diffst(pairs):
     assert losses[-1] < 0.2 * losses[0], losses[::15]
 
 
+def test_validation_loss_uses_every_subpatch_at_every_stage(pairs, trained_diffst):
+    """Issue 13: the validation loss that picks the checkpoint is computed with every sub-patch
+    at every curriculum stage (the early stages keep a quarter in training only), and the saved
+    model predicts with every sub-patch."""
+    from histomap.models.diffst import CurriculumSchedule
+
+    torch.manual_seed(0)
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
+                                                  batch_size=2)))
+    model = DiffST(N_GENES, **DIFFST_CFG)
+    objective = sr_task.DiffusionObjective(
+        GaussianDiffusion(T=100), sr_task.ValueRange(),
+        schedule=CurriculumSchedule.over_training(3), seed=0)
+    losses = []
+    for stage in (0, 1, 2):
+        objective.epoch = stage
+        model.eval()
+        with torch.no_grad():
+            losses.append(float(objective(model, batch, torch.device("cpu"))))
+        assert model.last_cell_mask.all()
+        model.train()
+        objective(model, batch, torch.device("cpu"))
+        assert model.last_cell_mask.float().mean().item() == [0.25, 0.5, 1.0][stage]
+    assert losses[0] == losses[1] == losses[2]  # same weights, same t and noise: same loss
+    loaded, _ = sr_task.load_sr_model(trained_diffst.model)
+    assert float(loaded.keep_fraction) == 1.0
+
+
 def test_trainable_baseline_fits_with_masked_mse(pairs, tmp_path):
     summary = sr_task.train_sr(
         "unet", [pairs], model_cfg={"width": 8}, train_cfg={**TRAIN, "epochs": 4},
@@ -306,13 +334,14 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     pred, std = out["pred"][...], out["pred_std"][...]
     assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
     assert (std > 0).mean() > 0.5 and pred.min() >= -1e-5 and pred.max() <= 1 + 1e-5
-    for i in range(n):  # counts: the pairs' own de-normalisation of the mean (min-max: linear)
+    s2 = attrs["scale"] ** 2
+    for i in range(n):  # counts: min-max undone with the LR patch's range / scale^2 (linear)
         np.testing.assert_allclose(
-            out["pred_counts"][i], denormalise(pred[i], "minmax", lo=arrays["hr_min"][i],
-                                               hi=arrays["hr_max"][i]), rtol=1e-4, atol=1e-4)
+            out["pred_counts"][i], denormalise(pred[i], "minmax", lo=arrays["lr_min"][i] / s2,
+                                               hi=arrays["lr_max"][i] / s2), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(out["pred_std_counts"][i],
-                                   std[i] * (arrays["hr_max"][i] - arrays["hr_min"][i])
-                                   [:, None, None], rtol=1e-3, atol=1e-4)
+                                   std[i] * (arrays["lr_max"][i] - arrays["lr_min"][i])
+                                   [:, None, None] / s2, rtol=1e-3, atol=1e-4)
     adata = ad.read_h5ad(bins)
     assert adata.n_obs == arrays["mask"].sum() and list(adata.var_names) == attrs["genes"]
     assert {"pred", "truth", "truth_counts", "pred_std", "pred_std_counts"} <= set(adata.layers)
@@ -363,6 +392,69 @@ def test_baseline_predict_is_lr_up_and_scores_by_hand(pairs, tmp_path):
     assert row["n_pixels"] == mask.sum()
 
 
+def _bicubic_model(pairs_zarr, folder):
+    sr_task.train_sr("bicubic", [pairs_zarr], model_cfg={}, train_cfg=TRAIN,
+                     validation=VALIDATION, seed=0, out_model=folder / "m.pt",
+                     out_log=folder / "l.csv", checkpoint_dir=folder / "ckpt")
+    return folder / "m.pt"
+
+
+@pytest.mark.parametrize("normalisation", ["minmax", "log1p"])
+def test_predictions_never_use_the_truth(synthetic, tmp_path, normalisation):
+    """Issue 13: predicted maps and predicted counts depend on the inputs only. Changing the HR
+    truth and its stored statistics (min/max, libraries) of the pairs changes no prediction
+    (the old de-normalisation scaled predictions with the truth's min/max or library)."""
+    import shutil
+
+    import zarr
+
+    pairs_zarr = _pairs(synthetic, tmp_path / "p.zarr", normalisation=normalisation)
+    model = _bicubic_model(pairs_zarr, tmp_path)
+    sr_task.predict_sr(model, pairs_zarr, tmp_path / "a.zarr", tmp_path / "a.h5ad", device="cpu")
+    changed = tmp_path / "changed.zarr"
+    shutil.copytree(pairs_zarr, changed)
+    root = zarr.open_group(changed, mode="r+")
+    root["hr"][...] = np.asarray(root["hr"][...]) * 0.5 + 0.25
+    for name in ("hr_min", "hr_max", "hr_library"):
+        if name in root:
+            root[name][...] = np.asarray(root[name][...]) * 3.0 + 1.0
+    sr_task.predict_sr(model, changed, tmp_path / "b.zarr", tmp_path / "b.h5ad", device="cpu")
+    a, _ = srmaps.read_sr_maps(tmp_path / "a.zarr")
+    b, _ = srmaps.read_sr_maps(tmp_path / "b.zarr")
+    np.testing.assert_array_equal(a["pred"][...], b["pred"][...])
+    np.testing.assert_array_equal(a["pred_counts"][...], b["pred_counts"][...])
+
+
+def test_log1p_units_come_from_the_training_sections(synthetic, tmp_path):
+    """A test section sequenced twice as deep has the same library fractions: in the model's
+    units (target sum of its training pairs) its truth and its scores are the same. With each
+    section's own target sum (the old pairs) they differed."""
+    cells = synthetic[0]
+    deep = cells.copy()
+    deep.X = deep.X * 2
+    train = _pairs(synthetic, tmp_path / "train.zarr", normalisation="log1p")
+    test = _pairs(synthetic, tmp_path / "test.zarr", normalisation="log1p")
+    test_deep = _pairs(synthetic, tmp_path / "deep.zarr", cells=deep, normalisation="log1p")
+    arrays, attrs = read_sr_pairs(train)
+    _, deep_attrs = read_sr_pairs(test_deep)
+    assert deep_attrs["hr_target_sum"] == pytest.approx(2 * attrs["hr_target_sum"])
+    model = _bicubic_model(train, tmp_path)
+    _, meta = sr_task.load_sr_model(model)
+    want = float(np.median(arrays["hr_library"][arrays["mask"] & (arrays["hr_library"] > 0)]))
+    assert meta["pairs"]["target_sum"] == pytest.approx(want)
+    tables = []
+    for name, pairs_zarr in (("same", test), ("deep", test_deep)):
+        maps = tmp_path / f"{name}.maps.zarr"
+        sr_task.predict_sr(model, pairs_zarr, maps, tmp_path / f"{name}.h5ad", device="cpu")
+        assert srmaps.read_sr_maps(maps)[1]["target_sum"] == pytest.approx(want)
+        tables.append(sr_metrics.evaluate_maps(pairs_zarr, maps))
+    np.testing.assert_allclose(tables[0]["rmse"], tables[1]["rmse"], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(tables[0]["pcc"], tables[1]["pcc"], rtol=1e-3, atol=1e-5)
+    # counts: the measured counts and the LR-derived predicted counts both double
+    np.testing.assert_allclose(tables[1]["rmse_counts"], 2 * tables[0]["rmse_counts"],
+                               rtol=1e-3, atol=1e-4)
+
+
 def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     rng = np.random.default_rng(0)
     truth = rng.random((2, 6, 6))
@@ -408,13 +500,41 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
                               tmp_path / "superres.csv", tmp_path / "superres.md",
                               methods=["bicubic", "negated", "constant"],
                               ablations=["negated"], reference="bicubic")
-    assert set(table["units"]) == {"normalised", "counts"}
+    assert set(table["units"]) == {sr_report.SR_UNITS["minmax"], sr_report.SR_COUNTS_UNITS}
     md = (tmp_path / "superres.md").read_text()
     assert "| method | syn 4x RMSE | syn 4x PCC |" in md and "## Ablations" in md
     assert "| constant |" in md and "n/a" in md and "constant syn 4x: " in md
     csv = pd.read_csv(tmp_path / "superres.csv")
-    row = csv[(csv.method == "negated") & (csv.metric == "PCC") & (csv.units == "normalised")]
+    row = csv[(csv.method == "negated") & (csv.metric == "PCC")
+              & (csv.units == sr_report.SR_UNITS["minmax"])]
     assert row["value"].iloc[0] < 0 and row["n_patches"].iloc[0] == n
+
+
+def test_sr_table_names_its_unit_and_counts_dropped_and_nan_patches(synthetic, tmp_path):
+    """The SR CSV carries the unit (the paper's per-patch min-max is named as its protocol),
+    patches dropped when the pairs were built, patches without a defined PCC and whether a
+    method reads the LR map; the markdown says the min-max RMSE depends on the truth's range."""
+    pairs_zarr = _pairs(synthetic, tmp_path / "p.zarr", min_tissue=0.9)
+    _, attrs = read_sr_pairs(pairs_zarr)
+    assert attrs["n_patches_dropped"] > 0
+    model = _bicubic_model(pairs_zarr, tmp_path)
+    sr_task.predict_sr(model, pairs_zarr, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
+                       device="cpu")
+    sr_metrics.evaluate_sr([pairs_zarr, pairs_zarr], [tmp_path / "maps.zarr"] * 2,
+                           tmp_path / "m.parquet", tmp_path / "m.csv", method="bicubic", scale=4,
+                           dataset="syn", samples=["S1", "S2"], folds=["F1", "F2"])
+    sr_report.sr_tables([tmp_path / "m.parquet"], tmp_path / "sr.csv", tmp_path / "sr.md",
+                        methods=["bicubic"])
+    csv = pd.read_csv(tmp_path / "sr.csv")
+    for column in ("n_dropped_patches", "n_nan_patches", "n_nan_pcc", "uses_lr_map", "units"):
+        assert column in csv.columns
+    assert (csv["n_dropped_patches"] == 2 * attrs["n_patches_dropped"]).all()
+    assert csv["uses_lr_map"].all()
+    assert set(csv["units"]) == {"per-patch min-max (paper protocol)",
+                                 sr_report.SR_COUNTS_UNITS}
+    md = (tmp_path / "sr.md").read_text()
+    assert "paper protocol" in md and "depends on the truth's range" in md
+    assert f"syn 4x: {2 * attrs['n_patches_dropped']}" in md
 
 
 def test_failed_prediction_leaves_no_files(trained_diffst, pairs, synthetic, tmp_path,
@@ -454,14 +574,19 @@ def test_time_sampling_table(trained_diffst, pairs):
 
 
 # --------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize("flip_y, transpose", [(False, False), (True, False), (True, True)])
-def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose):
+@pytest.mark.parametrize("flip_y, transpose, hexagonal", [
+    (False, False, False), (True, False, False), (True, True, False), (False, False, True),
+    (True, True, True)])
+def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose, hexagonal):
+    """HR bins sit on their spots, also on Visium's hexagonal lattice (odd rows staggered by
+    half a pitch; array_col doubled), which the old bin centres ignored."""
     pitch = 20
-    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(6), np.arange(6), indexing="ij"))
-    y_px = (5 - rows if flip_y else rows) * pitch + pitch / 2 + 10
-    x_px = cols * pitch + pitch / 2 + 10
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(1, 7), np.arange(6), indexing="ij"))
+    y_px = (6 - rows if flip_y else rows) * pitch + pitch / 2 + 10
+    x_px = cols * pitch + pitch / 2 + 10 + (rows % 2) * (pitch / 2 if hexagonal else 0)
+    array_col = 2 * cols + rows % 2 if hexagonal else cols
     spots = ad.AnnData(X=sp.csr_matrix(np.random.default_rng(0).poisson(3.0, (36, 2))),
-                       obs=pd.DataFrame({"array_row": rows, "array_col": cols},
+                       obs=pd.DataFrame({"array_row": rows, "array_col": array_col},
                                         index=[f"s{i}" for i in range(36)]),
                        var=pd.DataFrame(index=["A", "B"]))
     xy = np.column_stack([y_px, x_px] if transpose else [x_px, y_px])
@@ -471,7 +596,7 @@ def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose)
                           stride_spots=2, min_measured=0.0, normalisation="none", image_mpp=1.0)
     arrays, attrs = read_sr_pairs(tmp_path / "g.zarr")
     centres = sr_task.hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], attrs)
-    position = {(r, c): p for r, c, p in zip(rows, cols, xy)}
+    position = {(r - 1, c): p for r, c, p in zip(rows, cols, xy)}  # lattice from row 1
     for k, (r0, c0) in enumerate(arrays["grid_index"]):
         got = centres(k)
         for i in range(4):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One Table 1 from several pipeline runs: concatenates their ``results/report/superres.csv``
 (e.g. the synthetic 5x/10x run, the HER2ST 2x run) and writes the markdown of
-:func:`histomap.tasks.superres.sr_markdown` (rows methods, columns dataset x factor x RMSE/PCC).
+:func:`histomap.evaluation.report.sr_markdown` (rows methods, columns dataset x factor x RMSE/PCC).
 
     python benchmarks/superres/combine_tables.py synthetic/results/report/superres.csv \\
         her2st/results/report/superres.csv --out benchmarks/superres/results/table1
@@ -16,12 +16,26 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
-from histomap.tasks.superres import TABLE_COLUMNS, sr_markdown  # noqa: E402
+from histomap.evaluation.report import SR_TABLE_COLUMNS, SR_UNITS, sr_markdown  # noqa: E402
 
 DEFAULT_ORDER = ["bicubic", "tesla", "unet", "unetpp", "attention_unet", "histogene_sr",
                  "guided", "diffst"]
 DEFAULT_ABLATIONS = ["diffst_no_cam", "diffst_no_cigc", "diffst_no_hierarchical", "diffst_eps",
                      "diffst_x0"]
+
+
+def _read(path: str) -> pd.DataFrame:
+    """A superres.csv; one written before the units and patch counts were recorded gets them
+    (per-patch min-max was the only unit then; dropped patches unknown: 0)."""
+    table = pd.read_csv(path)
+    # old "counts" rows were de-normalised with the truth's own statistics: not kept
+    table = table[table["units"] != "counts"].copy()
+    table["units"] = table["units"].replace({"normalised": SR_UNITS["minmax"]})
+    for column, default in (("n_nan_patches", 0), ("n_dropped_patches", 0),
+                            ("uses_lr_map", True)):
+        if column not in table.columns:
+            table[column] = default
+    return table
 
 
 def main(argv=None) -> None:
@@ -32,7 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ablations", nargs="+", default=DEFAULT_ABLATIONS)
     parser.add_argument("--out", required=True, help="output prefix (writes .csv and .md)")
     args = parser.parse_args(argv)
-    table = pd.concat([pd.read_csv(p) for p in args.tables], ignore_index=True)[TABLE_COLUMNS]
+    table = pd.concat([_read(p) for p in args.tables], ignore_index=True)[SR_TABLE_COLUMNS]
     present = list(dict.fromkeys(table["method"]))
     methods = args.methods or [m for m in DEFAULT_ORDER if m in present] + [
         m for m in present if m not in DEFAULT_ORDER and m not in args.ablations]

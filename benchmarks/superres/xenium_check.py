@@ -42,6 +42,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", type=int, default=5)
     parser.add_argument("--patch-um", type=float, default=200.0)
     parser.add_argument("--methods", nargs="+", default=["bicubic", "tesla"])
+    parser.add_argument("--normalisation", choices=["log1p", "minmax", "none"], default="log1p",
+                        help="SR unit: log-normalised counts (default) or the paper's per-patch "
+                             "min-max")
     parser.add_argument("--out", required=True, help="output prefix (writes .csv and .md)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -54,7 +57,7 @@ def main(argv=None) -> None:
         prepare_slide(sample.image_path, slide, sample.mpp)
         pairs = tmp / "pairs.zarr"
         build_sr_pairs(sample.highres, slide, genes, pairs, patch_um=args.patch_um,
-                       lr_um=args.lr_um, scale=args.scale, normalisation="minmax",
+                       lr_um=args.lr_um, scale=args.scale, normalisation=args.normalisation,
                        min_tissue=0.25, image_mpp=2.0, edge="ceil", tissue=False,
                        source_name="xenium crop")
         metrics = []
@@ -75,9 +78,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_suffix(".csv"), index=False)
     n_patches = int(table["n_patches"].max())
-    text = (sr_task.sr_markdown(table, methods=args.methods)
+    text = (sr_report.sr_markdown(table, methods=args.methods)
             + f"\n{n_patches} patches of {args.patch_um:g} um, LR {args.lr_um:g} um -> HR "
-              f"{args.lr_um / args.scale:g} um, top {args.genes} genes, min-max per patch.\n")
+              f"{args.lr_um / args.scale:g} um, top {args.genes} genes, {args.normalisation} units.\n")
     out.with_suffix(".md").write_text(text)
     print(text)
 

@@ -4,8 +4,12 @@ One pair is a square of tissue seen four ways, all on the same footprint:
 
 * ``hr`` (G, h, w): gene counts on the HR grid (pixel side ``hr_um = lr_um / scale``);
 * ``lr`` (G, h_lr, w_lr): the *same counts* on the LR grid (pixel side ``lr_um``): each LR pixel
-  is exactly the sum of the ``scale x scale`` HR pixels it covers (before normalisation), i.e. a
-  coarse measurement of the same tissue, not an interpolation;
+  measures exactly the sum of the ``scale x scale`` HR pixels it covers, i.e. a coarse
+  measurement of the same tissue, not an interpolation. It is stored **in the HR map's units**
+  (attr ``lr_units = "hr"``): the HR-unit estimate of an LR pixel is its sum / scale^2 (raw
+  counts) or, log-normalised, the same library fraction scaled by the HR target sum, so that
+  interpolating it (bicubic, TESLA) predicts the HR map in the truth's units and every learned
+  method gets its input in those units too;
 * ``he`` (3, H, W) uint8: the H&E (or morphology) patch at ``image_mpp`` um/px;
 * ``mask`` (h, w) bool: HR pixels that are measured (fully inside the slide and the highres
   measurement area, or a measured spot for spot-grid data) and, for point data, tissue.
@@ -26,16 +30,25 @@ the HR patch and sums all of its HR pixels, as a real coarse measurement would.
 
 Normalisation (``normalisation``), stored values and how to undo it:
 
-* ``"minmax"`` (the Diff-ST code): per patch and gene, ``(x - min) / (max - min)`` separately for
-  HR and LR, 0 where the patch-gene is constant; arrays ``hr_min``, ``hr_max``, ``lr_min``,
-  ``lr_max`` (n, G) give ``x = v * (max - min) + min``. De-normalising a prediction with
-  ``hr_min/hr_max`` uses ground-truth statistics (fine for scoring normalised maps, not for
-  deployment);
-* ``"log1p"``: ``log1p(x / library * target_sum)`` per pixel, library = total counts of all genes
-  of the input in the pixel, ``target_sum`` = the median non-zero library over the sample at that
-  resolution (attrs ``hr_target_sum``, ``lr_target_sum``); arrays ``hr_library``, ``lr_library``
-  give ``x = expm1(v) * library / target_sum``; 0 where the library is 0;
-* ``"none"``: raw counts as float32.
+* ``"log1p"`` (the default unit: log-normalised counts): ``log1p(x / library * target_sum)`` per
+  pixel, library = total counts of all genes of the input in the pixel (LR: of the LR pixel);
+  stored with ``target_sum`` = the median non-zero HR library of this sample (attrs
+  ``hr_target_sum`` = ``lr_target_sum``), a storage scale only: a model re-expresses every pair
+  with the target sum of its *training* pairs (:func:`retarget_log1p`,
+  :func:`training_target_sum`), exactly, so no statistic of a test section enters its units;
+  arrays ``hr_library``, ``lr_library`` give ``x = expm1(v) * library / target_sum``; 0 where
+  the library is 0;
+* ``"minmax"`` (the paper's protocol, Diff-ST's code): per patch and gene, ``(x - min) / (max -
+  min)`` separately for HR and LR, 0 where the patch-gene is constant; arrays ``hr_min``,
+  ``hr_max``, ``lr_min``, ``lr_max`` (n, G; ``lr_*`` of the LR sums) give ``x = v * (max - min) +
+  min``. The truth is scaled by its own range, so RMSE in these units depends on that range;
+* ``"none"``: raw counts as float32 (LR: sums / scale^2).
+
+De-normalising: the truth back to counts uses its own stored statistics
+(:func:`pairs_denormaliser`); a *prediction* is never scaled with statistics of the truth it is
+scored against: :func:`prediction_denormaliser` uses the LR patch (min-max: the LR range /
+scale^2; log1p: each HR pixel's library estimated as its LR pixel's library / scale^2) and the
+model's training target sum.
 
 Zarr v3 group written by :func:`build_sr_pairs` and :func:`build_spot_grid_pairs` (one chunk per
 patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he``, ``mask``,
@@ -43,7 +56,8 @@ patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he`
 ``grid_index`` (n, 2) int64 (row, col) of the patch's first HR pixel on the global HR grid,
 ``tissue_fraction`` (n,) and the normalisation arrays above; attrs ``format``, ``genes``,
 ``lr_um``, ``hr_um``, ``scale``, ``normalisation``, ``patch_um``, ``stride_um``, ``edge``,
-``image_mpp``, ``slide``, ``slide_mpp``, ``source`` ("points" or "spot_grid"), shapes, ...
+``image_mpp``, ``slide``, ``slide_mpp``, ``source`` ("points" or "spot_grid"), ``lr_units``,
+``n_patches`` (kept) and ``n_patches_dropped`` (planned patches below ``min_tissue``), shapes, ...
 """
 from __future__ import annotations
 
@@ -182,6 +196,17 @@ def denormalise(values: np.ndarray, kind: str, *, lo=None, hi=None, library=None
     raise ValueError(f"unknown normalisation {kind!r}")
 
 
+def retarget_log1p(values, from_sum: float, to_sum: float):
+    """Log1p maps stored with target sum ``from_sum`` re-expressed with ``to_sum`` (exact:
+    ``log1p(expm1(v) * to / from)``); numpy arrays or torch tensors."""
+    if to_sum is None or float(to_sum) == float(from_sum):
+        return values
+    ratio = float(to_sum) / float(from_sum)
+    if isinstance(values, np.ndarray):
+        return np.log1p(np.expm1(values.astype(np.float64)) * ratio).astype(values.dtype)
+    return (values.double().expm1() * ratio).log1p().to(values.dtype)
+
+
 def _median_library(library: np.ndarray) -> float:
     positive = library[library > 0]
     return float(np.median(positive)) if positive.size else 1.0
@@ -234,18 +259,22 @@ def _norm_specs(kind: str, n_genes: int, hr_shape, lr_shape) -> dict:
 
 
 def _normalised(kind: str, hr: np.ndarray, lr: np.ndarray, hr_library: np.ndarray,
-                lr_library: np.ndarray, targets: tuple[float, float]) -> dict[str, np.ndarray]:
+                lr_library: np.ndarray, target: float, scale: int
+                ) -> dict[str, np.ndarray]:
+    """Normalised HR and LR maps of one patch; the LR map (sums of scale x scale HR pixels) in
+    the HR map's units (module docstring)."""
     if kind == "minmax":
         hr_n, hr_lo, hr_hi = minmax(hr)
         lr_n, lr_lo, lr_hi = minmax(lr)
         return {"hr": hr_n, "lr": lr_n, "hr_min": hr_lo, "hr_max": hr_hi, "lr_min": lr_lo,
                 "lr_max": lr_hi}
     if kind == "log1p":
-        return {"hr": log1p_normalise(hr, hr_library, targets[0]),
-                "lr": log1p_normalise(lr, lr_library, targets[1]),
+        # the library fraction of an LR pixel, scaled like an HR pixel's (HR target sum)
+        return {"hr": log1p_normalise(hr, hr_library, target),
+                "lr": log1p_normalise(lr, lr_library, target),
                 "hr_library": hr_library.astype(np.float32),
                 "lr_library": lr_library.astype(np.float32)}
-    return {"hr": hr.astype(np.float32), "lr": lr.astype(np.float32)}
+    return {"hr": hr.astype(np.float32), "lr": (lr / float(scale) ** 2).astype(np.float32)}
 
 
 def _check_normalisation(kind: str) -> None:
@@ -429,11 +458,8 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
         raise InputError(slide_path, f"no patch has a tissue/measured fraction >= "
                                      f"{min_tissue} (best {max(p[3] for p in plan):.3f})")
 
-    # log1p targets: median non-zero library at each resolution over the sample
-    lr_key = (bins.row // scale) * (int(bins.col.max(initial=0)) // scale + 1) + bins.col // scale
-    lr_library = np.bincount(np.unique(lr_key, return_inverse=True)[1].ravel(),
-                             weights=bins.library)
-    targets = (_median_library(bins.library), _median_library(lr_library))
+    # log1p storage scale: median non-zero HR library of the sample (models retarget it)
+    target = _median_library(bins.library)
     he_px = max(1, int(round(geo.patch_um / image_mpp)))
     n_genes = len(genes)
     hr_shape, lr_shape = (geo.n_hr, geo.n_hr), (geo.n_lr, geo.n_lr)
@@ -446,7 +472,7 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
                 hr, hr_lib = cover[:, :geo.n_hr, :geo.n_hr], cover_library[:geo.n_hr, :geo.n_hr]
                 he = read_region(slide, c0 * side, r0 * side, geo.n_hr * side, geo.n_hr * side,
                                  he_px, he_px)
-                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, targets),
+                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, target, scale),
                        "he": he.transpose(2, 0, 1), "mask": mask,
                        "origin_px": np.array([c0 * side, r0 * side]),
                        "origin_um": np.array([c0 * geo.hr_um, r0 * geo.hr_um]),
@@ -462,8 +488,9 @@ def build_sr_pairs(highres: ad.AnnData, slide_path: str | Path, genes: Sequence[
     attrs = {"format": FORMAT, "source": "points", "genes": genes, "lr_um": geo.lr_um,
              "hr_um": geo.hr_um, "scale": geo.scale, "patch_um": geo.patch_um,
              "patch_um_requested": float(patch_um), "stride_um": geo.stride_lr * geo.lr_um,
-             "edge": edge, "normalisation": normalisation, "hr_target_sum": targets[0],
-             "lr_target_sum": targets[1], "image_mpp": float(image_mpp), "he_px": he_px,
+             "edge": edge, "normalisation": normalisation, "hr_target_sum": target,
+             "lr_target_sum": target, "lr_units": "hr", "image_mpp": float(image_mpp),
+             "he_px": he_px, "n_patches_dropped": len(plan) - len(kept),
              "hr_shape": list(hr_shape), "lr_shape": list(lr_shape), "slide": str(slide_path),
              "slide_mpp": float(mpp), "min_tissue": float(min_tissue), "tissue_mask": bool(tissue),
              "n_patches": len(kept)}
@@ -501,11 +528,19 @@ def spot_lattice(spots: ad.AnnData, what: str = "spots") -> tuple[np.ndarray, np
                            "spot names {x}x{y}")
 
 
-def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: str) -> np.ndarray:
-    """(2, 3) least-squares map of (1, col, row) to level-0 (x, y) px.
+# a fitted odd-row offset below this share of a lattice step is position jitter (square grids,
+# e.g. HER2ST), at or above it a hexagonal stagger (Visium: half a step)
+STAGGER_MIN_STEPS = 0.25
+
+
+def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """((2, 3) least-squares map of (1, col, row) to level-0 (x, y) px, (2,) stagger px).
 
     A stagger of odd rows (hexagonal lattices: half a pitch) is fitted as a separate term and
-    left out of the map, so it is not mistaken for a rotation of the lattice.
+    left out of the map, so it is not mistaken for a rotation of the lattice. It is returned
+    (level-0 px added to every spot of an odd lattice row) when it is at least
+    :data:`STAGGER_MIN_STEPS` of a lattice step, else zero (jitter of a square grid).
     """
     design = np.column_stack([np.ones(len(row)), col, row]).astype(np.float64)
     if len(row) < 3 or np.linalg.matrix_rank(design) < 3:
@@ -515,10 +550,19 @@ def _lattice_affine(spots: ad.AnnData, row: np.ndarray, col: np.ndarray, what: s
     if 0 < odd.sum() < len(odd):
         design = np.column_stack([design, odd])
     coef, *_ = np.linalg.lstsq(design, np.asarray(spots.obsm["spatial"], np.float64), rcond=None)
-    if len(coef) == 4 and np.abs(coef[3]).max() > 1e-3 * np.abs(coef[1:3]).max():
-        log.info("%s: odd lattice rows are staggered by (%.1f, %.1f) px (hexagonal lattice); "
-                 "each spot is one HR pixel, the stagger is ignored", what, *coef[3])
-    return coef[:3].T  # rows: x, y; columns: 1, col, row
+    stagger = np.zeros(2)
+    if len(coef) == 4:
+        step = min(np.linalg.norm(coef[1]), np.linalg.norm(coef[2]))
+        if np.linalg.norm(coef[3]) >= STAGGER_MIN_STEPS * step:
+            stagger = coef[3].copy()
+            log.info("%s: odd lattice rows are staggered by (%.1f, %.1f) px (hexagonal lattice); "
+                     "each spot is one HR pixel and the H&E of odd rows is read shifted by the "
+                     "stagger, so every HR pixel sits on its spot's tissue", what, *stagger)
+        elif np.abs(coef[3]).max() > 1e-3 * step:
+            log.info("%s: odd lattice rows are offset by (%.2f, %.2f) px, under %g of a step: "
+                     "position jitter of a square lattice, no stagger", what, *coef[3],
+                     STAGGER_MIN_STEPS)
+    return coef[:3].T, stagger  # affine rows: x, y; columns: 1, col, row
 
 
 def _lattice_axes(affine: np.ndarray, what: str) -> tuple[bool, float, float]:
@@ -535,11 +579,25 @@ def _lattice_axes(affine: np.ndarray, what: str) -> tuple[bool, float, float]:
 
 
 def _lattice_he(slide, affine: np.ndarray, axes: tuple[bool, float, float], r0: int, c0: int,
-                n: int, out_hw: tuple[int, int]) -> np.ndarray:
-    """(3, H, W) H&E under lattice rows r0..r0+n, cols c0..c0+n, oriented like the lattice."""
+                n: int, out_hw: tuple[int, int], stagger: np.ndarray | None = None,
+                n_rows: int | None = None) -> np.ndarray:
+    """(3, H, W) H&E under lattice rows r0..r0+n_rows (default n), cols c0..c0+n, oriented
+    like the lattice. With a non-zero ``stagger`` (hexagonal lattice) every lattice row is read
+    as its own band, odd rows (``r % 2``) shifted by the stagger, so the image row band of a
+    lattice row covers that row's spots."""
+    n_rows = n if n_rows is None else n_rows
+    if stagger is not None and np.any(stagger):
+        h = out_hw[0]
+        edges = [round(k * h / n_rows) for k in range(n_rows + 1)]
+        bands = [_lattice_he(slide, affine + np.column_stack([stagger * ((r0 + k) % 2),
+                                                              np.zeros((2, 2))]),
+                             axes, r0 + k, c0, n, (max(1, edges[k + 1] - edges[k]), out_hw[1]),
+                             n_rows=1)[:, :edges[k + 1] - edges[k]]
+                 for k in range(n_rows)]
+        return np.ascontiguousarray(np.concatenate(bands, axis=1))
     transposed, col_step, row_step = axes
     corners = np.array([[1, c, r] for c in (c0 - 0.5, c0 + n - 0.5)
-                        for r in (r0 - 0.5, r0 + n - 0.5)]) @ affine.T
+                        for r in (r0 - 0.5, r0 + n_rows - 0.5)]) @ affine.T
     x0, y0 = corners[:, 0].min(), corners[:, 1].min()
     w0, h0 = np.ptp(corners[:, 0]), np.ptp(corners[:, 1])
     out_h, out_w = out_hw
@@ -562,9 +620,17 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
                           source_name: str = "spots") -> dict[str, Any]:
     """SR pairs of spot-grid data (legacy ST, Visium): HR = the spot lattice as an image (one
     pixel per spot, 0 where no spot was measured), LR = sums over ``factor x factor`` lattice
-    blocks, mask = measured spots. Patches are ``patch_spots`` lattice pixels (floored to a
-    multiple of ``factor``, logged), kept when >= ``min_measured`` of them are measured spots.
-    The H&E patch covers the lattice cells (spot pitch around each spot) at ``image_mpp``.
+    blocks (stored in HR units), mask = measured spots. Patches are ``patch_spots`` lattice
+    pixels (floored to a multiple of ``factor``, logged), kept when >= ``min_measured`` of them
+    are measured spots. The H&E patch covers the lattice cells (spot pitch around each spot) at
+    ``image_mpp``.
+
+    Hexagonal lattices (Visium: odd rows shifted by half a pitch; attr ``stagger_px``): spots
+    keep one HR pixel each in offset coordinates (row, column // 2), an LR pixel sums ``factor``
+    neighbouring spots of each of ``factor`` rows, and the H&E of each lattice row is read
+    shifted by that row's stagger, so HR pixel (r, c) and its H&E show the same tissue. A
+    square lattice (HER2ST; fitted offset under a quarter step) has no stagger and gives the
+    same pairs as before hexagonal lattices were handled.
     """
     _check_normalisation(normalisation)
     if factor < 1 or patch_spots < factor or image_mpp <= 0:
@@ -576,7 +642,7 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
     values = _csr(spots.X)
     _check_values(values, source_name)
     row, col, how = spot_lattice(spots, source_name)
-    affine = _lattice_affine(spots, row, col, source_name)
+    affine, stagger = _lattice_affine(spots, row, col, source_name)
     axes = _lattice_axes(affine, source_name)
     pitch_col_um, pitch_row_um = abs(axes[1]) * mpp, abs(axes[2]) * mpp
     r_min, c_min = int(row.min()), int(col.min())
@@ -608,9 +674,7 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
     if not kept:
         raise InputError(source_name, f"no patch of {n_hr} x {n_hr} spots has >= "
                                       f"{min_measured:.0%} measured spots")
-    h_even, w_even = (library.shape[0] // factor) * factor, (library.shape[1] // factor) * factor
-    targets = (_median_library(library),
-               _median_library(block_sum(library[:h_even, :w_even], factor)))
+    target = _median_library(library)  # log1p storage scale (models retarget it)
     he_hw = (max(1, int(round(n_hr * pitch_row_um / image_mpp))),
              max(1, int(round(n_hr * pitch_col_um / image_mpp))))
 
@@ -620,9 +684,11 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
                 hr = lattice[:, r0:r0 + n_hr, c0:c0 + n_hr]
                 hr_lib = library[r0:r0 + n_hr, c0:c0 + n_hr]
                 lr, lr_lib = block_sum(hr, factor), block_sum(hr_lib, factor)
-                he = _lattice_he(slide, affine, axes, r0 + r_min, c0 + c_min, n_hr, he_hw)
+                he = _lattice_he(slide, affine, axes, r0 + r_min, c0 + c_min, n_hr, he_hw,
+                                 stagger)
                 origin = np.array([1, c0 + c_min - 0.5, r0 + r_min - 0.5]) @ affine.T
-                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, targets),
+                yield {**_normalised(normalisation, hr, lr, hr_lib, lr_lib, target,
+                                     factor),
                        "he": he, "mask": measured[r0:r0 + n_hr, c0:c0 + n_hr],
                        "origin_px": origin, "origin_um": origin * mpp,
                        "grid_index": np.array([r0, c0]), "tissue_fraction": np.array(fraction)}
@@ -639,11 +705,13 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
              "hr_um": pitch_col_um, "hr_um_row": pitch_row_um, "lr_um": pitch_col_um * factor,
              "scale": int(factor), "patch_spots": n_hr, "patch_um": n_hr * pitch_col_um,
              "stride_spots": stride, "edge": "floor", "normalisation": normalisation,
-             "hr_target_sum": targets[0], "lr_target_sum": targets[1],
+             "hr_target_sum": target, "lr_target_sum": target, "lr_units": "hr",
+             "n_patches_dropped": len(plan) - len(kept),
              "image_mpp": float(image_mpp), "he_hw": list(he_hw), "hr_shape": list(hr_shape),
              "lr_shape": list(lr_shape), "slide": str(slide_path), "slide_mpp": float(mpp),
              "min_tissue": float(min_measured), "n_patches": len(kept),
-             "lattice_origin": [int(r_min), int(c_min)]}
+             "lattice_origin": [int(r_min), int(c_min)],
+             "stagger_px": [float(v) for v in stagger]}
     _write_zarr(Path(out_zarr), len(kept), specs, items(), attrs)
     log.info("wrote %d spot-grid SR pairs (%d genes) to %s", len(kept), len(genes), out_zarr)
     return attrs
@@ -678,12 +746,15 @@ class SRPairDataset:
     by ``scale`` and cropped to the HR patch, so ``edge="ceil"`` LR pixels stay in place.
     ``image_hw``: resize the H&E patch to this (H, W) (antialiased bilinear), so that the pairs
     of several sections stack in one batch (spot-grid sections differ by a pixel or two in
-    their measured spot pitch).
+    their measured spot pitch). ``target_sum``: log1p pairs are re-expressed with this target
+    sum (a model's, from its training pairs: :func:`training_target_sum`); None keeps the
+    stored one. ``hr`` and ``lr`` are in the same units (the LR map is stored in HR units).
     """
 
     def __init__(self, path: str | Path, *, upsample: str = "bicubic",
                  indices: Sequence[int] | None = None,
-                 image_hw: tuple[int, int] | None = None) -> None:
+                 image_hw: tuple[int, int] | None = None,
+                 target_sum: float | None = None) -> None:
         if upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
         self.path = Path(path)
@@ -693,6 +764,8 @@ class SRPairDataset:
         self.upsample = upsample
         self.image_hw = tuple(int(v) for v in image_hw) if image_hw is not None else None
         self.genes = list(self.attrs["genes"])
+        self.target_sum = (float(target_sum) if target_sum is not None
+                           and self.attrs["normalisation"] == "log1p" else None)
         self._arrays: dict | None = None
 
     def __len__(self) -> int:
@@ -711,6 +784,10 @@ class SRPairDataset:
         a = self._arrays
         hr = torch.from_numpy(np.asarray(a["hr"][i], np.float32))
         lr = torch.from_numpy(np.asarray(a["lr"][i], np.float32))
+        if self.target_sum is not None:
+            stored = float(self.attrs["hr_target_sum"])
+            hr = retarget_log1p(hr, stored, self.target_sum)
+            lr = retarget_log1p(lr, stored, self.target_sum)
         scale = int(self.attrs["scale"])
         size = (lr.shape[-2] * scale, lr.shape[-1] * scale)
         kwargs = {} if self.upsample == "nearest" else {"align_corners": False}
@@ -724,8 +801,22 @@ class SRPairDataset:
         return {"hr": hr, "lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
 
 
+def training_target_sum(pairs_zarrs: Sequence[str | Path]) -> float | None:
+    """Log1p target sum of a model: the median non-zero HR-pixel library over the measured
+    pixels of its training pairs (None for other normalisations)."""
+    libraries = []
+    for path in pairs_zarrs:
+        arrays, attrs = read_sr_pairs(path, lazy=True)
+        if attrs["normalisation"] != "log1p":
+            return None
+        library = np.asarray(arrays["hr_library"][...], np.float64)
+        libraries.append(library[np.asarray(arrays["mask"][...], bool)])
+    return _median_library(np.concatenate(libraries)) if libraries else None
+
+
 def pairs_denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray, int], np.ndarray]:
-    """values (G, h, w) of patch i -> counts, with the patch's stored HR statistics."""
+    """Stored truth values (G, h, w) of patch i -> counts, with the patch's own HR statistics
+    (recovers the measured counts; for the truth only, never for a prediction)."""
     kind = attrs["normalisation"]
 
     def counts(values: np.ndarray, i: int) -> np.ndarray:
@@ -735,6 +826,34 @@ def pairs_denormaliser(arrays: Mapping, attrs: Mapping) -> Callable[[np.ndarray,
         if kind == "log1p":
             return denormalise(values, kind, library=np.asarray(arrays["hr_library"][i]),
                                target_sum=attrs["hr_target_sum"])
+        return denormalise(values, kind)
+
+    return counts
+
+
+def lr_library_on_hr(lr_library: np.ndarray, scale: int, hr_shape: Sequence[int]) -> np.ndarray:
+    """HR-pixel library estimated from the LR patch: each LR pixel's library / scale^2 on the
+    scale x scale HR pixels under it (cropped to ``hr_shape``)."""
+    up = np.repeat(np.repeat(np.asarray(lr_library, np.float64), scale, axis=0), scale, axis=1)
+    return up[:hr_shape[0], :hr_shape[1]] / float(scale) ** 2
+
+
+def prediction_denormaliser(arrays: Mapping, attrs: Mapping, target_sum: float | None = None
+                            ) -> Callable[[np.ndarray, int], np.ndarray]:
+    """Predicted values (G, h, w) of patch i (in the model's units) -> counts, with statistics
+    available at prediction time only: the LR patch and the model's training ``target_sum``
+    (None: the stored one). Min-max: the LR patch's per-gene range / scale^2; log1p: each HR
+    pixel's library estimated from its LR pixel (:func:`lr_library_on_hr`)."""
+    kind, scale = attrs["normalisation"], int(attrs["scale"])
+    target = float(target_sum if target_sum is not None else attrs.get("hr_target_sum", 1.0))
+
+    def counts(values: np.ndarray, i: int) -> np.ndarray:
+        if kind == "minmax":
+            return denormalise(values, kind, lo=np.asarray(arrays["lr_min"][i]) / scale ** 2,
+                               hi=np.asarray(arrays["lr_max"][i]) / scale ** 2)
+        if kind == "log1p":
+            library = lr_library_on_hr(arrays["lr_library"][i], scale, values.shape[-2:])
+            return denormalise(values, kind, library=library, target_sum=target)
         return denormalise(values, kind)
 
     return counts
@@ -758,7 +877,7 @@ def build_sample_pairs(platform: str, counts_h5ad: str | Path, slide: str | Path
                  ", ".join(genes[:n_genes]))
         genes = genes[:int(n_genes)]
     counts = ad.read_h5ad(counts_h5ad)
-    common = {"normalisation": pairs_cfg.get("normalisation", "minmax")}
+    common = {"normalisation": pairs_cfg.get("normalisation", "log1p")}
     if platform in SPOT_GRID_PLATFORMS:
         grid = dict(pairs_cfg.get("spot_grid") or {})
         return build_spot_grid_pairs(counts, slide, genes, out_zarr, factor=int(scale),

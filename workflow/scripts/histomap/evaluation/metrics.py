@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from histomap.data.sample import UNS_KEY
 from histomap.data.srmaps import read_sr_maps
-from histomap.data.srpairs import pairs_denormaliser, read_sr_pairs
+from histomap.data.srpairs import pairs_denormaliser, read_sr_pairs, retarget_log1p
 from histomap.errors import InputError
 from histomap.outputs import partial_path
 
@@ -276,19 +276,29 @@ def patch_gene_metrics(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray
 
 
 def evaluate_maps(pairs_zarr: str | Path, maps_zarr: str | Path) -> pd.DataFrame:
-    """Per (patch, gene) rows: n_pixels, rmse, pcc (normalised), rmse_counts, pcc_counts."""
+    """Per (patch, gene) rows: n_pixels, rmse, pcc (in the model's units: the pairs'
+    normalisation, log1p re-expressed with the model's training target sum, attr ``target_sum``
+    of the maps), rmse_counts, pcc_counts (the measured HR counts against the prediction's
+    counts, which the predictor derived from the LR patch only)."""
     pairs, p_attrs = read_sr_pairs(pairs_zarr, lazy=True)
     maps, m_attrs = read_sr_maps(maps_zarr)
     genes = list(p_attrs["genes"])
     if list(m_attrs["genes"]) != genes or maps["pred"].shape != pairs["hr"].shape:
         raise InputError(maps_zarr, f"maps do not match the pairs {pairs_zarr} (genes or shape)")
+    if m_attrs.get("normalisation", p_attrs["normalisation"]) != p_attrs["normalisation"]:
+        raise InputError(maps_zarr, f"maps are in {m_attrs.get('normalisation')!r} units, the "
+                                    f"pairs {pairs_zarr} in {p_attrs['normalisation']!r}")
     to_counts = pairs_denormaliser(pairs, p_attrs)
+    target_sum = m_attrs.get("target_sum")
+    retarget = p_attrs["normalisation"] == "log1p" and target_sum is not None
     rows = []
     for i in range(pairs["hr"].shape[0]):
-        truth = np.asarray(pairs["hr"][i], np.float64)
+        stored = np.asarray(pairs["hr"][i], np.float64)
+        truth = retarget_log1p(stored, float(p_attrs["hr_target_sum"]), float(target_sum)) \
+            if retarget else stored
         mask = np.asarray(pairs["mask"][i], bool)
         rmse, pcc, n_px = patch_gene_metrics(truth, maps["pred"][i], mask)
-        rmse_c, pcc_c, _ = patch_gene_metrics(to_counts(truth, i), maps["pred_counts"][i], mask)
+        rmse_c, pcc_c, _ = patch_gene_metrics(to_counts(stored, i), maps["pred_counts"][i], mask)
         rows.append(pd.DataFrame({"patch": i, "gene": genes, "n_pixels": n_px, "rmse": rmse,
                                   "pcc": pcc, "rmse_counts": rmse_c, "pcc_counts": pcc_c}))
     return pd.concat(rows, ignore_index=True)
@@ -328,9 +338,11 @@ def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Pa
                 dataset: str, samples: Sequence[str], folds: Sequence[str]) -> pd.DataFrame:
     """Score the predicted maps of the test samples of every fold (``samples[i]`` held out by
     ``folds[i]``, scored from ``pairs_zarrs[i]`` and ``maps_zarrs[i]``): per-(patch, gene)
-    parquet (columns dataset, method, scale, fold, sample, patch, gene, n_pixels, rmse, pcc,
-    rmse_counts, pcc_counts) and the Table-1 summary CSV (:func:`summarise_sr`) per fold and
-    over all folds (``fold == "all"``). Returns the summary."""
+    parquet (columns dataset, method, scale, normalisation, fold, sample, patch, gene,
+    n_pixels, rmse, pcc, rmse_counts, pcc_counts, plus per sample ``dropped_patches``: patches
+    of the section left out of the pairs for too little tissue, and ``uses_lr_map``: whether
+    the method reads the LR map) and the Table-1 summary CSV (:func:`summarise_sr`) per fold
+    and over all folds (``fold == "all"``). Returns the summary."""
     n = len(samples)
     if not n or not (len(pairs_zarrs) == len(maps_zarrs) == len(folds) == n):
         raise ValueError("need one pairs zarr, one maps zarr and one fold per test sample")
@@ -339,6 +351,11 @@ def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Pa
         table = evaluate_maps(pairs, maps)
         table.insert(0, "sample", sample)
         table.insert(0, "fold", str(fold))
+        p_attrs = read_sr_pairs(pairs, lazy=True)[1]
+        m_attrs = read_sr_maps(maps)[1]
+        table["normalisation"] = str(p_attrs["normalisation"])
+        table["dropped_patches"] = int(p_attrs.get("n_patches_dropped", 0))
+        table["uses_lr_map"] = bool(m_attrs.get("uses_lr_map", True))
         parts.append(table)
     per_gene = pd.concat(parts, ignore_index=True)
     for col, value in (("scale", int(scale)), ("method", method), ("dataset", dataset)):

@@ -332,20 +332,56 @@ def write_report(long_df: pd.DataFrame, out_csv: str | Path, out_md: str | Path)
 
 # ====================================================================== super-resolution tables
 SR_TABLE_COLUMNS = ["dataset", "method", "scale", "metric", "units", "value",
-                    "std_over_folds", "n_folds", "n_patches", "n_nan_pcc"]
+                    "std_over_folds", "n_folds", "n_patches", "n_nan_pcc", "n_nan_patches",
+                    "n_dropped_patches", "uses_lr_map"]
+# how each normalisation of the pairs is named in the tables
+SR_UNITS = {
+    "log1p": "log-normalised counts",
+    "minmax": "per-patch min-max (paper protocol)",
+    "none": "counts",
+}
+SR_COUNTS_UNITS = "counts (prediction de-normalised with LR-patch statistics)"
+SR_UNIT_NOTES = {
+    "log1p": "log1p(counts / pixel library x T) per HR pixel, T = the median HR-pixel library of "
+             "the training sections (statistics from training data only); the LR input is in the "
+             "same units (an LR pixel's library fraction). This is the default unit.",
+    "minmax": "The paper's protocol: the truth of every patch and gene is min-max scaled to [0, 1] "
+              "by its own range (the LR map by its own), so RMSE in these units depends on the "
+              "truth's range and is not comparable between patches or with other units.",
+    "none": "raw counts per HR pixel; an LR pixel's counts / factor^2 as its HR-unit estimate.",
+}
 
 
 def sr_long_table(per_gene: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, method, scale, metric): the mean over every test patch of every fold (each
-    patch scored once, by the fold holding it out), the std of the fold means, counts."""
+    patch scored once, by the fold holding it out), the std of the fold means, counts: patches
+    scored, undefined PCCs (patch-gene pairs), patches without any defined PCC, patches of the
+    test sections dropped when the pairs were built (too little tissue), whether the method
+    reads the LR map."""
+    per_gene = per_gene.copy()
+    if "normalisation" not in per_gene.columns:  # metrics written before the unit was recorded
+        per_gene["normalisation"] = "minmax"
     keys = ["dataset", "method", "scale"]
-    pooled = summarise_sr(per_gene, keys)
-    folds = summarise_sr(per_gene, [*keys, "fold"])
+    pooled = summarise_sr(per_gene, [*keys, "normalisation"])
+    folds = summarise_sr(per_gene, [*keys, "normalisation", "fold"])
     spread = folds.groupby([*keys, "metric"], observed=True)["value"].agg(
         std_over_folds=lambda s: float(s.std(ddof=1)) if s.notna().sum() > 1 else math.nan,
         n_folds="count").reset_index()
     out = pooled.merge(spread, on=[*keys, "metric"], how="left")
-    out["units"] = np.where(out["metric"].str.endswith("_counts"), "counts", "normalised")
+    extra = per_gene.drop_duplicates([*keys, "fold", "sample"])
+    dropped = (extra["dropped_patches"] if "dropped_patches" in extra.columns
+               else pd.Series(0, index=extra.index))
+    uses_lr = (extra["uses_lr_map"] if "uses_lr_map" in extra.columns
+               else pd.Series(True, index=extra.index))
+    per_method = pd.DataFrame({**{k: extra[k] for k in keys},
+                               "n_dropped_patches": dropped.astype(int),
+                               "uses_lr_map": uses_lr.astype(bool)}).groupby(
+        keys, observed=True).agg(n_dropped_patches=("n_dropped_patches", "sum"),
+                                 uses_lr_map=("uses_lr_map", "all")).reset_index()
+    out = out.merge(per_method, on=keys, how="left")
+    counts = out["metric"].str.endswith("_counts")
+    out["units"] = np.where(counts, SR_COUNTS_UNITS,
+                            out["normalisation"].map(SR_UNITS).fillna(out["normalisation"]))
     out["metric"] = out["metric"].str.replace("_counts", "", regex=False)
     return out[SR_TABLE_COLUMNS]
 
@@ -359,46 +395,73 @@ def _sr_cell(row: pd.Series | None) -> str:
     return text
 
 
-def _sr_markdown_table(table: pd.DataFrame, rows: Sequence[str], units: str = "normalised"
-                       ) -> str:
+def _sr_markdown_table(table: pd.DataFrame, rows: Sequence[str], units: str) -> str:
     part = table[table["units"] == units]
     columns = [(d, s, m) for d, s in part[["dataset", "scale"]].drop_duplicates()
                .sort_values(["dataset", "scale"]).itertuples(index=False) for m in ("RMSE", "PCC")]
     header = ["method", *[f"{d} {s}x {m}" for d, s, m in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     index = {(r.dataset, r.method, r.scale, r.metric): r for r in part.itertuples(index=False)}
+    no_lr = set(part.loc[~part["uses_lr_map"].astype(bool), "method"])
     for method in rows:
+        if method not in set(part["method"]):
+            continue
         cells = []
         for d, s, m in columns:
             r = index.get((d, method, s, m))
             cells.append(_sr_cell(pd.Series(r._asdict()) if r is not None else None))
-        lines.append("| " + " | ".join([method, *cells]) + " |")
+        name = f"{method} (no LR map)" if method in no_lr else method
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
 
 def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Sequence[str] = (),
                 reference: str = "diffst") -> str:
-    """Table 1 (rows methods, columns dataset x scale x metric) and the ablation table."""
-    nan = table[(table["metric"] == "PCC") & (table["units"] == "normalised")]
+    """Table 1 (rows methods, columns dataset x scale x metric) and the ablation table, one pair
+    per unit (the default log-normalised counts; the paper's per-patch min-max as a named
+    protocol), then the scores in counts."""
     lines = ["# Super-resolution benchmark (Diff-ST Table 1 shape)", "",
-             "RMSE and signed PCC per gene per patch over the patch's tissue pixels, in the "
-             "pairs' normalised units; averaged over genes per patch, then over every test patch "
-             "of every fold (± std of the fold means).", "",
-             "## Methods", "",
-             _sr_markdown_table(table, [m for m in methods if m in set(table.method)])]
+             "RMSE and signed PCC per gene per patch over the patch's tissue pixels; averaged "
+             "over genes per patch, then over every test patch of every fold (± std of the fold "
+             "means). Every method gets the LR map in the HR map's units (an LR pixel's "
+             "HR-unit estimate) and is scored in the truth's units; no prediction is rescaled "
+             "with statistics of the truth it is scored against."]
+    units = [u for u in (*SR_UNITS.values(), *sorted(set(table["units"])))
+             if u in set(table["units"]) and u != SR_COUNTS_UNITS]
     ablation_rows = [reference] + [a for a in ablations if a != reference] if ablations else []
-    ablation_rows = [m for m in ablation_rows if m in set(table.method)]
-    if ablations and ablation_rows:
-        lines += ["", "## Ablations", "", _sr_markdown_table(table, ablation_rows)]
-    lines += ["", "## Counts (de-normalised)", "",
-              _sr_markdown_table(table, [m for m in [*methods, *ablations]
-                                         if m in set(table.method)], units="counts")]
-    undefined = nan[nan["n_nan_pcc"] > 0]
+    for unit in dict.fromkeys(units):
+        kind = next((k for k, v in SR_UNITS.items() if v == unit), None)
+        lines += ["", f"## Methods: {unit}", ""]
+        if kind in SR_UNIT_NOTES:
+            lines += [SR_UNIT_NOTES[kind], ""]
+        lines += [_sr_markdown_table(table, list(methods), unit)]
+        if ablations:
+            lines += ["", f"## Ablations: {unit}", "", _sr_markdown_table(table, ablation_rows,
+                                                                           unit)]
+    if (table["units"] == SR_COUNTS_UNITS).any():
+        lines += ["", f"## {SR_COUNTS_UNITS[0].upper()}{SR_COUNTS_UNITS[1:]}", "",
+                  "Measured HR counts against predicted counts; a prediction is turned into "
+                  "counts with the LR patch only (min-max: the LR range / factor^2; log1p: each "
+                  "HR pixel's library estimated as its LR pixel's / factor^2, and the training "
+                  "target sum).", "",
+                  _sr_markdown_table(table, [*methods, *ablations], SR_COUNTS_UNITS)]
+    main = table[(table["metric"] == "PCC") & (table["units"] != SR_COUNTS_UNITS)]
+    undefined = main[main["n_nan_pcc"] > 0]
     if len(undefined):
         lines += ["", "Undefined PCCs (a gene constant over a patch's tissue in truth or "
                   "prediction), excluded from the means: " + "; ".join(
-                      f"{r.method} {r.dataset} {r.scale}x: {r.n_nan_pcc}"
+                      f"{r.method} {r.dataset} {r.scale}x: {r.n_nan_pcc} patch-gene pairs, "
+                      f"{r.n_nan_patches} patches without any"
                       for r in undefined.itertuples(index=False)) + "."]
+    dropped = main.drop_duplicates(["dataset", "scale"])
+    dropped = dropped[dropped["n_dropped_patches"] > 0]
+    if len(dropped):
+        lines += ["", "Patches of the test sections left out of the pairs (tissue or measured "
+                  "fraction below min_tissue): " + "; ".join(
+                      f"{r.dataset} {r.scale}x: {r.n_dropped_patches}"
+                      for r in dropped.itertuples(index=False)) + "."]
+    if (~main["uses_lr_map"].astype(bool)).any():
+        lines += ["", "Rows marked (no LR map) predict from the H&E alone."]
     return "\n".join(lines) + "\n"
 
 

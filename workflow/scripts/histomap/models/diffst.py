@@ -38,6 +38,15 @@ Choices where the paper is terse or the authors' code differs (all documented co
 - CIGC graph: node features are per-gene embeddings of the noisy HR map (the paper; the authors'
   code runs the graph on the LR map: ``cigc_on="lr"``); the adjacency comes from
   :func:`coexpression_adjacency` on training data via :meth:`DiffST.set_adjacency`.
+- The curriculum is a training device: it selects sub-patches only while the model is in training
+  mode. In eval mode (the validation losses that pick the checkpoint, and inference) every
+  sub-patch is used, whatever stage the saved curriculum state is at.
+
+Ablations remove one part each and keep every other layer and channel: ``cigc=False`` keeps the
+per-gene stem and the graph layer with a fixed identity adjacency (genes not coupled, the same
+U-Net input channels); ``cam=False`` replaces the cross-modal modulation by the identity and
+keeps the disentangling network and its loss; ``hierarchical=False`` drops the cell encoder and
+the cell-to-tissue attention (tissue-level features only).
 """
 from __future__ import annotations
 
@@ -589,9 +598,11 @@ class GeneGraph(nn.Module):
     :meth:`set_adjacency` is called.
     """
 
-    def __init__(self, n_genes: int, node_channels: int = 8, alpha: float = 0.2) -> None:
+    def __init__(self, n_genes: int, node_channels: int = 8, alpha: float = 0.2,
+                 fixed_identity: bool = False) -> None:
         super().__init__()
         self.n_genes, self.node_channels, self.alpha = n_genes, node_channels, alpha
+        self.fixed_identity = bool(fixed_identity)
         self.encode = nn.Sequential(nn.Conv2d(1, node_channels, 3, padding=1), nn.SiLU())
         self.w_g = nn.Parameter(torch.empty(node_channels, node_channels))
         nn.init.kaiming_uniform_(self.w_g, a=math.sqrt(5))
@@ -600,7 +611,11 @@ class GeneGraph(nn.Module):
         self._warned = False
 
     def set_adjacency(self, adj: Any) -> None:
-        """Store D^-1/2 A D^-1/2 of a raw (G, G) adjacency (e.g. :func:`coexpression_adjacency`)."""
+        """Store D^-1/2 A D^-1/2 of a raw (G, G) adjacency (e.g. :func:`coexpression_adjacency`).
+        A graph built with ``fixed_identity=True`` (the CIGC ablation) keeps the identity."""
+        if self.fixed_identity:
+            log.info("CIGC ablation: the gene graph keeps its identity adjacency")
+            return
         a = torch.as_tensor(np.asarray(adj), dtype=torch.float32)
         if a.shape != (self.n_genes, self.n_genes):
             raise ValueError(f"adjacency must be ({self.n_genes}, {self.n_genes}), "
@@ -611,7 +626,7 @@ class GeneGraph(nn.Module):
         self.adjacency_set.fill_(True)
 
     def forward(self, maps: Tensor) -> Tensor:
-        if not bool(self.adjacency_set) and not self._warned:
+        if not bool(self.adjacency_set) and not self._warned and not self.fixed_identity:
             log.warning("CIGC graph used before set_adjacency(): identity adjacency, genes are "
                         "not coupled")
             self._warned = True
@@ -707,8 +722,8 @@ class DiffST(nn.Module):
     (B, M) optional precomputed sub-patch entropies. ``t`` indexes the diffusion steps (B,).
 
     The curriculum state (``keep_fraction`` / ``entropy_threshold``) and the gene graph live in
-    buffers, so they are saved with the state dict and the final training state is used at
-    inference. The trainer sets the curriculum each epoch with :meth:`set_curriculum` or
+    buffers, so they are saved with the state dict; the curriculum selects sub-patches in training
+    mode only (eval mode, used for validation and inference, sees every sub-patch). The trainer sets the curriculum each epoch with :meth:`set_curriculum` or
     :meth:`CurriculumSchedule.apply`, and the graph once with :meth:`set_adjacency`.
     """
 
@@ -717,10 +732,11 @@ class DiffST(nn.Module):
         cfg = _make_config(n_genes, cfg, config)
         self.n_genes, self.cfg = n_genes, cfg
         cf, gc = cfg.fusion_channels, cfg.gene_node_channels
-        self.graph = GeneGraph(n_genes, gc, cfg.graph_alpha) if cfg.cigc else None
+        # without CIGC the graph layer stays, with a fixed identity adjacency (no gene coupling)
+        self.graph = GeneGraph(n_genes, gc, cfg.graph_alpha, fixed_identity=not cfg.cigc)
         graph_width = n_genes * gc
-        x_ch = graph_width if cfg.cigc and cfg.cigc_on == "hr" else n_genes
-        y_ch = graph_width if cfg.cigc and cfg.cigc_on == "lr" else n_genes
+        x_ch = graph_width if cfg.cigc_on == "hr" else n_genes
+        y_ch = graph_width if cfg.cigc_on == "lr" else n_genes
         self.lr_encoder = nn.Sequential(nn.Conv2d(y_ch, cf, 3, padding=1), ResBlock(cf, cf))
         if cfg.tissue_backbone:
             self.tissue_encoder: nn.Module = TimmTissueEncoder(
@@ -733,12 +749,9 @@ class DiffST(nn.Module):
             self.cell_attention = CellToTissueAttention(cfg.tissue_channels, cfg.cell_channels,
                                                         cfg.attn_channels, cfg.cross_attn_heads)
         self.hist_proj = nn.Conv2d(cfg.tissue_channels, cf, 1)
-        if cfg.cam:
-            self.cam = CrossModalModulation(cf, cfg.cam_region, cfg.cam_mode)
-            self.disentangle = Disentangler(cf, cf, cfg.dis_normalize)
-        else:
-            self.concat_fuse = nn.Sequential(nn.Conv2d(2 * cf, cf, 3, padding=1), _norm(cf),
-                                             nn.SiLU())
+        # without CAM the modulation is the identity; the disentangling network stays
+        self.cam = CrossModalModulation(cf, cfg.cam_region, cfg.cam_mode) if cfg.cam else None
+        self.disentangle = Disentangler(cf, cf, cfg.dis_normalize)
         self.unet = UNet(x_ch, n_genes, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
                          cfg.dropout, cond_ch=cf, bottleneck_attention=cfg.bottleneck_attention,
                          attn_heads=cfg.attn_heads)
@@ -754,9 +767,6 @@ class DiffST(nn.Module):
     # ---------------------------------------------------------------------------------- state
     def set_adjacency(self, adj: Any) -> None:
         """Set the CIGC gene graph from a raw (G, G) co-expression adjacency."""
-        if self.graph is None:
-            log.info("set_adjacency ignored: the CIGC graph is switched off (cigc=False)")
-            return
         self.graph.set_adjacency(adj)
 
     def set_curriculum(self, keep_fraction: float | None = None,
@@ -772,7 +782,10 @@ class DiffST(nn.Module):
             self.entropy_threshold.fill_(float(entropy_threshold))
 
     def cell_mask(self, entropy: Tensor) -> Tensor:
-        """Sub-patches kept by the current curriculum state, (B, M) bool."""
+        """Sub-patches kept by the current curriculum state in training mode, (B, M) bool; in
+        eval mode (validation, inference) every sub-patch."""
+        if not self.training:
+            return torch.ones_like(entropy, dtype=torch.bool)
         if self.cfg.curriculum_mode == "fraction":
             return select_subpatches(entropy, keep_fraction=float(self.keep_fraction),
                                      keep=self.cfg.keep)
@@ -813,15 +826,14 @@ class DiffST(nn.Module):
                              f"{cfg.fusion_downsample}")
         grid = (hr[0] // cfg.fusion_downsample, hr[1] // cfg.fusion_downsample)
         lr = _resize(lr_map.float(), grid, cfg.lr_upsample_mode)
-        if self.graph is not None and cfg.cigc_on == "lr":
+        if cfg.cigc_on == "lr":
             lr = self.graph(lr).flatten(1, 2)
         f_y = self.lr_encoder(lr)
         hist, mask = self.histology_features(image, grid, cell_entropy)
         f_h = self.hist_proj(hist)
         self.last_cell_mask = mask
-        if not cfg.cam:
-            return Condition(self.concat_fuse(torch.cat([f_y, f_h], dim=1)), {}, mask)
-        f_y, f_h = self.cam(f_y, f_h)
+        if self.cam is not None:
+            f_y, f_h = self.cam(f_y, f_h)
         fused, dis = self.disentangle(f_y, f_h)
         return Condition(fused, {"dis": cfg.dis_weight * dis}, mask)
 
@@ -833,7 +845,7 @@ class DiffST(nn.Module):
                 raise ValueError("DiffST needs lr_map and image (or a precomputed condition)")
             condition = self.encode_condition(lr_map, image, cell_entropy, x_t.shape[-2:])
         x_in = x_t
-        if self.graph is not None and self.cfg.cigc_on == "hr":
+        if self.cfg.cigc_on == "hr":
             x_in = self.graph(x_t).flatten(1, 2)
         return self.unet(x_in, t, condition.features), condition.aux
 

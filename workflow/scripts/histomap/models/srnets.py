@@ -12,8 +12,9 @@ Every baseline maps the same inputs to the HR ST map of G genes::
 * ``lr`` (B, G, h, w): the raw LR map (used by ``bicubic`` and ``tesla``; the CNNs and HistoGene
   ignore it).
 
-The output is in the units of the inputs (min-max [0, 1] or log1p, see :mod:`histomap.data.srpairs`);
-nothing is clamped. ``out_activation`` picks the last step: ``"identity"`` (default) or
+The output is in the units of the inputs (log1p or min-max [0, 1], see
+:mod:`histomap.data.srpairs`, which stores the LR map in the HR map's units, so interpolating it
+already predicts the HR map in the truth's units); nothing is clamped. ``out_activation`` picks the last step: ``"identity"`` (default) or
 ``"softplus"`` (non-negative). Any H, W work: networks pad (replicate) to the size their
 down-sampling needs and crop back.
 
@@ -25,15 +26,16 @@ Baselines (:data:`SR_BASELINES`, built by :func:`build_sr_baseline`):
   attention gates on the skips, Oktay et al. 2018): input ``concat(lr_up, H&E resized to H x W)``
   (G + 3 channels). With ``residual=True`` (default) they predict a correction added to
   ``lr_up`` (before ``out_activation``).
-* ``histogene_sr`` (:class:`HistoGeneSR`, after Pang et al. 2021): histology only, a transformer
-  over the patch's HR pixels (one token per ``token_px`` x ``token_px`` block) and a
-  pixel-shuffle head; it ignores the LR map unless ``use_lr=True``.
+* ``histogene_sr`` (:class:`HistoGeneSR`, after Pang et al. 2021): a transformer over the
+  patch's HR pixels (one token per ``token_px`` x ``token_px`` block, embedding its H&E and its
+  block of the upsampled LR map) and a pixel-shuffle head; ``use_lr=False`` is HistoGene itself
+  (histology only).
 * ``tesla`` (:class:`TeslaSR`, after Hu et al. 2023): non-parametric, each HR pixel is a weighted
   average of nearby LR pixels, weights from spatial and histology-colour distance; no training.
 
-Diff-ST states that all its comparison methods received both the H&E image and the LR map; the
-HistoGene baseline here follows HistoGene itself (histology only) by default and takes the LR map
-with ``use_lr=True``.
+Diff-ST states that all its comparison methods received both the H&E image and the LR map, so
+every baseline here reads it by default; ``uses_lr_map`` says whether a built model does (the
+SR tables mark rows that do not).
 """
 from __future__ import annotations
 
@@ -351,8 +353,9 @@ class HistoGeneSR(nn.Module):
     embeddings (``max_grid`` positions per axis) are added, a transformer encoder (``layers``,
     ``heads``, width ``dim``; ``dropout`` on embeddings and residual branches, ``attn_dropout`` on
     attention weights) mixes the tokens, and a linear head gives ``G * token_px ** 2``
-    values per token, pixel-shuffled to the HR map. The LR map is ignored (the method) unless
-    ``use_lr=True``, which adds a linear embedding of the token's ``lr_up`` block.
+    values per token, pixel-shuffled to the HR map. ``use_lr=True`` (default: every SR method
+    gets the LR map) adds a linear embedding of the token's ``lr_up`` block; ``use_lr=False``
+    is HistoGene itself (histology only).
 
     The H&E is resized to ``(H * pixel_px, W * pixel_px)``, normalised with ImageNet mean/std;
     H, W are padded (replicate) to multiples of ``token_px`` and cropped back. At 128 x 128 with
@@ -362,7 +365,7 @@ class HistoGeneSR(nn.Module):
 
     def __init__(self, n_genes: int, *, token_px: int = 4, pixel_px: int = 4, dim: int = 64,
                  layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.1,
-                 attn_dropout: float = 0.0, max_grid: int = 64, use_lr: bool = False,
+                 attn_dropout: float = 0.0, max_grid: int = 64, use_lr: bool = True,
                  out_activation: str = "identity") -> None:
         super().__init__()
         if min(n_genes, token_px, pixel_px, layers, max_grid) < 1:
@@ -394,6 +397,10 @@ class HistoGeneSR(nn.Module):
     def config(self) -> dict[str, Any]:
         """Keyword configuration: ``HistoGeneSR(n_genes, **model.config)`` rebuilds it."""
         return dict(self._config)
+
+    @property
+    def uses_lr_map(self) -> bool:
+        return self.lr_embedding is not None
 
     def forward(self, lr_up: Tensor, image: Tensor, lr: Tensor | None = None) -> Tensor:
         _check_inputs(self.n_genes, lr_up, image, lr)

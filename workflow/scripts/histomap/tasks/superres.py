@@ -4,8 +4,11 @@ The ``train_*`` / ``predict_*`` super-resolution rules' work; the pairs come fro
 :mod:`histomap.data.srpairs`, the maps are scored by :mod:`histomap.evaluation.metrics`
 (``evaluate_sr``) and tabled by :mod:`histomap.evaluation.report` (``sr_tables``). Every method sees the same inputs from an SR-pairs zarr
 (:mod:`histomap.data.srpairs`): the LR map upsampled onto the HR grid (``lr_up``), the LR map itself,
-the H&E patch and the tissue mask; every method predicts the HR map in the pairs' normalised
-units, and predictions are also de-normalised to counts (:func:`histomap.data.srpairs.denormalise`).
+the H&E patch and the tissue mask, the LR map in the HR map's units; every method predicts the
+HR map in the truth's units (log1p pairs: re-expressed with the target sum of the model's
+training pairs, kept in ``model.pt`` as ``pairs.target_sum``), and predictions are also
+de-normalised to counts with prediction-time statistics only
+(:func:`histomap.data.srpairs.prediction_denormaliser`: the LR patch, the training target sum).
 
 Methods (``method``):
 
@@ -40,9 +43,9 @@ Files:
   predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
   ``pred_std``, ``pred_std_counts``.
 
-Units caveat: de-normalising min-max maps uses the patch's ground-truth min/max and log1p maps
-the ground-truth HR library (as the pairs store them); counts are for inspection and scoring,
-not a deployable de-normalisation.
+Units: ``pred`` and layer ``truth`` are in the model's units (attrs ``normalisation``,
+``target_sum``); ``pred_counts`` come from the prediction and the LR patch alone (no statistic of
+the HR truth), ``truth_counts`` are the measured HR counts.
 """
 from __future__ import annotations
 
@@ -63,7 +66,14 @@ import zarr
 
 from histomap import __version__
 from histomap.data.srmaps import MAPS_FORMAT
-from histomap.data.srpairs import SRPairDataset, pairs_denormaliser, read_sr_pairs
+from histomap.data.srpairs import (
+    SRPairDataset,
+    pairs_denormaliser,
+    prediction_denormaliser,
+    read_sr_pairs,
+    retarget_log1p,
+    training_target_sum,
+)
 from histomap.errors import InputError
 from histomap.evaluation.folds import validation_split
 from histomap.evaluation.metrics import patch_gene_metrics, summarise_sr
@@ -273,13 +283,15 @@ def common_image_hw(pairs_zarrs: Sequence[str | Path]) -> tuple[int, int]:
     return common
 
 
-def _datasets(pairs_zarrs, splits, upsample: str, image_hw: tuple[int, int]
-              ) -> tuple[Dataset, Dataset | None]:
+def _datasets(pairs_zarrs, splits, upsample: str, image_hw: tuple[int, int],
+              target_sum: float | None = None) -> tuple[Dataset, Dataset | None]:
     from torch.utils.data import ConcatDataset
 
-    train = [SRPairDataset(p, upsample=upsample, indices=tr, image_hw=image_hw)
+    train = [SRPairDataset(p, upsample=upsample, indices=tr, image_hw=image_hw,
+                           target_sum=target_sum)
              for p, (tr, _) in zip(pairs_zarrs, splits) if len(tr)]
-    val = [SRPairDataset(p, upsample=upsample, indices=va, image_hw=image_hw)
+    val = [SRPairDataset(p, upsample=upsample, indices=va, image_hw=image_hw,
+                         target_sum=target_sum)
            for p, (_, va) in zip(pairs_zarrs, splits) if len(va)]
     if not train:
         raise ValueError("no training patch in the given SR pairs")
@@ -287,7 +299,8 @@ def _datasets(pairs_zarrs, splits, upsample: str, image_hw: tuple[int, int]
 
 
 def training_pixels(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.ndarray], *,
-                    max_pixels: int = 50_000, seed: int = 0) -> np.ndarray:
+                    max_pixels: int = 50_000, seed: int = 0,
+                    target_sum: float | None = None) -> np.ndarray:
     """(n, G) normalised HR values of tissue pixels of the given patches, at most
     ``max_pixels`` rows (an equal random share per patch, logged when subsampled)."""
     rng = np.random.default_rng(seed)
@@ -297,9 +310,9 @@ def training_pixels(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.ndar
     per_patch = max(1, math.ceil(max_pixels / n_patches))
     rows, total = [], 0
     for path, idx in zip(pairs_zarrs, indices):
-        arrays, _ = read_sr_pairs(path, lazy=True)
+        arrays, attrs = read_sr_pairs(path, lazy=True)
         for i in idx:
-            hr = np.asarray(arrays["hr"][int(i)], np.float64)
+            hr = _model_units(np.asarray(arrays["hr"][int(i)], np.float64), attrs, target_sum)
             mask = np.asarray(arrays["mask"][int(i)], bool)
             values = hr[:, mask].T
             total += len(values)
@@ -313,10 +326,11 @@ def training_pixels(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.ndar
 
 
 def training_adjacency(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.ndarray], *,
-                       max_pixels: int = 50_000, binarize: bool = False, seed: int = 0
-                       ) -> np.ndarray:
+                       max_pixels: int = 50_000, binarize: bool = False, seed: int = 0,
+                       target_sum: float | None = None) -> np.ndarray:
     """Raw CIGC co-expression adjacency (G, G) from the training patches' HR tissue pixels."""
-    pixels = training_pixels(pairs_zarrs, indices, max_pixels=max_pixels, seed=seed)
+    pixels = training_pixels(pairs_zarrs, indices, max_pixels=max_pixels, seed=seed,
+                             target_sum=target_sum)
     adj = _diffst().coexpression_adjacency(np.clip(pixels, 0.0, None), binarize=binarize)
     log.info("CIGC gene graph from %d training pixels of %d patches: mean off-diagonal "
              "co-expression %.3f", len(pixels), sum(len(i) for i in indices),
@@ -324,15 +338,24 @@ def training_adjacency(pairs_zarrs: Sequence[str | Path], indices: Sequence[np.n
     return adj
 
 
-def value_range(normalisation: str, pairs_zarrs, indices) -> ValueRange:
+def _model_units(values: np.ndarray, attrs: Mapping, target_sum: float | None) -> np.ndarray:
+    """Stored pair values in a model's units (log1p: its training target sum)."""
+    if attrs["normalisation"] != "log1p" or target_sum is None:
+        return values
+    return retarget_log1p(values, float(attrs["hr_target_sum"]), float(target_sum))
+
+
+def value_range(normalisation: str, pairs_zarrs, indices, target_sum: float | None = None
+                ) -> ValueRange:
     """[-1, 1] mapping of the pairs' units: [0, 1] for min-max, else [0, max training value]."""
     if normalisation == "minmax":
         return ValueRange(0.0, 1.0, True)
     hi = 0.0
     for path, idx in zip(pairs_zarrs, indices):
-        arrays, _ = read_sr_pairs(path, lazy=True)
+        arrays, attrs = read_sr_pairs(path, lazy=True)
         for i in idx:
-            hi = max(hi, float(np.max(arrays["hr"][int(i)], initial=0.0)))
+            top = np.asarray([np.max(arrays["hr"][int(i)], initial=0.0)], np.float64)
+            hi = max(hi, float(_model_units(top, attrs, target_sum)[0]))
     return ValueRange(0.0, hi if hi > 0 else 1.0, False)
 
 
@@ -378,7 +401,9 @@ class DiffusionObjective:
     Before every batch the curriculum of the current epoch is applied (so a resumed run gets the
     right stage); validation batches draw t and noise from a generator seeded by their patch
     indices, so the validation loss is comparable between epochs. Per epoch it records the
-    scheduled and the observed kept sub-patch fraction and the loss terms.
+    scheduled and the observed kept sub-patch fraction and the loss terms. Validation losses
+    (model in eval mode) are computed with every sub-patch at every curriculum stage, so the
+    checkpoint is chosen by the loss of the model as it predicts.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, vrange: ValueRange, *,
@@ -404,6 +429,8 @@ class DiffusionObjective:
                  loss_fn=None) -> torch.Tensor:
         from histomap.train import to_device
 
+        # the curriculum selects sub-patches in training mode only: validation batches (eval
+        # mode) use every sub-patch at every stage, as inference does
         if self.schedule is not None:
             self.schedule.apply(model, self.epoch)
         batch = to_device(batch, device)
@@ -568,6 +595,12 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                                             "normalisation", "edge", "source", "patch_um")}
     pairs_meta["upsample"] = task["upsample"]
     pairs_meta["image_hw"] = list(common_image_hw(pairs_zarrs))  # H&E size the model saw
+    # log1p units of this model: the target sum of its training pairs (never a test section's)
+    target_sum = training_target_sum(pairs_zarrs)
+    pairs_meta["target_sum"] = target_sum
+    if target_sum is not None:
+        log.info("log1p units: target sum %.4g (median HR-pixel library of the training pairs)",
+                 target_sum)
     meta = {"variant": variant or method, "task": task, "pairs": pairs_meta,
             "train_pairs": [str(p) for p in pairs_zarrs]}
     if not trainable:
@@ -582,13 +615,13 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                            block_um=float(validation.get("block_um", 0.0)), seed=seed)
     train_idx = [tr for tr, _ in splits]
     train_ds, val_ds = _datasets(pairs_zarrs, splits, task["upsample"],
-                                 tuple(pairs_meta["image_hw"]))
+                                 tuple(pairs_meta["image_hw"]), target_sum)
     cfg = TrainConfig.from_dict({**dict(train_cfg), "seed": seed})
     extra_meta: dict[str, Any] = {"diffusion": {}, "value_range": []}
     extras_path = checkpoint_dir / "sr_epochs.csv"
     if is_diffusion(method):
         diff_cfg = {**DEFAULT_DIFFUSION, **dict(diffusion or {})}
-        vrange = value_range(attrs["normalisation"], pairs_zarrs, train_idx)
+        vrange = value_range(attrs["normalisation"], pairs_zarrs, train_idx, target_sum)
         diff = _gaussian_diffusion(diff_cfg)
         schedule = None
         if isinstance(model, DiffST):
@@ -596,7 +629,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                 adj = training_adjacency(pairs_zarrs, train_idx,
                                          max_pixels=int(task.get("adjacency_max_pixels", 50_000)),
                                          binarize=bool(task.get("adjacency_binarize", False)),
-                                         seed=seed)
+                                         seed=seed, target_sum=target_sum)
                 model.set_adjacency(adj)
                 extra_meta["adjacency"] = torch.as_tensor(adj, dtype=torch.float32)
             if model.cfg.hierarchical:
@@ -618,9 +651,12 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     summary = fit(model, train_ds, val_ds, loss_fn=None, out_dir=checkpoint_dir, cfg=cfg,
                   batch_to_loss=batch_to_loss, on_epoch_end=hook)
     if isinstance(model, DiffST) and model.cfg.hierarchical:
-        log.info("saved weights (epoch %d) keep their curriculum state: keep fraction %.3g, "
-                 "entropy threshold %.3g", summary["best_epoch"], float(model.keep_fraction),
-                 float(model.entropy_threshold))
+        # the curriculum is a training device: the saved model predicts (and was validated)
+        # with every sub-patch, whatever stage its best epoch was trained at
+        log.info("best epoch %d was trained at curriculum keep fraction %.3g, entropy threshold "
+                 "%.3g; the saved model uses every sub-patch at inference", summary["best_epoch"],
+                 float(model.keep_fraction), float(model.entropy_threshold))
+        model.set_curriculum(keep_fraction=1.0, entropy_threshold=0.0)
     save_sr_model(out_model, model, method=method, genes=genes, trainable=True,
                   train=cfg.to_dict(), validation=dict(validation),
                   summary={k: summary[k] for k in ("best_epoch", "best_val_loss",
@@ -654,7 +690,8 @@ def _model_dataset(meta: Mapping, pairs_zarr: str | Path,
                    indices: Sequence[int] | None = None) -> SRPairDataset:
     """The pairs as a trained model saw them: its LR upsampling and its H&E patch size."""
     return SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
-                         indices=indices, image_hw=meta["pairs"].get("image_hw"))
+                         indices=indices, image_hw=meta["pairs"].get("image_hw"),
+                         target_sum=meta["pairs"].get("target_sum"))
 
 
 def _diffusion_of(meta: Mapping) -> GaussianDiffusion | None:
@@ -728,6 +765,7 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
     grids: the lattice-to-slide affine is fitted from the patches' origins (lattice corner
     (r0 - 0.5, c0 - 0.5)), so flipped, transposed or slightly rotated lattices are placed
     exactly; with patches in a single row or column an axis-aligned lattice is assumed (logged).
+    Odd lattice rows of a hexagonal lattice are shifted by the pairs' ``stagger_px``.
     """
     h, w = (int(v) for v in attrs["hr_shape"])
     ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
@@ -756,10 +794,14 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
         coef = np.array([[origin_px[0, 0] - c0 * step_c, origin_px[0, 1] - r0 * step_r],
                          [step_c, 0.0], [0.0, step_r]])
 
+    stagger = np.asarray(attrs.get("stagger_px") or (0.0, 0.0), np.float64)
+    first_row = int((attrs.get("lattice_origin") or (0, 0))[0])
+
     def lattice_centres(i: int) -> np.ndarray:
         r0, c0 = grid_index[i]
         pts = np.stack([np.ones_like(ii, np.float64), c0 + jj, r0 + ii], axis=-1)
-        return pts @ coef
+        odd = ((first_row + r0 + ii) % 2)[..., None]   # hexagonal lattices: odd rows shifted
+        return pts @ coef + odd * stagger
 
     return lattice_centres
 
@@ -802,7 +844,9 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
     generator = torch.Generator().manual_seed(int(seed))
     diff = _diffusion_of(meta)
-    to_counts = pairs_denormaliser(arrays, attrs)
+    target_sum = meta["pairs"].get("target_sum")
+    to_counts = prediction_denormaliser(arrays, attrs, target_sum)   # LR patch + training stats
+    truth_counts = pairs_denormaliser(arrays, attrs)                  # the measured HR counts
     origin_px = np.asarray(arrays["origin_px"][...], np.float64)
     grid_index = np.asarray(arrays["grid_index"][...], np.int64)
     centres = hr_pixel_centres(origin_px, grid_index, attrs)
@@ -811,7 +855,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
             "sampler": sampler if diffusion else None,
             "steps": (steps if sampler != "ddpm" else int(meta["diffusion"]["T"]))
             if diffusion else None, "n_samples": int(n_samples) if diffusion else 1,
-            "eta": float(eta) if diffusion else None, "seed": int(seed)}
+            "eta": float(eta) if diffusion else None, "seed": int(seed),
+            "target_sum": target_sum, "uses_lr_map": bool(getattr(model, "uses_lr_map", True))}
     geometry = {k: attrs.get(k) for k in ("genes", "scale", "lr_um", "hr_um", "hr_um_row",
                                           "patch_um", "edge", "normalisation", "source", "slide",
                                           "slide_mpp", "image_mpp", "hr_shape", "lr_shape",
@@ -860,7 +905,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                 layers["X"].append(counts.mean[:, mask].T)
                 layers["pred"].append(norm.mean[:, mask].T)
                 layers["truth"].append(truth[:, mask].T)
-                layers["truth_counts"].append(to_counts(truth, i)[:, mask].T)
+                stored = np.asarray(arrays["hr"][i], np.float64)
+                layers["truth_counts"].append(truth_counts(stored, i)[:, mask].T)
                 if diffusion:
                     layers["pred_std"].append(norm.std[:, mask].T)
                     layers["pred_std_counts"].append(counts.std[:, mask].T)
