@@ -79,9 +79,9 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     ``reader_options``: platform-specific reader arguments (e.g. Xenium ``min_qv``).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     smp = read_sample(platform, sample, path, mpp=mpp, spot_diameter_um=spot_diameter_um,
                       image=image, sheet=sheet, **(reader_options or {}))
+    out_dir.mkdir(parents=True, exist_ok=True)  # after reading: bad input leaves no folder
     slide_path = out_dir / "slide.tif"
     smp.mpp = prepare_slide(smp.image_path, slide_path, smp.mpp)
     smp.spots.uns[UNS_KEY]["mpp"] = smp.mpp
