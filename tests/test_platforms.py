@@ -41,7 +41,7 @@ def dense(x) -> np.ndarray:
 def layouts(tmp_path_factory) -> Path:
     """The three synthetic layouts of one simulated section (seed 3), written once."""
     root = tmp_path_factory.mktemp("layouts")
-    for layout in ("visium_hd", "hest", "xenium"):
+    for layout in ("visium_hd", "visium", "hest", "xenium"):
         write_layout(layout, root / layout / "S3", seed=3, **SIZE)
     return root
 
@@ -358,6 +358,53 @@ def test_visium_downsampled_image_matches_scanpy(visium_fixture, image, caplog):
     assert smp.image_path.name == f"tissue_{image}_image.png"
     assert "downsampled" in smp.spots.uns[UNS_KEY]["note"]
     assert "downsampled image" in caplog.text
+
+
+def shapes_in(sdata, name: str, coordinate_system: str) -> np.ndarray:
+    """Centres of a spatialdata-io shapes element in one of its coordinate systems."""
+    from spatialdata.transformations import get_transformation
+
+    shapes = sdata.shapes[name]
+    matrix = get_transformation(shapes, to_coordinate_system=coordinate_system
+                                ).to_affine_matrix(("x", "y"), ("x", "y"))
+    xy = np.column_stack([shapes.geometry.x, shapes.geometry.y, np.ones(len(shapes))])
+    return (matrix @ xy.T).T[:, :2]
+
+
+def test_visium_fixture_matches_spatialdata_io(visium_fixture):
+    import spatialdata_io
+
+    smp = read_sample("visium", "heart", visium_fixture, image="hires")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = spatialdata_io.visium(visium_fixture, dataset_id="heart")
+    table = sdata.tables["table"]
+    order = sdata.shapes["heart"].index.get_indexer(table.obs["spot_id"])
+    assert (order >= 0).all()
+    hires = shapes_in(sdata, "heart", "heart_downscaled_hires")[order]
+    ours = pd.DataFrame(smp.spots.obsm["spatial"], index=smp.spots.obs_names)
+    np.testing.assert_allclose(ours.loc[table.obs_names].to_numpy(), hires, atol=1e-6)
+    np.testing.assert_array_equal(dense(smp.spots[table.obs_names].X), dense(table.X))
+
+
+def test_visium_published_layout(layouts):
+    import spatialdata_io
+
+    outs = layouts / "visium" / "S3" / "outs"
+    truth = ad.read_h5ad(layouts / "visium_hd" / "S3" / "cells_truth.h5ad")
+    smp = read_sample("visium", "S3", outs, image="lowres")
+    assert smp.mpp == pytest.approx(0.5 / 0.05)
+    assert smp.spot_diameter_um == 55.0
+    assert dense(smp.spots.X).sum() <= dense(truth.X).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = spatialdata_io.visium(outs, dataset_id="S3")
+    table = sdata.tables["table"][smp.spots.obs_names]
+    np.testing.assert_array_equal(dense(table.X), dense(smp.spots.X))
+    np.testing.assert_allclose(np.asarray(table.obsm["spatial"], float) * 0.05,
+                               smp.spots.obsm["spatial"])
+    radius_px = float(sdata.shapes["S3"]["radius"].iloc[0])
+    assert 2 * radius_px * 0.5 == pytest.approx(55.0)  # full-resolution px x mpp
 
 
 def test_visium_without_opt_in_needs_full_resolution(visium_fixture):

@@ -10,6 +10,9 @@ written as
   ``outs/``. The 2 um bins sum the cells whose centre lies in them (a cell's counts sit at its
   centre); coarser bins are sums of 2 um bins, as in Space Ranger. A bin is under tissue when its
   16 um parent holds a cell.
+* ``visium``: Visium as many datasets are published: ``outs/`` with the matrix and ``spatial/``
+  (``tissue_positions.csv``, ``scalefactors_json.json``, ``tissue_{hires,lowres}_image.png``)
+  and no full-resolution image; spots are the section's Visium-like spots (55 um).
 * ``hest``: a HEST-1k sample: ``st/{id}.h5ad`` (the section's Visium-like spots, raw counts,
   positions in full-resolution pixels), ``wsis/{id}.tif``, ``metadata/{id}.json``.
 * ``xenium``: a Xenium output folder: ``transcripts.parquet`` (each cell's counts as transcripts
@@ -45,7 +48,7 @@ from PIL import Image
 from histomap.data.slide import write_pyramid
 from histomap.data.synthetic import SyntheticConfig, SyntheticData, aggregate_bins, simulate
 
-LAYOUTS = ("visium_hd", "hest", "xenium")
+LAYOUTS = ("visium_hd", "visium", "hest", "xenium")
 HD_BIN_SIZES_UM = (2, 8, 16)
 XENIUM_PIXEL_SIZE_UM = 0.2125
 HIRES_SCALEF = 0.25
@@ -132,6 +135,33 @@ def write_visium_hd(data: SyntheticData, out_dir: Path,
         h5.attrs["metadata_json"] = json.dumps({"hd_layout_json": json.dumps(layout),
                                                 "synthetic": data.meta["seed"]})
     write_pyramid(data.image, out_dir / "he.tif", mpp)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- Visium
+
+def write_visium_published(data: SyntheticData, out_dir: Path) -> Path:
+    """``out_dir/outs/``: matrix and ``spatial/`` with the hires/lowres PNGs only."""
+    mpp = float(data.meta["mpp"])
+    spots = data.spots
+    spatial = out_dir / "outs" / "spatial"
+    spatial.mkdir(parents=True)
+    rows = spots.obs["array_row"].to_numpy()
+    cols = spots.obs["array_col"].to_numpy()
+    barcodes = [f"SPOT{r:03d}X{c:03d}-1" for r, c in zip(rows, cols)]
+    write_10x_h5(out_dir / "outs" / "filtered_feature_bc_matrix.h5", spots.X, barcodes,
+                 spots.var_names)
+    xy = np.asarray(spots.obsm["spatial"], np.float64)
+    pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": rows, "array_col": cols,
+                  "pxl_row_in_fullres": np.round(xy[:, 1]).astype(np.int64),
+                  "pxl_col_in_fullres": np.round(xy[:, 0]).astype(np.int64)}
+                 ).to_csv(spatial / "tissue_positions.csv", index=False)
+    (spatial / "scalefactors_json.json").write_text(json.dumps({
+        "spot_diameter_fullres": float(data.meta["spot_diameter_um"]) / mpp,
+        "tissue_hires_scalef": HIRES_SCALEF, "fiducial_diameter_fullres": 65.0 / mpp,
+        "tissue_lowres_scalef": LOWRES_SCALEF}, indent=2))
+    _thumbnail(data.image, HIRES_SCALEF).save(spatial / "tissue_hires_image.png")
+    _thumbnail(data.image, LOWRES_SCALEF).save(spatial / "tissue_lowres_image.png")
     return out_dir
 
 
@@ -261,6 +291,8 @@ def write_layout(layout: str, out_dir: str | Path, *, seed: int, name: str | Non
     try:
         if layout == "visium_hd":
             write_visium_hd(data, tmp)
+        elif layout == "visium":
+            write_visium_published(data, tmp)
         elif layout == "hest":
             write_hest(data, tmp, name)
         else:
