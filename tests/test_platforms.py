@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from PIL import Image
-
+from conftest import SHARED_DATA
 from histomap.data.ingest import ingest_sample
 from histomap.data.io import read_sample, xenium
 from histomap.data.sample import UNS_KEY, square_mask
@@ -26,11 +25,10 @@ from histomap.data.write_layouts import write_layout
 from histomap.errors import InputError
 from histomap.evaluation.scales import truth_at_scale
 from histomap.models.roi import roi_aggregate, square_pixel_areas
-
-from conftest import SHARED_DATA
+from PIL import Image
 
 VISIUM_FIXTURE = SHARED_DATA / "visium_heart_fixture"
-SIZE = dict(size_um=(300.0, 300.0), mpp=0.5, n_genes=60, tissue_margin_um=20.0)
+SIZE = {"size_um": (300.0, 300.0), "mpp": 0.5, "n_genes": 60, "tissue_margin_um": 20.0}
 
 
 def dense(x) -> np.ndarray:
@@ -420,3 +418,26 @@ def test_write_layouts_command(tmp_path, capsys):
     assert (tmp_path / "out" / "S5" / "st" / "S5.h5ad").is_file()
     assert read_sample("hest", "S5", tmp_path / "out" / "S5").spots.n_obs > 0
     assert not list(tmp_path.glob("out/.*partial*"))
+
+
+def test_square_bins_read_out_of_a_dense_map():
+    """16 um bins on a 4 um/px map aligned with it: the read-out is the plain mean of the 4 x 4
+    map pixels under each bin (a disc of the same size would mix in partial pixels)."""
+    from histomap.tasks.dense import SlideSpots
+    from histomap.tasks.dense_map import DenseMap, spots_from_dense
+
+    rng = np.random.default_rng(2)
+    values = rng.random((2, 40, 40)).astype(np.float32)
+    dmap = DenseMap(Path("map.zarr"), values, np.ones((40, 40), np.float32), ["GA", "GB"],
+                    4.0, (0.0, 0.0), 1.0, attrs={})
+    centres = np.array([[80.0, 80.0], [48.0, 112.0]])  # level-0 px at 1 um/px
+    got = spots_from_dense(dmap, centres, 16.0, 1.0, square=True)
+    expected = np.array([values[:, 18:22, 18:22].mean(axis=(1, 2)),
+                         values[:, 26:30, 10:14].mean(axis=(1, 2))])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    discs = spots_from_dense(dmap, centres, 16.0, 1.0)
+    assert not np.allclose(discs, got)
+    # training spots keep their shape through subset and concat
+    spots = SlideSpots(Path("s.tif"), centres, 16.0, np.zeros((2, 2)), "s", [True, False])
+    both = spots.concat(spots.subset(np.array([True, False])))
+    assert both.square.tolist() == [True, False, True]

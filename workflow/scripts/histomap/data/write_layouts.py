@@ -46,7 +46,12 @@ import scipy.sparse as sp
 from PIL import Image
 
 from histomap.data.slide import write_pyramid
-from histomap.data.synthetic import SyntheticConfig, SyntheticData, aggregate_bins, simulate
+from histomap.data.synthetic import (
+    SyntheticConfig,
+    SyntheticData,
+    aggregate_bins,
+    simulate,
+)
 
 LAYOUTS = ("visium_hd", "visium", "hest", "xenium")
 HD_BIN_SIZES_UM = (2, 8, 16)
@@ -81,7 +86,7 @@ def write_10x_h5(path: Path, counts: sp.spmatrix, barcodes, genes, gene_ids=None
 
 def _thumbnail(image: np.ndarray, scale: float) -> Image.Image:
     h, w = image.shape[:2]
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return Image.fromarray(image).resize(size, Image.BILINEAR)
 
 

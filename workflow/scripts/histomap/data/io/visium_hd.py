@@ -54,7 +54,7 @@ VISIUM_PITCH_PER_DIAMETER = 100.0 / 55.0
 
 def bin_folder_name(bin_um: float) -> str:
     """Space Ranger's folder name of a bin size: 8 -> ``square_008um``."""
-    return f"{BIN_PREFIX}{int(round(bin_um)):03d}um"
+    return f"{BIN_PREFIX}{round(bin_um):03d}um"
 
 
 def find_binned_outputs(path: Path) -> Path:
