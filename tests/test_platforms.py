@@ -441,3 +441,38 @@ def test_square_bins_read_out_of_a_dense_map():
     spots = SlideSpots(Path("s.tif"), centres, 16.0, np.zeros((2, 2)), "s", [True, False])
     both = spots.concat(spots.subset(np.array([True, False])))
     assert both.square.tolist() == [True, False, True]
+
+
+@pytest.mark.slow
+def test_workflow_plans_the_new_platforms(layouts, tmp_path):
+    """Dry runs: the schemas accept visium_hd (cross-scale on its bins), hest and Visium with
+    `image: hires` (a keyword, not an input file)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "config", tmp_path / "config")
+    rows = {
+        "visium_hd": [f"hd{i}\tP{i}\tvisium_hd\tvisium_hd/S3/outs\tvisium_hd/S3/he.tif\t\t16\t\t"
+                      for i in (1, 2)],
+        "hest": [f"h{i}\tP{i}\thest\thest/S3\t\t\t\t\tS3" for i in (1, 2)],
+        "visium": [f"v{i}\tP{i}\tvisium\tvisium/S3/outs\thires\t\t\t\t" for i in (1, 2)],
+    }
+    for platform, lines in rows.items():
+        sheet = tmp_path / f"{platform}.tsv"
+        sheet.write_text("sample\tpatient\tplatform\tpath\timage\tmpp\tspot_diameter_um\t"
+                         "spot_shape\thest_id\n" + "\n".join(lines) + "\n")
+        config = yaml.safe_load((repo / "config" / "visium_hd_synthetic.yaml").read_text())
+        config.update(samples=str(sheet), data_dir=str(layouts))
+        path = tmp_path / f"{platform}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"),
+                              "--directory", str(tmp_path), "-n", "--configfile", str(path)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+        cross_scale = "evaluate_cross_scale" in res.stdout
+        assert cross_scale == (platform == "visium_hd"), platform
+        if platform == "visium":
+            assert str(layouts / "hires") not in res.stdout  # a keyword, not a file
