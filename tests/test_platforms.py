@@ -313,6 +313,27 @@ def test_hest_sample_reads(layouts):
     assert read_sample("hest", "other", root, hest_id="S3").spots.n_obs == smp.spots.n_obs
 
 
+def test_hest_legacy_st_sample_takes_its_spot_diameter(layouts, tmp_path):
+    """A legacy-ST sample of HEST: 100 um spots said by its metadata, off-tissue spots dropped,
+    positions from obsm["spatial"] when the obs columns are absent."""
+    root = tmp_path / "hest"
+    shutil.copytree(layouts / "hest" / "S3", root)
+    path = root / "metadata" / "S3.json"
+    meta = json.loads(path.read_text())
+    meta.update(st_technology="Spatial Transcriptomics", spot_diameter=100.0,
+                inter_spot_dist=200.0)
+    path.write_text(json.dumps(meta))
+    st = ad.read_h5ad(root / "st" / "S3.h5ad")
+    st.obs["in_tissue"] = [0] + [1] * (st.n_obs - 1)
+    st.obs = st.obs.drop(columns=["pxl_col_in_fullres", "pxl_row_in_fullres"])
+    st.write_h5ad(root / "st" / "S3.h5ad")
+    smp = read_sample("hest", "S3", root)
+    assert smp.spot_diameter_um == 100.0
+    assert smp.spots.uns["hest"]["st_technology"] == "Spatial Transcriptomics"
+    assert list(smp.spots.obs_names) == list(st.obs_names[1:])
+    np.testing.assert_allclose(smp.spots.obsm["spatial"], st.obsm["spatial"][1:])
+
+
 def test_hest_metadata_without_pixel_size(layouts, tmp_path):
     root = tmp_path / "hest"
     shutil.copytree(layouts / "hest" / "S3", root)

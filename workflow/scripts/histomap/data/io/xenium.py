@@ -396,6 +396,9 @@ def find_he_alignment(image_path: Path, folder: Path) -> Path | None:
     for candidate in (image_path.with_name(name), folder / name):
         if candidate.is_file():
             return candidate
+    log.warning("%s: an H&E image without its alignment file %s; it is placed as a morphology "
+                "image (origin_um / alignment.json): give `alignment` in the sample sheet if "
+                "it was registered in Xenium Explorer", image_path, name)
     return None
 
 
