@@ -497,3 +497,20 @@ def test_workflow_plans_the_new_platforms(layouts, tmp_path):
         assert cross_scale == (platform == "visium_hd"), platform
         if platform == "visium":
             assert str(layouts / "hires") not in res.stdout  # a keyword, not a file
+
+
+def test_hest_xenium_sample_has_transcript_bins(tmp_path):
+    """A Xenium sample of HEST with transcripts/{id}_transcripts.parquet: its pseudo-Visium spots
+    for training and its transcripts, in H&E pixels, binned as ground truth at other scales."""
+    root = write_layout("hest", tmp_path / "X1", seed=4, technology="Xenium", **SIZE)
+    smp = read_sample("hest", "X1", root)
+    cells = ad.read_h5ad(root / "cells_truth.h5ad")
+    assert smp.spots.uns["hest"]["st_technology"] == "Xenium"
+    assert smp.highres is not None and dense(smp.highres.X).sum() == dense(cells.X).sum()
+    truth = truth_at_scale(smp.highres, smp.spots, 55.0, min_spacing_um=55.0,
+                           preprocess={"min_counts": 1, "min_genes": 1}, path="hest")
+    assert truth.n_obs > 0
+    bad = pd.read_parquet(root / "transcripts" / "X1_transcripts.parquet").drop(columns="he_y")
+    bad.to_parquet(root / "transcripts" / "X1_transcripts.parquet")
+    with pytest.raises(InputError, match="he_y"):
+        read_sample("hest", "X1", root)

@@ -199,6 +199,16 @@ def extra_scale_files():
     ]
 
 
+def has_highres(sample):
+    """Whether a sample has ground truth at other scales (HEST: Xenium samples shipping their
+    transcripts)."""
+    if samples.loc[sample, "platform"] == "hest":
+        from histomap.data.io.hest import has_transcripts
+
+        return has_transcripts(sample_path(sample), hest_id(sample))
+    return samples.loc[sample, "platform"] in HIGHRES_PLATFORMS
+
+
 def cross_scale_models():
     if not CROSS_SCALE["enabled"]:
         return []
@@ -210,7 +220,7 @@ def cross_scale_folds():
     return [
         f
         for f in FOLDS
-        if all(samples.loc[s, "platform"] in HIGHRES_PLATFORMS for s in fold_samples(f, "test"))
+        if all(has_highres(s) for s in fold_samples(f, "test"))
     ]
 
 
@@ -261,7 +271,7 @@ def extra_train_spots(model, fold):
     diameters = model_block(model).get("train_diameters_um", [])
     return [
         [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
-        if samples.loc[s, "platform"] in HIGHRES_PLATFORMS
+        if has_highres(s)
         else []
         for s in fold_samples(fold, "train")
     ]

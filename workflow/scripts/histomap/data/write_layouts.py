@@ -14,7 +14,9 @@ written as
   (``tissue_positions.csv``, ``scalefactors_json.json``, ``tissue_{hires,lowres}_image.png``)
   and no full-resolution image; spots are the section's Visium-like spots (55 um).
 * ``hest``: a HEST-1k sample: ``st/{id}.h5ad`` (the section's Visium-like spots, raw counts,
-  positions in full-resolution pixels), ``wsis/{id}.tif``, ``metadata/{id}.json``.
+  positions in full-resolution pixels), ``wsis/{id}.tif``, ``metadata/{id}.json``; with
+  ``technology="Xenium"`` also ``transcripts/{id}_transcripts.parquet`` (H&E pixels ``he_x``,
+  ``he_y``), as HEST ships its Xenium samples.
 * ``xenium``: a Xenium output folder: ``transcripts.parquet`` (each cell's counts as transcripts
   scattered around its centre, in Xenium micrometres), ``experiment.xenium``, the post-Xenium
   H&E ``{name}_he_image.ome.tif`` and 10x's alignment file ``{name}_he_imagealignment.csv``:
@@ -172,8 +174,10 @@ def write_visium_published(data: SyntheticData, out_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------- HEST
 
-def write_hest(data: SyntheticData, out_dir: Path, sample_id: str) -> Path:
-    """``st/{id}.h5ad``, ``wsis/{id}.tif``, ``metadata/{id}.json`` of HEST-1k."""
+def write_hest(data: SyntheticData, out_dir: Path, sample_id: str,
+               technology: str = "Visium") -> Path:
+    """``st/{id}.h5ad``, ``wsis/{id}.tif``, ``metadata/{id}.json`` of HEST-1k (and
+    ``transcripts/{id}_transcripts.parquet`` for ``technology="Xenium"``)."""
     mpp = float(data.meta["mpp"])
     spots = data.spots
     xy = np.asarray(spots.obsm["spatial"], np.float64)
@@ -191,12 +195,19 @@ def write_hest(data: SyntheticData, out_dir: Path, sample_id: str) -> Path:
     write_pyramid(data.image, out_dir / "wsis" / f"{sample_id}.tif", mpp)
     width, height = data.meta["size_px"]
     (out_dir / "metadata" / f"{sample_id}.json").write_text(json.dumps({
-        "id": sample_id, "st_technology": "Visium", "species": "Homo sapiens (synthetic)",
+        "id": sample_id, "st_technology": technology, "species": "Homo sapiens (synthetic)",
         "pixel_size_um_embedded": mpp, "pixel_size_um_estimated": mpp,
         "spot_diameter": float(data.meta["spot_diameter_um"]),
         "inter_spot_dist": float(data.meta["spot_spacing_um"]),
         "spots_under_tissue": int(spots.n_obs), "fullres_px_width": int(width),
         "fullres_px_height": int(height)}, indent=2))
+    if technology == "Xenium":
+        gene, xy = cell_transcripts(data, np.random.default_rng(int(data.meta["seed"]) + 7))
+        (out_dir / "transcripts").mkdir()
+        pd.DataFrame({"feature_name": np.asarray(data.cells.var_names)[gene],
+                      "he_x": xy[:, 0], "he_y": xy[:, 1], "qv": np.full(len(gene), 40.0)}
+                     ).to_parquet(out_dir / "transcripts" / f"{sample_id}_transcripts.parquet",
+                                  index=False)
     return out_dir
 
 
@@ -282,9 +293,10 @@ def write_ome_rgb(image: np.ndarray, path: Path, mpp: float) -> None:
 # ----------------------------------------------------------------------------- driver
 
 def write_layout(layout: str, out_dir: str | Path, *, seed: int, name: str | None = None,
-                 **params) -> Path:
+                 technology: str = "Visium", **params) -> Path:
     """Simulate one section (``params``: :class:`SyntheticConfig` fields) and write it in
-    ``layout`` to ``out_dir`` (atomically: a temporary sibling renamed at the end)."""
+    ``layout`` to ``out_dir`` (atomically: a temporary sibling renamed at the end);
+    ``technology``: the HEST sample's ``st_technology`` (``Visium`` or ``Xenium``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out_dir = Path(out_dir)
@@ -299,7 +311,7 @@ def write_layout(layout: str, out_dir: str | Path, *, seed: int, name: str | Non
         elif layout == "visium":
             write_visium_published(data, tmp)
         elif layout == "hest":
-            write_hest(data, tmp, name)
+            write_hest(data, tmp, name, technology)
         else:
             write_xenium(data, tmp, name)
         data.cells.write_h5ad(tmp / "cells_truth.h5ad")  # the ground truth, for checks
@@ -323,11 +335,14 @@ def main(argv=None) -> int:
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--n-genes", type=int, default=60)
     parser.add_argument("--tissue-margin-um", type=float, default=20.0)
+    parser.add_argument("--technology", choices=("Visium", "Xenium"), default="Visium",
+                        help="hest: the sample's st_technology (Xenium adds transcripts/)")
     args = parser.parse_args(argv)
     for seed in args.seeds:
         path = write_layout(args.layout, Path(args.out) / f"S{seed}", seed=seed,
                             size_um=tuple(args.size_um), mpp=args.mpp, n_genes=args.n_genes,
-                            tissue_margin_um=args.tissue_margin_um)
+                            tissue_margin_um=args.tissue_margin_um,
+                            technology=args.technology)
         print(path)
     return 0
 

@@ -9,6 +9,10 @@ Visium HD, Xenium as pseudo-Visium spots), in one layout under a root folder (``
 * ``metadata/{id}.json``: ``pixel_size_um_estimated`` (um per WSI pixel, estimated by HEST from
   the spot grid; preferred) or ``pixel_size_um_embedded`` (the WSI's own), ``spot_diameter`` and
   ``inter_spot_dist`` (um), ``st_technology``.
+* Xenium samples only, optionally: ``transcripts/{id}_transcripts.parquet``, the transcripts with
+  HEST's H&E pixel positions ``he_x``, ``he_y`` (and 10x's ``feature_name``, ``qv``). When
+  present they are filtered as Xenium's (qv >= 20, control probes dropped) and summed into 2 um
+  bins as ``highres``, so the sample has cross-scale ground truth.
 ``{id}`` is the sheet's ``hest_id`` column, else the sample name. The sheet's ``mpp`` and
 ``spot_diameter_um`` override the metadata (a disagreement is logged).
 """
@@ -39,12 +43,60 @@ log = logging.getLogger(__name__)
 PLATFORM = "hest"
 PIXEL_SIZE_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
 POSITION_COLUMNS = ("pxl_col_in_fullres", "pxl_row_in_fullres")
+TRANSCRIPT_COLUMNS = ("feature_name", "he_x", "he_y")
+HIGHRES_BIN_UM = 2.0
 
 
 def sample_files(root: Path, hest_id: str) -> dict[str, Path]:
     """The three files of a HEST sample under ``root``."""
     return {"st": root / "st" / f"{hest_id}.h5ad", "wsi": root / "wsis" / f"{hest_id}.tif",
             "metadata": root / "metadata" / f"{hest_id}.json"}
+
+
+def transcripts_file(root: str | Path, hest_id: str) -> Path:
+    return Path(root) / "transcripts" / f"{hest_id}_transcripts.parquet"
+
+
+def has_transcripts(root: str | Path, hest_id: str) -> bool:
+    """Whether a (Xenium) HEST sample ships its transcripts: ground truth at other scales."""
+    return transcripts_file(root, hest_id).is_file()
+
+
+def read_transcript_bins(path: Path, mpp: float, image_path: Path) -> ad.AnnData:
+    """HEST's H&E-aligned transcripts summed into 2 um bins (see the module docstring)."""
+    import pyarrow.parquet as pq
+
+    from histomap.data.io import xenium
+    from histomap.data.io.legacy_st import image_size
+
+    try:
+        columns = list(pq.ParquetFile(path).schema_arrow.names)
+        missing = [c for c in TRANSCRIPT_COLUMNS if c not in columns]
+        if missing:
+            raise InputError(path, f"transcripts lack column(s) {', '.join(missing)} (HEST "
+                                   "writes the H&E pixel position as he_x, he_y)")
+        use = [*TRANSCRIPT_COLUMNS, *(c for c in ("qv", "is_gene") if c in columns)]
+        table = pd.read_parquet(path, columns=use)
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read transcripts: {exc}") from exc
+    names = table["feature_name"]
+    if len(names) and isinstance(names.iloc[0], bytes):
+        table["feature_name"] = names.map(lambda v: v.decode() if isinstance(v, bytes) else v)
+    table["feature_name"] = table["feature_name"].astype(str)
+    table, genes, dropped = xenium.filter_transcripts(table, path, xenium.MIN_QV)
+    xy_px = table[["he_x", "he_y"]].to_numpy(np.float64)
+    if not np.isfinite(xy_px).all():
+        raise InputError(path, "he_x/he_y have missing or non-finite values")
+    width, height = image_size(image_path)
+    keep = xenium.on_image(xy_px, width, height, path, image_path)
+    gene_code = table["feature_name"].cat.codes.to_numpy(np.int64)[keep]
+    bins = xenium.bin_transcripts(xy_px[keep], gene_code, genes, HIGHRES_BIN_UM, mpp,
+                                  (height, width))
+    bins.uns["hest_transcripts"] = {"path": str(path), "dropped": dict(dropped),
+                                    "n_transcripts_kept": int(keep.sum())}
+    return bins
 
 
 def read_metadata(path: Path) -> dict:
@@ -161,8 +213,13 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     technology = str(meta.get("st_technology", "unknown"))
     counts.uns[PLATFORM] = {"id": hest_id, "st_technology": technology,
                             "metadata": str(files["metadata"])}
+    highres = None
+    if has_transcripts(root, hest_id):
+        highres = read_transcript_bins(transcripts_file(root, hest_id), mpp, image_path)
+        log.info("%s: %d transcript bins of %g um as high-resolution data", sample,
+                 highres.n_obs, HIGHRES_BIN_UM)
     log.info("%s: HEST sample %s (%s): %d spots x %d genes, mpp %.4f um/px, spot diameter %g "
              "um, image %s", sample, hest_id, technology, counts.n_obs, counts.n_vars, mpp,
              diameter, image_path)
     return Sample(name=sample, platform=PLATFORM, image_path=image_path, mpp=float(mpp),
-                  spots=counts)
+                  spots=counts, highres=highres)
