@@ -514,3 +514,22 @@ def test_hest_xenium_sample_has_transcript_bins(tmp_path):
     bad.to_parquet(root / "transcripts" / "X1_transcripts.parquet")
     with pytest.raises(InputError, match="he_y"):
         read_sample("hest", "X1", root)
+
+
+def test_visium_hd_ingest_writes_square_bins(layouts, tmp_path):
+    """Ingest of a Visium HD sample: spots.h5ad keeps the square shape, highres.h5ad every bin
+    size, and sample.zarr draws the bins as squares of the bin's side."""
+    import spatialdata as sd
+
+    folder = layouts / "visium_hd" / "S3"
+    out = tmp_path / "ingest"
+    ingest_sample(platform="visium_hd", sample="S3", path=folder, out_dir=out,
+                  image=folder / "he.tif", spot_diameter_um=8.0, spatialdata_mpp=4.0)
+    spots = ad.read_h5ad(out / "spots.h5ad")
+    assert square_mask(spots).all() and (spots.obs["diameter_um"] == 8.0).all()
+    highres = ad.read_h5ad(out / "highres.h5ad")
+    assert sorted(highres.obs["bin_size_um"].unique()) == [2.0, 8.0, 16.0]
+    shapes = sd.read_zarr(out / "sample.zarr").shapes["spots"]
+    bounds = shapes.geometry.bounds
+    np.testing.assert_allclose((bounds["maxx"] - bounds["minx"]) * 0.5, 8.0)
+    np.testing.assert_allclose((bounds["maxy"] - bounds["miny"]) * 0.5, 8.0)
