@@ -200,11 +200,9 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
         raise InputError(binned / bin_folder_name(diameter),
                          f"bin size folder missing: training on {diameter:g} um bins needs it "
                          f"(found {', '.join(p.name for p in sizes.values())})")
-    reference = sizes[min(sizes, key=lambda s: abs(s - diameter))]
-    scalefactors = reference / "spatial" / SCALEFACTORS_FILE
-    mpp = resolve_mpp(mpp, scalefactors,
-                      read_scalefactors(scalefactors, float(BIN_FOLDER.match(reference.name)
-                                                            .group(1))), sample)
+    reference_um = min(sizes, key=lambda s: abs(s - diameter))  # the training bins' folder
+    scalefactors = sizes[reference_um] / "spatial" / SCALEFACTORS_FILE
+    mpp = resolve_mpp(mpp, scalefactors, read_scalefactors(scalefactors, reference_um), sample)
 
     tables = {}
     for bin_um, folder in sizes.items():
