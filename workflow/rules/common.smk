@@ -25,8 +25,12 @@ DEFAULT_SPOT_DIAMETER_UM = {
     "legacy_st": 100.0,
     "visium": 55.0,
     "xenium": 55.0,  # spots a Xenium sample is binned into
+    "visium_hd": 16.0,  # the bins trained on (or pseudo-spots: sheet spot_shape disc)
+    "hest": 55.0,  # when the sample's metadata has no spot_diameter
     "synthetic": float(config["synthetic"]["spot_diameter_um"]),
 }
+# `image` keywords: the Visium hires/lowres PNG of spatial/, an explicit opt-in (not a file)
+IMAGE_KEYWORDS = ("hires", "lowres")
 
 FOLDS = make_folds(
     samples.reset_index(drop=True),
@@ -91,7 +95,7 @@ def model_runs(base):
 DENSE_RUNS = _alternation([m for m in MODELS if base_model(m) in DENSE_MODELS])
 TRAIN_SEEDS = [int(s) for s in config.get("train_seeds", [config["seed"]])]
 GENE_PANEL = config["genes"]["name"]
-HIGHRES_PLATFORMS = ("synthetic", "xenium")  # platforms with ground truth at any scale
+HIGHRES_PLATFORMS = ("synthetic", "xenium", "visium_hd")  # ground truth at other scales
 CROSS_SCALE = config.get(
     "cross_scale", {"enabled": False, "models": [], "diameters_um": [100.0], "min_spacing_um": 10}
 )
@@ -122,14 +126,32 @@ def sample_path(sample):
 
 def sample_image(sample):
     image = sample_value(sample, "image")
+    if image in IMAGE_KEYWORDS:
+        return None
     return str(Path(DATA_DIR) / image) if image else None
+
+
+def image_keyword(sample):
+    """`hires`/`lowres` when the sheet opts in to a Visium downsampled PNG, else None."""
+    image = sample_value(sample, "image")
+    return image if image in IMAGE_KEYWORDS else None
 
 
 def spot_diameter_um(sample):
     value = sample_value(sample, "spot_diameter_um")
     if value:
         return float(value)
+    if samples.loc[sample, "platform"] == "hest":  # the sample's own metadata (a small JSON)
+        from histomap.data.io.hest import metadata_spot_diameter
+
+        recorded = metadata_spot_diameter(sample_path(sample), hest_id(sample))
+        if recorded:
+            return recorded
     return DEFAULT_SPOT_DIAMETER_UM[samples.loc[sample, "platform"]]
+
+
+def hest_id(sample):
+    return sample_value(sample, "hest_id") or sample
 
 
 def scale_label(um):
@@ -191,6 +213,16 @@ def extra_scale_files():
     ]
 
 
+def has_highres(sample):
+    """Whether a sample has ground truth at other scales (HEST: Xenium samples shipping their
+    transcripts)."""
+    if samples.loc[sample, "platform"] == "hest":
+        from histomap.data.io.hest import has_transcripts
+
+        return has_transcripts(sample_path(sample), hest_id(sample))
+    return samples.loc[sample, "platform"] in HIGHRES_PLATFORMS
+
+
 def cross_scale_models():
     if not CROSS_SCALE["enabled"]:
         return []
@@ -202,7 +234,7 @@ def cross_scale_folds():
     return [
         f
         for f in FOLDS
-        if all(samples.loc[s, "platform"] in HIGHRES_PLATFORMS for s in fold_samples(f, "test"))
+        if all(has_highres(s) for s in fold_samples(f, "test"))
     ]
 
 
@@ -253,7 +285,7 @@ def extra_train_spots(model, fold):
     diameters = model_block(model).get("train_diameters_um", [])
     return [
         [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
-        if samples.loc[s, "platform"] in HIGHRES_PLATFORMS
+        if has_highres(s)
         else []
         for s in fold_samples(fold, "train")
     ]
@@ -473,10 +505,21 @@ def superres_targets():
 
 
 def reader_options(sample):
-    """Platform reader options from the sample sheet (Xenium: min_qv, origin_um "x,y")."""
-    if samples.loc[sample, "platform"] != "xenium":
+    """Platform reader options from the sample sheet (Xenium: min_qv, origin_um "x,y",
+    alignment; Visium HD: spot_shape, spot_pitch_um; HEST: hest_id)."""
+    platform = samples.loc[sample, "platform"]
+    if platform == "visium_hd":
+        options = {"spot_shape": sample_value(sample, "spot_shape")}
+        if sample_value(sample, "spot_pitch_um"):
+            options["spot_pitch_um"] = float(sample_value(sample, "spot_pitch_um"))
+        return options
+    if platform == "hest":
+        return {"hest_id": hest_id(sample)}
+    if platform != "xenium":
         return {}
     options = {}
+    if sample_value(sample, "alignment"):
+        options["alignment"] = str(Path(DATA_DIR) / sample_value(sample, "alignment"))
     if sample_value(sample, "min_qv"):
         options["min_qv"] = float(sample_value(sample, "min_qv"))
     if sample_value(sample, "origin_um"):

@@ -31,6 +31,7 @@ rule ingest_sample:
         spatialdata_mpp=config["ingest"]["spatialdata_mpp"],
         sheet=SAMPLE_SHEET,
         reader_options=lambda wc: reader_options(wc.sample),
+        image_keyword=lambda wc: image_keyword(wc.sample),
     log:
         "logs/ingest_sample/{sample}.log",
     threads: 1

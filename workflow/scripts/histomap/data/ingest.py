@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 
 from histomap.data.io import read_sample
-from histomap.data.sample import UNS_KEY, Sample
+from histomap.data.sample import UNS_KEY, Sample, square_mask
 from histomap.data.slide import open_slide, prepare_slide, read_region
 from histomap.errors import InputError
 
@@ -27,7 +27,8 @@ def check_spots_in_slide(sample: Sample, width: int, height: int) -> None:
 
 def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
     """SpatialData of the sample for viewers: H&E at ``image_mpp`` (scaled into level-0 pixels,
-    the ``global`` coordinate system), spots as circles, counts as the annotating table."""
+    the ``global`` coordinate system), spots as circles (square bins as square polygons), counts
+    as the annotating table."""
     import spatialdata as sd
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Identity, Scale
@@ -42,9 +43,21 @@ def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
                                                                 axes=("y", "x"))})
     spots = sample.spots
     radius = spots.obs["diameter_um"].to_numpy(dtype=float) / 2.0 / sample.mpp
-    shapes = ShapesModel.parse(np.asarray(spots.obsm["spatial"]), geometry=0, radius=radius,
-                               index=spots.obs_names.to_list(),
-                               transformations={"global": Identity()})
+    square = square_mask(spots)
+    if square.any():
+        import geopandas as gpd
+        from shapely.geometry import Point, box
+
+        xy = np.asarray(spots.obsm["spatial"], dtype=float)
+        polygons = [box(x - r, y - r, x + r, y + r) if sq else Point(x, y).buffer(r)
+                    for (x, y), r, sq in zip(xy, radius, square)]
+        shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=polygons,
+                                                    index=spots.obs_names.to_list()),
+                                   transformations={"global": Identity()})
+    else:
+        shapes = ShapesModel.parse(np.asarray(spots.obsm["spatial"]), geometry=0,
+                                   radius=radius, index=spots.obs_names.to_list(),
+                                   transformations={"global": Identity()})
     table = spots.copy()
     table.obs["region"] = "spots"
     table.obs["region"] = table.obs["region"].astype("category")
@@ -66,9 +79,9 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     ``reader_options``: platform-specific reader arguments (e.g. Xenium ``min_qv``).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     smp = read_sample(platform, sample, path, mpp=mpp, spot_diameter_um=spot_diameter_um,
                       image=image, sheet=sheet, **(reader_options or {}))
+    out_dir.mkdir(parents=True, exist_ok=True)  # after reading: bad input leaves no folder
     slide_path = out_dir / "slide.tif"
     smp.mpp = prepare_slide(smp.image_path, slide_path, smp.mpp)
     smp.spots.uns[UNS_KEY]["mpp"] = smp.mpp

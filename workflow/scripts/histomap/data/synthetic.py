@@ -25,7 +25,8 @@ have spatial structure at 50-200 um.
 
 :func:`aggregate_discs` and :func:`aggregate_bins` sum any point-like high-resolution AnnData
 (cells here, Xenium transcripts elsewhere) into discs or square bins of any size: ground truth at
-any resolution.
+any resolution. :mod:`histomap.data.write_layouts` writes the same sections in real platforms'
+layouts (Space Ranger HD bins, Visium as published, HEST-1k, Xenium with its H&E).
 """
 from __future__ import annotations
 

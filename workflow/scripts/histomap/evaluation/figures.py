@@ -51,15 +51,19 @@ def _gene_values(spots: ad.AnnData, gene: str) -> np.ndarray:
 def plot_expression_maps(spots_truth: ad.AnnData, spots_pred: ad.AnnData, genes: Sequence[str],
                          thumbnail: np.ndarray, thumb_downsample: float,
                          out_png: str | Path) -> None:
-    """Measured | predicted expression per gene as discs over a slide thumbnail.
+    """Measured | predicted expression per gene as discs (or square bins) over a slide
+    thumbnail.
 
     Spot centres are ``spots_truth.obsm["spatial"]`` (level-0 px) / ``thumb_downsample``; disc
     radius = ``obs["diameter_um"] / 2 / mpp / thumb_downsample`` thumbnail px, with ``mpp`` from
-    ``uns["histomap"]``. Spots are matched by name; each panel has its own colour scale and the
+    ``uns["histomap"]``; rows with ``obs["shape"] == "square"`` are drawn as squares of side
+    ``diameter_um``. Spots are matched by name; each panel has its own colour scale and the
     row title gives the gene's PCC over the shared spots.
     """
     from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Circle
+    from matplotlib.patches import Circle, Rectangle
+
+    from histomap.data.sample import square_mask
 
     plt = _pyplot()
     shared = spots_truth.obs_names.intersection(spots_pred.obs_names, sort=False)
@@ -81,6 +85,7 @@ def plot_expression_maps(spots_truth: ad.AnnData, spots_pred: ad.AnnData, genes:
     mpp = float(truth.uns["histomap"]["mpp"])
     xy = np.asarray(truth.obsm["spatial"], float) / thumb_downsample
     radius = np.asarray(truth.obs["diameter_um"], float) / 2.0 / mpp / thumb_downsample
+    square = square_mask(truth)
     pad = 2 * float(radius.max())
     h, w = thumbnail.shape[:2]
     x_lim = (max(xy[:, 0].min() - pad, 0), min(xy[:, 0].max() + pad, w))
@@ -93,7 +98,9 @@ def plot_expression_maps(spots_truth: ad.AnnData, spots_pred: ad.AnnData, genes:
                                    values["predicted"][:, None])[0])
         for ax, (kind, v) in zip(row, values.items()):
             ax.imshow(thumbnail, origin="upper")
-            discs = PatchCollection([Circle((x, y), rad) for (x, y), rad in zip(xy, radius)],
+            discs = PatchCollection([Rectangle((x - rad, y - rad), 2 * rad, 2 * rad) if sq
+                                     else Circle((x, y), rad)
+                                     for (x, y), rad, sq in zip(xy, radius, square)],
                                     cmap="viridis", alpha=0.85, linewidths=0)
             discs.set_array(v)
             ax.add_collection(discs)

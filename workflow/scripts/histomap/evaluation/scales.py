@@ -9,6 +9,10 @@ not tens of thousands), each disc sums the counts of the points inside it
 training spots (:func:`histomap.data.preprocess.normalise_spots`: QC, library size, log1p). Discs
 that QC removes (no or too few counts, e.g. a 2 um disc between cells) are logged by
 ``normalise_spots``; the number kept is logged here.
+
+Measured bins (Visium HD: ``highres.obs["bin_size_um"]``) are ground truth as they are: at a size
+equal to a measured bin size the truth is those square bins (every bin in tissue, no lattice),
+and any other size is re-measured with discs from the finest bins, as from points.
 """
 from __future__ import annotations
 
@@ -54,9 +58,16 @@ def truth_at_scale(highres: ad.AnnData, spots: ad.AnnData, diameter_um: float, *
                          f"{min_spacing_um}")
     if highres.n_obs == 0:
         raise InputError(path, "has no high-resolution measurements: cross-scale ground truth "
-                               "needs a platform with cells or transcripts (synthetic, xenium)")
+                               "needs a platform with cells or transcripts (synthetic, xenium) "
+                               "or finer bins (visium_hd)")
     geo = geometry(spots)
     mpp = float(geo["mpp"])
+    if "bin_size_um" in highres.obs:
+        sizes = highres.obs["bin_size_um"].to_numpy(dtype=np.float64)
+        same = np.isclose(sizes, float(diameter_um), rtol=1e-6)
+        if same.any():
+            return _measured_bins(highres[same], spots, float(diameter_um), preprocess, path)
+        highres = highres[sizes == sizes.min()]
     spacing_um = max(float(diameter_um), float(min_spacing_um))
     centres, names = lattice_centres(np.asarray(highres.obsm["spatial"]), spacing_um / mpp)
     counts = aggregate_discs(highres, centres, diameter_um / 2 / mpp)
@@ -70,4 +81,23 @@ def truth_at_scale(highres: ad.AnnData, spots: ad.AnnData, diameter_um: float, *
                           target_sum=float(preprocess.get("target_sum", 1e4)), path=path)
     log.info("%s: %g um discs every %g um: %d of %d lattice discs kept as ground truth",
              path, diameter_um, spacing_um, out.n_obs, discs.n_obs)
+    return out
+
+
+def _measured_bins(bins: ad.AnnData, spots: ad.AnnData, side_um: float, preprocess: Mapping,
+                   path: str | Path) -> ad.AnnData:
+    """Normalised ground truth from measured square bins of side ``side_um`` (all of them)."""
+    geo = geometry(spots)
+    truth = ad.AnnData(X=bins.X.copy(), obs=pd.DataFrame(index=bins.obs_names.copy()),
+                       var=pd.DataFrame(index=bins.var_names.copy()))
+    truth.obsm["spatial"] = np.asarray(bins.obsm["spatial"], dtype=np.float64)
+    truth.obs["diameter_um"] = float(side_um)
+    annotate_spots(truth, sample=geo["sample"], platform=geo["platform"], mpp=float(geo["mpp"]),
+                   spot_diameter_um=float(side_um), image=geo.get("image", ""),
+                   spot_shape="square")
+    out = normalise_spots(truth, min_counts=int(preprocess.get("min_counts", 1)),
+                          min_genes=int(preprocess.get("min_genes", 1)),
+                          target_sum=float(preprocess.get("target_sum", 1e4)), path=path)
+    log.info("%s: %g um measured square bins: %d of %d kept as ground truth", path, side_um,
+             out.n_obs, truth.n_obs)
     return out

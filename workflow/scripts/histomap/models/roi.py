@@ -1,4 +1,4 @@
-"""Circular-ROI aggregation of a dense map: predict any spot from the dense gene map.
+"""ROI aggregation of a dense map (discs and square bins): predict any spot from the dense map.
 
 Geometry (dense-map pixel units)
 --------------------------------
@@ -11,7 +11,11 @@ pixel square (analytic, no sampling), so discs of any size are handled, includin
 wholly inside one pixel (weight = pi r^2). Only a (2k + 1)^2 window of pixels around each disc
 centre is evaluated (k = ceil(max radius)), so the cost is O(N r^2), not O(N H W).
 
-Gradients flow to ``G``; the disc geometry (centres, radii) is treated as fixed data.
+Square bins (Visium HD) are axis-aligned squares of half-side ``r`` (the "radius" of the same
+calls): a pixel's weight is the exact area of the square inside it, the product of the overlaps
+of the two intervals, so a bin lying on the map grid gets weight 1 on the pixels it covers.
+
+Gradients flow to ``G``; the geometry (centres, radii, shapes) is treated as fixed data.
 """
 from __future__ import annotations
 
@@ -81,10 +85,34 @@ def disc_pixel_areas(centres: torch.Tensor, radii: torch.Tensor, half_width: int
     return areas, cols, rows
 
 
+def square_pixel_areas(centres: torch.Tensor, half_sides: torch.Tensor, half_width: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact square-pixel intersection areas, as :func:`disc_pixel_areas` (same window and
+    return values) for axis-aligned squares of half-side ``half_sides`` centred on ``centres``."""
+    offsets = torch.arange(-half_width, half_width + 2, device=centres.device,
+                           dtype=centres.dtype)
+    base = torch.floor(centres)
+    h = torch.clamp(half_sides, min=0.0)[:, None]
+    edges_x = base[:, 0:1] + offsets                                  # (N, 2k+2)
+    edges_y = base[:, 1:2] + offsets
+    lo_x, hi_x = centres[:, 0:1] - h, centres[:, 0:1] + h
+    lo_y, hi_y = centres[:, 1:2] - h, centres[:, 1:2] + h
+    over_x = torch.clamp(torch.minimum(edges_x[:, 1:], hi_x) - torch.maximum(edges_x[:, :-1], lo_x),
+                         min=0.0)                                     # (N, 2k+1)
+    over_y = torch.clamp(torch.minimum(edges_y[:, 1:], hi_y) - torch.maximum(edges_y[:, :-1], lo_y),
+                         min=0.0)
+    areas = over_y[:, :, None] * over_x[:, None, :]                   # [n, dy, dx]
+    cols = base[:, 0:1].long() + offsets[:-1].long()
+    rows = base[:, 1:2].long() + offsets[:-1].long()
+    return areas, cols, rows
+
+
 def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
                   radii: torch.Tensor | float, mode: str = "mean",
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Aggregate a dense map inside discs, weighting pixels by their exact overlap area.
+                  valid: torch.Tensor | None = None,
+                  square: torch.Tensor | bool | None = None) -> torch.Tensor:
+    """Aggregate a dense map inside discs (or square bins), weighting pixels by their exact
+    overlap area.
 
     Args:
         dense_map: G, (B, C, H, W), expression per unit map-pixel area.
@@ -93,6 +121,8 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
         mode: ``"sum"`` = sum of G x overlap area (scales with disc area); ``"mean"`` = that sum
             divided by the disc area lying inside the map (area-weighted mean).
         valid: optional (B, N) bool mask; invalid spots are not computed and come back as 0.
+        square: optional (B, N) bool mask (or one bool for all): these spots are axis-aligned
+            squares of half-side ``radii`` (Visium HD bins) instead of discs.
 
     Returns:
         (B, N, C) spot values, differentiable with respect to ``dense_map``. Spots whose disc does
@@ -113,6 +143,8 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
     if valid is None:
         valid = torch.ones(b, n, dtype=torch.bool, device=device)
     valid = valid.to(device=device, dtype=torch.bool)
+    square = torch.as_tensor(False if square is None else square, device=device,
+                             dtype=torch.bool).expand(b, n)
     out_dtype = dense_map.dtype if dense_map.dtype == torch.float64 else torch.float32
     out = torch.zeros(b, n, c, dtype=out_dtype, device=device)
     if n == 0 or not bool(valid.any()):
@@ -123,10 +155,14 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
     spot_radii = radii[batch_idx, spot_idx]
     if bool((spot_radii < 0).any()) or not bool(torch.isfinite(spot_centres).all()):
         raise ValueError("roi_aggregate: radii must be >= 0 and centres finite")
+    spot_square = square[batch_idx, spot_idx]
     half_width = max(int(math.ceil(float(spot_radii.max()))), 0)
 
     with torch.no_grad():
         areas, cols, rows = disc_pixel_areas(spot_centres, spot_radii, half_width)
+        if bool(spot_square.any()):
+            box_areas = square_pixel_areas(spot_centres, spot_radii, half_width)[0]
+            areas = torch.where(spot_square[:, None, None], box_areas, areas)
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         areas = torch.where(inside, areas, torch.zeros((), dtype=geo, device=device))
         pixel = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
@@ -155,11 +191,14 @@ class DenseSpotsMixin:
 
     def forward_spots(self, images: torch.Tensor, centres: torch.Tensor,
                       radii: torch.Tensor | float, mode: str = "mean",
-                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense map and the spot predictions; centres/radii in map pixels (see
-        :func:`roi_aggregate`)."""
+                      valid: torch.Tensor | None = None,
+                      square: torch.Tensor | bool | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense map and the spot predictions; centres/radii in map pixels, ``square`` marks
+        square bins (see :func:`roi_aggregate`)."""
         dense_map = self(images)
-        return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid)
+        return dense_map, roi_aggregate(dense_map, centres, radii, mode=mode, valid=valid,
+                                        square=square)
 
 
 def discs_from_spots(centres_level0_px, diameter_um, slide_mpp: float, map_origin_px,

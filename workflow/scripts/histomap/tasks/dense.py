@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.preprocess import expression_matrix
-from histomap.data.sample import geometry
+from histomap.data.sample import geometry, square_mask
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.data.spot_patches import dihedral
 from histomap.errors import InputError
@@ -64,8 +64,9 @@ BLOCK_PX = 256  # side of the cached image blocks (input pixels)
 class SlideSpots:
     """The spots of one slide used for training windows.
 
-    ``centres_px``: (n, 2) level-0 (x, y); ``diameter_um``: (n,) per-spot diameters;
-    ``targets``: (n, genes) float32 log-normalised expression.
+    ``centres_px``: (n, 2) level-0 (x, y); ``diameter_um``: (n,) per-spot diameters (square
+    bins: side); ``targets``: (n, genes) float32 log-normalised expression; ``square``: (n,)
+    bool, square bins (Visium HD) rather than discs.
     """
 
     slide_path: Path
@@ -73,6 +74,7 @@ class SlideSpots:
     diameter_um: np.ndarray
     targets: np.ndarray
     name: str = ""
+    square: np.ndarray | bool = False
 
     def __post_init__(self):
         self.slide_path = Path(self.slide_path)
@@ -80,6 +82,7 @@ class SlideSpots:
         n = len(self.centres_px)
         self.diameter_um = np.broadcast_to(np.asarray(self.diameter_um, np.float64), (n,)).copy()
         self.targets = np.ascontiguousarray(self.targets, dtype=np.float32)
+        self.square = np.broadcast_to(np.asarray(self.square, bool), (n,)).copy()
         if self.targets.ndim != 2 or len(self.targets) != n:
             raise ValueError(f"targets must be ({n}, genes), got {self.targets.shape}")
         if not (np.isfinite(self.centres_px).all() and (self.diameter_um > 0).all()):
@@ -89,7 +92,7 @@ class SlideSpots:
 
     def subset(self, keep: np.ndarray) -> SlideSpots:
         return SlideSpots(self.slide_path, self.centres_px[keep], self.diameter_um[keep],
-                          self.targets[keep], self.name)
+                          self.targets[keep], self.name, self.square[keep])
 
     def concat(self, other: SlideSpots) -> SlideSpots:
         """These spots and ``other``'s (same slide, e.g. the same tissue measured with another
@@ -99,7 +102,8 @@ class SlideSpots:
                              f"{self.slide_path}")
         return SlideSpots(self.slide_path, np.concatenate([self.centres_px, other.centres_px]),
                           np.concatenate([self.diameter_um, other.diameter_um]),
-                          np.concatenate([self.targets, other.targets]), self.name)
+                          np.concatenate([self.targets, other.targets]), self.name,
+                          np.concatenate([self.square, other.square]))
 
 
 def dihedral_points(xy: np.ndarray, k: int, side: float) -> np.ndarray:
@@ -310,11 +314,14 @@ class WindowDataset(Dataset):
         m = len(near)
         out_c = np.zeros((self.max_spots, 2), np.float32)
         out_r = np.zeros(self.max_spots, np.float32)
+        out_s = np.zeros(self.max_spots, bool)
         out_t = np.zeros((self.max_spots, self.n_genes), np.float32)
         valid = np.zeros(self.max_spots, bool)
         out_c[:m], out_r[:m], out_t[:m], valid[:m] = centres, radii, spots.targets[near], True
+        out_s[:m] = spots.square[near]
         return {"image": img, "centres": torch.from_numpy(out_c),
                 "radii": torch.from_numpy(out_r), "valid": torch.from_numpy(valid),
+                "square": torch.from_numpy(out_s),
                 "targets": torch.from_numpy(out_t)}
 
     @property
@@ -343,7 +350,7 @@ def pixnet_batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     batch = to_device(batch, device)
     images = batch["image"].float().div_(255.0)
     _, pred = model.forward_spots(images, batch["centres"], batch["radii"], mode="mean",
-                                  valid=batch["valid"])
+                                  valid=batch["valid"], square=batch.get("square"))
     loss_fn = loss_fn or make_loss_fn()
     return loss_fn(pred, batch["targets"], batch["valid"])
 
@@ -386,7 +393,8 @@ def slide_spots(st_path: str | Path, slide_path: str | Path, genes: Sequence[str
     diameter = (spots.obs["diameter_um"].to_numpy(dtype=np.float64)
                 if "diameter_um" in spots.obs else geometry(spots)["spot_diameter_um"])
     return SlideSpots(Path(slide_path), np.asarray(spots.obsm["spatial"]), diameter,
-                      expression_matrix(spots, genes, path=st_path), Path(st_path).stem), spots
+                      expression_matrix(spots, genes, path=st_path), Path(st_path).stem,
+                      square_mask(spots)), spots
 
 
 def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Path],
@@ -565,12 +573,15 @@ def dense_spot_table(dense_map, spots_h5ad: str | Path, diameter_um: float,
     dmap = dense_map if isinstance(dense_map, DenseMap) else read_dense(dense_map)
     spots = ad.read_h5ad(spots_h5ad)
     xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
-    pred = spots_from_dense(dmap, xy, float(diameter_um), geometry(spots)["mpp"], mode="mean")
+    pred = spots_from_dense(dmap, xy, float(diameter_um), geometry(spots)["mpp"], mode="mean",
+                            square=square_mask(spots))
     out = spots_prediction_anndata(
         pred, spots.obs_names, dmap.genes, xy, geometry(spots), float(diameter_um),
         model_info={**dmap.attrs.get("model", {}), "dense_map": str(dmap.path),
                     "aggregation": "mean", "tile_px": dmap.attrs.get("tile_px"),
                     "overlap_px": dmap.attrs.get("overlap_px")})
+    if "shape" in spots.obs:
+        out.obs["shape"] = spots.obs["shape"].to_numpy()
     if out_h5ad is not None:
         out_h5ad = Path(out_h5ad)
         out_h5ad.parent.mkdir(parents=True, exist_ok=True)

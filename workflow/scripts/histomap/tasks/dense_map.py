@@ -500,8 +500,10 @@ def read_dense(path: str | Path) -> DenseMap:
 
 def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
                      diameter_um: float | np.ndarray, slide_mpp: float | None = None,
-                     mode: str = "mean", block_px: int = 256) -> np.ndarray:
-    """Spot values (n, genes) float32 from a dense map, for discs at level-0 ``centres_px``.
+                     mode: str = "mean", block_px: int = 256,
+                     square: np.ndarray | bool = False) -> np.ndarray:
+    """Spot values (n, genes) float32 from a dense map, for discs at level-0 ``centres_px``
+    (``square``: (n,) bool or one bool, square bins of side ``diameter_um`` instead).
 
     ``mode="mean"``: area-weighted mean over the part of the disc covered by the map's mask
     (pixels outside tissue tiles are not counted as zero expression); ``"sum"``: sum of map
@@ -520,6 +522,7 @@ def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
                     dmap.slide_mpp)
     centres, radii = discs_from_spots(centres_px, diameter_um, mpp0, dmap.origin_px, dmap.mpp)
     n, n_genes = len(centres), len(dmap.genes)
+    square = np.broadcast_to(np.asarray(square, bool), (n,))
     out = np.full((n, n_genes), np.nan, dtype=np.float32)
     if n == 0:
         return out
@@ -542,7 +545,8 @@ def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
                                np.asarray(dmap.mask[y0:y1, x0:x1], np.float32)[None]])
         local = torch.from_numpy(centres[idx] - np.array([x0, y0], dtype=np.float64))
         sums = roi_aggregate(torch.from_numpy(crop)[None], local[None],
-                             torch.from_numpy(radii[idx])[None], mode="sum")[0].numpy()
+                             torch.from_numpy(radii[idx])[None], mode="sum",
+                             square=torch.from_numpy(square[idx].copy())[None])[0].numpy()
         covered = sums[:, -1]
         ok = covered > 1e-9
         values = sums[:, :-1] / np.where(ok, covered, 1.0)[:, None] if mode == "mean" \

@@ -3,8 +3,8 @@
 Every reader has the signature ``read(sample, path, *, mpp=None, spot_diameter_um=None,
 image=None) -> Sample`` where ``path`` is the sample-sheet ``path`` column, ``mpp`` the
 micrometres per pixel of the full-resolution H&E (``None``: infer it or fail), and ``image`` an
-explicit image path (required for Visium: the full-resolution H&E is never replaced by the
-hires PNG).
+explicit image path (required for Visium and Visium HD; Visium also takes ``"hires"`` or
+``"lowres"``, the explicit opt-in for the downsampled PNG of ``spatial/``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ READERS = {
     "visium": "visium",
     "synthetic": "synthetic",
     "xenium": "xenium",
+    "visium_hd": "visium_hd",
+    "hest": "hest",
 }
 
 

@@ -11,8 +11,13 @@ Reads
   in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres;
 * ``spatial/scalefactors_json.json`` (``spot_diameter_fullres``) to infer mpp when not given.
 
-The full-resolution H&E must be given as ``image``: the hires/lowres PNGs are never used, as
-they silently change the pixel scale.
+The full-resolution H&E is given as ``image``. Many published datasets ship only ``spatial/``
+with the hires/lowres PNGs: with ``image="hires"`` (or ``"lowres"``) in the sample sheet, an
+explicit opt-in, the PNG is the slide. Its mpp is the full-resolution mpp (the sheet's ``mpp``,
+else 55 um / ``spot_diameter_fullres``) divided by ``tissue_hires_scalef`` (or
+``tissue_lowres_scalef``), the spot centres are scaled by the same factor, and the log and
+``uns["histomap"]["note"]`` say that the image is a downsampled one. Without the opt-in a missing
+full-resolution image is an error: the PNGs silently change the pixel scale.
 """
 from __future__ import annotations
 
@@ -47,26 +52,41 @@ POSITION_FILES = ("tissue_positions.parquet", "tissue_positions.csv",
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
                     "pxl_col_in_fullres"]
 GENE_EXPRESSION = "Gene Expression"
+# sheet `image` keyword -> (PNG in spatial/, its scale factor key in scalefactors_json.json)
+DOWNSAMPLED_IMAGES = {"hires": ("tissue_hires_image.png", "tissue_hires_scalef"),
+                      "lowres": ("tissue_lowres_image.png", "tissue_lowres_scalef")}
 
 
 def read(sample: str, path: str | Path, *, mpp: float | None = None,
          spot_diameter_um: float | None = None, image: str | Path | None = None) -> Sample:
     """Read a Space Ranger ``outs/`` folder (or its parent) into a :class:`Sample`.
 
-    ``image`` is the full-resolution H&E (required); ``mpp`` its micrometres per pixel
-    (``None``: 55 um / ``spot_diameter_fullres``); ``spot_diameter_um`` defaults to 55 um.
+    ``image`` is the full-resolution H&E (required), or ``"hires"``/``"lowres"`` for the PNG of
+    ``spatial/`` (see the module docstring); ``mpp`` the full-resolution image's micrometres per
+    pixel (``None``: 55 um / ``spot_diameter_fullres``); ``spot_diameter_um`` defaults to 55 um.
     """
     outs = find_outs(Path(path))
     if image is None:
         raise InputError(outs, "Visium needs the full-resolution H&E image: set `image` in the "
-                               "sample sheet (the hires/lowres PNGs in spatial/ are not used)")
-    image_path = Path(image)
+                               "sample sheet, or `image: hires` (or lowres) to use the "
+                               "downsampled PNG of spatial/ explicitly")
+    scalefactors = outs / "spatial" / "scalefactors_json.json"
+    downsampled = str(image) in DOWNSAMPLED_IMAGES
+    image_path = (outs / "spatial" / DOWNSAMPLED_IMAGES[str(image)][0] if downsampled
+                  else Path(image))
     spot_diameter_um = check_positive(spot_diameter_um, "spot_diameter_um", outs,
                                       default=SPOT_DIAMETER_UM)
     if mpp is None:
-        mpp = infer_mpp(outs / "spatial" / "scalefactors_json.json", sample)
+        mpp = infer_mpp(scalefactors, sample)
     mpp = check_positive(mpp, "mpp", outs)
-    check_mpp_against_scalefactors(outs / "spatial" / "scalefactors_json.json", mpp, sample)
+    check_mpp_against_scalefactors(scalefactors, mpp, sample)
+    scale, note = 1.0, None
+    if downsampled:
+        scale = read_scale_factor(scalefactors, DOWNSAMPLED_IMAGES[str(image)][1])
+        mpp = mpp / scale
+        note = (f"downsampled image: {image_path.name} is the full-resolution H&E scaled by "
+                f"{scale:g} ({mpp:.3f} um/px); no full-resolution image was given")
+        log.warning("%s: %s", sample, note)
 
     counts = read_10x_h5(outs / MATRIX_FILE)
     positions_path = find_positions_file(outs)
@@ -74,12 +94,13 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     counts, positions = match_barcodes(counts, positions, outs / MATRIX_FILE, positions_path)
 
     xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    xy = xy * scale
     check_within_image(image_path, xy, counts.obs_names)
     counts.obs["array_row"] = positions["array_row"].to_numpy()
     counts.obs["array_col"] = positions["array_col"].to_numpy()
     counts.obsm["spatial"] = xy
     annotate_spots(counts, sample=sample, platform=PLATFORM, mpp=mpp,
-                   spot_diameter_um=spot_diameter_um, image=image_path)
+                   spot_diameter_um=spot_diameter_um, image=image_path, note=note)
     log.info("%s: %d spots x %d genes, mpp %.4f um/px, spot diameter %g um, image %s",
              sample, counts.n_obs, counts.n_vars, mpp, spot_diameter_um, image_path)
     return Sample(name=sample, platform=PLATFORM, image_path=image_path, mpp=float(mpp),
@@ -245,6 +266,20 @@ def read_spot_diameter_fullres(path: Path) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) and value > 0 else None
+
+
+def read_scale_factor(path: Path, key: str) -> float:
+    """A positive scale factor (``tissue_hires_scalef``, ...) of the scale-factors JSON."""
+    if not path.is_file():
+        raise InputError(path, f"scale factors file not found (needed for {key})")
+    try:
+        factors = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read scale factors: {exc}") from exc
+    value = factors.get(key) if isinstance(factors, dict) else None
+    if value is None:
+        raise InputError(path, f"no {key}: the downsampled image cannot be placed")
+    return check_positive(value, key, path)
 
 
 def infer_mpp(scalefactors: Path, sample: str = "") -> float:

@@ -12,6 +12,15 @@ A Xenium folder (``path``) holds
 * optionally ``alignment.json`` = ``{"origin_um": [x, y]}``: the transcript-frame position (um)
   of the image's top-left corner, and ``experiment.xenium`` (its ``pixel_size`` is an mpp source).
 
+Post-Xenium H&E. With an H&E ``image`` and 10x's alignment file (``alignment``, else
+``{prefix}_he_imagealignment.csv`` beside a ``{prefix}_he_image.ome.tif``), transcripts are
+placed on the H&E by the file's 3 x 3 affine, which (Xenium Explorer's convention, also
+spatialdata-io's) takes H&E pixels (x, y, 1) to Xenium morphology-image pixels; a transcript at
+(x_um, y_um) is at morphology pixel (x_um, y_um) / ``pixel_size`` (``experiment.xenium``, else
+10x's 0.2125 um), so its H&E pixel is ``A^-1 ((x_um, y_um) / pixel_size - t)``. The H&E mpp is the
+sheet's, else ``pixel_size * sqrt(|det A|)``. Without an alignment file the image is placed by
+``origin_um`` as below, and without ``image`` the morphology image is the slide.
+
 Geometry. A transcript at (x_um, y_um) lies at level-0 pixel ((x_um - ox) / mpp,
 (y_um - oy) / mpp) of the image, with origin (ox, oy) from the ``origin_um`` argument, else
 ``alignment.json``, else (0, 0). When the origin is not given and the transcripts would fall off
@@ -84,14 +93,16 @@ MAX_OUTSIDE_FRACTION = 1e-3  # transcripts off the image tolerated (dropped, log
 def read(sample: str, path: str | Path, *, mpp: float | None = None,
          spot_diameter_um: float | None = None, image: str | Path | None = None,
          origin_um: tuple[float, float] | None = None, min_qv: float = MIN_QV,
-         highres_bin_um: float = HIGHRES_BIN_UM, spot_pitch_um: float = SPOT_PITCH_UM) -> Sample:
+         highres_bin_um: float = HIGHRES_BIN_UM, spot_pitch_um: float = SPOT_PITCH_UM,
+         alignment: str | Path | None = None) -> Sample:
     """Read a Xenium folder into a :class:`Sample` (see the module docstring).
 
     ``mpp``: micrometres per level-0 pixel of the image (None: from the image's OME/TIFF
     metadata or ``experiment.xenium``, else InputError "missing mpp"); ``spot_diameter_um``:
     pseudo-spot diameter (default 55 um); ``image``: the image to use instead of the morphology
     image in ``path``; ``origin_um``: (x, y) um of the image's top-left corner in the transcript
-    frame (overrides ``alignment.json``).
+    frame (overrides ``alignment.json``); ``alignment``: 10x's H&E alignment CSV (see the
+    module docstring; found beside a ``*he_image.ome.tif`` when not given).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -104,15 +115,27 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
                                       default=SPOT_DIAMETER_UM)
     highres_bin_um = check_positive(highres_bin_um, "highres_bin_um", folder)
     spot_pitch_um = check_positive(spot_pitch_um, "spot_pitch_um", folder)
-    mpp = resolve_mpp(mpp, image_path, folder)
+    alignment = find_he_alignment(image_path, folder) if alignment is None and image is not None \
+        else (Path(alignment) if alignment is not None else None)
+    if alignment is not None:
+        matrix = read_he_alignment(alignment)
+        pixel_size = xenium_pixel_size(folder)
+        mpp = he_mpp(mpp, matrix, pixel_size, image_path, alignment)
+    else:
+        mpp = resolve_mpp(mpp, image_path, folder)
 
     table = read_transcripts(transcripts_path)
     n_read = len(table)
     table, genes, dropped = filter_transcripts(table, transcripts_path, min_qv)
     width, height = image_size(image_path)
-    origin, origin_source = resolve_origin(origin_um, folder, table, transcripts_path,
-                                           width * mpp, height * mpp)
-    xy_px = (table[["x_location", "y_location"]].to_numpy(np.float64) - np.asarray(origin)) / mpp
+    xy_um = table[["x_location", "y_location"]].to_numpy(np.float64)
+    if alignment is not None:
+        xy_px = he_pixels(xy_um, matrix, pixel_size)
+        origin, origin_source = (float("nan"), float("nan")), f"H&E alignment {alignment.name}"
+    else:
+        origin, origin_source = resolve_origin(origin_um, folder, table, transcripts_path,
+                                               width * mpp, height * mpp)
+        xy_px = (xy_um - np.asarray(origin)) / mpp
     keep = on_image(xy_px, width, height, transcripts_path, image_path)
     if not keep.all():
         dropped["outside the image"] = int((~keep).sum())
@@ -123,6 +146,8 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     highres.uns["xenium"] = {
         "transcripts": str(transcripts_path), "origin_um": [float(v) for v in origin],
         "origin_source": origin_source, "min_qv": float(min_qv), "n_transcripts_read": n_read,
+        **({"he_alignment": str(alignment), "he_to_xenium_px": matrix.tolist(),
+            "xenium_pixel_size_um": pixel_size} if alignment is not None else {}),
         "n_transcripts_kept": int(len(table)), "dropped": dict(dropped)}
     spots = pseudo_spots(xy_px, gene_code, genes, mpp, (height, width), spot_diameter_um,
                          spot_pitch_um, image_path)
@@ -356,6 +381,76 @@ def filter_transcripts(table: pd.DataFrame, path: Path, min_qv: float
 
 
 # --- geometry ------------------------------------------------------------------------------------
+
+XENIUM_PIXEL_SIZE_UM = 0.2125  # 10x's morphology-image pixel size
+HE_IMAGE_SUFFIX = "he_image.ome.tif"
+HE_ALIGNMENT_SUFFIX = "he_imagealignment.csv"
+
+
+def find_he_alignment(image_path: Path, folder: Path) -> Path | None:
+    """10x's alignment CSV of an H&E named ``{prefix}he_image.ome.tif`` (beside it or in the
+    Xenium folder), or None."""
+    if not image_path.name.endswith(HE_IMAGE_SUFFIX):
+        return None
+    name = image_path.name[:-len(HE_IMAGE_SUFFIX)] + HE_ALIGNMENT_SUFFIX
+    for candidate in (image_path.with_name(name), folder / name):
+        if candidate.is_file():
+            return candidate
+    log.warning("%s: an H&E image without its alignment file %s; it is placed as a morphology "
+                "image (origin_um / alignment.json): give `alignment` in the sample sheet if "
+                "it was registered in Xenium Explorer", image_path, name)
+    return None
+
+
+def read_he_alignment(path: Path) -> np.ndarray:
+    """The 3 x 3 affine (H&E px -> Xenium morphology px) of 10x's alignment CSV."""
+    if not path.is_file():
+        raise InputError(path, "H&E alignment file not found")
+    try:
+        table = pd.read_csv(path, header=None)
+        matrix = table.to_numpy(dtype=np.float64)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise InputError(path, f"H&E alignment file is not a 3 x 3 affine matrix: {exc}") from exc
+    if matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        raise InputError(path, f"H&E alignment file is not a 3 x 3 affine matrix: found "
+                               f"{matrix.shape[0]} x {matrix.shape[1] if matrix.ndim > 1 else 1} "
+                               "values (expected 3 comma-separated rows of 3 numbers)")
+    if not np.allclose(matrix[2], [0.0, 0.0, 1.0], atol=1e-9):
+        raise InputError(path, f"H&E alignment file is not an affine matrix: its last row is "
+                               f"{matrix[2].tolist()}, expected [0, 0, 1]")
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+        raise InputError(path, "H&E alignment matrix is singular (not invertible)")
+    return matrix
+
+
+def xenium_pixel_size(folder: Path) -> float:
+    found = mpp_from_experiment(folder)
+    if found is None:
+        log.warning("%s: no pixel_size in experiment.xenium; using 10x's %g um per morphology "
+                    "pixel for the H&E alignment", folder, XENIUM_PIXEL_SIZE_UM)
+        return XENIUM_PIXEL_SIZE_UM
+    return found
+
+
+def he_mpp(mpp: float | None, matrix: np.ndarray, pixel_size: float, image_path: Path,
+           alignment: Path) -> float:
+    """The H&E's um per pixel: the sheet's, else implied by the alignment's scale."""
+    implied = pixel_size * math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
+    if mpp is None:
+        log.info("%s: mpp %.4f um/px implied by %s (pixel size %g um)", image_path.name, implied,
+                 alignment.name, pixel_size)
+        return implied
+    mpp = check_positive(mpp, "mpp", image_path)
+    if not math.isclose(mpp, implied, rel_tol=0.02):
+        log.warning("%s: sheet mpp %g differs from %g implied by %s; using %g", image_path.name,
+                    mpp, implied, alignment.name, mpp)
+    return mpp
+
+
+def he_pixels(xy_um: np.ndarray, matrix: np.ndarray, pixel_size: float) -> np.ndarray:
+    """Xenium micrometres -> H&E level-0 pixels through the inverse alignment."""
+    xenium_px = xy_um / pixel_size - matrix[:2, 2]
+    return xenium_px @ np.linalg.inv(matrix[:2, :2]).T
 
 def read_alignment(path: Path) -> tuple[float, float]:
     try:
