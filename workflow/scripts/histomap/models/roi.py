@@ -20,7 +20,6 @@ Gradients flow to ``G``; the geometry (centres, radii, shapes) is treated as fix
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -80,6 +79,12 @@ def disc_pixel_areas(centres: torch.Tensor, radii: torch.Tensor, half_width: int
     corner = _signed_corner_area(x_edges, y_edges, r)                 # (N, 2k+2, 2k+2)
     areas = corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
     areas = torch.clamp(areas, min=0.0)  # remove round-off negatives far outside the disc
+    # pixels outside the disc's bounding box get exactly 0 (the corner differences leave
+    # round-off there, which would give a disc lying off the map a spurious mean)
+    in_x = (x_edges[..., 1:] > -r) & (x_edges[..., :-1] < r)          # (N, 1, 2k+1)
+    in_y = (y_edges[:, 1:, :] > -r) & (y_edges[:, :-1, :] < r)        # (N, 2k+1, 1)
+    areas = torch.where(in_x & in_y, areas, torch.zeros((), dtype=areas.dtype,
+                                                         device=areas.device))
     cols = base[:, 0:1].long() + offsets[:-1].long()
     rows = base[:, 1:2].long() + offsets[:-1].long()
     return areas, cols, rows
@@ -156,13 +161,32 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
     if bool((spot_radii < 0).any()) or not bool(torch.isfinite(spot_centres).all()):
         raise ValueError("roi_aggregate: radii must be >= 0 and centres finite")
     spot_square = square[batch_idx, spot_idx]
-    half_width = max(int(math.ceil(float(spot_radii.max()))), 0)
+    # Each spot gets the window of its own radius: spots are grouped by window half-width, so a
+    # 2 um disc never pays for a 100 um disc's window (pixels beyond a spot's own window have
+    # zero overlap, so the sums are the same as with one window for all).
+    half_widths = torch.ceil(spot_radii).to(torch.int64).clamp_min(0)
+    for hw in torch.unique(half_widths).tolist():
+        group = torch.nonzero(half_widths == hw, as_tuple=True)[0]
+        if len(group) == len(batch_idx):
+            group = slice(None)
+        sums = _window_sums(dense_map, batch_idx[group], spot_centres[group], spot_radii[group],
+                            spot_square[group], int(hw), mode, out_dtype)
+        out = out.index_put((batch_idx[group], spot_idx[group]), sums)
+    return out
 
+
+def _window_sums(dense_map: torch.Tensor, batch_idx: torch.Tensor, centres: torch.Tensor,
+                 radii: torch.Tensor, square: torch.Tensor, half_width: int, mode: str,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """(n, C) aggregates of n spots (flattened over the batch) within windows of
+    ``2 * half_width + 1`` pixels around their centre pixels."""
+    b, c, h, w = dense_map.shape
+    device, geo = centres.device, centres.dtype
     with torch.no_grad():
-        areas, cols, rows = disc_pixel_areas(spot_centres, spot_radii, half_width)
-        if bool(spot_square.any()):
-            box_areas = square_pixel_areas(spot_centres, spot_radii, half_width)[0]
-            areas = torch.where(spot_square[:, None, None], box_areas, areas)
+        areas, cols, rows = disc_pixel_areas(centres, radii, half_width)
+        if bool(square.any()):
+            box_areas = square_pixel_areas(centres, radii, half_width)[0]
+            areas = torch.where(square[:, None, None], box_areas, areas)
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         areas = torch.where(inside, areas, torch.zeros((), dtype=geo, device=device))
         pixel = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
@@ -181,8 +205,7 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
     if mode == "mean":
         denom = torch.where(empty, torch.ones_like(area_inside), area_inside).to(out_dtype)
         sums = sums / denom[:, None]
-    out = out.index_put((batch_idx, spot_idx), sums)
-    return out
+    return sums
 
 
 class DenseSpotsMixin:
