@@ -2,13 +2,14 @@ rule evaluate:
     input:
         predictions=lambda wc: prediction_files(wc.model, wc.fold, wc.tseed),
         truth=lambda wc: [f"results/st/{s}.h5ad" for s in fold_samples(wc.fold, "test")],
-        genes=f"results/genes/{GENE_PANEL}.tsv",
+        genes=lambda wc: genes_for_fold(wc.fold),
     output:
         "results/metrics/spot/{model}/{fold}/seed{tseed}.parquet",
     params:
         task="spot",
         dataset=config["dataset"],
         gene_set=GENE_PANEL,
+        fold_kind=lambda wc: FOLD_KINDS[wc.fold],
         samples=lambda wc: fold_samples(wc.fold, "test"),
     log:
         "logs/evaluate/spot/{model}/{fold}/seed{tseed}.log",
@@ -55,13 +56,14 @@ use rule evaluate as evaluate_cross_scale with:
         truth=lambda wc: [
             f"results/scales/{s}/truth_{um}um.h5ad" for s, um in cross_scale_pairs(wc.fold)
         ],
-        genes=f"results/genes/{GENE_PANEL}.tsv",
+        genes=lambda wc: genes_for_fold(wc.fold),
     output:
         "results/metrics/cross_scale/{model}/{fold}/seed{tseed}.parquet",
     params:
         task="cross_scale",
         dataset=config["dataset"],
         gene_set=GENE_PANEL,
+        fold_kind=lambda wc: FOLD_KINDS[wc.fold],
         samples=lambda wc: [s for s, _ in cross_scale_pairs(wc.fold)],
     log:
         "logs/evaluate/cross_scale/{model}/{fold}/seed{tseed}.log",

@@ -1,4 +1,4 @@
-"""Snakemake adapter: the gene panel shared by every sample of the run."""
+"""Snakemake adapter: the gene panel of one fold, chosen from the fold's training samples."""
 from pathlib import Path
 
 import anndata as ad

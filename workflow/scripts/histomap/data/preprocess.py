@@ -12,8 +12,9 @@ Output contract of :func:`normalise_spots` (``results/st/{sample}.h5ad``)
   ``uns["histomap"]["normalisation"] = dict(target_sum=..., log1p=True)`` and
   ``uns["histomap"]["qc"] = dict(min_counts, min_genes, n_spots_in, n_spots_dropped)``.
 
-Gene panels (``results/genes/{panel}.tsv``) are TSV files with the columns ``gene`` and ``rank``
-(1 = first), written by :func:`write_gene_panel` and read by :func:`read_gene_panel`.
+Gene panels (``results/genes/{panel}/{fold}.tsv``, chosen by :func:`select_genes` from one
+fold's training samples only) are TSV files with the columns ``gene`` and ``rank`` (1 = first),
+written by :func:`write_gene_panel` and read by :func:`read_gene_panel`.
 """
 from __future__ import annotations
 
@@ -206,7 +207,8 @@ def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
                  n_genes: int = 250, genes: Sequence[str] | None = None,
                  exclude_patterns: Sequence[str] = (), path: str | Path = "gene panel"
                  ) -> list[str]:
-    """Choose the gene panel shared by all samples (``X`` = log-normalised expression).
+    """Choose the gene panel from ``samples`` (``X`` = log-normalised expression): in the
+    workflow, one fold's training samples only, so no test section enters the choice.
 
     ``method``: ``"top_mean"`` (highest mean expression pooled over all spots of all samples,
     ties broken by gene name), ``"hvg"`` (scanpy ``flavor="seurat"`` highly variable genes with
