@@ -243,10 +243,11 @@ def metric_files():
 def extra_train_spots(model, fold):
     """Per training sample of a fold, the extra spot tables a dense model trains on besides the
     sample's own spots (`train_diameters_um`: the high-resolution data re-measured with discs of
-    those sizes by truth_at_scale; samples without high-resolution data have none)."""
+    those sizes by truth_at_scale, the discs that pass the spot QC; samples without
+    high-resolution data have none)."""
     diameters = model_block(model).get("train_diameters_um", [])
     return [
-        [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
+        [f"results/scales/{s}/qc_{scale_label(um)}um.h5ad" for um in diameters]
         if samples.loc[s, "platform"] in HIGHRES_PLATFORMS
         else []
         for s in fold_samples(fold, "train")

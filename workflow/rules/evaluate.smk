@@ -23,16 +23,21 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-# Cross-scale: ground truth re-measured from highres.h5ad with discs of each diameter
-# (histomap.evaluation.scales), normalised like the training spots, and the dense models scored on it.
+# Cross-scale: ground truth re-measured from highres.h5ad with discs of each diameter on a
+# lattice, every disc whose centre is in the H&E tissue mask (empty ones: zeros), normalised like
+# the training spots (histomap.evaluation.scales), and the dense models scored on it; qc_* keeps
+# the discs that pass the spot QC, the targets of mixed-scale training.
 rule truth_at_scale:
     input:
         highres="results/ingest/{sample}/highres.h5ad",
         st="results/st/{sample}.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
     output:
-        expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+        truth=expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+        qc=expand("results/scales/{{sample}}/qc_{um}um.h5ad", um=CROSS_SCALE_LABELS),
     params:
         preprocess=CROSS_SCALE_PREPROCESS,
+        mask_mpp=config["tiling"]["mask_mpp"],
         min_spacing_um=CROSS_SCALE.get("min_spacing_um", 10.0),
         diameters_um=CROSS_SCALE.get("diameters_um", []),
     log:
