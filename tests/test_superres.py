@@ -99,7 +99,7 @@ def fake_baselines(monkeypatch):
 def synthetic(tmp_path_factory):
     """400 x 400 um synthetic section; its 5 most expressed genes."""
     folder = tmp_path_factory.mktemp("syn") / "sample"
-    simulate_sample(folder, seed=11, size_um=(400.0, 400.0), n_genes=40)
+    simulate_sample(folder, seed=12, size_um=(400.0, 400.0), n_genes=40)
     cells = ad.read_h5ad(folder / "cells.h5ad")
     totals = np.asarray(cells.X.sum(axis=0)).ravel()
     genes = [str(g) for g in cells.var_names[np.argsort(-totals)[:N_GENES]]]
