@@ -17,11 +17,13 @@ rule normalise_st:
         "../scripts/normalise_st.py"
 
 
-# The gene panel of a fold, from that fold's training samples only (a test section never enters
-# the choice); `genes.method: list` gives the same listed panel to every fold.
+# The gene panel of a fold, ranked on that fold's training samples only; of the test sections
+# only their gene names are read (candidates must be scorable there), never a value.
+# `genes.method: list` gives the same listed panel to every fold.
 rule select_genes:
     input:
         st=lambda wc: [f"results/st/{s}.h5ad" for s in fold_samples(wc.fold, "train")],
+        measured=lambda wc: [f"results/st/{s}.h5ad" for s in fold_samples(wc.fold, "test")],
     output:
         f"results/genes/{GENE_PANEL}/{{fold}}.tsv",
     params:

@@ -205,8 +205,9 @@ def _listed(samples: Mapping[str, ad.AnnData], genes: Sequence[str] | None,
 
 def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
                  n_genes: int = 250, genes: Sequence[str] | None = None,
-                 exclude_patterns: Sequence[str] = (), path: str | Path = "gene panel"
-                 ) -> list[str]:
+                 exclude_patterns: Sequence[str] = (),
+                 measured: Mapping[str, Sequence[str]] | None = None,
+                 path: str | Path = "gene panel") -> list[str]:
     """Choose the gene panel from ``samples`` (``X`` = log-normalised expression): in the
     workflow, one fold's training samples only, so no test section enters the choice.
 
@@ -216,6 +217,11 @@ def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
     sample). ``exclude_patterns`` (regexes, e.g. ``["^MT-", "^RP[SL]"]``) remove matching
     candidates for ``top_mean``/``hvg``; an explicit list is used as given. Returns genes in rank
     order (most expressed / most variable first).
+
+    ``measured``: sample name -> gene names of further sections (in the workflow the fold's test
+    sections) that the panel must be scorable on: candidates (and a listed panel) are limited to
+    genes those tables hold. Only the names are used, never an expression value, so the ranking
+    comes from ``samples`` alone.
     """
     if method not in GENE_SELECTION_METHODS:
         raise InputError(path, f"unknown gene selection method {method!r}; "
@@ -227,12 +233,24 @@ def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
         if exclude_patterns:
             log.info("%s: exclude_patterns are not applied to an explicit gene list", path)
         panel = _listed(samples, genes, path)
+        for name, names in (measured or {}).items():
+            missing = [g for g in panel if g not in set(names)]
+            if missing:
+                raise InputError(path, f"gene panel genes absent from sample {name!r}: "
+                                       f"{', '.join(missing)}")
         log.info("%s: using the given list of %d genes", path, len(panel))
         return panel
 
     if n_genes < 1:
         raise InputError(path, f"n_genes must be at least 1, got {n_genes}")
     candidates = _exclude(shared_genes(samples, path=path), exclude_patterns, path)
+    for name, names in (measured or {}).items():
+        names = set(names)
+        lacking = [g for g in candidates if g not in names]
+        if lacking:
+            log.info("%s: %d candidate genes are not in the table of sample %r and cannot be "
+                     "scored there; not candidates", path, len(lacking), name)
+        candidates = [g for g in candidates if g in names]
     if not candidates:
         raise InputError(path, "no candidate gene left after exclude_patterns")
     if n_genes > len(candidates):
