@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from histomap.errors import InputError
-from histomap.evaluation.folds import make_folds, validation_split
+from histomap.evaluation.folds import fold_kinds, make_folds, validation_split
 
 SHEET = pd.DataFrame({"sample": ["B4", "C2", "C3", "C4"], "patient": ["B", "C", "C", "C"]})
 
@@ -37,6 +37,18 @@ def test_explicit_folds_and_errors():
     single = pd.DataFrame({"sample": ["A"], "patient": ["P"]})
     with pytest.raises(InputError, match="single patient"):
         make_folds(single, "leave_one_patient_out")
+
+
+def test_fold_kinds_from_the_sample_sheet():
+    """HER2ST leave-one-section-out: B4 is the only cross-patient fold; C2, C3, C4 train on
+    serial sections of their own patient."""
+    assert fold_kinds(SHEET, make_folds(SHEET, "leave_one_sample_out")) == {
+        "B4": "cross_patient", "C2": "within_patient", "C3": "within_patient",
+        "C4": "within_patient"}
+    assert set(fold_kinds(SHEET, make_folds(SHEET, "leave_one_patient_out")).values()) == {
+        "cross_patient"}
+    mixed = make_folds(SHEET, "explicit", {"both": ["B4", "C2"]})
+    assert fold_kinds(SHEET, mixed) == {"both": "mixed"}
 
 
 def test_validation_split_is_blockwise_and_bounded():

@@ -19,8 +19,10 @@ from histomap.models.histogene import HistoGene
 from histomap.tasks.spot import (
     SlideSequence,
     SpotSequenceDataset,
+    covering_windows,
     histogene_batch_loss,
     predict_histogene,
+    predict_sequence,
     quantise_positions,
     resize_patches,
     spot_positions,
@@ -217,6 +219,85 @@ def test_sequence_datasets_subset_pad_and_score():
         SpotSequenceDataset([b], [train_b], [np.ones(7, bool)])
 
 
+def _grid_sequence(n_side=6, genes=2, p=8, seed=0):
+    """A square lattice of n_side^2 spots 100 px apart, with centres."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = np.divmod(np.arange(n_side * n_side), n_side)
+    return SlideSequence("grid", torch.randint(0, 256, (n_side * n_side, 3, p, p), generator=g,
+                                               dtype=torch.uint8),
+                         torch.from_numpy(np.column_stack([cols, rows]).astype(np.int64)),
+                         torch.randn(n_side * n_side, genes, generator=g),
+                         np.column_stack([cols * 100.0, rows * 100.0]))
+
+
+def _is_contiguous(xy, members, k):
+    """``members`` are the k spots nearest to one of them (ties allowed)."""
+    d = np.hypot(*(xy[:, None, :] - xy[None, members, :]).transpose(2, 0, 1))
+    return any((d[members, j] <= np.sort(d[:, j])[k - 1]).all() for j in range(len(members)))
+
+
+def test_covering_windows_are_contiguous_and_own_every_spot_once():
+    seq = _grid_sequence(7)
+    xy = seq.xy
+    windows = covering_windows(xy, 9)
+    owners = np.zeros(len(xy), int)
+    for idx, owned in windows:
+        assert len(idx) == 9 and np.all(np.diff(idx) > 0)
+        assert _is_contiguous(xy, idx, 9)
+        owners[idx[owned]] += 1
+    assert (owners == 1).all() and len(windows) > 1
+    targets = np.arange(len(xy)) % 3 == 0
+    owners[:] = 0
+    for idx, owned in covering_windows(xy, 9, targets):
+        owners[idx[owned]] += 1
+    assert (owners == targets).all()
+    assert covering_windows(xy[:5], 9)[0][0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_training_validation_and_prediction_see_the_same_windows(monkeypatch):
+    """HistoGene-style used to train on random scattered subsets of max_spots spots and to
+    predict a whole slide as one sequence. Now every sequence is a contiguous window of at most
+    max_spots spots, in training, validation and prediction."""
+    torch.manual_seed(0)
+    seq = _grid_sequence(7)
+    train = SpotSequenceDataset([seq], [np.ones(49, bool)], [np.ones(49, bool)], max_spots=9,
+                                items_per_slide=5)
+    for i in range(len(train)):
+        item = train[i]
+        members = [int(torch.nonzero((seq.targets == t).all(dim=1))[0])
+                   for t in item["targets"][item["valid"]]]
+        assert len(members) == 9 and _is_contiguous(seq.xy, np.array(members), 9)
+    val_mask = np.arange(49) >= 40
+    val = SpotSequenceDataset([seq], [np.ones(49, bool)], [val_mask], max_spots=9, cover=True)
+    scored = sum(int(val[i]["scored"].sum()) for i in range(len(val)))
+    assert scored == val_mask.sum() and max(int(val[i]["valid"].sum()) for i in
+                                             range(len(val))) <= 9
+
+    model = HistoGene(2, **TINY).eval()
+    lengths = []
+    forward = HistoGene.forward
+
+    def recording(self, patches, positions, *args, **kwargs):
+        lengths.append(patches.shape[1])
+        return forward(self, patches, positions, *args, **kwargs)
+
+    monkeypatch.setattr(HistoGene, "forward", recording)
+    pred = predict_sequence(model, seq, max_spots=9, device="cpu", amp=False)
+    assert pred.shape == (49, 2) and lengths and max(lengths) == 9
+    # each spot: the mean of the windows that hold it
+    windows = covering_windows(seq.xy, 9)
+    with torch.no_grad():
+        outs = [forward(model, seq.patches[torch.from_numpy(i)][None].float() / 255,
+                        seq.positions[torch.from_numpy(i)][None])[0].numpy() for i, _ in windows]
+    spot = 24
+    expected = np.mean([o[list(i).index(spot)] for (i, _), o in zip(windows, outs) if spot in i],
+                       axis=0)
+    np.testing.assert_allclose(pred[spot], expected, rtol=1e-5, atol=1e-6)
+    lengths.clear()
+    whole = predict_sequence(model, seq, device="cpu", amp=False)
+    assert lengths == [49] and not np.allclose(whole, pred)
+
+
 def test_batch_loss_scores_only_scored_spots():
     torch.manual_seed(0)
     seq = _sequence(9, genes=3, p=8)
@@ -285,7 +366,7 @@ def _train(samples, name, **kwargs):
                                 checkpoint_dir=out / "checkpoints", **kwargs)
 
 
-def test_train_resume_and_predict(samples):
+def test_train_resume_and_predict(samples, monkeypatch):
     out, summary = _train(samples, "full")
     assert summary["epochs_done"] == 2 and (out / "model.pt").is_file()
     log = pd.read_csv(out / "train_log.csv")
@@ -310,10 +391,18 @@ def test_train_resume_and_predict(samples):
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
 
-    # held-out slide: one sequence of all its spots
+    # held-out slide: covering windows of at most max_spots (8) spots, as in training
     st_path, slide = samples["paths"]["s2"]
+    lengths, forward = [], HistoGene.forward
+
+    def recording(self, patches, *args, **kwargs):
+        lengths.append(patches.shape[1])
+        return forward(self, patches, *args, **kwargs)
+
+    monkeypatch.setattr(HistoGene, "forward", recording)
     pred = predict_histogene(out / "model.pt", st_path, slide, out / "pred" / "s2.h5ad",
                              device="cpu")
+    assert ad.read_h5ad(st_path).n_obs > 8 and max(lengths) == 8
     written = ad.read_h5ad(out / "pred" / "s2.h5ad")
     st = ad.read_h5ad(st_path)
     assert written.shape == (st.n_obs, 5) and list(written.var_names) == samples["genes"]

@@ -48,20 +48,43 @@ def test_pearson_scale_invariant_and_extreme_values():
     np.testing.assert_allclose(pearson_per_gene(-y, p), -base, rtol=1e-12)
 
 
-def test_constant_columns_are_nan_and_counted():
+def test_constant_truth_is_left_out_and_constant_prediction_scores_zero():
     rng = np.random.default_rng(2)
-    y_true = rng.normal(size=(20, 4))
-    y_pred = rng.normal(size=(20, 4))
+    y_true = rng.normal(size=(20, 5))
+    y_pred = rng.normal(size=(20, 5))
     y_true[:, 1] = 0.1          # constant truth (0.1 is not exact in binary: no rounding escape)
     y_pred[:, 2] = 3.0          # constant prediction
+    y_pred[:, 3] = 0.7 + 1e-9 * rng.normal(size=20).astype(np.float32)  # flat up to rounding
     r = pearson_per_gene(y_true, y_pred)
-    assert np.isnan(r[[1, 2]]).all()
-    assert np.isfinite(r[[0, 3]]).all()
-    table = gene_metrics(y_true, y_pred, ["a", "b", "c", "d"])
-    assert len(table) == 12, "NaN genes are kept, not dropped"
+    assert np.isnan(r[1]), "no PCC where the truth is constant"
+    assert r[2] == 0.0 and r[3] == 0.0, "a flat prediction scores 0, it is not dropped"
+    assert np.isfinite(r[[0, 4]]).all() and r[0] != 0
+    both = pearson_per_gene(np.full((5, 1), 2.0), np.full((5, 1), 2.0))
+    assert np.isnan(both).all(), "constant truth wins: left out for every method alike"
+    broken = y_pred.copy()
+    broken[3, 0] = np.nan
+    assert pearson_per_gene(y_true, broken)[0] == 0.0, "a non-finite prediction scores 0"
+    table = gene_metrics(y_true, y_pred, ["a", "b", "c", "d", "e"])
+    assert len(table) == 15, "every gene keeps its rows"
     summary = summarise(table)
-    assert _value(summary, metric="n_nan_pcc") == 2
-    assert _value(summary, metric="PCC@M") == pytest.approx(np.mean(r[[0, 3]]))
+    assert _value(summary, metric="n_genes_scored") == 4
+    assert _value(summary, metric="n_constant_truth") == 1
+    assert _value(summary, metric="PCC@M") == pytest.approx(np.mean(r[[0, 2, 3, 4]]))
+    assert _value(summary, metric="PCC@M") == pytest.approx((r[0] + r[4]) / 4)
+
+
+def test_flat_prediction_does_not_beat_a_weak_one():
+    """Two methods on the same truth: one predicts a gene flat, the other weakly. The flat one
+    must not win by having the gene dropped from its mean (the old NaN-and-drop rule)."""
+    rng = np.random.default_rng(5)
+    truth = rng.normal(size=(40, 2))
+    good = truth[:, :1] + 0.1 * rng.normal(size=(40, 1))
+    weak = np.column_stack([good[:, 0], truth[:, 1] + 3.0 * rng.normal(size=40)])
+    flat = np.column_stack([good[:, 0], np.full(40, 1.5)])
+    mean = {name: _value(summarise(gene_metrics(truth, pred, ["g1", "g2"])), metric="PCC@M")
+            for name, pred in (("weak", weak), ("flat", flat))}
+    assert pearson_per_gene(truth, weak)[1] > 0
+    assert mean["weak"] > mean["flat"]
 
 
 def test_pearson_shape_checks():
@@ -82,7 +105,8 @@ def test_summaries_on_hand_made_vectors():
     assert _value(summary, metric="PCC@F") == pytest.approx(np.quantile(defined, 0.25))
     assert _value(summary, metric="PCC@S") == pytest.approx(np.median(defined))
     assert _value(summary, metric="PCC@M") == pytest.approx(np.mean(defined))
-    assert _value(summary, metric="n_nan_pcc") == 1
+    assert _value(summary, metric="n_constant_truth") == 1
+    assert _value(summary, metric="n_genes_scored") == 6
     assert _value(summary, metric="MSE") == pytest.approx(4.0)
     assert _value(summary, metric="MAE") == pytest.approx(mae.mean())
     # hand values: sorted defined = [-0.6, -0.2, 0.1, 0.5, 0.7, 0.9]; Q1 at index 1.25
@@ -101,7 +125,8 @@ def test_summarise_keys_and_all_nan_group():
     assert list(summary.columns) == ["sample", "metric", "value"]
     assert _value(summary, sample="A", metric="PCC@M") == pytest.approx(0.3)
     assert np.isnan(_value(summary, sample="B", metric="PCC@M"))
-    assert _value(summary, sample="B", metric="n_nan_pcc") == 2
+    assert _value(summary, sample="B", metric="n_constant_truth") == 2
+    assert _value(summary, sample="B", metric="n_genes_scored") == 0
 
 
 def test_mse_mae_formulas():
@@ -139,13 +164,13 @@ def test_aggregate_over_slides_means_and_sums():
     summary = pd.DataFrame({
         "model": ["m"] * 6,
         "sample": ["A", "A", "B", "B", "pooled", "pooled"],
-        "metric": ["MSE", "n_nan_pcc"] * 3,
+        "metric": ["MSE", "n_constant_truth"] * 3,
         "value": [1.0, 2.0, 3.0, 1.0, 100.0, 100.0],
     })
     mean = aggregate_over_slides(summary)
     assert list(mean.columns) == ["model", "metric", "value"]
     assert _value(mean, metric="MSE") == pytest.approx(2.0)
-    assert _value(mean, metric="n_nan_pcc") == 3
+    assert _value(mean, metric="n_constant_truth") == 3
 
 
 def _spots(names, genes, x, *, sparse=False):

@@ -114,6 +114,19 @@ def test_select_genes_top_mean_intersection_and_ties(caplog):
     assert select_genes({"a": a, "b": b}, n_genes=2) == ["B", "C"]
 
 
+def test_select_genes_ranks_on_the_given_samples_and_only_checks_names_of_measured():
+    """The fold's test sections enter only by their gene names (a gene their table lacks cannot
+    be scored there); how high a gene is in them never changes the ranking."""
+    train = _normalised([[5.0, 4.0, 3.0, 2.0], [5.0, 4.0, 3.0, 2.0]], ["A", "B", "C", "D"], "t")
+    high = ["A", "B", "C", "D"]
+    panel = select_genes({"t": train}, n_genes=2, measured={"test": high})
+    assert panel == ["A", "B"]
+    assert select_genes({"t": train}, n_genes=2, measured={"test": ["B", "C", "D"]}) == ["B", "C"]
+    with pytest.raises(InputError, match="absent from sample 'test': A"):
+        select_genes({"t": train}, method="list", genes=["A", "B"],
+                     measured={"test": ["B", "C"]}, path="panel.tsv")
+
+
 def test_select_genes_exclude_patterns():
     a = _normalised([[9.0, 8.0, 7.0, 1.0]], ["MT-CO1", "RPL3", "ERBB2", "ACTB"])
     assert select_genes({"a": a}, n_genes=2) == ["MT-CO1", "RPL3"], "kept unless excluded"

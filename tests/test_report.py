@@ -64,8 +64,8 @@ def test_long_table_columns_and_hand_computed_summaries(metric_files):
     m1 = dict(model="m1", metric="PCC@M")
     assert _value(long_df, sample="A", **m1) == pytest.approx(0.4)
     assert _value(long_df, sample="B", **m1) == pytest.approx(0.35)  # NaN gene left out
-    assert _value(long_df, model="m1", sample="B", metric="n_nan_pcc") == 1
-    assert _value(long_df, model="m1", sample="A", metric="n_nan_pcc") == 0
+    assert _value(long_df, model="m1", sample="B", metric="n_constant_truth") == 1
+    assert _value(long_df, model="m1", sample="A", metric="n_constant_truth") == 0
     assert _value(long_df, model="m1", sample="B", metric="PCC@F") == pytest.approx(0.275)
     assert _value(long_df, model="m1", sample="D", metric="PCC@S") == pytest.approx(0.6)
     assert _value(long_df, model="m2", sample="A", metric="PCC@M") == pytest.approx(0.2)
@@ -88,7 +88,7 @@ def test_mean_over_slides_is_mean_of_slides_and_pooled_passes_through(metric_fil
                   metric="PCC@M") == pytest.approx(0.375)
     # NaN-PCC genes are totalled over the fold's slides, not averaged away
     assert _value(long_df, model="m1", fold="f1", sample="mean_over_slides",
-                  metric="n_nan_pcc") == 1
+                  metric="n_constant_truth") == 1
     # pooled summaries come from the pooled per-gene rows, not from the slides
     assert _value(long_df, model="m1", fold="f2", sample="pooled",
                   metric="PCC@M") == pytest.approx(0.6)
@@ -122,11 +122,11 @@ def test_all_nan_slide_shows_nan_and_propagates(metric_files):
     metrics.loc[(metrics["sample"] == "C") & (metrics["metric"] == "pcc"), "value"] = np.nan
     long_df = report.benchmark_long(metrics)
     assert np.isnan(_value(long_df, model="m1", sample="C", metric="PCC@M"))
-    assert _value(long_df, model="m1", sample="C", metric="n_nan_pcc") == 3
+    assert _value(long_df, model="m1", sample="C", metric="n_constant_truth") == 3
     assert np.isnan(_value(long_df, model="m1", fold="f2", sample="mean_over_slides",
                            metric="PCC@M"))
     md = report.benchmark_markdown(long_df)
-    assert "| m1 | f2 | C | 1.0000 | 0.5000 | nan | nan | nan | 3 | 3 |" in md
+    assert "| m1 | f2 | C | 1.0000 | 0.5000 | nan | nan | nan | 0 | 3 | 3 |" in md
     assert "m1 4 (slides)" in md
 
 
@@ -203,3 +203,23 @@ def test_plot_pcc_distribution_writes_png(metric_files, tmp_path):
     figures.plot_pcc_distribution(report.read_metrics(metric_files), out)
     assert out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cross_and_within_patient_folds_are_separate_rows(metric_files):
+    """Folds that say what they are: a cross-patient fold and a within-patient fold are two rows
+    of every main table, never one mean (the old table averaged them)."""
+    metrics = report.read_metrics(metric_files)
+    metrics["fold_kind"] = metrics["fold"].map({"f1": "cross_patient", "f2": "within_patient"})
+    long_df = report.benchmark_long(metrics)
+    assert list(long_df.columns[:5]) == ["task", "dataset", "model", "fold", "fold_kind"]
+    agg = report.across_folds(long_df)
+    m1 = agg[(agg["model"] == "m1") & (agg["sample"] == "mean_over_slides")
+             & (agg["metric"] == "PCC@M")].set_index("fold_kind")
+    assert m1.loc["cross_patient", "mean"] == pytest.approx(0.375)
+    assert m1.loc["within_patient", "mean"] == pytest.approx(0.45)
+    assert m1.loc["cross_patient", "folds"] == "f1" and m1.loc["cross_patient", "n_folds"] == 1
+    md = report.benchmark_markdown(long_df)
+    assert "| m1 | cross-patient (f1) | " in md and "| m1 | within-patient (f2) | " in md
+    assert "0.4125" not in md, "the mean over both kinds of fold is never shown"
+    # the rows carry the kind in the per-fold details as well
+    assert "| m1 | f1 | cross_patient | B |" in md

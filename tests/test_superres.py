@@ -99,7 +99,7 @@ def fake_baselines(monkeypatch):
 def synthetic(tmp_path_factory):
     """400 x 400 um synthetic section; its 5 most expressed genes."""
     folder = tmp_path_factory.mktemp("syn") / "sample"
-    simulate_sample(folder, seed=11, size_um=(400.0, 400.0), n_genes=40)
+    simulate_sample(folder, seed=12, size_um=(400.0, 400.0), n_genes=40)
     cells = ad.read_h5ad(folder / "cells.h5ad")
     totals = np.asarray(cells.X.sum(axis=0)).ravel()
     genes = [str(g) for g in cells.var_names[np.argsort(-totals)[:N_GENES]]]
@@ -463,7 +463,9 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     np.testing.assert_allclose(pcc, -1.0)
     assert n == 36 and np.all(rmse > 0)
     _, pcc, _ = sr_metrics.patch_gene_metrics(truth, np.zeros_like(truth), mask)
-    assert np.isnan(pcc).all()
+    assert (pcc == 0).all(), "a flat prediction scores 0"
+    _, pcc, _ = sr_metrics.patch_gene_metrics(np.ones_like(truth), truth, mask)
+    assert np.isnan(pcc).all(), "constant truth: no PCC, left out"
 
     summaries = {}
     for method in ("bicubic", "negated", "constant"):
@@ -482,10 +484,12 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     assert summaries["negated"].loc["PCC", "value"] == pytest.approx(
         -summaries["bicubic"].loc["PCC", "value"], abs=1e-6)
     n = len(read_sr_pairs(pairs)[0]["hr"])
-    constant = summaries["constant"].loc["PCC"]
-    assert np.isnan(constant["value"]) and constant["n_nan_pcc"] == n * N_GENES
-    assert constant["n_nan_patches"] == n
-    assert f"{n * N_GENES} of {n * N_GENES} patch-gene PCCs are undefined" in caplog.text
+    constant, bicubic = summaries["constant"].loc["PCC"], summaries["bicubic"].loc["PCC"]
+    assert constant["value"] == 0, "a constant map scores PCC 0, it is not dropped"
+    # genes constant in the truth are left out for every method alike, and counted
+    assert constant["n_nan_pcc"] == bicubic["n_nan_pcc"]
+    assert constant["n_pcc_scored"] + constant["n_nan_pcc"] == n * N_GENES
+    assert constant["n_nan_patches"] == bicubic["n_nan_patches"] < n
 
     # two held-out samples (two folds): every patch of each counts once
     both = sr_metrics.evaluate_sr([pairs, pairs], [tmp_path / "bicubic" / "maps.zarr"] * 2,
@@ -503,7 +507,8 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     assert set(table["units"]) == {sr_report.SR_UNITS["minmax"], sr_report.SR_COUNTS_UNITS}
     md = (tmp_path / "superres.md").read_text()
     assert "| method | syn 4x RMSE | syn 4x PCC |" in md and "## Ablations" in md
-    assert "| constant |" in md and "n/a" in md and "constant syn 4x: " in md
+    assert "| constant |" in md
+    assert f"constant syn 4x: {n * N_GENES - int(bicubic['n_nan_pcc'])} / " in md
     csv = pd.read_csv(tmp_path / "superres.csv")
     row = csv[(csv.method == "negated") & (csv.metric == "PCC")
               & (csv.units == sr_report.SR_UNITS["minmax"])]

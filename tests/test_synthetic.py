@@ -80,6 +80,50 @@ def test_same_seed_same_sample_other_seed_differs(tmp_path, sample_dir, cells):
     assert cells3.shape != cells.shape or (cells3.X != cells.X).nnz > 0
 
 
+def test_sections_of_a_dataset_share_one_biology():
+    """Sections of one dataset (same dataset_seed, their own seeds) express the same cell-type
+    profiles, background genes included, and the same neighbourhood effects; they differ in
+    layout, composition, staining and depth. The old generator drew the profiles from each
+    section's own seed, so the H&E-to-expression map changed between train and test sections."""
+    size = (300.0, 300.0)
+    one = synthetic.simulate(synthetic.SyntheticConfig(seed=11, dataset_seed=0, size_um=size))
+    two = synthetic.simulate(synthetic.SyntheticConfig(seed=12, dataset_seed=0, size_um=size))
+    np.testing.assert_array_equal(one.cells.varm["type_profile"], two.cells.varm["type_profile"])
+    background = one.cells.var["programme"].to_numpy() == "background"
+    assert background.sum() > 10
+    cfg = synthetic.SyntheticConfig(seed=11, dataset_seed=0, size_um=size)
+    other = synthetic.SyntheticConfig(seed=12, dataset_seed=0, size_um=size)
+    b1, b2 = synthetic.dataset_biology(cfg), synthetic.dataset_biology(other)
+    for programme in synthetic.INDUCTIONS:
+        np.testing.assert_array_equal(b1.induction[programme], b2.induction[programme])
+    # ... and they are different sections
+    assert one.cells.n_obs != two.cells.n_obs or not np.array_equal(
+        one.cells.obsm["spatial"], two.cells.obsm["spatial"])
+    s1, s2 = one.meta["section"], two.meta["section"]
+    assert s1["depth"] != s2["depth"] and s1["stain"] != s2["stain"]
+    assert s1["region_bias"] != s2["region_bias"]
+    # another dataset has another biology
+    third = synthetic.dataset_biology(synthetic.SyntheticConfig(seed=11, dataset_seed=1))
+    assert not np.allclose(third.profiles, b1.profiles)
+
+
+def test_batch_effect_is_a_named_knob_off_by_default():
+    size = (300.0, 300.0)
+    assert synthetic.SyntheticConfig().batch_effect_sd == 0.0
+    base = synthetic.simulate(synthetic.SyntheticConfig(seed=11, dataset_seed=0, size_um=size))
+    one = synthetic.simulate(synthetic.SyntheticConfig(seed=11, dataset_seed=0, size_um=size,
+                                                       batch_effect_sd=0.3))
+    two = synthetic.simulate(synthetic.SyntheticConfig(seed=12, dataset_seed=0, size_um=size,
+                                                       batch_effect_sd=0.3))
+    p0, p1, p2 = (d.cells.varm["type_profile"] for d in (base, one, two))
+    assert not np.allclose(p1, p2) and not np.allclose(p0, p1)
+    np.testing.assert_allclose(p1.sum(axis=0), 1.0, rtol=1e-9)  # fractions per cell type
+    # a moderate effect: the same biology underneath
+    assert np.corrcoef(np.log(p0).ravel(), np.log(p1).ravel())[0, 1] > 0.9
+    with pytest.raises(ValueError, match="batch_effect_sd"):
+        synthetic.SyntheticConfig(batch_effect_sd=-1.0)
+
+
 def test_failed_write_leaves_no_folder(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -178,3 +178,39 @@ def test_demo_end_to_end(workdir):
     # a second run has nothing to do
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
     assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def _normalised_sample(workdir: Path, name: str, high_gene: str | None) -> None:
+    """results/st/{name}.h5ad: log-normalised spots; ``high_gene`` is expressed far above the
+    rest in this sample only."""
+    import anndata as ad
+
+    genes = [f"G{i}" for i in range(6)] + ["HIGH"]
+    rng = np.random.default_rng(len(name))
+    x = rng.uniform(0.5, 1.5, (20, len(genes))) * np.arange(len(genes), 0, -1)
+    x[:, genes.index("HIGH")] = 50.0 if high_gene == "HIGH" else 0.01
+    adata = ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame(index=[f"s{i}" for i in range(20)]),
+                       var=pd.DataFrame(index=genes))
+    adata.uns["histomap"] = {"normalisation": {"target_sum": 1e4, "log1p": True}}
+    path = workdir / "results" / "st" / f"{name}.h5ad"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(path)
+
+
+@pytest.mark.slow
+def test_gene_panel_comes_from_the_folds_training_samples(workdir):
+    """A gene uniquely high in one test section enters the panels of the folds that train on
+    that section, never the panel of the fold that holds it out (the old rule ranked genes over
+    every sample of the run, test sections included)."""
+    cfg = write_config(workdir, genes={"name": "top3", "method": "top_mean", "n_genes": 3})
+    for name in ("synA", "synB", "synC"):
+        _normalised_sample(workdir, name, "HIGH" if name == "synA" else None)
+    targets = [f"results/genes/top3/{fold}.tsv" for fold in ("P1", "P2", "P3")]
+    res = run_snakemake(workdir, *targets, "--cores", "1", "--configfile", str(cfg),
+                        "--allowed-rules", "select_genes", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    panels = {fold: list(pd.read_csv(workdir / "results" / "genes" / "top3" / f"{fold}.tsv",
+                                     sep="\t")["gene"]) for fold in ("P1", "P2", "P3")}
+    assert "HIGH" not in panels["P1"], "synA is P1's test section"
+    assert panels["P2"][0] == "HIGH" and panels["P3"][0] == "HIGH"
+    assert panels["P1"] == ["G0", "G1", "G2"]

@@ -9,7 +9,7 @@ RMSE / signed PCC per gene per patch (normalised units), through
 Example (a model trained by the pipeline, its fold's held-out pairs)::
 
     python benchmarks/superres/steps_vs_quality.py \\
-        --model results/sr/models/diffst/x5/F1/model.pt --pairs results/sr/pairs/synA_x5.zarr \\
+        --model results/sr/models/diffst/x5/F1/model.pt --pairs results/sr/pairs/F1/synA_x5.zarr \\
         --steps 1000 250 50 20 --max-patches 4 \\
         --out benchmarks/superres/results/steps_synthetic_diffst
 """

@@ -6,7 +6,7 @@ import pandas as pd
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
-from histomap.evaluation.folds import make_folds  # noqa: E402
+from histomap.evaluation.folds import fold_kinds, make_folds  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -38,6 +38,8 @@ FOLDS = make_folds(
     config["folds"].get("explicit"),
     sheet=SAMPLE_SHEET,
 )
+# cross_patient / within_patient / mixed per fold: reported as separate rows, never averaged
+FOLD_KINDS = fold_kinds(samples.reset_index(drop=True), FOLDS)
 MODELS = list(config["models"])
 
 
@@ -173,6 +175,12 @@ def fold_samples(fold, part):
     return FOLDS[fold][part]
 
 
+def genes_for_fold(fold):
+    """The gene panel of a fold, chosen from that fold's training samples only (select_genes);
+    every model, the cross-scale task and the super-resolution pairs of the fold use it."""
+    return f"results/genes/{GENE_PANEL}/{fold}.tsv"
+
+
 def model_params(model):
     """A model's config block without the pipeline-only keys (train overrides, scales)."""
     block = model_block(model)
@@ -281,10 +289,11 @@ def metric_files():
 def extra_train_spots(model, fold):
     """Per training sample of a fold, the extra spot tables a dense model trains on besides the
     sample's own spots (`train_diameters_um`: the high-resolution data re-measured with discs of
-    those sizes by truth_at_scale; samples without high-resolution data have none)."""
+    those sizes by truth_at_scale, the discs that pass the spot QC; samples without
+    high-resolution data have none)."""
     diameters = model_block(model).get("train_diameters_um", [])
     return [
-        [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
+        [f"results/scales/{s}/qc_{scale_label(um)}um.h5ad" for um in diameters]
         if has_highres(s)
         else []
         for s in fold_samples(fold, "train")
@@ -307,7 +316,7 @@ def train_inputs(wildcards):
     return {
         "st": [f"results/st/{s}.h5ad" for s in train],
         "slides": [f"results/ingest/{s}/slide.tif" for s in train],
-        "genes": f"results/genes/{GENE_PANEL}.tsv",
+        "genes": genes_for_fold(wildcards.fold),
         "extra": [path for paths in extra for path in paths],
     }
 
@@ -455,8 +464,10 @@ def sr_runs():
     return runs
 
 
-def sr_pairs_file(sample, scale):
-    return f"results/sr/pairs/{sample}_x{scale}.zarr"
+def sr_pairs_file(fold, sample, scale):
+    """SR pairs of a sample for one fold: the channels are the fold's gene panel
+    (genes_for_fold), chosen from its training samples only."""
+    return f"results/sr/pairs/{fold}/{sample}_x{scale}.zarr"
 
 
 def sr_pairs_inputs(wildcards):
@@ -465,13 +476,13 @@ def sr_pairs_inputs(wildcards):
     return {
         "slide": f"results/ingest/{wildcards.sample}/slide.tif",
         "counts": f"results/ingest/{wildcards.sample}/{counts}.h5ad",
-        "genes": f"results/genes/{GENE_PANEL}.tsv",
+        "genes": genes_for_fold(wildcards.fold),
     }
 
 
 def sr_train_inputs(wildcards):
     train = sr_fold_samples(wildcards.fold, "train", wildcards.sr_scale)
-    return [sr_pairs_file(s, wildcards.sr_scale) for s in train]
+    return [sr_pairs_file(wildcards.fold, s, wildcards.sr_scale) for s in train]
 
 
 def sr_test_runs(wildcards):
@@ -488,7 +499,7 @@ def sr_evaluate_inputs(wildcards):
     method, scale = wildcards.sr_method, wildcards.sr_scale
     runs = sr_test_runs(wildcards)
     return {
-        "pairs": [sr_pairs_file(s, scale) for _, s in runs],
+        "pairs": [sr_pairs_file(f, s, scale) for f, s in runs],
         "maps": [f"results/sr/predictions/{method}/x{scale}/{f}/{s}/maps.zarr" for f, s in runs],
     }
 

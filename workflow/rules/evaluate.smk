@@ -2,13 +2,14 @@ rule evaluate:
     input:
         predictions=lambda wc: prediction_files(wc.model, wc.fold, wc.tseed),
         truth=lambda wc: [f"results/st/{s}.h5ad" for s in fold_samples(wc.fold, "test")],
-        genes=f"results/genes/{GENE_PANEL}.tsv",
+        genes=lambda wc: genes_for_fold(wc.fold),
     output:
         "results/metrics/spot/{model}/{fold}/seed{tseed}.parquet",
     params:
         task="spot",
         dataset=config["dataset"],
         gene_set=GENE_PANEL,
+        fold_kind=lambda wc: FOLD_KINDS[wc.fold],
         samples=lambda wc: fold_samples(wc.fold, "test"),
     log:
         "logs/evaluate/spot/{model}/{fold}/seed{tseed}.log",
@@ -22,16 +23,21 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-# Cross-scale: ground truth re-measured from highres.h5ad with discs of each diameter
-# (histomap.evaluation.scales), normalised like the training spots, and the dense models scored on it.
+# Cross-scale: ground truth re-measured from highres.h5ad with discs of each diameter on a
+# lattice, every disc whose centre is in the H&E tissue mask (empty ones: zeros), normalised like
+# the training spots (histomap.evaluation.scales), and the dense models scored on it; qc_* keeps
+# the discs that pass the spot QC, the targets of mixed-scale training.
 rule truth_at_scale:
     input:
         highres="results/ingest/{sample}/highres.h5ad",
         st="results/st/{sample}.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
     output:
-        expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+        truth=expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+        qc=expand("results/scales/{{sample}}/qc_{um}um.h5ad", um=CROSS_SCALE_LABELS),
     params:
         preprocess=CROSS_SCALE_PREPROCESS,
+        mask_mpp=config["tiling"]["mask_mpp"],
         min_spacing_um=CROSS_SCALE.get("min_spacing_um", 10.0),
         diameters_um=CROSS_SCALE.get("diameters_um", []),
     log:
@@ -55,13 +61,14 @@ use rule evaluate as evaluate_cross_scale with:
         truth=lambda wc: [
             f"results/scales/{s}/truth_{um}um.h5ad" for s, um in cross_scale_pairs(wc.fold)
         ],
-        genes=f"results/genes/{GENE_PANEL}.tsv",
+        genes=lambda wc: genes_for_fold(wc.fold),
     output:
         "results/metrics/cross_scale/{model}/{fold}/seed{tseed}.parquet",
     params:
         task="cross_scale",
         dataset=config["dataset"],
         gene_set=GENE_PANEL,
+        fold_kind=lambda wc: FOLD_KINDS[wc.fold],
         samples=lambda wc: [s for s, _ in cross_scale_pairs(wc.fold)],
     log:
         "logs/evaluate/cross_scale/{model}/{fold}/seed{tseed}.log",

@@ -17,15 +17,19 @@ rule normalise_st:
         "../scripts/normalise_st.py"
 
 
+# The gene panel of a fold, ranked on that fold's training samples only; of the test sections
+# only their gene names are read (candidates must be scorable there), never a value.
+# `genes.method: list` gives the same listed panel to every fold.
 rule select_genes:
     input:
-        st=expand("results/st/{sample}.h5ad", sample=samples["sample"]),
+        st=lambda wc: [f"results/st/{s}.h5ad" for s in fold_samples(wc.fold, "train")],
+        measured=lambda wc: [f"results/st/{s}.h5ad" for s in fold_samples(wc.fold, "test")],
     output:
-        f"results/genes/{GENE_PANEL}.tsv",
+        f"results/genes/{GENE_PANEL}/{{fold}}.tsv",
     params:
         genes=config["genes"],
     log:
-        f"logs/select_genes/{GENE_PANEL}.log",
+        f"logs/select_genes/{GENE_PANEL}/{{fold}}.log",
     threads: 1
     resources:
         mem_mb=config["resources"]["mem_mb"]["light"],

@@ -1,5 +1,5 @@
-# Super-resolution benchmark (Diff-ST and its baselines). Per sample and SR factor: aligned
-# LR/HR/H&E pairs. Per method, factor and fold: train on the fold's training samples' pairs
+# Super-resolution benchmark (Diff-ST and its baselines). Per fold, sample and SR factor: aligned
+# LR/HR/H&E pairs of the fold's gene panel (chosen from its training samples only). Per method, factor and fold: train on the fold's training samples' pairs
 # (validation patches are carved out of those) and predict its test samples (train_diffst /
 # predict_diffst for Diff-ST and its ablations, train_sr_baseline / predict_sr_baseline for the
 # baselines: same code, same inputs); per method and factor: score every fold's test samples;
@@ -20,13 +20,13 @@ rule build_sr_pairs:
     input:
         unpack(sr_pairs_inputs),
     output:
-        directory("results/sr/pairs/{sample}_x{sr_scale}.zarr"),
+        directory("results/sr/pairs/{fold}/{sample}_x{sr_scale}.zarr"),
     params:
         platform=lambda wc: samples.loc[wc.sample, "platform"],
         pairs=sr_pair_settings(),
         n_genes=config["superres"].get("n_genes"),
     log:
-        "logs/build_sr_pairs/{sample}_x{sr_scale}.log",
+        "logs/build_sr_pairs/{fold}/{sample}_x{sr_scale}.log",
     threads: 1
     resources:
         mem_mb=config["resources"]["mem_mb"]["slide"],
@@ -76,7 +76,7 @@ use rule train_diffst as train_sr_baseline with:
 rule predict_diffst:
     input:
         model="results/sr/models/{sr_method}/x{sr_scale}/{fold}/model.pt",
-        pairs="results/sr/pairs/{sample}_x{sr_scale}.zarr",
+        pairs="results/sr/pairs/{fold}/{sample}_x{sr_scale}.zarr",
     output:
         maps=directory("results/sr/predictions/{sr_method}/x{sr_scale}/{fold}/{sample}/maps.zarr"),
         bins="results/sr/predictions/{sr_method}/x{sr_scale}/{fold}/{sample}/bins.h5ad",

@@ -30,7 +30,8 @@ def main(sm):
         table = evaluate_predictions(e["truth"], e["pred"], genes, truth_paths=e["tp"],
                                      pred_paths=e["pp"])
         front = pd.DataFrame({"task": p.task, "dataset": p.dataset, "model": sm.wildcards.model,
-                              "fold": sm.wildcards.fold, "scale_um": scale,
+                              "fold": sm.wildcards.fold, "fold_kind": p.fold_kind,
+                              "scale_um": scale,
                               "gene_set": p.gene_set, "seed": int(sm.wildcards.tseed)},
                              index=table.index)
         frames.append(pd.concat([front, table], axis=1))

@@ -1,4 +1,5 @@
-"""Snakemake adapter: generate one synthetic section (H&E, cells, spots) from the seed."""
+"""Snakemake adapter: generate one synthetic section (H&E, cells, spots): the dataset's biology
+from the workflow seed, the section's layout, composition, staining and depth from its own."""
 import zlib
 
 from histomap.data.synthetic import simulate_sample
@@ -8,4 +9,5 @@ sm = snakemake  # noqa: F821 (injected by Snakemake)
 sample = sm.wildcards.sample
 # one reproducible seed per sample: the global seed plus a stable hash of the sample name
 seed = int(sm.params.seed) + zlib.crc32(sample.encode()) % 100_000
-run_step(sm.log[0], simulate_sample, sm.output[0], seed=seed, **sm.params.synthetic)
+run_step(sm.log[0], simulate_sample, sm.output[0], seed=seed, dataset_seed=int(sm.params.seed),
+         **sm.params.synthetic)

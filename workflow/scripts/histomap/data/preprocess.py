@@ -12,8 +12,9 @@ Output contract of :func:`normalise_spots` (``results/st/{sample}.h5ad``)
   ``uns["histomap"]["normalisation"] = dict(target_sum=..., log1p=True)`` and
   ``uns["histomap"]["qc"] = dict(min_counts, min_genes, n_spots_in, n_spots_dropped)``.
 
-Gene panels (``results/genes/{panel}.tsv``) are TSV files with the columns ``gene`` and ``rank``
-(1 = first), written by :func:`write_gene_panel` and read by :func:`read_gene_panel`.
+Gene panels (``results/genes/{panel}/{fold}.tsv``, chosen by :func:`select_genes` from one
+fold's training samples only) are TSV files with the columns ``gene`` and ``rank`` (1 = first),
+written by :func:`write_gene_panel` and read by :func:`read_gene_panel`.
 """
 from __future__ import annotations
 
@@ -204,9 +205,11 @@ def _listed(samples: Mapping[str, ad.AnnData], genes: Sequence[str] | None,
 
 def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
                  n_genes: int = 250, genes: Sequence[str] | None = None,
-                 exclude_patterns: Sequence[str] = (), path: str | Path = "gene panel"
-                 ) -> list[str]:
-    """Choose the gene panel shared by all samples (``X`` = log-normalised expression).
+                 exclude_patterns: Sequence[str] = (),
+                 measured: Mapping[str, Sequence[str]] | None = None,
+                 path: str | Path = "gene panel") -> list[str]:
+    """Choose the gene panel from ``samples`` (``X`` = log-normalised expression): in the
+    workflow, one fold's training samples only, so no test section enters the choice.
 
     ``method``: ``"top_mean"`` (highest mean expression pooled over all spots of all samples,
     ties broken by gene name), ``"hvg"`` (scanpy ``flavor="seurat"`` highly variable genes with
@@ -214,6 +217,11 @@ def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
     sample). ``exclude_patterns`` (regexes, e.g. ``["^MT-", "^RP[SL]"]``) remove matching
     candidates for ``top_mean``/``hvg``; an explicit list is used as given. Returns genes in rank
     order (most expressed / most variable first).
+
+    ``measured``: sample name -> gene names of further sections (in the workflow the fold's test
+    sections) that the panel must be scorable on: candidates (and a listed panel) are limited to
+    genes those tables hold. Only the names are used, never an expression value, so the ranking
+    comes from ``samples`` alone.
     """
     if method not in GENE_SELECTION_METHODS:
         raise InputError(path, f"unknown gene selection method {method!r}; "
@@ -225,12 +233,24 @@ def select_genes(samples: Mapping[str, ad.AnnData], *, method: str = "top_mean",
         if exclude_patterns:
             log.info("%s: exclude_patterns are not applied to an explicit gene list", path)
         panel = _listed(samples, genes, path)
+        for name, names in (measured or {}).items():
+            missing = [g for g in panel if g not in set(names)]
+            if missing:
+                raise InputError(path, f"gene panel genes absent from sample {name!r}: "
+                                       f"{', '.join(missing)}")
         log.info("%s: using the given list of %d genes", path, len(panel))
         return panel
 
     if n_genes < 1:
         raise InputError(path, f"n_genes must be at least 1, got {n_genes}")
     candidates = _exclude(shared_genes(samples, path=path), exclude_patterns, path)
+    for name, names in (measured or {}).items():
+        names = set(names)
+        lacking = [g for g in candidates if g not in names]
+        if lacking:
+            log.info("%s: %d candidate genes are not in the table of sample %r and cannot be "
+                     "scored there; not candidates", path, len(lacking), name)
+        candidates = [g for g in candidates if g in names]
     if not candidates:
         raise InputError(path, "no candidate gene left after exclude_patterns")
     if n_genes > len(candidates):

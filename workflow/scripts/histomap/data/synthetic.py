@@ -5,12 +5,13 @@ One seed gives one sample folder (see :func:`simulate_sample`)::
     he.tif       pyramidal TIFF (OpenSlide generic-tiff, with mpp) of an H&E-like image
     cells.h5ad   one row per cell: obs cell_type, x_px, y_px, neighbour fractions;
                  obsm["spatial"] (x, y) level-0 px; X integer counts (CSR);
-                 layers["rate"] the noiseless expected counts (float32)
+                 layers["rate"] the noiseless expected counts (float32);
+                 varm["type_profile"] (genes, cell types) the expression fractions expressed
     spots.h5ad   hexagonal (Visium-like) or square spot grid, only spots holding >= 1 cell;
                  X = exact sum of the counts of the cells whose centre lies inside each disc;
                  layers["rate"] the summed rates; obs n_cells, array_row, array_col,
                  diameter_um; obsm["spatial"] px; obs_names spot_{row}x{col}
-    meta.json    the config, seed, mpp and spot geometry
+    meta.json    the config, seed, dataset seed, section variation, mpp and spot geometry
 
 Pixel coordinates follow the image: pixel (row i, column j) is centred at (x=j, y=i).
 
@@ -22,6 +23,16 @@ cells with thin pink membranes) and normal ducts (glands: a white lumen lined by
 epithelial nuclei). Expression depends on the cell type (gene programmes) and on the
 neighbourhood (genes induced by the fraction of lymphocytes or tumour cells nearby), so maps
 have spatial structure at 50-200 um.
+
+**One biology per dataset.** The cell-type expression profiles (named programmes and background
+genes) and the neighbourhood induction strengths are drawn from ``dataset_seed`` (the workflow's
+``seed``), never from the section's own ``seed``: every section of a dataset maps H&E to
+expression the same way (:func:`dataset_biology`; stored as ``cells.varm["type_profile"]``).
+Sections differ in layout (the section seed), composition (``composition_sd``: a per-section
+shift of the cell-type region biases), staining (``stain_sd``: per-channel optical-density
+scale) and sequencing depth (``depth_log_sd``: a per-section library-size factor). A per-section
+batch effect on the profiles themselves (log-normal, ``batch_effect_sd``) is a separate knob,
+off (0) by default.
 
 :func:`aggregate_discs` and :func:`aggregate_bins` sum any point-like high-resolution AnnData
 (cells here, Xenium transcripts elsewhere) into discs or square bins of any size: ground truth at
@@ -156,6 +167,11 @@ class SyntheticConfig:
     neighbourhood_um: float = 40.0
     induction_strength: float = 0.04                      # fraction of library per gene at 100%
     grid_um: float = 2.0                                  # resolution of the layout fields
+    dataset_seed: int | None = None                       # the biology (None: the section seed)
+    composition_sd: float = 0.15                          # per-section shift of region biases
+    stain_sd: float = 0.05                                # per-section stain (log OD scale) sd
+    depth_log_sd: float = 0.2                             # per-section library-size factor sd
+    batch_effect_sd: float = 0.0                          # per-section profile noise (log), off
 
     def __post_init__(self):
         self.size_um = (float(self.size_um[0]), float(self.size_um[1]))
@@ -172,6 +188,9 @@ class SyntheticConfig:
             problems.append(f"spot_grid must be 'hex' or 'square', got {self.spot_grid!r}")
         if self.spot_diameter_um <= 0 or self.spot_spacing_um <= 0:
             problems.append("spot_diameter_um and spot_spacing_um must be positive")
+        for name in ("composition_sd", "stain_sd", "depth_log_sd", "batch_effect_sd"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -508,8 +527,11 @@ def _draw_adipocytes(canvas, layout, cfg, rng, grain) -> None:
                   angle=toward[shown] + np.pi / 2)
 
 
-def render_he(cfg: SyntheticConfig, layout: Layout, rng: np.random.Generator) -> np.ndarray:
-    """H&E-like RGB uint8 image (H, W, 3) of a layout at ``cfg.mpp``."""
+def render_he(cfg: SyntheticConfig, layout: Layout, rng: np.random.Generator,
+              stain: np.ndarray | None = None) -> np.ndarray:
+    """H&E-like RGB uint8 image (H, W, 3) of a layout at ``cfg.mpp``; ``stain``: per-channel
+    scale of the optical density (the section's staining; None: 1)."""
+    section = np.ones(3, np.float32) if stain is None else np.asarray(stain, np.float32)
     H, W = cfg.shape_px
     mpp = cfg.mpp
     # region backgrounds, soft at the boundaries
@@ -561,7 +583,7 @@ def render_he(cfg: SyntheticConfig, layout: Layout, rng: np.random.Generator) ->
 
     # stain intensity variation, optical blur, sensor noise
     stain = _resize(_smooth_field(layout.region.shape, 150.0 / cfg.grid_um, rng), (H, W))
-    canvas = 255 - (255 - canvas) * (1 + 0.08 * stain)[..., None]
+    canvas = 255 - (255 - canvas) * ((1 + 0.08 * stain)[..., None] * section)
     blur = 0.3 / mpp
     for ch in range(3):
         canvas[..., ch] = ndimage.gaussian_filter(canvas[..., ch], blur)
@@ -621,16 +643,54 @@ def neighbour_fractions(xy_um: np.ndarray, cell_type: np.ndarray, radius_um: flo
     return counts / np.maximum(total, 1)
 
 
+@dataclass
+class Biology:
+    """How a dataset's cells express genes: ``profiles`` (n_types, n_genes) expression fractions
+    per cell type, ``induction`` {programme: (n_programme_genes,) strength}."""
+    var: pd.DataFrame
+    profiles: np.ndarray
+    induction: dict[str, np.ndarray]
+
+
+def dataset_biology(cfg: SyntheticConfig) -> Biology:
+    """The biology shared by every section of a dataset, drawn from ``cfg.dataset_seed``
+    (``cfg.seed`` when None) alone: the same profiles and induction strengths for every
+    section seed."""
+    seed = cfg.seed if cfg.dataset_seed is None else cfg.dataset_seed
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(101,)))
+    var = gene_panel(cfg.n_genes)
+    profiles = type_profiles(var, rng)
+    prog = var["programme"].to_numpy()
+    induction = {programme: cfg.induction_strength
+                 * np.exp(rng.normal(0, 0.2, int((prog == programme).sum())))
+                 for programme in INDUCTIONS}
+    return Biology(var, profiles, induction)
+
+
+def section_profiles(biology: Biology, batch_effect_sd: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The profiles one section expresses: the dataset's, times a per-section log-normal batch
+    effect per (type, gene) when ``batch_effect_sd > 0`` (renormalised to sum to 1)."""
+    if batch_effect_sd <= 0:
+        return biology.profiles
+    noisy = biology.profiles * np.exp(rng.normal(0, batch_effect_sd, biology.profiles.shape))
+    return noisy / noisy.sum(axis=1, keepdims=True)
+
+
 def simulate_expression(cfg: SyntheticConfig, xy_um: np.ndarray, cell_type: np.ndarray,
-                        rng: np.random.Generator):
+                        rng: np.random.Generator, *, biology: Biology | None = None,
+                        profiles: np.ndarray | None = None, depth: float = 1.0):
     """Expected rates and Poisson counts per cell.
 
+    ``biology``: the dataset's (default :func:`dataset_biology` of ``cfg``); ``profiles``: the
+    section's profiles (default the dataset's); ``depth``: the section's library-size factor.
     Returns (counts CSR int32 (n, G), rate float32 (n, G), var, library float (n,),
     neighbour fractions (n, T)).
     """
-    var = gene_panel(cfg.n_genes)
-    profiles = type_profiles(var, rng)
-    lib_type = np.array([cfg.library_size[t] for t in CELL_TYPES])
+    biology = biology or dataset_biology(cfg)
+    var = biology.var
+    profiles = biology.profiles if profiles is None else profiles
+    lib_type = np.array([cfg.library_size[t] for t in CELL_TYPES]) * float(depth)
     sd = cfg.library_log_sd
     library = lib_type[cell_type] * np.exp(rng.normal(-sd ** 2 / 2, sd, len(cell_type)))
     rate = library[:, None] * profiles[cell_type]
@@ -638,7 +698,7 @@ def simulate_expression(cfg: SyntheticConfig, xy_um: np.ndarray, cell_type: np.n
     prog = var["programme"].to_numpy()
     for programme, (source, responders) in INDUCTIONS.items():
         idx = np.flatnonzero(prog == programme)
-        strength = cfg.induction_strength * np.exp(rng.normal(0, 0.2, len(idx)))
+        strength = biology.induction[programme]
         resp = np.isin(cell_type, responders)
         rate[np.ix_(resp, idx)] += (library[resp] * frac[resp, source])[:, None] * strength[None]
     counts = sp.csr_matrix(rng.poisson(rate).astype(np.int32))
@@ -775,13 +835,28 @@ def make_spots(cfg: SyntheticConfig, cells: ad.AnnData) -> tuple[ad.AnnData, int
 
 # ----------------------------------------------------------------------------- sample
 
+def section_variation(cfg: SyntheticConfig, rng: np.random.Generator) -> dict:
+    """How one section differs from the others of its dataset besides its layout: region biases
+    (composition), per-channel stain scale, library-size factor (depth)."""
+    shift = rng.normal(0, cfg.composition_sd, len(CELL_TYPES))
+    bias = {t: float(cfg.region_bias.get(t, 0.0) + d) for t, d in zip(CELL_TYPES, shift)}
+    stain = np.exp(rng.normal(0, cfg.stain_sd, 3))
+    depth = float(np.exp(rng.normal(0, cfg.depth_log_sd)))
+    return {"region_bias": bias, "stain": [float(v) for v in stain], "depth": depth}
+
+
 def simulate(cfg: SyntheticConfig) -> SyntheticData:
-    """Generate a whole sample in memory (deterministic given ``cfg.seed``)."""
-    layout_rng, expr_rng, image_rng = (np.random.default_rng(s) for s in
-                                       np.random.SeedSequence(cfg.seed).spawn(3))
-    layout = make_layout(cfg, layout_rng)
-    counts, rate, var, library, frac = simulate_expression(cfg, layout.xy_um, layout.cell_type,
-                                                           expr_rng)
+    """Generate a whole sample in memory (deterministic given ``cfg.seed`` and
+    ``cfg.dataset_seed``)."""
+    layout_rng, expr_rng, image_rng, section_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
+    section = section_variation(cfg, section_rng)
+    biology = dataset_biology(cfg)
+    profiles = section_profiles(biology, cfg.batch_effect_sd, section_rng)
+    layout = make_layout(replace(cfg, region_bias=section["region_bias"]), layout_rng)
+    counts, rate, var, library, frac = simulate_expression(
+        cfg, layout.xy_um, layout.cell_type, expr_rng, biology=biology, profiles=profiles,
+        depth=section["depth"])
     xy_px = layout.xy_um / cfg.mpp
     obs = pd.DataFrame(
         {"cell_type": pd.Categorical.from_codes(layout.cell_type.astype(np.int64),
@@ -790,14 +865,19 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
         index=pd.Index([f"cell_{i:06d}" for i in range(len(xy_px))]))
     for t, name in enumerate(CELL_TYPES):
         obs[f"frac_{name}"] = frac[:, t]
-    cells = ad.AnnData(X=counts, obs=obs, var=var, layers={"rate": rate})
+    cells = ad.AnnData(X=counts, obs=obs, var=var.copy(), layers={"rate": rate})
+    cells.varm["type_profile"] = np.ascontiguousarray(profiles.T)  # (genes, cell types)
     cells.obsm["spatial"] = xy_px.astype(np.float64)
-    cells.uns["synthetic"] = {"seed": int(cfg.seed), "mpp": float(cfg.mpp),
-                              "neighbourhood_um": float(cfg.neighbourhood_um)}
+    dataset_seed = int(cfg.seed if cfg.dataset_seed is None else cfg.dataset_seed)
+    cells.uns["synthetic"] = {"seed": int(cfg.seed), "dataset_seed": dataset_seed,
+                              "mpp": float(cfg.mpp),
+                              "neighbourhood_um": float(cfg.neighbourhood_um),
+                              "cell_types": list(CELL_TYPES)}
     spots, n_dropped = make_spots(cfg, cells)
-    image = render_he(cfg, layout, image_rng)
+    image = render_he(cfg, layout, image_rng, stain=np.asarray(section["stain"]))
     H, W = cfg.shape_px
-    meta = {"format": FORMAT, "seed": int(cfg.seed), "mpp": float(cfg.mpp),
+    meta = {"format": FORMAT, "seed": int(cfg.seed), "dataset_seed": dataset_seed,
+            "section": section, "mpp": float(cfg.mpp),
             "spot_diameter_um": float(cfg.spot_diameter_um),
             "spot_spacing_um": float(cfg.spot_spacing_um), "spot_grid": cfg.spot_grid,
             "size_px": [W, H], "cell_types": list(CELL_TYPES), "n_cells": int(cells.n_obs),

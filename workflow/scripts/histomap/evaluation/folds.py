@@ -14,6 +14,7 @@ from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("leave_one_patient_out", "leave_one_sample_out", "explicit")
+FOLD_KINDS = ("cross_patient", "within_patient", "mixed")
 
 
 def make_folds(samples: pd.DataFrame, strategy: str, explicit: dict | None = None,
@@ -50,6 +51,22 @@ def make_folds(samples: pd.DataFrame, strategy: str, explicit: dict | None = Non
                                     f"leave_one_sample_out or explicit folds)")
         folds[fold] = {"train": train, "test": list(tests)}
     return folds
+
+
+def fold_kinds(samples: pd.DataFrame, folds: dict[str, dict[str, list[str]]]) -> dict[str, str]:
+    """What each fold measures, from the sample sheet's ``patient`` column:
+    ``cross_patient`` when no test sample's patient has a section among the fold's training
+    samples, ``within_patient`` when every test sample's patient has one (e.g. HER2ST's
+    leave-one-section-out folds C2, C3, C4 train on serial sections of patient C), ``mixed``
+    otherwise. Tables report the kinds apart, never their mean."""
+    patient = dict(zip(samples["sample"].astype(str), samples["patient"].astype(str)))
+    kinds = {}
+    for fold, parts in folds.items():
+        seen = {patient[s] for s in parts["train"]}
+        shared = [patient[s] in seen for s in parts["test"]]
+        kinds[fold] = ("within_patient" if all(shared)
+                       else "mixed" if any(shared) else "cross_patient")
+    return kinds
 
 
 def validation_split(coords_px: np.ndarray, *, fraction: float, block_px: float, seed: int

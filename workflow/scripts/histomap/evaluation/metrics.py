@@ -1,11 +1,17 @@
 """Evaluation metrics of predicted gene expression against measured expression.
 
+Arrow: spots or bins at any scale -> **metrics** (the ``evaluate``, ``evaluate_cross_scale``
+and ``evaluate_sr`` rules).
+
 Per gene (columns of (n_spots, n_genes) matrices): ``pcc`` (ordinary *signed* Pearson
-correlation, NaN where the truth or the prediction is constant), ``mse`` and ``mae``.
+correlation), ``mse`` and ``mae``. The PCC rule is the same for every method: a gene whose
+measured expression is constant (or that has fewer than two spots) has no PCC (NaN) and is left
+out of the PCC summaries of every method alike; a gene whose *prediction* is constant (up to
+float32 rounding) or not finite scores PCC 0, so a flat prediction never helps a method.
 Summaries (:func:`summarise`), as in the spot-prediction papers: ``PCC@F``, ``PCC@S``, ``PCC@M``
-= first quartile, median, mean of per-gene PCC over the genes with a defined PCC;
-``n_nan_pcc`` = number of genes whose PCC is NaN (reported, never hidden); ``MSE``, ``MAE`` =
-mean over genes of the per-gene values.
+= first quartile, median, mean of per-gene PCC over the scored genes; ``n_genes_scored`` = genes
+with a PCC; ``n_constant_truth`` = genes left out because the truth is constant (both are
+reported, never hidden); ``MSE``, ``MAE`` = mean over all genes of the per-gene values.
 
 Tables are long: one row per (keys..., gene, metric) with a ``value`` column, so every scale,
 sample and model stacks into the benchmark table. :func:`evaluate_predictions` scores each slide
@@ -33,7 +39,11 @@ from histomap.outputs import partial_path
 log = logging.getLogger(__name__)
 
 GENE_METRICS = ("pcc", "mse", "mae")
-SUMMARY_METRICS = ("PCC@F", "PCC@S", "PCC@M", "n_nan_pcc", "MSE", "MAE")
+SUMMARY_METRICS = ("PCC@F", "PCC@S", "PCC@M", "n_genes_scored", "n_constant_truth", "MSE", "MAE")
+COUNT_METRICS = ("n_genes_scored", "n_constant_truth")  # totalled, not averaged, over slides
+# a prediction column whose range is within this fraction of its magnitude is constant (float32
+# rounding): its PCC would be noise, so it scores 0
+FLAT_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
 POOLED = "pooled"
 _LONG = ("gene", "metric", "value")
 
@@ -51,14 +61,21 @@ def _paired(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
 def pearson_per_gene(y_true, y_pred) -> np.ndarray:
     """Signed Pearson correlation of each column pair, shape (n_genes,).
 
-    NaN where either column is constant (or there are fewer than two spots), as
-    ``scipy.stats.pearsonr``; NaN inputs give NaN.
+    NaN where the truth column is constant or not finite, or with fewer than two spots (no PCC:
+    the gene is left out for every method); 0 where the prediction column is constant (up to
+    float32 rounding, :data:`FLAT_TOLERANCE`) or has a non-finite value (a flat or broken
+    prediction scores 0, it is never dropped).
     """
     y_true, y_pred = _paired(y_true, y_pred)
     n_genes = y_true.shape[1]
     if y_true.shape[0] < 2:
         return np.full(n_genes, np.nan)
-    constant = (y_true == y_true[:1]).all(axis=0) | (y_pred == y_pred[:1]).all(axis=0)
+    no_truth = (y_true == y_true[:1]).all(axis=0) | ~np.isfinite(y_true).all(axis=0)
+    finite_pred = np.isfinite(y_pred).all(axis=0)
+    with np.errstate(invalid="ignore"):
+        spread = np.ptp(y_pred, axis=0)
+        scale = np.abs(y_pred).max(axis=0)
+    flat = ~finite_pred | (spread <= FLAT_TOLERANCE * scale)
     a = y_true - y_true.mean(axis=0)
     b = y_pred - y_pred.mean(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -67,7 +84,8 @@ def pearson_per_gene(y_true, y_pred) -> np.ndarray:
         b /= np.abs(b).max(axis=0)
         r = (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
     r = np.clip(r, -1.0, 1.0)
-    r[constant] = np.nan
+    r[flat] = 0.0
+    r[no_truth] = np.nan
     return r
 
 
@@ -95,12 +113,13 @@ def _summary_values(rows: pd.DataFrame) -> dict[str, float]:
     out: dict[str, float] = {}
     pcc = by_metric["pcc"]
     if pcc.size:
-        defined = pcc[~np.isnan(pcc)]
-        some = defined.size > 0
-        out["PCC@F"] = float(np.quantile(defined, 0.25)) if some else np.nan
-        out["PCC@S"] = float(np.median(defined)) if some else np.nan
-        out["PCC@M"] = float(np.mean(defined)) if some else np.nan
-        out["n_nan_pcc"] = float(pcc.size - defined.size)
+        scored = pcc[~np.isnan(pcc)]
+        some = scored.size > 0
+        out["PCC@F"] = float(np.quantile(scored, 0.25)) if some else np.nan
+        out["PCC@S"] = float(np.median(scored)) if some else np.nan
+        out["PCC@M"] = float(np.mean(scored)) if some else np.nan
+        out["n_genes_scored"] = float(scored.size)
+        out["n_constant_truth"] = float(pcc.size - scored.size)
     if by_metric["mse"].size:
         out["MSE"] = float(np.mean(by_metric["mse"]))
     if by_metric["mae"].size:
@@ -109,7 +128,8 @@ def _summary_values(rows: pd.DataFrame) -> dict[str, float]:
 
 
 def summarise(per_gene: pd.DataFrame) -> pd.DataFrame:
-    """Summaries (PCC@F/S/M, n_nan_pcc, MSE, MAE) of a long per-gene table.
+    """Summaries (PCC@F/S/M, n_genes_scored, n_constant_truth, MSE, MAE) of a long per-gene
+    table.
 
     Every column other than gene/metric/value (e.g. sample, model, scale_um) is a key: one set
     of summaries per key combination. Returns a long table (keys..., metric, value).
@@ -124,21 +144,22 @@ def summarise(per_gene: pd.DataFrame) -> pd.DataFrame:
     records = []
     for key, rows in groups:
         key = key if isinstance(key, tuple) else (key,)
-        n_nan = 0.0
+        n_dropped = 0.0
         for metric, value in _summary_values(rows).items():
             records.append({**dict(zip(keys, key)), "metric": metric, "value": value})
-            n_nan = value if metric == "n_nan_pcc" else n_nan
-        if n_nan:
-            log.warning("%s: PCC undefined (constant truth or prediction) for %d genes",
-                        dict(zip(keys, key)) or "all", int(n_nan))
+            n_dropped = value if metric == "n_constant_truth" else n_dropped
+        if n_dropped:
+            log.info("%s: %d genes are constant in the truth and left out of the PCC summaries",
+                     dict(zip(keys, key)) or "all", int(n_dropped))
     return pd.DataFrame.from_records(records, columns=keys + ["metric", "value"])
 
 
 def aggregate_over_slides(summary_per_slide: pd.DataFrame) -> pd.DataFrame:
     """Average per-slide summaries over slides ("computed per slide and averaged").
 
-    Rows with ``sample == "pooled"`` are ignored. ``n_nan_pcc`` is summed (total NaN
-    gene-slide pairs); every other metric is the plain mean over slides, a NaN slide giving NaN.
+    Rows with ``sample == "pooled"`` are ignored. The counts (``n_genes_scored``,
+    ``n_constant_truth``) are summed (gene-slide pairs); every other metric is the plain mean
+    over slides, a NaN slide giving NaN.
     Returns a long table (keys without sample..., metric, value).
     """
     if "sample" not in summary_per_slide.columns:
@@ -150,7 +171,7 @@ def aggregate_over_slides(summary_per_slide: pd.DataFrame) -> pd.DataFrame:
     log.info("averaging summaries over %d slides", slides["sample"].nunique())
     stats = (slides.groupby(keys, sort=False, dropna=False)["value"]
              .agg(mean=lambda v: v.mean(skipna=False), total="sum").reset_index())
-    stats["value"] = stats["mean"].where(stats["metric"] != "n_nan_pcc", stats["total"])
+    stats["value"] = stats["mean"].where(~stats["metric"].isin(COUNT_METRICS), stats["total"])
     return stats[keys + ["value"]]
 
 
@@ -264,8 +285,9 @@ def patch_gene_metrics(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """(RMSE (G,), signed PCC (G,), n pixels) of one patch over its tissue pixels.
 
-    PCC is NaN for a gene constant over the tissue in the truth or the prediction, or with fewer
-    than two pixels (never abs()-ed, never dropped here)."""
+    PCC follows :func:`pearson_per_gene`: NaN (left out for every method, counted in
+    ``n_nan_pcc``) for a gene constant over the tissue in the truth or with fewer than two
+    pixels; 0 for a gene whose prediction is constant there (never abs()-ed)."""
     mask = np.asarray(mask, bool)
     t = np.asarray(truth, np.float64)[:, mask].T
     p = np.asarray(pred, np.float64)[:, mask].T
@@ -306,19 +328,22 @@ def evaluate_maps(pairs_zarr: str | Path, maps_zarr: str | Path) -> pd.DataFrame
 
 def patch_means(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Per patch (``keys`` + fold, sample, patch where present): mean over genes of each metric
-    (NaN PCCs skipped, counted in ``n_nan_pcc``; a patch with no defined PCC has PCC NaN)."""
+    (NaN PCCs, genes constant in the truth, skipped and counted in ``n_nan_pcc``, the others in
+    ``n_pcc_scored``; a patch with no defined PCC has PCC NaN)."""
     by = [*keys, *[c for c in ("fold", "sample") if c in per_gene.columns and c not in keys],
           "patch"]
     grouped = per_gene.groupby(by, sort=False, observed=True)
     out = grouped[list(SR_METRIC_COLUMNS)].mean()  # pandas mean skips NaN
     out["n_genes"] = grouped["gene"].size()
     out["n_nan_pcc"] = grouped["pcc"].apply(lambda s: int(s.isna().sum()))
+    out["n_pcc_scored"] = out["n_genes"] - out["n_nan_pcc"]
     return out.reset_index()
 
 
 def summarise_sr(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Diff-ST Table-1 summary per ``keys``: each metric averaged per patch over genes, then over
-    patches; ``n_patches``, ``n_nan_pcc`` (patch-gene pairs with undefined PCC) and
+    patches; ``n_patches``, ``n_pcc_scored`` (patch-gene pairs with a PCC), ``n_nan_pcc``
+    (patch-gene pairs left out because the truth is constant over the patch's tissue) and
     ``n_nan_patches`` (patches without any defined PCC) alongside."""
     patches = patch_means(per_gene, keys)
     rows = []
@@ -328,6 +353,7 @@ def summarise_sr(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
             rows.append({**dict(zip(keys, key)), "metric": metric,
                          "value": float(part[column].mean()),
                          "n_patches": int(part[column].notna().sum()),
+                         "n_pcc_scored": int(part["n_pcc_scored"].sum()),
                          "n_nan_pcc": int(part["n_nan_pcc"].sum()),
                          "n_nan_patches": int(part["pcc"].isna().sum())})
     return pd.DataFrame(rows)
@@ -363,7 +389,7 @@ def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Pa
     n_nan = int(per_gene["pcc"].isna().sum())
     if n_nan:
         log.warning("%s %dx: %d of %d patch-gene PCCs are undefined (gene constant over the "
-                    "patch's tissue in truth or prediction); they are excluded from the "
+                    "patch's tissue in the truth); they are excluded from the "
                     "per-patch means and counted in n_nan_pcc", method, int(scale), n_nan,
                     len(per_gene))
     keys = ["dataset", "method", "scale"]

@@ -2,16 +2,20 @@
 
 Input (the ``evaluate`` contract): ``results/metrics/{task}/{model}/{fold}.parquet``, one row per
 gene x sample x scale x metric with columns ``task, dataset, model, fold, sample, scale_um,
-gene_set, gene, metric, value`` (optional ``seed``). ``sample`` is a slide name or ``pooled``
+gene_set, gene, metric, value`` (optional ``seed`` and ``fold_kind``: ``cross_patient``,
+``within_patient`` or ``mixed``, :func:`histomap.evaluation.folds.fold_kinds`). ``sample`` is a
+slide name or ``pooled``
 (all test spots of the fold concatenated); ``metric`` is a per-gene ``pcc`` (signed Pearson
 over spots), ``mse`` or ``mae``.
 
 Output (the ``benchmark_tables`` contract): a long table ``task, dataset, model, fold, sample,
-scale_um, gene_set, metric, value`` whose metrics are the per-gene summaries PCC@F / PCC@S /
-PCC@M (first quartile, median, mean of per-gene PCC over genes with a defined PCC), n_nan_pcc
-(genes whose PCC is undefined, e.g. constant prediction), MSE, MAE (means over genes) and
-n_genes, for every slide, for ``pooled``, and for ``mean_over_slides`` (the mean of the per-slide
-summaries of one fold; for n_nan_pcc their total). The summaries themselves are
+scale_um, gene_set, metric, value`` (``fold_kind`` after ``fold`` when given) whose metrics are
+the per-gene summaries PCC@F / PCC@S / PCC@M (first quartile, median, mean of per-gene PCC over
+the scored genes; a constant prediction scores 0), n_genes_scored, n_constant_truth (genes left
+out because the truth is constant), MSE, MAE (means over genes) and n_genes, for every slide, for
+``pooled``, and for ``mean_over_slides`` (the mean of the per-slide summaries of one fold; for the
+two gene counts their total). Cross-patient and within-patient folds are never averaged
+together: they are separate rows of every table. The summaries themselves are
 :mod:`histomap.evaluation.metrics`'s, so evaluation and report cannot disagree. Super-resolution
 tables (:func:`sr_tables`) are made the same way from the per-(patch, gene) SR metric parquets.
 Figures: :mod:`histomap.evaluation.figures`.
@@ -29,7 +33,13 @@ import numpy as np
 import pandas as pd
 
 from histomap.errors import InputError
-from histomap.evaluation.metrics import POOLED, aggregate_over_slides, summarise, summarise_sr
+from histomap.evaluation.metrics import (
+    COUNT_METRICS,
+    POOLED,
+    aggregate_over_slides,
+    summarise,
+    summarise_sr,
+)
 from histomap.outputs import partial_path
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,11 @@ INPUT_COLUMNS = ["task", "dataset", "model", "fold", "sample", "scale_um", "gene
                  "metric", "value"]
 LONG_COLUMNS = ["task", "dataset", "model", "fold", "sample", "scale_um", "gene_set", "metric",
                 "value"]
-SUMMARY_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M", "n_nan_pcc", "n_genes"]
+SUMMARY_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M", "n_genes_scored", "n_constant_truth",
+                   "n_genes"]
+OPTIONAL_COLUMNS = ["fold_kind", "seed"]
+FOLD_KIND_LABELS = {"cross_patient": "cross-patient", "within_patient": "within-patient",
+                    "mixed": "mixed"}
 TABLE_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M"]
 
 
@@ -63,13 +77,13 @@ def read_metrics(metric_files: Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         raise InputError("<metric files>", "no metric files given")
     metrics = pd.concat(frames, ignore_index=True)
-    if "seed" not in metrics.columns:
-        return metrics[INPUT_COLUMNS]
-    return metrics[INPUT_COLUMNS + ["seed"]]
+    return metrics[INPUT_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in metrics.columns]]
 
 
 def _key_columns(df: pd.DataFrame, with_sample: bool = True) -> list[str]:
     keys = ["task", "dataset", "model", "fold"]
+    if "fold_kind" in df.columns:
+        keys.append("fold_kind")
     if "seed" in df.columns:
         keys.append("seed")
     if with_sample:
@@ -94,8 +108,8 @@ def benchmark_long(metric_files: Iterable[str | Path] | pd.DataFrame) -> pd.Data
     ``metric_files`` are the per-fold parquet files (or their concatenated table). Summaries
     come from :func:`histomap.evaluation.metrics.summarise` plus ``n_genes``. Adds ``sample =
     mean_over_slides`` rows per fold (:func:`histomap.evaluation.metrics.aggregate_over_slides`): the
-    unweighted mean over the fold's slides of every summary (a NaN slide gives NaN), except
-    ``n_nan_pcc``, which is the total of NaN-PCC genes over the fold's slides.
+    unweighted mean over the fold's slides of every summary (a NaN slide gives NaN), except the
+    gene counts (n_genes_scored, n_constant_truth), which are totals over the fold's slides.
     """
     if isinstance(metric_files, pd.DataFrame):
         metrics = metric_files
@@ -117,7 +131,8 @@ def benchmark_long(metric_files: Iterable[str | Path] | pd.DataFrame) -> pd.Data
         log.warning("no per-slide summaries (only pooled); no mean_over_slides rows")
     over_slides = over_slides.assign(sample=MEAN_OVER_SLIDES)
     long_df = pd.concat([per_sample, over_slides], ignore_index=True)
-    order = LONG_COLUMNS[:4] + (["seed"] if "seed" in long_df.columns else []) + LONG_COLUMNS[4:]
+    order = (LONG_COLUMNS[:4] + [c for c in ("fold_kind", "seed") if c in long_df.columns]
+             + LONG_COLUMNS[4:])
     long_df = long_df[order].sort_values(keys + ["metric"], kind="stable")
     return long_df.reset_index(drop=True)
 
@@ -126,14 +141,16 @@ def across_folds(long_df: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread of each metric over folds, and over training seeds when there are
     several.
 
-    Returns ``task, dataset, model, sample, scale_um, gene_set, metric, mean, std, n_folds,
-    n_seeds``. With one seed, ``mean``/``std`` (ddof=1) are over folds. With several seeds,
+    Returns ``task, dataset, model, [fold_kind,] sample, scale_um, gene_set, metric, mean,
+    std, n_folds, n_seeds, folds``: folds of different kinds (cross-patient, within-patient) are
+    aggregated apart, never together; ``folds`` names the folds of each row. With one seed, ``mean``/``std`` (ddof=1) are over folds. With several seeds,
     each seed's metric is first averaged over folds, and ``mean``/``std`` are over seeds: the
     spread says how much a benchmark number moves with the training seed alone. Per-slide rows
     usually occur in one fold only; the rows to compare models by are ``mean_over_slides`` and
     ``pooled``.
     """
-    keys = ["task", "dataset", "model", "sample", "scale_um", "gene_set", "metric"]
+    keys = ["task", "dataset", "model", *(["fold_kind"] if "fold_kind" in long_df.columns else []),
+            "sample", "scale_um", "gene_set", "metric"]
     df = long_df if "seed" in long_df.columns else long_df.assign(seed=0)
     per_seed = df.groupby(keys + ["seed"], sort=True, dropna=False).agg(
         value=("value", lambda v: v.mean(skipna=False)), n_folds=("fold", "nunique"),
@@ -143,6 +160,9 @@ def across_folds(long_df: pd.DataFrame) -> pd.DataFrame:
                                std=lambda v: v.std(ddof=1, skipna=False)).reset_index()
     out["n_folds"] = grouped["n_folds"].max().to_numpy()
     out["n_seeds"] = grouped["seed"].nunique().to_numpy()
+    names = df.groupby(keys, sort=True, dropna=False)["fold"].agg(
+        lambda f: ", ".join(sorted(pd.unique(f.astype(str)))))
+    out["folds"] = names.to_numpy()
     single = out["n_seeds"] == 1
     out.loc[single, "std"] = grouped["fold_std"].first().to_numpy()[single.to_numpy()]
     return out
@@ -157,19 +177,39 @@ def scale_table(agg: pd.DataFrame, task: str, metric: str = "PCC@M",
         return f"_no {metric} rows for task {task}_"
     scales = sorted(pd.unique(part["scale_um"]), reverse=True)
     rows = []
-    for model, by_model in part.groupby("model", sort=True):
+    for labels, by_model in _row_groups(part):
         cells = by_model.set_index("scale_um")
-        rows.append([str(model)] + [
+        rows.append(labels + [
             _fmt_mean_std(cells.loc[sc, "mean"], cells.loc[sc, "std"], _n_spread(cells.loc[sc]),
                           metric) if sc in cells.index else "–" for sc in scales])
-    return _markdown_table(["model"] + [f"{sc:g} µm" for sc in scales], rows)
+    return _markdown_table(_row_header(part) + [f"{sc:g} µm" for sc in scales], rows,
+                           n_labels=len(_row_header(part)))
+
+
+def _row_header(agg: pd.DataFrame) -> list[str]:
+    return ["model", "folds"] if "fold_kind" in agg.columns else ["model"]
+
+
+def _row_groups(agg: pd.DataFrame):
+    """(label cells, rows) per table row: one per model, and per fold kind when the folds say
+    what they are (cross-patient and within-patient folds are never one row)."""
+    if "fold_kind" not in agg.columns:
+        for model, rows in agg.groupby("model", sort=True):
+            yield [str(model)], rows
+        return
+    rank = {k: i for i, k in enumerate(FOLD_KIND_LABELS)}
+    groups = sorted(agg.groupby(["model", "fold_kind"], sort=False),
+                    key=lambda kv: (str(kv[0][0]), rank.get(kv[0][1], len(rank)), kv[0][1]))
+    for (model, kind), rows in groups:
+        folds = ", ".join(sorted({f for names in rows["folds"] for f in str(names).split(", ")}))
+        yield [str(model), f"{FOLD_KIND_LABELS.get(kind, kind)} ({folds})"], rows
 
 
 # --------------------------------------------------------------------------- markdown
 def _fmt(value: float, metric: str = "", digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "nan"
-    if metric in ("n_nan_pcc", "n_genes"):
+    if metric in (*COUNT_METRICS, "n_genes"):
         return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
     return f"{value:.{digits}f}"
 
@@ -195,13 +235,14 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
 
 
 def _model_table(agg: pd.DataFrame, sample: str) -> str:
-    """Rows = models, columns = MSE ... PCC@M and mean n_nan_pcc, for one sample kind."""
+    """Rows = models (per fold kind), columns = MSE ... PCC@M and the gene counts, for one
+    sample kind."""
     part = agg[agg["sample"] == sample]
-    metrics = [m for m in TABLE_METRICS if m in set(part["metric"])] + ["n_nan_pcc"]
+    metrics = [m for m in TABLE_METRICS if m in set(part["metric"])] + list(COUNT_METRICS)
     rows = []
-    for model, by_model in part.groupby("model", sort=True):
+    for labels, by_model in _row_groups(part):
         cells = by_model.set_index("metric")
-        row = [str(model)]
+        row = list(labels)
         for m in metrics:
             if m not in cells.index:
                 row.append("–")
@@ -209,13 +250,14 @@ def _model_table(agg: pd.DataFrame, sample: str) -> str:
             c = cells.loc[m]
             row.append(_fmt_mean_std(c["mean"], c["std"], _n_spread(c), m))
         rows.append(row)
-    return _markdown_table(["model"] + metrics, rows)
+    header = _row_header(part)
+    return _markdown_table(header + metrics, rows, n_labels=len(header))
 
 
 def _detail_table(part: pd.DataFrame) -> str:
     """Every fold x sample (slides, their mean, pooled) of every model, unaggregated."""
     metrics = [m for m in SUMMARY_METRICS if m in set(part["metric"])]
-    index = [c for c in ("model", "fold", "seed", "sample") if c in part.columns]
+    index = [c for c in ("model", "fold", "fold_kind", "seed", "sample") if c in part.columns]
     wide = part.pivot(index=index, columns="metric", values="value").reset_index()
     rank = {MEAN_OVER_SLIDES: 1, POOLED: 2}
     wide["_rank"] = wide["sample"].map(rank).fillna(0)
@@ -226,37 +268,43 @@ def _detail_table(part: pd.DataFrame) -> str:
 
 
 def _nan_sentence(part: pd.DataFrame) -> str:
-    """How many genes had an undefined PCC, per model, over slides and over pooled folds."""
-    nan = part[part["metric"] == "n_nan_pcc"]
+    """How many genes were left out as constant in the truth, per model, over slides and over
+    pooled folds."""
+    nan = part[part["metric"] == "n_constant_truth"]
     per_model = []
     for model, rows in nan.groupby("model", sort=True):
         on_slides = rows.loc[~rows["sample"].isin([POOLED, MEAN_OVER_SLIDES]), "value"].sum()
         pooled = rows.loc[rows["sample"] == POOLED, "value"].sum()
         per_model.append(f"{model} {on_slides:.0f} (slides) / {pooled:.0f} (pooled)")
-    return ("Genes with NaN PCC, summed over folds: " + "; ".join(per_model) + "."
+    return ("Genes left out of the PCC summaries as constant in the truth, summed over folds: "
+            + "; ".join(per_model) + "."
             if per_model else "")
 
 
 def benchmark_markdown(long_df: pd.DataFrame) -> str:
     """Benchmark tables in the papers' shape, one block per task x dataset x scale x gene set.
 
-    Each block: models x (MSE, MAE, PCC@F/S/M) as mean ± std over folds of the per-slide
-    averaged values, the same for ``pooled``, then the per-fold, per-slide details.
+    Each block: models x (MSE, MAE, PCC@F/S/M, gene counts) as mean ± std over folds of the
+    per-slide averaged values, the same for ``pooled``, then the per-fold, per-slide details.
+    With a ``fold_kind`` column, each model has one row per fold kind (cross-patient,
+    within-patient), never their mean.
     """
     out = [
         "# histomap benchmark",
         "",
         "PCC is the ordinary **signed** Pearson correlation of measured and predicted expression "
         "of one gene over the spots of a slide (or of all test spots of a fold, `pooled`). "
-        "PCC@F, PCC@S and PCC@M are the first quartile, median and mean of the per-gene PCCs; "
-        "genes whose PCC is undefined (constant prediction or measurement) are left out of them "
-        "and counted in `n_nan_pcc`. MSE and MAE are per-gene errors averaged over genes.",
+        "PCC@F, PCC@S and PCC@M are the first quartile, median and mean of the per-gene PCCs "
+        "over the scored genes (`n_genes_scored`); a gene whose prediction is constant scores "
+        "PCC 0, and genes constant in the measurement are left out for every model alike "
+        "(`n_constant_truth`). MSE and MAE are per-gene errors averaged over all genes.",
         "",
         "Main tables: mean ± std over test folds (std with ddof=1; a bare number means one fold) "
         "of each fold's per-slide averaged summary (`mean_over_slides`), then of the pooled "
-        "summary. `n_nan_pcc` there is the number of NaN-PCC genes summed over a fold's slides "
-        "(resp. in the fold's pooled spots), averaged over folds. `nan` marks an undefined "
-        "value.",
+        "summary. The gene counts there are summed over a fold's slides (resp. counted in the "
+        "fold's pooled spots), then averaged over folds. `nan` marks an undefined value. "
+        "Cross-patient folds (the test patient is in no training sample) and within-patient "
+        "folds (serial sections of a test patient are in training) are separate rows.",
         "",
     ]
     if long_df.empty:
@@ -332,7 +380,8 @@ def write_report(long_df: pd.DataFrame, out_csv: str | Path, out_md: str | Path)
 
 # ====================================================================== super-resolution tables
 SR_TABLE_COLUMNS = ["dataset", "method", "scale", "metric", "units", "value",
-                    "std_over_folds", "n_folds", "n_patches", "n_nan_pcc", "n_nan_patches",
+                    "std_over_folds", "n_folds", "n_patches", "n_pcc_scored", "n_nan_pcc",
+                    "n_nan_patches",
                     "n_dropped_patches", "uses_lr_map"]
 # how each normalisation of the pairs is named in the tables
 SR_UNITS = {
@@ -446,13 +495,12 @@ def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Seque
                   "target sum).", "",
                   _sr_markdown_table(table, [*methods, *ablations], SR_COUNTS_UNITS)]
     main = table[(table["metric"] == "PCC") & (table["units"] != SR_COUNTS_UNITS)]
-    undefined = main[main["n_nan_pcc"] > 0]
-    if len(undefined):
-        lines += ["", "Undefined PCCs (a gene constant over a patch's tissue in truth or "
-                  "prediction), excluded from the means: " + "; ".join(
-                      f"{r.method} {r.dataset} {r.scale}x: {r.n_nan_pcc} patch-gene pairs, "
-                      f"{r.n_nan_patches} patches without any"
-                      for r in undefined.itertuples(index=False)) + "."]
+    if len(main):
+        lines += ["", "PCC counts (patch-gene pairs scored / left out because the gene is "
+                  "constant over the patch's tissue in the truth, for every method alike; a "
+                  "constant prediction scores 0): " + "; ".join(
+                      f"{r.method} {r.dataset} {r.scale}x: {r.n_pcc_scored} / {r.n_nan_pcc}"
+                      for r in main.itertuples(index=False)) + "."]
     dropped = main.drop_duplicates(["dataset", "scale"])
     dropped = dropped[dropped["n_dropped_patches"] > 0]
     if len(dropped):

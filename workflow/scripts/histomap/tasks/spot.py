@@ -18,14 +18,22 @@ position. Here:
   ``{x}x{y}`` names, :func:`histomap.data.srpairs.spot_lattice`), else spot centres quantised to a grid
   (:func:`quantise_positions`); shifted to start at 0 per slide and clipped to ``n_pos - 1``
   (logged);
-* **training items**: random subsets of up to ``max_spots`` training spots of one training slide
+* **one kind of sequence**: training, validation and prediction all see *spatially contiguous
+  windows* of at most ``max_spots`` spots: the ``max_spots`` spots nearest to an anchor spot
+  (centres in level-0 px), so the model is never asked to read a sequence longer or sparser
+  than the ones it learnt from;
+* **training items**: windows around random anchors among a training slide's training spots
   (``items_per_slide`` items per slide per epoch; default: enough to show every spot about once),
   each patch under a random dihedral transform;
 * **validation**: spatial blocks of the training slides (:func:`histomap.evaluation.folds.validation_split`);
-  one sequence per slide holding ALL its spots (training spots as context) in which only the
-  validation spots are scored. Test-fold slides are never seen;
-* **prediction**: one sequence per held-out slide with all its spots, written as the spot
-  predictions AnnData of :func:`histomap.tasks.predict.spots_prediction_anndata`.
+  fixed windows covering the validation spots (training spots as context,
+  :func:`covering_windows`), each validation spot scored in exactly one window. Test-fold slides
+  are never seen;
+* **prediction**: windows covering every spot of a held-out slide (:func:`covering_windows`:
+  each spot lies in the nearer half of at least one window, and windows overlap), each spot's
+  prediction the mean over the windows that hold it; written as the spot predictions AnnData of
+  :func:`histomap.tasks.predict.spots_prediction_anndata`. A slide with at most ``max_spots``
+  spots is one window.
 
 Model options read from the ``histogene`` config besides HistoGene's keyword arguments:
 ``input_mpp``, ``crop_um``, ``max_spots`` (256), ``items_per_slide``.
@@ -241,15 +249,67 @@ def resize_patches(patches: np.ndarray, patch_px: int, chunk: int = 256) -> torc
 @dataclass
 class SlideSequence:
     """Every spot of one slide as HistoGene input: ``patches`` uint8 (n, 3, p, p), ``positions``
-    long (n, 2) (x, y) grid indices, ``targets`` float32 (n, genes) or None."""
+    long (n, 2) (x, y) grid indices, ``targets`` float32 (n, genes) or None, ``centres_px``
+    float (n, 2) spot centres (level-0 px) that windows are drawn by (None: the grid
+    positions)."""
 
     name: str
     patches: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor | None = None
+    centres_px: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.patches)
+
+    @property
+    def xy(self) -> np.ndarray:
+        """Coordinates windows are built on: the centres, else the grid positions."""
+        xy = self.centres_px if self.centres_px is not None else self.positions.numpy()
+        return np.asarray(xy, dtype=np.float64)
+
+
+def window_around(tree: cKDTree, xy: np.ndarray, anchor: int, size: int) -> np.ndarray:
+    """Sorted indices of the ``size`` points nearest to point ``anchor`` (the anchor included,
+    also when other points share its position)."""
+    size = min(int(size), len(xy))
+    _, idx = tree.query(xy[anchor], k=size)
+    idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+    if anchor not in idx:
+        idx[-1] = anchor
+    return np.sort(idx)
+
+
+def covering_windows(xy: np.ndarray, max_spots: int, targets: np.ndarray | None = None
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Spatially contiguous windows of at most ``max_spots`` of the points ``xy`` that cover
+    every target point (default: all): ``[(indices, owned), ...]``, ``indices`` sorted into
+    ``xy``, ``owned`` a bool mask over them.
+
+    Anchors are taken in raster order (by y, then x) among the target points not yet owned; a
+    window is the ``max_spots`` points nearest its anchor, and it owns the uncovered targets in
+    its nearer half (the ``ceil(max_spots / 2)`` nearest), so every target is owned by exactly
+    one window, well inside it, and neighbouring windows overlap. Deterministic."""
+    xy = np.asarray(xy, dtype=np.float64)
+    n = len(xy)
+    targets = np.ones(n, dtype=bool) if targets is None else np.asarray(targets, dtype=bool)
+    if max_spots < 1:
+        raise ValueError(f"max_spots must be >= 1, got {max_spots}")
+    if n <= max_spots:
+        return [(np.arange(n), targets.copy())] if targets.any() else []
+    tree = cKDTree(xy)
+    core_size = (int(max_spots) + 1) // 2
+    uncovered = targets.copy()
+    windows = []
+    for anchor in np.lexsort((xy[:, 0], xy[:, 1])):
+        if not uncovered[anchor]:
+            continue
+        idx = window_around(tree, xy, anchor, max_spots)
+        core = window_around(tree, xy, anchor, core_size)
+        owned = np.isin(idx, core) & uncovered[idx]
+        uncovered[idx[owned]] = False
+        windows.append((idx, owned))
+    return windows
 
 
 def slide_sequence(spots: ad.AnnData, slide: str | Path, genes: Sequence[str] | None, *,
@@ -267,7 +327,8 @@ def slide_sequence(spots: ad.AnnData, slide: str | Path, genes: Sequence[str] | 
     positions = torch.from_numpy(spot_positions(spots, n_pos=n_pos, what=name))
     log.info("%s: %d spots, %g um patches at %.3g um/px resized to %d px", name, spots.n_obs,
              crop_um, input_mpp, patch_px)
-    return SlideSequence(name, resize_patches(patches, patch_px), positions, targets)
+    return SlideSequence(name, resize_patches(patches, patch_px), positions, targets,
+                         np.asarray(spots.obsm["spatial"], dtype=np.float64))
 
 
 class SpotSequenceDataset(Dataset):
@@ -275,10 +336,13 @@ class SpotSequenceDataset(Dataset):
 
     ``context[s]``: bool mask of the spots of slide ``s`` that may enter its sequences;
     ``scored[s]``: bool mask of the spots whose targets count in the loss (a subset of the
-    context). With ``max_spots`` each item is a random subset (torch RNG) of at most that many
-    context spots, ``items_per_slide`` items per slide (default ``ceil(context / max_spots)``);
-    without it each slide is one item holding its whole context in order. ``augment`` applies a
-    random dihedral transform to each patch.
+    context). With ``max_spots`` each item is a spatially contiguous window: the ``max_spots``
+    context spots nearest to a random context spot (torch RNG), ``items_per_slide`` items per
+    slide (default ``ceil(context / max_spots)``); with ``max_spots`` and ``cover=True`` the
+    items are the fixed :func:`covering_windows` of the scored spots, each scored spot scored in
+    the one window that owns it (validation); without ``max_spots`` each slide is one item
+    holding its whole context in order. ``augment`` applies a random dihedral transform to each
+    patch.
 
     Items are dicts: ``patches`` uint8 (L, 3, p, p), ``positions`` long (L, 2), ``targets``
     float32 (L, genes), ``valid`` bool (L,) (False = padding), ``scored`` bool (L,).
@@ -286,13 +350,15 @@ class SpotSequenceDataset(Dataset):
 
     def __init__(self, slides: Sequence[SlideSequence], context: Sequence[np.ndarray],
                  scored: Sequence[np.ndarray], *, max_spots: int | None = None,
-                 items_per_slide: int | None = None, augment: bool = False):
+                 items_per_slide: int | None = None, augment: bool = False,
+                 cover: bool = False):
         if not (len(slides) == len(context) == len(scored)):
             raise ValueError("need one context and one scored mask per slide")
         if max_spots is not None and max_spots < 1:
             raise ValueError(f"max_spots must be >= 1, got {max_spots}")
-        self.slides, self.context, self.scored = [], [], []
+        self.slides, self.context, self.scored, self.trees = [], [], [], []
         items: list[int] = []
+        self.fixed: list[tuple[np.ndarray, np.ndarray]] = []  # cover: (spots, scored) per item
         for slide, ctx, sc in zip(slides, context, scored):
             if slide.targets is None:
                 raise ValueError(f"{slide.name}: training sequences need targets")
@@ -304,18 +370,27 @@ class SpotSequenceDataset(Dataset):
                 log.info("%s: no scored spot; left out of this dataset", slide.name)
                 continue
             n_ctx = int(ctx.sum())
-            n_items = 1 if max_spots is None else int(
-                items_per_slide or math.ceil(n_ctx / max_spots))
+            context = np.flatnonzero(ctx)
+            if max_spots is not None and cover:
+                windows = covering_windows(slide.xy[context], max_spots, sc[context])
+                self.fixed += [(context[idx], context[idx][owned]) for idx, owned in windows]
+                n_items = len(windows)
+            else:
+                n_items = 1 if max_spots is None else int(
+                    items_per_slide or math.ceil(n_ctx / max_spots))
             items += [len(self.slides)] * n_items
             self.slides.append(slide)
-            self.context.append(torch.from_numpy(np.flatnonzero(ctx)))
+            self.context.append(torch.from_numpy(context))
             self.scored.append(torch.from_numpy(sc))
+            self.trees.append(cKDTree(slide.xy[context])
+                              if max_spots is not None and not cover else None)
         if not self.slides:
             raise ValueError("no slide has a scored spot")
         self.items = np.array(items, dtype=np.int64)
         longest = max(len(c) for c in self.context)
         self.length = longest if max_spots is None else min(int(max_spots), longest)
         self.max_spots = max_spots
+        self.cover = bool(cover) and max_spots is not None
         self.augment = bool(augment)
 
     def __len__(self) -> int:
@@ -324,8 +399,17 @@ class SpotSequenceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s = int(self.items[i])
         slide, idx = self.slides[s], self.context[s]
-        if self.max_spots is not None and len(idx) > self.max_spots:
-            idx = idx[torch.randperm(len(idx))[:self.max_spots]].sort().values
+        scored = self.scored[s]
+        if self.cover:
+            spots, owned = self.fixed[i]
+            idx = torch.from_numpy(spots)
+            scored = torch.zeros(len(slide), dtype=torch.bool)
+            scored[torch.from_numpy(owned)] = True
+        elif self.max_spots is not None and len(idx) > self.max_spots:
+            anchor = int(torch.randint(len(idx), (1,)))
+            ctx = idx.numpy()
+            window = window_around(self.trees[s], slide.xy[ctx], anchor, self.max_spots)
+            idx = torch.from_numpy(ctx[window])
         patches = slide.patches[idx]
         if self.augment:
             ks = torch.randint(8, (len(idx),))
@@ -344,7 +428,7 @@ class SpotSequenceDataset(Dataset):
         out["positions"][:m] = slide.positions[idx]
         out["targets"][:m] = slide.targets[idx]
         out["valid"][:m] = True
-        out["scored"][:m] = self.scored[s][idx]
+        out["scored"][:m] = scored[idx]
         return out
 
 
@@ -407,12 +491,13 @@ def train_histogene(st_paths: Sequence[str | Path], slide_paths: Sequence[str | 
     train_ds = SpotSequenceDataset(slides, train_masks, train_masks, max_spots=task["max_spots"],
                                    items_per_slide=task["items_per_slide"], augment=True)
     val_ds = None
-    if any(v.any() for v in val_masks):  # whole slides as context, validation spots scored
-        val_ds = SpotSequenceDataset(slides, [np.ones(len(s), bool) for s in slides], val_masks)
+    if any(v.any() for v in val_masks):  # windows over whole slides, validation spots scored
+        val_ds = SpotSequenceDataset(slides, [np.ones(len(s), bool) for s in slides], val_masks,
+                                     max_spots=task["max_spots"], cover=True)
     model.init_output_bias(torch.cat([s.targets[torch.from_numpy(m)]
                                       for s, m in zip(slides, train_masks)]).mean(dim=0))
-    log.info("HistoGene: %d training sequences of up to %d spots per epoch, %d validation "
-             "slides", len(train_ds), train_ds.length, len(val_ds) if val_ds else 0)
+    log.info("HistoGene: %d training windows of up to %d contiguous spots per epoch, %d "
+             "validation windows", len(train_ds), train_ds.length, len(val_ds) if val_ds else 0)
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     summary = fit(model, train_ds, val_ds, loss_fn=nn.functional.mse_loss,
                   out_dir=checkpoint_dir, cfg=cfg, batch_to_loss=histogene_batch_loss,
@@ -427,18 +512,31 @@ def train_histogene(st_paths: Sequence[str | Path], slide_paths: Sequence[str | 
 
 
 # --------------------------------------------------------------------------- prediction
-def predict_sequence(model: nn.Module, seq: SlideSequence, *, device: str | torch.device = "auto",
-                     amp: bool = True) -> np.ndarray:
-    """float32 (n, genes): HistoGene over one sequence of all ``seq``'s spots (eval mode)."""
+def predict_sequence(model: nn.Module, seq: SlideSequence, *, max_spots: int | None = None,
+                     device: str | torch.device = "auto", amp: bool = True) -> np.ndarray:
+    """float32 (n, genes): HistoGene over ``seq``'s spots (eval mode), in the windows it was
+    trained on: :func:`covering_windows` of at most ``max_spots`` spots, each spot the mean of
+    the windows that hold it (``None``: one sequence of every spot)."""
     device = resolve_device(device)
     dtype = amp_dtype(device, amp)
     model.to(device).eval()
     if len(seq) == 0:
         raise ValueError(f"{seq.name}: no spots to predict")
+    windows = ([(np.arange(len(seq)), None)] if max_spots is None
+               else covering_windows(seq.xy, max_spots))
+    total, hits = None, np.zeros(len(seq), dtype=np.int64)
     with torch.no_grad(), autocast(device, dtype):
-        pred = model(seq.patches[None].to(device).float().div_(255.0),
-                     seq.positions[None].to(device))
-    pred = pred[0].float().cpu().numpy()
+        for idx, _ in windows:
+            sel = torch.from_numpy(idx)
+            out = model(seq.patches[sel][None].to(device).float().div_(255.0),
+                        seq.positions[sel][None].to(device))[0].float().cpu().numpy()
+            if total is None:
+                total = np.zeros((len(seq), out.shape[1]), dtype=np.float64)
+            total[idx] += out
+            hits[idx] += 1
+    pred = (total / hits[:, None]).astype(np.float32)
+    log.info("%s: %d spots predicted in %d windows of up to %s spots (each spot in %.1f on "
+             "average)", seq.name, len(seq), len(windows), max_spots or len(seq), hits.mean())
     n_bad = int((~np.isfinite(pred)).any(axis=1).sum())
     if n_bad:
         log.warning("%s: %d of %d spots have non-finite predictions", seq.name, n_bad, len(pred))
@@ -455,7 +553,9 @@ def predict_histogene(model_path: str | Path, st_h5ad: str | Path, slide: str | 
     crop_um = float(extra.get("crop_um") or geo["spot_diameter_um"])
     seq = slide_sequence(spots, slide, None, crop_um=crop_um, input_mpp=extra.get("input_mpp"),
                          patch_px=model.patch_px, n_pos=model.n_pos, path=st_h5ad)
-    pred = predict_sequence(model, seq, device=device)
+    max_spots = extra.get("max_spots")
+    pred = predict_sequence(model, seq, max_spots=int(max_spots) if max_spots else None,
+                            device=device)
     out = spots_prediction_anndata(
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geo,
         geo["spot_diameter_um"], model_info={"model": meta["model_name"], "path": str(model_path)})
