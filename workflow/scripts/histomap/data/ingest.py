@@ -41,6 +41,8 @@ def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
                                transformations={"global": Scale([h0 / out_h, w0 / out_w],
                                                                 axes=("y", "x"))})
     spots = sample.spots
+    if spots.n_obs == 0:  # an H&E-only slide (platform `he`): the image alone
+        return sd.SpatialData(images={"he": image})
     radius = spots.obs["diameter_um"].to_numpy(dtype=float) / 2.0 / sample.mpp
     shapes = ShapesModel.parse(np.asarray(spots.obsm["spatial"]), geometry=0, radius=radius,
                                index=spots.obs_names.to_list(),

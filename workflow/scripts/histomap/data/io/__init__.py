@@ -22,6 +22,7 @@ READERS = {
     "visium": "visium",
     "synthetic": "synthetic",
     "xenium": "xenium",
+    "he": "he",
 }
 
 
