@@ -76,3 +76,17 @@ def test_missing_file_and_folder(tmp_path):
         read_sample("he", "H6", tmp_path / "absent.svs")
     with pytest.raises(InputError, match="not a folder"):
         read_sample("he", "H7", tmp_path)
+
+
+def test_write_he_only_keeps_pixels_and_mpp(tmp_path):
+    from histomap.data.io.he import write_he_only
+
+    image = he_image()
+    src = write_pyramid(image, tmp_path / "src.tif", mpp=0.5, tile=64)
+    tif = write_he_only(src, tmp_path / "out" / "A.tif")
+    assert read_sample("he", "A", tif).mpp == pytest.approx(0.5)
+    png = write_he_only(src, tmp_path / "out" / "B.png")
+    assert np.asarray(Image.open(png)).shape == image.shape
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), tifffile.imread(src, key=0))
+    with pytest.raises(InputError, match="no pixel size"):
+        read_sample("he", "B", png)

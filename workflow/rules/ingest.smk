@@ -61,3 +61,24 @@ rule tile_slide:
         "../../envs/preprocess.yaml"
     script:
         "../scripts/tile_slide.py"
+
+
+# The worked example's H&E-only slides (config/apply.yaml): a synthetic section of the sheet's
+# name, rendered by simulate_sample, kept as an image alone (.tif with its mpp, or .png).
+rule synthetic_he_slide:
+    input:
+        "results/synthetic/{sample}",
+    output:
+        "results/synthetic_he/{sample}.{ext}",
+    wildcard_constraints:
+        ext="tif|png|jpg",
+    log:
+        "logs/synthetic_he_slide/{sample}_{ext}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/synthetic_he_slide.py"

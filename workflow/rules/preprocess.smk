@@ -19,7 +19,7 @@ rule normalise_st:
 
 rule select_genes:
     input:
-        st=expand("results/st/{sample}.h5ad", sample=samples["sample"]),
+        st=expand("results/st/{sample}.h5ad", sample=ST_SAMPLES),
     output:
         f"results/genes/{GENE_PANEL}.tsv",
     params:

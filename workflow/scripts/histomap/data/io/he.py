@@ -26,6 +26,7 @@ import openslide
 import pandas as pd
 import scipy.sparse as sp
 import tifffile
+from PIL import Image
 
 from histomap.data.sample import Sample, annotate_spots
 from histomap.errors import InputError
@@ -112,3 +113,27 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
                            spot_diameter_um=spot_diameter_um or 0.0, image=slide)
     log.info("%s: H&E-only slide %s, mpp %.4f um/px", sample, slide, mpp)
     return Sample(name=sample, platform=PLATFORM, image_path=slide, mpp=float(mpp), spots=spots)
+
+
+def write_he_only(src: str | Path, dst: str | Path) -> Path:
+    """An H&E-only copy of a slide (e.g. a synthetic section's ``he.tif``, for the worked
+    example ``config/apply.yaml``): ``.tif``/``.tiff`` copies the pyramid with its mpp metadata;
+    ``.png``/``.jpg`` writes level 0 as a flat image without a pixel size (the sheet gives it)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        if dst.suffix.lower() in TIFF_SUFFIXES:
+            shutil.copyfile(src, tmp)
+        elif dst.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            level0 = tifffile.imread(src, key=0)
+            Image.fromarray(np.ascontiguousarray(level0[..., :3])).save(
+                tmp, format="PNG" if dst.suffix.lower() == ".png" else "JPEG", quality=95)
+        else:
+            raise ValueError(f"{dst}: write .tif, .png or .jpg")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
