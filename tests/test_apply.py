@@ -20,6 +20,7 @@ from histomap.tasks.apply import (
     bins_from_dense,
     dense_tables,
     hex_lattice,
+    on_tissue,
     plot_applied,
     spot_model_tables,
     square_lattice,
@@ -122,8 +123,13 @@ def test_tables_and_figure(demo):
     apply_dense(demo["bundle"], slide, tiles, root / "t" / "dense.zarr", device="cpu")
     out = [root / "t" / "spots_55um.h5ad", root / "t" / "bins_16um.h5ad"]
     spots55, bins16 = dense_tables(demo["bundle"], root / "t" / "dense.zarr", tiles, spots,
-                                   spot_diameters_um=[55], bin_um=[16], out_spots=out[:1],
-                                   out_bins=out[1:])
+                                   slide, mask_mpp=8.0, spot_diameters_um=[55], bin_um=[16],
+                                   out_spots=out[:1], out_bins=out[1:])
+    # lattice points in tissue tiles and on tissue (tiles also hold glass at the edge)
+    for table in (spots55, bins16):
+        assert on_tissue(slide, table.obsm["spatial"], 8.0).all()
+    xy, _ = hex_lattice(pd.read_parquet(tiles), 0.5, 55.0)
+    assert len(spots55) < len(xy)
     for table, shape, size in ((spots55, "disc", 55.0), (bins16, "square", 16.0)):
         back = ad.read_h5ad(out[0] if shape == "disc" else out[1])
         assert back.n_obs == table.n_obs > 10 and list(back.var_names) == demo["genes"]
@@ -140,7 +146,7 @@ def test_tables_and_figure(demo):
     expect = (dmap.read(y0, y0 + 2, x0, x0 + 2) * mask).sum(axis=(1, 2)) / mask.sum()
     np.testing.assert_allclose(bins16.X[len(bins16) // 2], expect, rtol=1e-5)
     plot_applied(slide, demo["genes"][:2], root / "t" / "map.png",
-                 dense_zarr=root / "t" / "dense.zarr")
+                 dense_zarr=root / "t" / "dense.zarr", mask_mpp=8.0)
     assert (root / "t" / "map.png").stat().st_size > 1000
 
 
@@ -202,7 +208,7 @@ def test_spot_model_bundle_on_pseudo_spots(demo):
     with pytest.raises(InputError, match="spot model"):
         apply_dense(bundle, slide, tiles, root / "x.zarr")
     (table,) = spot_model_tables(bundle, slide, tiles, spots, spot_diameters_um=[55],
-                                 spot_spacing_um=100, out_spots=[root / "s" / "spots.h5ad"],
+                                 out_spots=[root / "s" / "spots.h5ad"], mask_mpp=8.0,
                                  device="cpu")
     assert table.n_obs > 5 and np.isfinite(table.X).all()
     assert table.uns["histomap"]["model"]["crop_um"] == 64.0

@@ -253,6 +253,7 @@ rule apply_dense_tables:
         dense="results/apply/{bundle}/{sample}/dense.zarr",
         tiles="results/tiles/{sample}.parquet",
         spots="results/ingest/{sample}/spots.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
     output:
         spots=expand("results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad", um=APPLY_SPOT_LABELS),
         bins=expand("results/apply/{{bundle}}/{{sample}}/bins_{um}um.h5ad", um=APPLY_BIN_LABELS),
@@ -262,6 +263,7 @@ rule apply_dense_tables:
         spot_diameters_um=APPLY["spot_diameters_um"],
         spot_spacing_um=APPLY["spot_spacing_um"],
         bin_um=APPLY["bin_um"],
+        mask_mpp=config["tiling"]["mask_mpp"],
     log:
         "logs/apply/{bundle}/{sample}_tables.log",
     threads: 1
@@ -288,6 +290,7 @@ rule apply_spot_tables:
     params:
         spot_diameters_um=APPLY["spot_diameters_um"],
         spot_spacing_um=APPLY["spot_spacing_um"],
+        mask_mpp=config["tiling"]["mask_mpp"],
         device=config["train"].get("device", "auto"),
     log:
         "logs/apply/{bundle}/{sample}_tables.log",
@@ -320,6 +323,7 @@ rule apply_figure:
         ),
     params:
         n_genes=APPLY["figure_genes"],
+        mask_mpp=config["tiling"]["mask_mpp"],
     log:
         "logs/apply/{bundle}/{sample}_figure.log",
     threads: 1

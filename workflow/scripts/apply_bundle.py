@@ -16,7 +16,7 @@ def main(sm):
     if sm.rule == "apply_dense":
         apply.apply_dense(bundle, i.slide, i.tiles, sm.output[0], device=p.device)
     elif sm.rule == "apply_dense_tables":
-        apply.dense_tables(bundle, i.dense, i.tiles, i.spots,
+        apply.dense_tables(bundle, i.dense, i.tiles, i.spots, i.slide, mask_mpp=p.mask_mpp,
                            spot_diameters_um=p.spot_diameters_um,
                            spot_spacing_um=p.spot_spacing_um, bin_um=p.bin_um,
                            out_spots=sm.output.spots, out_bins=sm.output.bins)
@@ -24,11 +24,12 @@ def main(sm):
         apply.spot_model_tables(bundle, i.slide, i.tiles, i.spots,
                                 spot_diameters_um=p.spot_diameters_um,
                                 spot_spacing_um=p.spot_spacing_um, out_spots=sm.output.spots,
-                                device=p.device)
+                                mask_mpp=p.mask_mpp, device=p.device)
     else:  # apply_figure
         maps = {"dense_zarr": i.maps} if bundle.is_dense else {"spots_h5ad": i.maps}
         apply.plot_applied(i.slide, bundle.genes[:p.n_genes], sm.output[0],
-                           title=f"{bundle.name} on {sm.wildcards.sample}", **maps)
+                           title=f"{bundle.name} on {sm.wildcards.sample}",
+                           mask_mpp=p.mask_mpp, **maps)
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

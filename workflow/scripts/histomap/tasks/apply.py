@@ -16,7 +16,8 @@ Arrow of the DESIGN.md picture: ``model -> dense map -> spots or bins at any sca
   so pseudo-spots other than the training size are logged as such. Spot models have no bins.
 
 Lattices cover tissue: a pseudo-spot or bin is kept when its centre lies in a tissue tile of the
-``tile_slide`` index. Every table is the predictions AnnData of
+``tile_slide`` index and on tissue in the slide's tissue mask (:func:`histomap.data.tiling.
+tissue_mask` at ``mask_mpp``; tiles also hold glass at the tissue's edge). Every table is the predictions AnnData of
 :func:`histomap.tasks.predict.spots_prediction_anndata` (``X`` in the bundle's units, e.g. log1p of
 counts per ``target_sum``; ``obs["diameter_um"]``: disc diameter or bin side;
 ``obs["shape"]``: ``disc`` or ``square``; ``obs["array_row"]``, ``obs["array_col"]``: lattice
@@ -37,6 +38,7 @@ import scipy.sparse as sp
 from histomap.data.io.he import empty_spots
 from histomap.data.sample import annotate_spots
 from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.data.tiling import tissue_mask
 from histomap.errors import InputError
 from histomap.tasks.bundle import Bundle, read_bundle
 from histomap.tasks.dense import predict_dense
@@ -65,6 +67,21 @@ def _tiles_bbox(tiles: pd.DataFrame) -> tuple[float, float, float, float]:
     x1 = (tiles["x0_px"] + tiles["size_px0"]).max()
     y1 = (tiles["y0_px"] + tiles["size_px0"]).max()
     return float(x0), float(y0), float(x1), float(y1)
+
+
+def on_tissue(slide_path: str | Path, centres_px: np.ndarray, mask_mpp: float = 16.0
+              ) -> np.ndarray:
+    """Whether each level-0 centre falls on tissue in the slide's tissue mask at ``mask_mpp``."""
+    centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    with open_slide(slide_path) as slide:
+        mask, used_mpp = tissue_mask(slide, mask_mpp=mask_mpp)
+        px0 = used_mpp / slide_mpp(slide, slide_path)
+    ij = np.floor(centres_px / px0).astype(np.int64)
+    inside = ((ij[:, 0] >= 0) & (ij[:, 0] < mask.shape[1]) & (ij[:, 1] >= 0)
+              & (ij[:, 1] < mask.shape[0]))
+    out = np.zeros(len(centres_px), dtype=bool)
+    out[inside] = mask[ij[inside, 1], ij[inside, 0]]
+    return out
 
 
 def hex_lattice(tiles: pd.DataFrame, mpp: float, spacing_um: float
@@ -231,28 +248,32 @@ def _write(adata: ad.AnnData, path: str | Path) -> None:
              if adata.n_obs else "row", adata.n_vars, path)
 
 
-def _lattices(tiles: pd.DataFrame, geo: dict, spot_diameters_um: Sequence[float],
-              spot_spacing_um: float | None, bin_um: Sequence[float]):
+def _lattices(tiles: pd.DataFrame, geo: dict, slide_path: str | Path, mask_mpp: float,
+              spot_diameters_um: Sequence[float], spot_spacing_um: float | None,
+              bin_um: Sequence[float]):
     mpp = float(geo["mpp"])
     common = dict(sample=geo["sample"], platform=geo["platform"], mpp=mpp, image=geo["image"])
-    for d in spot_diameters_um:
-        xy, rc = hex_lattice(tiles, mpp, float(spot_spacing_um or d))
-        yield "disc", float(d), lattice_spots(xy, rc, diameter_um=float(d), prefix="spot",
-                                              **common)
-    for b in bin_um:
-        xy, rc = square_lattice(tiles, mpp, float(b))
-        yield "square", float(b), lattice_spots(xy, rc, diameter_um=float(b), prefix="bin",
-                                                **common)
+    lattices = [("disc", float(d), *hex_lattice(tiles, mpp, float(spot_spacing_um or d)))
+                for d in spot_diameters_um]
+    lattices += [("square", float(b), *square_lattice(tiles, mpp, float(b))) for b in bin_um]
+    for shape, size, xy, rc in lattices:
+        keep = on_tissue(slide_path, xy, mask_mpp)
+        log.info("%g um %ss: %d of %d lattice points in tissue tiles lie on tissue", size,
+                 shape, int(keep.sum()), len(keep))
+        yield shape, size, lattice_spots(xy[keep], rc[keep], diameter_um=size,
+                                         prefix="spot" if shape == "disc" else "bin", **common)
 
 
 def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parquet: str | Path,
-                 spots_h5ad: str | Path, *, spot_diameters_um: Sequence[float] = (),
+                 spots_h5ad: str | Path, slide_path: str | Path, *, mask_mpp: float = 16.0,
+                 spot_diameters_um: Sequence[float] = (),
                  spot_spacing_um: float | None = None, bin_um: Sequence[float] = (),
                  out_spots: Sequence[str | Path] = (), out_bins: Sequence[str | Path] = ()
                  ) -> list[ad.AnnData]:
     """Pseudo-spot tables (one per diameter, ``out_spots``) and bin tables (one per side,
     ``out_bins``) read out of an applied dense map; ``spots_h5ad`` is the sample's ingested spot
-    table (its geometry: sample, mpp, image). Pseudo-spots lie on a hexagonal lattice of
+    table (its geometry: sample, mpp, image), ``slide_path`` its slide (the tissue mask, at
+    ``mask_mpp``). Pseudo-spots lie on a hexagonal lattice of
     ``spot_spacing_um`` (default: the diameter, touching discs)."""
     bundle = _bundle(bundle)
     dmap = read_dense(dense_zarr)
@@ -266,7 +287,8 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
         raise ValueError("one output per spot diameter and per bin side")
     tables = []
     for (shape, size, lattice), path in zip(
-            _lattices(tiles, geo, spot_diameters_um, spot_spacing_um, bin_um), outputs):
+            _lattices(tiles, geo, slide_path, mask_mpp, spot_diameters_um, spot_spacing_um,
+                      bin_um), outputs):
         xy = np.asarray(lattice.obsm["spatial"])
         if shape == "disc":
             pred = spots_from_dense(dmap, xy, size, dmap.slide_mpp, mode="mean")
@@ -283,7 +305,8 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
 def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,
                       tiles_parquet: str | Path, spots_h5ad: str | Path, *,
                       spot_diameters_um: Sequence[float], spot_spacing_um: float | None = None,
-                      out_spots: Sequence[str | Path], device: str = "auto",
+                      out_spots: Sequence[str | Path], mask_mpp: float = 16.0,
+                      device: str = "auto",
                       batch_size: int = 64) -> list[ad.AnnData]:
     """Pseudo-spot tables from a spot-model bundle: one prediction per lattice point from the
     crop the model was trained on (``input.crop_um``)."""
@@ -304,7 +327,8 @@ def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,
     crop = bundle.meta["input"].get("crop_um")
     tables = []
     for (shape, size, lattice), path in zip(
-            _lattices(tiles, geo, spot_diameters_um, spot_spacing_um, ()), out_spots):
+            _lattices(tiles, geo, slide_path, mask_mpp, spot_diameters_um, spot_spacing_um, ()),
+            out_spots):
         if trained and not any(math.isclose(size, t, rel_tol=1e-6) for t in trained):
             log.warning("bundle %s was trained on %s um spots; its %g um pseudo-spots are its "
                         "predictions for %g um crops at their centres", bundle.name,
@@ -331,9 +355,10 @@ def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,
 # --------------------------------------------------------------------------- figure
 def plot_applied(slide_path: str | Path, genes: Sequence[str], out_png: str | Path, *,
                  dense_zarr: str | Path | None = None, spots_h5ad: str | Path | None = None,
-                 title: str = "", max_px: int = 600) -> None:
-    """The H&E beside the first ``genes`` of an applied model: the dense map (when given; masked
-    outside tissue) or pseudo-spot values as discs, each gene on its own colour scale."""
+                 title: str = "", max_px: int = 600, mask_mpp: float = 16.0) -> None:
+    """The H&E beside the first ``genes`` of an applied model: the dense map (when given; shown
+    on tissue only, :func:`on_tissue`) or pseudo-spot values as dots, each gene on its own
+    colour scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,6 +391,9 @@ def plot_applied(slide_path: str | Path, genes: Sequence[str], out_png: str | Pa
     if dense_zarr is not None:
         step = max(1, int(math.ceil(max(dmap.mask.shape) / max_px)))
         mask = np.asarray(dmap.mask[::step, ::step]) > 0
+        iy, ix = np.mgrid[:mask.shape[0], :mask.shape[1]] * step + 0.5
+        centres = np.column_stack([ox + ix.ravel() * s0, oy + iy.ravel() * s0])
+        mask &= on_tissue(slide_path, centres, mask_mpp).reshape(mask.shape)
         for ax, gene in zip(axes[1:], genes):
             values = np.asarray(dmap.dense[dmap.genes.index(gene), ::step, ::step], np.float32)
             shown = np.ma.masked_where(~mask, values)
