@@ -212,3 +212,24 @@ def test_spot_model_bundle_on_pseudo_spots(demo):
                                  device="cpu")
     assert table.n_obs > 5 and np.isfinite(table.X).all()
     assert table.uns["histomap"]["model"]["crop_um"] == 64.0
+
+
+def test_histogene_bundle_on_pseudo_spots(demo):
+    """HistoGene sees the pseudo-spots as one sequence, their lattice indices as positions."""
+    root = demo["root"]
+    bundle = train_bundle("histogene", demo["st"][:1], demo["slides"][:1], demo["genes"],
+                          name="histogene",
+                          model_cfg={"patch_px": 8, "dim": 16, "depth": 1, "heads": 2,
+                                     "n_pos": 32, "input_mpp": 4.0, "crop_um": 64,
+                                     "max_spots": 16},
+                          train_cfg=TRAIN, validation=VALIDATION, seed=0,
+                          out_dir=root / "bundles" / "histogene",
+                          checkpoint_dir=root / "checkpoints" / "histogene")
+    assert bundle.meta["kind"] == "spot" and bundle.meta["encoder"]["name"] == "histogene"
+    slide, tiles, spots = _ingest(root, "synC_he4", "he",
+                                  root / "synthetic" / "synC" / "he.tif")
+    (table,) = spot_model_tables(bundle, slide, tiles, spots, spot_diameters_um=[55],
+                                 spot_spacing_um=100, out_spots=[root / "h" / "spots.h5ad"],
+                                 mask_mpp=8.0, device="cpu")
+    assert table.n_obs >= 3 and np.isfinite(table.X).all()
+    assert table.uns["histomap"]["model"]["model"] == "histogene"

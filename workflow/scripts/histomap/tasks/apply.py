@@ -13,7 +13,10 @@ Arrow of the DESIGN.md picture: ``model -> dense map -> spots or bins at any sca
 * **Spot models** (ST-Net-style, HistoGene-style): one prediction per pseudo-spot, from the crop
   the model was trained on (``bundle.json`` ``input.crop_um``) centred on each lattice point
   (:func:`spot_model_tables`); the crop, not the pseudo-spot's diameter, is what the model saw,
-  so pseudo-spots other than the training size are logged as such. Spot models have no bins.
+  so pseudo-spots other than the training size are logged as such. HistoGene reads all
+  pseudo-spots of a slide as one sequence with their lattice indices as positions, so give
+  ``spot_spacing_um`` the training spots' spacing for positions on the scale it learnt. Spot
+  models have no bins.
 
 Lattices cover tissue: a pseudo-spot or bin is kept when its centre lies in a tissue tile of the
 ``tile_slide`` index and on tissue in the slide's tissue mask (:func:`histomap.data.tiling.
