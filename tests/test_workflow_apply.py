@@ -128,3 +128,16 @@ def test_he_samples_stay_out_of_folds_and_panels(workdir):
     counts = jobs(out)
     assert counts["train_pixnet"] == 3 and counts["normalise_st"] == 3
     assert "results/st/heA.h5ad" not in out
+
+
+def test_apply_target_skips_the_benchmark(workdir):
+    """`snakemake apply` with a benchmark config: the bundle and its application only."""
+    config = demo_config(**yaml.safe_load((REPO / "config" / "apply.yaml").read_text()))
+    config["benchmark"] = True
+    code, out = dry_run(workdir, config, "apply")
+    assert code == 0, out[-3000:]
+    counts = jobs(out)
+    assert counts["train_final"] == 1 and counts["apply_dense"] == 2
+    assert not {"train_pixnet", "evaluate", "benchmark_tables"} & set(counts)
+    code, out = dry_run(workdir, config)
+    assert code == 0 and jobs(out)["train_pixnet"] == 3 and jobs(out)["apply_dense"] == 2

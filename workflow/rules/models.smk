@@ -194,6 +194,16 @@ rule dense_scale_spots:
 # (histomap.tasks.bundle); apply_*: a bundle (that one, or `apply.bundle` made elsewhere) run on
 # `apply.samples` (default: the H&E-only `he` samples): the dense map, pseudo-spot and bin
 # tables, a figure (histomap.tasks.apply).
+localrules:
+    apply,
+
+
+# `snakemake apply`: the bundles and their application alone, without the benchmark.
+rule apply:
+    input:
+        apply_targets(),
+
+
 rule train_final:
     input:
         unpack(final_inputs),
