@@ -19,9 +19,9 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 def dry_run(workdir: Path, config: dict, *targets: str) -> tuple[int, str]:
     path = workdir / "test_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    res = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "-n", "--configfile",
-                          str(path), *targets], cwd=workdir, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run([*SNAKEMAKE, *targets, "--directory", str(workdir), "-n",
+                          "--configfile", str(path)], cwd=workdir, capture_output=True,
+                         text=True, timeout=300)
     return res.returncode, res.stdout + res.stderr
 
 
