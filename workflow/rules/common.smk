@@ -25,7 +25,11 @@ DATA_DIR = config.get("data_dir", "")
 # and `apply`. Samples of an image-only platform (`he`) have no spots: never in folds or panels.
 BENCHMARK = bool(config.get("benchmark", True))
 IMAGE_ONLY_PLATFORMS = ("he",)
-ST_SAMPLES = [s for s in samples["sample"] if samples.loc[s, "platform"] not in IMAGE_ONLY_PLATFORMS]
+ST_SAMPLES = [
+    s
+    for s in samples["sample"]
+    if samples.loc[s, "platform"] not in IMAGE_ONLY_PLATFORMS
+]
 DEFAULT_SPOT_DIAMETER_UM = {
     "legacy_st": 100.0,
     "visium": 55.0,
@@ -320,15 +324,19 @@ APPLY = {
 FINAL_SEED = TRAIN_SEEDS[0]
 FINAL_FOLD = "final"  # results/models/{model}/final/...: train_final's checkpoints
 if FINAL_FOLD in FOLDS:
-    raise ValueError(f"{SAMPLE_SHEET}: a fold may not be named {FINAL_FOLD!r} (train_final's)")
+    raise ValueError(
+        f"{SAMPLE_SHEET}: a fold may not be named {FINAL_FOLD!r} (train_final's)"
+    )
 
 
 def final_train_samples():
     """Every ST sample of the sheet: what train_final trains a bundle on."""
     if not ST_SAMPLES:
-        raise ValueError(f"{SAMPLE_SHEET}: train_final needs ST samples; the sheet has only "
-                         f"H&E-only ({', '.join(IMAGE_ONLY_PLATFORMS)}) samples. Point "
-                         "`apply.bundle` at a bundle trained elsewhere instead")
+        raise ValueError(
+            f"{SAMPLE_SHEET}: train_final needs ST samples; the sheet has only "
+            f"H&E-only ({', '.join(IMAGE_ONLY_PLATFORMS)}) samples. Point "
+            "`apply.bundle` at a bundle trained elsewhere instead"
+        )
     return ST_SAMPLES
 
 
@@ -350,17 +358,22 @@ def final_inputs(wildcards):
 def _apply_bundles():
     """{bundle name: (bundle folder, architecture)}: `apply.bundle` (made elsewhere, read now)
     or one train_final bundle per `apply.models` entry."""
-    if APPLY["bundle"]:  # read bundle.json alone (no torch at start-up); apply checks the rest
+    # read bundle.json alone (no torch at start-up); apply_* check the rest
+    if APPLY["bundle"]:
         import json
 
         folder = Path(APPLY["bundle"])
         meta_path, model_path = folder / "bundle.json", folder / "model.pt"
         if not (meta_path.is_file() and model_path.is_file()):
-            raise ValueError(f"config apply.bundle: {folder} is not a bundle folder (needs "
-                             "bundle.json and model.pt, as train_final writes them)")
+            raise ValueError(
+                f"config apply.bundle: {folder} is not a bundle folder (needs "
+                "bundle.json and model.pt, as train_final writes them)"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != "histomap.bundle/1" or "name" not in meta:
-            raise ValueError(f"config apply.bundle: {meta_path} is not a histomap bundle")
+            raise ValueError(
+                f"config apply.bundle: {meta_path} is not a histomap bundle"
+            )
         return {meta["name"]: (str(folder), meta["architecture"])}
     unknown = [m for m in APPLY["models"] if m not in MODELS]
     if unknown:
@@ -372,11 +385,17 @@ APPLY_BUNDLES = _apply_bundles()
 APPLY_SAMPLES = (
     list(APPLY["samples"])
     if APPLY["samples"] is not None
-    else [s for s in samples["sample"] if samples.loc[s, "platform"] in IMAGE_ONLY_PLATFORMS]
+    else [
+        s
+        for s in samples["sample"]
+        if samples.loc[s, "platform"] in IMAGE_ONLY_PLATFORMS
+    ]
 )
 for _s in APPLY_SAMPLES:
     if _s not in samples.index:
-        raise ValueError(f"config: apply.samples names {_s!r}, which is not in {SAMPLE_SHEET}")
+        raise ValueError(
+            f"config: apply.samples names {_s!r}, which is not in {SAMPLE_SHEET}"
+        )
 APPLY_SPOT_LABELS = [scale_label(um) for um in APPLY["spot_diameters_um"]]
 APPLY_BIN_LABELS = [scale_label(um) for um in APPLY["bin_um"]]
 
@@ -397,14 +416,22 @@ def apply_runs(dense):
 def apply_tables(name, sample):
     folder = f"results/apply/{name}/{sample}"
     spots = [f"{folder}/spots_{um}um.h5ad" for um in APPLY_SPOT_LABELS]
-    bins = [f"{folder}/bins_{um}um.h5ad" for um in APPLY_BIN_LABELS] if apply_is_dense(name) else []
+    bins = (
+        [f"{folder}/bins_{um}um.h5ad" for um in APPLY_BIN_LABELS]
+        if apply_is_dense(name)
+        else []
+    )
     return spots + bins
 
 
 def apply_targets():
     """Bundles of `apply.models`, and per applied bundle and sample: the dense map (dense
     models), the pseudo-spot and bin tables and the figure."""
-    bundles = [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]] if not APPLY["bundle"] else []
+    bundles = (
+        [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]]
+        if not APPLY["bundle"]
+        else []
+    )
     outputs = []
     for name in APPLY_BUNDLES:
         for s in APPLY_SAMPLES:

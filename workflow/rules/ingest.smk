@@ -70,15 +70,15 @@ rule synthetic_he_slide:
         "results/synthetic/{sample}",
     output:
         "results/synthetic_he/{sample}.{ext}",
-    wildcard_constraints:
-        ext="tif|png|jpg",
     log:
         "logs/synthetic_he_slide/{sample}_{ext}.log",
+    wildcard_constraints:
+        ext="tif|png|jpg",
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=config["resources"]["mem_mb"]["light"],
         runtime=config["resources"]["runtime"]["light"],
-    conda:
-        "../../envs/preprocess.yaml"
     script:
         "../scripts/synthetic_he_slide.py"

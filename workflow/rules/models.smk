@@ -211,6 +211,15 @@ rule train_final:
         model=f"results/bundles/{{model}}/seed{FINAL_SEED}/model.pt",
         bundle=f"results/bundles/{{model}}/seed{FINAL_SEED}/bundle.json",
         log_csv=f"results/bundles/{{model}}/seed{FINAL_SEED}/train_log.csv",
+    log:
+        "logs/train_final/{model}.log",
+    conda:
+        "../../envs/models.yaml"
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
     params:
         base=lambda wc: base_model(wc.model),
         model=lambda wc: model_params(wc.model),
@@ -219,15 +228,6 @@ rule train_final:
         seed=FINAL_SEED,
         extra_st=lambda wc: extra_spots_of(wc.model, final_train_samples()),
         checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, FINAL_FOLD, FINAL_SEED)}/checkpoints",
-    log:
-        "logs/train_final/{model}.log",
-    threads: config["resources"]["threads"]["train"]
-    resources:
-        mem_mb=config["resources"]["mem_mb"]["train"],
-        runtime=config["resources"]["runtime"]["train"],
-        gpu=config["resources"]["gpu"],
-    conda:
-        "../../envs/models.yaml"
     script:
         "../scripts/train_final.py"
 
@@ -240,19 +240,19 @@ rule apply_dense:
         tiles="results/tiles/{sample}.parquet",
     output:
         directory("results/apply/{bundle}/{sample}/dense.zarr"),
-    wildcard_constraints:
-        bundle=apply_runs(dense=True),
-    params:
-        device=config["train"].get("device", "auto"),
     log:
         "logs/apply/{bundle}/{sample}_dense.log",
+    wildcard_constraints:
+        bundle=apply_runs(dense=True),
+    conda:
+        "../../envs/models.yaml"
     threads: config["resources"]["threads"]["train"]
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
         gpu=config["resources"]["gpu"],
-    conda:
-        "../../envs/models.yaml"
+    params:
+        device=config["train"].get("device", "auto"),
     script:
         "../scripts/apply_bundle.py"
 
@@ -265,23 +265,28 @@ rule apply_dense_tables:
         spots="results/ingest/{sample}/spots.h5ad",
         slide="results/ingest/{sample}/slide.tif",
     output:
-        spots=expand("results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad", um=APPLY_SPOT_LABELS),
-        bins=expand("results/apply/{{bundle}}/{{sample}}/bins_{um}um.h5ad", um=APPLY_BIN_LABELS),
+        spots=expand(
+            "results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad",
+            um=APPLY_SPOT_LABELS,
+        ),
+        bins=expand(
+            "results/apply/{{bundle}}/{{sample}}/bins_{um}um.h5ad", um=APPLY_BIN_LABELS
+        ),
+    log:
+        "logs/apply/{bundle}/{sample}_tables.log",
     wildcard_constraints:
         bundle=apply_runs(dense=True),
+    conda:
+        "../../envs/models.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
     params:
         spot_diameters_um=APPLY["spot_diameters_um"],
         spot_spacing_um=APPLY["spot_spacing_um"],
         bin_um=APPLY["bin_um"],
         mask_mpp=config["tiling"]["mask_mpp"],
-    log:
-        "logs/apply/{bundle}/{sample}_tables.log",
-    threads: 1
-    resources:
-        mem_mb=config["resources"]["mem_mb"]["light"],
-        runtime=config["resources"]["runtime"]["light"],
-    conda:
-        "../../envs/models.yaml"
     script:
         "../scripts/apply_bundle.py"
 
@@ -294,23 +299,26 @@ rule apply_spot_tables:
         tiles="results/tiles/{sample}.parquet",
         spots="results/ingest/{sample}/spots.h5ad",
     output:
-        spots=expand("results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad", um=APPLY_SPOT_LABELS),
-    wildcard_constraints:
-        bundle=apply_runs(dense=False),
-    params:
-        spot_diameters_um=APPLY["spot_diameters_um"],
-        spot_spacing_um=APPLY["spot_spacing_um"],
-        mask_mpp=config["tiling"]["mask_mpp"],
-        device=config["train"].get("device", "auto"),
+        spots=expand(
+            "results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad",
+            um=APPLY_SPOT_LABELS,
+        ),
     log:
         "logs/apply/{bundle}/{sample}_tables.log",
+    wildcard_constraints:
+        bundle=apply_runs(dense=False),
+    conda:
+        "../../envs/models.yaml"
     threads: config["resources"]["threads"]["train"]
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["light"],
         gpu=config["resources"]["gpu"],
-    conda:
-        "../../envs/models.yaml"
+    params:
+        spot_diameters_um=APPLY["spot_diameters_um"],
+        spot_spacing_um=APPLY["spot_spacing_um"],
+        mask_mpp=config["tiling"]["mask_mpp"],
+        device=config["train"].get("device", "auto"),
     script:
         "../scripts/apply_bundle.py"
 
@@ -331,16 +339,16 @@ rule apply_figure:
             category="Applied models",
             subcategory="{bundle}",
         ),
-    params:
-        n_genes=APPLY["figure_genes"],
-        mask_mpp=config["tiling"]["mask_mpp"],
     log:
         "logs/apply/{bundle}/{sample}_figure.log",
+    conda:
+        "../../envs/models.yaml"
     threads: 1
     resources:
         mem_mb=config["resources"]["mem_mb"]["light"],
         runtime=config["resources"]["runtime"]["light"],
-    conda:
-        "../../envs/models.yaml"
+    params:
+        n_genes=APPLY["figure_genes"],
+        mask_mpp=config["tiling"]["mask_mpp"],
     script:
         "../scripts/apply_bundle.py"
