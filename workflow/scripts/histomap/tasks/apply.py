@@ -38,7 +38,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from histomap.data.io.he import empty_spots
 from histomap.data.sample import annotate_spots
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.data.tiling import tissue_mask
@@ -124,7 +123,6 @@ def lattice_spots(centres_px: np.ndarray, rowcol: np.ndarray, *, sample: str, pl
                   ) -> ad.AnnData:
     """Pseudo-spots or bins as a spot table without counts (centres, lattice positions,
     geometry), the input of the spot models' predictions."""
-    spots = empty_spots()
     names = [f"{prefix}_{r}_{c}" for r, c in rowcol]
     spots = ad.AnnData(X=sp.csr_matrix((len(names), 0), dtype=np.int32),
                        obs=pd.DataFrame({"array_row": rowcol[:, 0].astype(np.int64),
