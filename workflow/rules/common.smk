@@ -424,6 +424,14 @@ def apply_tables(name, sample):
     return spots + bins
 
 
+_spot_bundles = [b for b in APPLY_BUNDLES if not apply_is_dense(b)]
+if _spot_bundles and APPLY_SAMPLES and not APPLY_SPOT_LABELS:
+    raise ValueError(
+        f"config apply.spot_diameters_um is empty, but spot models {_spot_bundles} predict "
+        "pseudo-spots only (bins need a dense model)"
+    )
+
+
 def apply_targets():
     """Bundles of `apply.models`, and per applied bundle and sample: the dense map (dense
     models), the pseudo-spot and bin tables and the figure."""
