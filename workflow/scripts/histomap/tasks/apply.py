@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -71,19 +71,30 @@ def _tiles_bbox(tiles: pd.DataFrame) -> tuple[float, float, float, float]:
     return float(x0), float(y0), float(x1), float(y1)
 
 
-def on_tissue(slide_path: str | Path, centres_px: np.ndarray, mask_mpp: float = 16.0
-              ) -> np.ndarray:
-    """Whether each level-0 centre falls on tissue in the slide's tissue mask at ``mask_mpp``."""
-    centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+def tissue_lookup(slide_path: str | Path, mask_mpp: float = 16.0
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    """A function telling whether level-0 centres fall on tissue in the slide's tissue mask at
+    ``mask_mpp`` (the mask is computed once)."""
     with open_slide(slide_path) as slide:
         mask, used_mpp = tissue_mask(slide, mask_mpp=mask_mpp)
         px0 = used_mpp / slide_mpp(slide, slide_path)
-    ij = np.floor(centres_px / px0).astype(np.int64)
-    inside = ((ij[:, 0] >= 0) & (ij[:, 0] < mask.shape[1]) & (ij[:, 1] >= 0)
-              & (ij[:, 1] < mask.shape[0]))
-    out = np.zeros(len(centres_px), dtype=bool)
-    out[inside] = mask[ij[inside, 1], ij[inside, 0]]
-    return out
+
+    def lookup(centres_px: np.ndarray) -> np.ndarray:
+        centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+        ij = np.floor(centres_px / px0).astype(np.int64)
+        inside = ((ij[:, 0] >= 0) & (ij[:, 0] < mask.shape[1]) & (ij[:, 1] >= 0)
+                  & (ij[:, 1] < mask.shape[0]))
+        out = np.zeros(len(centres_px), dtype=bool)
+        out[inside] = mask[ij[inside, 1], ij[inside, 0]]
+        return out
+
+    return lookup
+
+
+def on_tissue(slide_path: str | Path, centres_px: np.ndarray, mask_mpp: float = 16.0
+              ) -> np.ndarray:
+    """Whether each level-0 centre falls on tissue in the slide's tissue mask at ``mask_mpp``."""
+    return tissue_lookup(slide_path, mask_mpp)(centres_px)
 
 
 def hex_lattice(tiles: pd.DataFrame, mpp: float, spacing_um: float
@@ -257,8 +268,9 @@ def _lattices(tiles: pd.DataFrame, geo: dict, slide_path: str | Path, mask_mpp: 
     lattices = [("disc", float(d), *hex_lattice(tiles, mpp, float(spot_spacing_um or d)))
                 for d in spot_diameters_um]
     lattices += [("square", float(b), *square_lattice(tiles, mpp, float(b))) for b in bin_um]
+    tissue = tissue_lookup(slide_path, mask_mpp)
     for shape, size, xy, rc in lattices:
-        keep = on_tissue(slide_path, xy, mask_mpp)
+        keep = tissue(xy)
         log.info("%g um %ss: %d of %d lattice points in tissue tiles lie on tissue", size,
                  shape, int(keep.sum()), len(keep))
         yield shape, size, lattice_spots(xy[keep], rc[keep], diameter_um=size,
