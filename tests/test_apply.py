@@ -233,3 +233,20 @@ def test_histogene_bundle_on_pseudo_spots(demo):
                                  mask_mpp=8.0, device="cpu")
     assert table.n_obs >= 3 and np.isfinite(table.X).all()
     assert table.uns["histomap"]["model"]["model"] == "histogene"
+
+
+def test_one_sample_config_trains_and_applies(demo):
+    """One ST sample is enough for train_final (validation blocks of that sample), and its
+    bundle applies to an H&E-only slide."""
+    root = demo["root"]
+    bundle = train_bundle("pixnet", demo["st"][:1], demo["slides"][:1], demo["genes"],
+                          name="pixnet_one", model_cfg={**TINY_PIXNET, "checkpoint": None},
+                          train_cfg=TRAIN, validation=VALIDATION, seed=1,
+                          out_dir=root / "bundles" / "pixnet_one",
+                          checkpoint_dir=root / "checkpoints" / "pixnet_one")
+    assert bundle.meta["training"]["samples"] == ["synA"]
+    assert np.isfinite(bundle.meta["training"]["best_val_loss"])  # validation blocks existed
+    slide, tiles, _ = _ingest(root, "synC_he5", "he", root / "synthetic" / "synC" / "he.tif")
+    dmap = apply_dense(read_bundle(bundle.path), slide, tiles, root / "one.zarr", device="cpu")
+    covered = np.asarray(dmap.mask) > 0
+    assert covered.any() and np.isfinite(dmap.read()[:, covered]).all()
