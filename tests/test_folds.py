@@ -35,8 +35,16 @@ def test_explicit_folds_and_errors():
     with pytest.raises(InputError, match="unknown fold strategy"):
         make_folds(SHEET, "random")
     single = pd.DataFrame({"sample": ["A"], "patient": ["P"]})
-    with pytest.raises(InputError, match="single patient"):
-        make_folds(single, "leave_one_patient_out")
+    for strategy in ("leave_one_patient_out", "leave_one_sample_out"):
+        with pytest.raises(InputError, match="at least two ST samples.*benchmark: false"):
+            make_folds(single, strategy)
+    one_patient = pd.DataFrame({"sample": ["A", "B"], "patient": ["P", "P"]})
+    with pytest.raises(InputError, match="single patient 'P'.*leave_one_sample_out.*"
+                                         "benchmark: false"):
+        make_folds(one_patient, "leave_one_patient_out")
+    assert list(make_folds(one_patient, "leave_one_sample_out")) == ["A", "B"]
+    with pytest.raises(InputError, match=r"folds.explicit\['f'\] lists every sample"):
+        make_folds(SHEET, "explicit", {"f": ["B4", "C2", "C3", "C4"]})
 
 
 def test_fold_kinds_from_the_sample_sheet():

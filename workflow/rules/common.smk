@@ -21,6 +21,16 @@ if samples["sample"].duplicated().any():
 samples = samples.set_index("sample", drop=False)
 
 DATA_DIR = config.get("data_dir", "")
+# `benchmark: false`: no folds, metrics or tables (e.g. one ST sample): only train_final bundles
+# and `apply`. Samples of an image-only platform (`he`) have no spots: never in folds or panels.
+BENCHMARK = bool(config.get("benchmark", True))
+FINAL_FOLD = "final"  # results/models/{model}/final/...: train_final's checkpoints
+IMAGE_ONLY_PLATFORMS = ("he",)
+ST_SAMPLES = [
+    s
+    for s in samples["sample"]
+    if samples.loc[s, "platform"] not in IMAGE_ONLY_PLATFORMS
+]
 DEFAULT_SPOT_DIAMETER_UM = {
     "legacy_st": 100.0,
     "visium": 55.0,
@@ -32,11 +42,15 @@ DEFAULT_SPOT_DIAMETER_UM = {
 # `image` keywords: the Visium hires/lowres PNG of spatial/, an explicit opt-in (not a file)
 IMAGE_KEYWORDS = ("hires", "lowres")
 
-FOLDS = make_folds(
-    samples.reset_index(drop=True),
-    config["folds"]["strategy"],
-    config["folds"].get("explicit"),
-    sheet=SAMPLE_SHEET,
+FOLDS = (
+    make_folds(
+        samples.loc[ST_SAMPLES].reset_index(drop=True),
+        config["folds"]["strategy"],
+        config["folds"].get("explicit"),
+        sheet=SAMPLE_SHEET,
+    )
+    if BENCHMARK
+    else {}
 )
 # cross_patient / within_patient / mixed per fold: reported as separate rows, never averaged
 FOLD_KINDS = fold_kinds(samples.reset_index(drop=True), FOLDS)
@@ -140,6 +154,7 @@ def image_keyword(sample):
 
 
 def spot_diameter_um(sample):
+    """The sheet's value, else the platform's default (None for image-only platforms)."""
     value = sample_value(sample, "spot_diameter_um")
     if value:
         return float(value)
@@ -149,7 +164,7 @@ def spot_diameter_um(sample):
         recorded = metadata_spot_diameter(sample_path(sample), hest_id(sample))
         if recorded:
             return recorded
-    return DEFAULT_SPOT_DIAMETER_UM[samples.loc[sample, "platform"]]
+    return DEFAULT_SPOT_DIAMETER_UM.get(samples.loc[sample, "platform"])
 
 
 def hest_id(sample):
@@ -172,6 +187,10 @@ def ingest_inputs(wildcards):
 
 
 def fold_samples(fold, part):
+    """Samples of a fold's part; the fold `final` (train_final's bundles) trains on every ST
+    sample and tests none."""
+    if fold == FINAL_FOLD:
+        return list(ST_SAMPLES) if part == "train" else []
     return FOLDS[fold][part]
 
 
@@ -291,12 +310,16 @@ def extra_train_spots(model, fold):
     sample's own spots (`train_diameters_um`: the high-resolution data re-measured with discs of
     those sizes by truth_at_scale, the discs that pass the spot QC; samples without
     high-resolution data have none)."""
+    return extra_spots_of(model, fold_samples(fold, "train"))
+
+
+def extra_spots_of(model, train):
     diameters = model_block(model).get("train_diameters_um", [])
     return [
         [f"results/scales/{s}/qc_{scale_label(um)}um.h5ad" for um in diameters]
         if has_highres(s)
         else []
-        for s in fold_samples(fold, "train")
+        for s in train
     ]
 
 
@@ -332,15 +355,158 @@ def figure_files():
 
 
 def all_targets():
-    return [
+    benchmark = [
         "results/report/benchmark.csv",
         "results/report/benchmark.md",
         "results/report/figures/pcc_distribution.png",
         *figure_files(),
         *extra_scale_files(),
-        *expand(list(tile_files().values()), sample=samples["sample"]),
         *superres_targets(),
     ]
+    return [
+        *(benchmark if BENCHMARK else []),
+        *expand(list(tile_files().values()), sample=samples["sample"]),
+        *apply_targets(),
+    ]
+
+
+# ---- train once, apply anywhere (rules train_final, apply_* in models.smk) -------------------
+APPLY = {
+    "models": [],
+    "bundle": None,
+    "samples": None,
+    "spot_diameters_um": [55],
+    "spot_spacing_um": None,
+    "bin_um": [],
+    "figure_genes": 4,
+    **(config.get("apply") or {}),
+}
+FINAL_SEED = TRAIN_SEEDS[0]
+if FINAL_FOLD in FOLDS:
+    raise ValueError(
+        f"{SAMPLE_SHEET}: a fold may not be named {FINAL_FOLD!r} (train_final's)"
+    )
+
+
+def final_train_samples():
+    """Every ST sample of the sheet: what train_final trains a bundle on."""
+    if not ST_SAMPLES:
+        raise ValueError(
+            f"{SAMPLE_SHEET}: train_final needs ST samples; the sheet has only "
+            f"H&E-only ({', '.join(IMAGE_ONLY_PLATFORMS)}) samples. Point "
+            "`apply.bundle` at a bundle trained elsewhere instead"
+        )
+    return ST_SAMPLES
+
+
+def bundle_dir(model):
+    return f"results/bundles/{model}/seed{FINAL_SEED}"
+
+
+def final_inputs(wildcards):
+    train = final_train_samples()
+    extra = extra_spots_of(wildcards.model, train)
+    return {
+        "st": [f"results/st/{s}.h5ad" for s in train],
+        "slides": [f"results/ingest/{s}/slide.tif" for s in train],
+        "genes": genes_for_fold(FINAL_FOLD),
+        "extra": [path for paths in extra for path in paths],
+    }
+
+
+def _apply_bundles():
+    """{bundle name: (bundle folder, architecture)}: `apply.bundle` (made elsewhere, read now)
+    or one train_final bundle per `apply.models` entry."""
+    # read bundle.json alone (no torch at start-up); apply_* check the rest
+    if APPLY["bundle"]:
+        import json
+
+        folder = Path(APPLY["bundle"])
+        meta_path, model_path = folder / "bundle.json", folder / "model.pt"
+        if not (meta_path.is_file() and model_path.is_file()):
+            raise ValueError(
+                f"config apply.bundle: {folder} is not a bundle folder (needs "
+                "bundle.json and model.pt, as train_final writes them)"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "histomap.bundle/1" or "name" not in meta:
+            raise ValueError(
+                f"config apply.bundle: {meta_path} is not a histomap bundle"
+            )
+        return {meta["name"]: (str(folder), meta["architecture"])}
+    unknown = [m for m in APPLY["models"] if m not in MODELS]
+    if unknown:
+        raise ValueError(f"config: apply.models {unknown} are not in `models` {MODELS}")
+    return {m: (bundle_dir(m), base_model(m)) for m in APPLY["models"]}
+
+
+APPLY_BUNDLES = _apply_bundles()
+APPLY_SAMPLES = (
+    list(APPLY["samples"])
+    if APPLY["samples"] is not None
+    else [
+        s
+        for s in samples["sample"]
+        if samples.loc[s, "platform"] in IMAGE_ONLY_PLATFORMS
+    ]
+)
+for _s in APPLY_SAMPLES:
+    if _s not in samples.index:
+        raise ValueError(
+            f"config: apply.samples names {_s!r}, which is not in {SAMPLE_SHEET}"
+        )
+APPLY_SPOT_LABELS = [scale_label(um) for um in APPLY["spot_diameters_um"]]
+APPLY_BIN_LABELS = [scale_label(um) for um in APPLY["bin_um"]]
+
+
+def apply_bundle(name):
+    return APPLY_BUNDLES[name][0]
+
+
+def apply_is_dense(name):
+    return APPLY_BUNDLES[name][1] in DENSE_MODELS
+
+
+def apply_runs(dense):
+    """Wildcard regex of the applied bundles that are (not) dense models."""
+    return _alternation([b for b in APPLY_BUNDLES if apply_is_dense(b) == dense])
+
+
+def apply_tables(name, sample):
+    folder = f"results/apply/{name}/{sample}"
+    spots = [f"{folder}/spots_{um}um.h5ad" for um in APPLY_SPOT_LABELS]
+    bins = (
+        [f"{folder}/bins_{um}um.h5ad" for um in APPLY_BIN_LABELS]
+        if apply_is_dense(name)
+        else []
+    )
+    return spots + bins
+
+
+_spot_bundles = [b for b in APPLY_BUNDLES if not apply_is_dense(b)]
+if _spot_bundles and APPLY_SAMPLES and not APPLY_SPOT_LABELS:
+    raise ValueError(
+        f"config apply.spot_diameters_um is empty, but spot models {_spot_bundles} predict "
+        "pseudo-spots only (bins need a dense model)"
+    )
+
+
+def apply_targets():
+    """Bundles of `apply.models`, and per applied bundle and sample: the dense map (dense
+    models), the pseudo-spot and bin tables and the figure."""
+    bundles = (
+        [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]]
+        if not APPLY["bundle"]
+        else []
+    )
+    outputs = []
+    for name in APPLY_BUNDLES:
+        for s in APPLY_SAMPLES:
+            folder = f"results/apply/{name}/{s}"
+            outputs += apply_tables(name, s) + [f"{folder}/map.png"]
+            if apply_is_dense(name):
+                outputs.append(f"{folder}/dense.zarr")
+    return bundles + outputs
 
 
 # ---- super-resolution (Diff-ST benchmark; rules in superres.smk) ----------------------------
@@ -446,7 +612,7 @@ def sr_fold_samples(fold, part, scale):
 
 def sr_runs():
     """(method, scale, fold) of the benchmark: folds with training and test samples at a scale."""
-    if not sr_config().get("enabled", False):
+    if not sr_config().get("enabled", False) or not BENCHMARK:
         return []
     scales = sorted({sc for s in samples["sample"] for sc in sr_sample_scales(s)})
     runs = [

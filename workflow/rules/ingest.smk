@@ -62,3 +62,24 @@ rule tile_slide:
         "../../envs/preprocess.yaml"
     script:
         "../scripts/tile_slide.py"
+
+
+# The worked example's H&E-only slides (config/apply.yaml): a synthetic section of the sheet's
+# name, rendered by simulate_sample, kept as an image alone (.tif with its mpp, or .png).
+rule synthetic_he_slide:
+    input:
+        "results/synthetic/{sample}",
+    output:
+        "results/synthetic_he/{sample}.{ext}",
+    log:
+        "logs/synthetic_he_slide/{sample}_{ext}.log",
+    wildcard_constraints:
+        ext="tif|png|jpg",
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    script:
+        "../scripts/synthetic_he_slide.py"

@@ -187,3 +187,168 @@ rule dense_scale_spots:
         "../../envs/models.yaml"
     script:
         "../scripts/dense_spots.py"
+
+
+# Train once, apply anywhere. train_final: each `apply.models` entry trained on every ST sample
+# of the sheet (validation blocks as in the folds) into a self-describing bundle
+# (histomap.tasks.bundle); apply_*: a bundle (that one, or `apply.bundle` made elsewhere) run on
+# `apply.samples` (default: the H&E-only `he` samples): the dense map, pseudo-spot and bin
+# tables, a figure (histomap.tasks.apply).
+localrules:
+    apply,
+
+
+# `snakemake apply`: the bundles and their application alone, without the benchmark.
+rule apply:
+    input:
+        apply_targets(),
+
+
+rule train_final:
+    input:
+        unpack(final_inputs),
+    output:
+        model=f"results/bundles/{{model}}/seed{FINAL_SEED}/model.pt",
+        bundle=f"results/bundles/{{model}}/seed{FINAL_SEED}/bundle.json",
+        log_csv=f"results/bundles/{{model}}/seed{FINAL_SEED}/train_log.csv",
+    log:
+        "logs/train_final/{model}.log",
+    conda:
+        "../../envs/models.yaml"
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    params:
+        base=lambda wc: base_model(wc.model),
+        model=lambda wc: model_params(wc.model),
+        train=lambda wc: model_train(wc.model),
+        validation=config["validation"],
+        seed=FINAL_SEED,
+        extra_st=lambda wc: extra_spots_of(wc.model, final_train_samples()),
+        checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, FINAL_FOLD, FINAL_SEED)}/checkpoints",
+    script:
+        "../scripts/train_final.py"
+
+
+rule apply_dense:
+    input:
+        model=lambda wc: f"{apply_bundle(wc.bundle)}/model.pt",
+        bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
+        slide="results/ingest/{sample}/slide.tif",
+        tiles="results/tiles/{sample}.parquet",
+    output:
+        directory("results/apply/{bundle}/{sample}/dense.zarr"),
+    log:
+        "logs/apply/{bundle}/{sample}_dense.log",
+    wildcard_constraints:
+        bundle=apply_runs(dense=True),
+    conda:
+        "../../envs/models.yaml"
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    params:
+        device=config["train"].get("device", "auto"),
+    script:
+        "../scripts/apply_bundle.py"
+
+
+rule apply_dense_tables:
+    input:
+        bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
+        dense="results/apply/{bundle}/{sample}/dense.zarr",
+        tiles="results/tiles/{sample}.parquet",
+        spots="results/ingest/{sample}/spots.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
+    output:
+        spots=expand(
+            "results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad",
+            um=APPLY_SPOT_LABELS,
+        ),
+        bins=expand(
+            "results/apply/{{bundle}}/{{sample}}/bins_{um}um.h5ad", um=APPLY_BIN_LABELS
+        ),
+    log:
+        "logs/apply/{bundle}/{sample}_tables.log",
+    wildcard_constraints:
+        bundle=apply_runs(dense=True),
+    conda:
+        "../../envs/models.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    params:
+        spot_diameters_um=APPLY["spot_diameters_um"],
+        spot_spacing_um=APPLY["spot_spacing_um"],
+        bin_um=APPLY["bin_um"],
+        mask_mpp=config["tiling"]["mask_mpp"],
+    script:
+        "../scripts/apply_bundle.py"
+
+
+rule apply_spot_tables:
+    input:
+        model=lambda wc: f"{apply_bundle(wc.bundle)}/model.pt",
+        bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
+        slide="results/ingest/{sample}/slide.tif",
+        tiles="results/tiles/{sample}.parquet",
+        spots="results/ingest/{sample}/spots.h5ad",
+    output:
+        spots=expand(
+            "results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad",
+            um=APPLY_SPOT_LABELS,
+        ),
+    log:
+        "logs/apply/{bundle}/{sample}_tables.log",
+    wildcard_constraints:
+        bundle=apply_runs(dense=False),
+    conda:
+        "../../envs/models.yaml"
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["light"],
+        gpu=config["resources"]["gpu"],
+    params:
+        spot_diameters_um=APPLY["spot_diameters_um"],
+        spot_spacing_um=APPLY["spot_spacing_um"],
+        mask_mpp=config["tiling"]["mask_mpp"],
+        device=config["train"].get("device", "auto"),
+    script:
+        "../scripts/apply_bundle.py"
+
+
+rule apply_figure:
+    input:
+        bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
+        slide="results/ingest/{sample}/slide.tif",
+        maps=lambda wc: (
+            f"results/apply/{wc.bundle}/{wc.sample}/dense.zarr"
+            if apply_is_dense(wc.bundle)
+            else apply_tables(wc.bundle, wc.sample)[0]
+        ),
+    output:
+        report(
+            "results/apply/{bundle}/{sample}/map.png",
+            caption="../report/apply_map.rst",
+            category="Applied models",
+            subcategory="{bundle}",
+        ),
+    log:
+        "logs/apply/{bundle}/{sample}_figure.log",
+    conda:
+        "../../envs/models.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    params:
+        n_genes=APPLY["figure_genes"],
+        mask_mpp=config["tiling"]["mask_mpp"],
+    script:
+        "../scripts/apply_bundle.py"

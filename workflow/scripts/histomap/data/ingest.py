@@ -42,6 +42,8 @@ def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
                                transformations={"global": Scale([h0 / out_h, w0 / out_w],
                                                                 axes=("y", "x"))})
     spots = sample.spots
+    if spots.n_obs == 0:  # an H&E-only slide (platform `he`): the image alone
+        return sd.SpatialData(images={"he": image})
     radius = spots.obs["diameter_um"].to_numpy(dtype=float) / 2.0 / sample.mpp
     square = square_mask(spots)
     if square.any():

@@ -46,9 +46,8 @@ def make_folds(samples: pd.DataFrame, strategy: str, explicit: dict | None = Non
     for fold, tests in groups.items():
         train = [s for s in names if s not in tests]
         if not train:
-            raise InputError(sheet, f"fold {fold!r} leaves no training samples "
-                                    f"(a single patient cannot be left out: use "
-                                    f"leave_one_sample_out or explicit folds)")
+            raise InputError(sheet, f"fold {fold!r} leaves no training samples: "
+                                    + _no_training_advice(strategy, fold, names))
         folds[fold] = {"train": train, "test": list(tests)}
     return folds
 
@@ -67,6 +66,24 @@ def fold_kinds(samples: pd.DataFrame, folds: dict[str, dict[str, list[str]]]) ->
         kinds[fold] = ("within_patient" if all(shared)
                        else "mixed" if any(shared) else "cross_patient")
     return kinds
+
+
+NO_BENCHMARK = ("or set `benchmark: false` to train a deployable bundle on every sample "
+                "(train_final) and apply it, with no folds")
+
+
+def _no_training_advice(strategy: str, fold: str, names: list[str]) -> str:
+    """What to change when a fold has nothing to train on, for the strategy in use."""
+    if len(names) < 2:
+        return (f"a benchmark needs at least two ST samples and the sheet has "
+                f"{len(names)} ({', '.join(names) or 'none'}); add samples "
+                + NO_BENCHMARK)
+    if strategy == "leave_one_patient_out":
+        return (f"every ST sample belongs to the single patient {fold!r}, and a single patient "
+                "cannot be left out; use folds.strategy leave_one_sample_out (within-patient "
+                "folds) or explicit folds, " + NO_BENCHMARK)
+    return (f"folds.explicit[{fold!r}] lists every sample as a test sample; leave at least one "
+            "out of it to train on, " + NO_BENCHMARK)
 
 
 def validation_split(coords_px: np.ndarray, *, fraction: float, block_px: float, seed: int

@@ -517,7 +517,7 @@ def _outside_tiles(centres_px: np.ndarray, tiles: pd.DataFrame) -> np.ndarray:
 
 
 def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet: str | Path,
-                  spots_h5ad: str | Path, out_dense_zarr: str | Path, *,
+                  spots_h5ad: str | Path | None, out_dense_zarr: str | Path, *,
                   tile_px: int | None = None, overlap_px: int | None = None,
                   batch_size: int = 8, device: str = "auto", dtype: str = "float32",
                   band_tile_rows: int | None = 1, cover_um: float | None = None,
@@ -528,6 +528,7 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
     spots of ``spots_h5ad`` outside every tissue tile are added to the coverage (logged), and
     likewise the discs of every ``(spots file, diameter_um)`` of ``cover`` (e.g. the
     cross-scale ground truth), so every spot that will be read out of the map is covered.
+    ``spots_h5ad=None`` (an H&E-only slide, ``apply``): the tissue tiles alone.
     Returns :class:`histomap.tasks.dense_map.DenseMap`.
     """
     model, meta = load_model(model_path, device=resolve_device(device))
@@ -540,14 +541,19 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
         overlap_px = extra.get("predict_overlap_px")
     if overlap_px is None:
         overlap_px = (tile_px // 4) // out_stride * out_stride
-    spots = ad.read_h5ad(spots_h5ad)
     slide_path = Path(slide_path)
-    mpp0 = _check_mpp(spots, slide_path, spots_h5ad)
-    xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
     tiles = pd.read_parquet(tiles_parquet)
     if tiles.empty:
         raise InputError(tiles_parquet, "tile index has no tissue tile")
-    to_cover = [(spots_h5ad, xy, float(cover_um))] if cover_um else []
+    to_cover = []
+    if spots_h5ad is not None:
+        spots = ad.read_h5ad(spots_h5ad)
+        mpp0 = _check_mpp(spots, slide_path, spots_h5ad)
+        xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+        to_cover = [(spots_h5ad, xy, float(cover_um))] if cover_um else []
+    else:
+        with open_slide(slide_path) as slide:
+            mpp0 = slide_mpp(slide, slide_path)
     to_cover += [(path, np.asarray(ad.read_h5ad(path).obsm["spatial"], np.float64), float(um))
                  for path, um in cover]
     boxes = [tiles[["x0_px", "y0_px", "size_px0"]]]

@@ -136,12 +136,13 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
     return summary
 
 
-def predict_spot_model(model_path: str | Path, st_path: str | Path, slide: str | Path,
-                       out_path: str | Path, *, batch_size: int = 64,
+def predict_spot_model(model_path: str | Path, st_path: str | Path | ad.AnnData,
+                       slide: str | Path, out_path: str | Path | None, *, batch_size: int = 64,
                        device: str = "auto") -> ad.AnnData:
-    """Predict every spot of one held-out sample at its own spot size; write the AnnData."""
+    """Predict every spot of one held-out sample (or of an AnnData of spot centres, e.g.
+    pseudo-spots) at its own spot size; write the AnnData (unless ``out_path`` is None)."""
     model, meta = load_model(model_path)
-    spots = ad.read_h5ad(st_path)
+    spots = st_path if isinstance(st_path, ad.AnnData) else ad.read_h5ad(st_path)
     extra = meta.get("extra", {})
     crop_um = float(extra.get("crop_um") or geometry(spots)["spot_diameter_um"])
     patches = extract_spot_patches(slide, np.asarray(spots.obsm["spatial"]), crop_um=crop_um,
@@ -151,7 +152,8 @@ def predict_spot_model(model_path: str | Path, st_path: str | Path, slide: str |
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geometry(spots),
         geometry(spots)["spot_diameter_um"],
         model_info={"model": meta["model_name"], "path": str(model_path)})
-    out.write_h5ad(out_path)
+    if out_path is not None:
+        out.write_h5ad(out_path)
     return out
 
 
@@ -543,22 +545,27 @@ def predict_sequence(model: nn.Module, seq: SlideSequence, *, max_spots: int | N
     return pred
 
 
-def predict_histogene(model_path: str | Path, st_h5ad: str | Path, slide: str | Path,
-                      out_h5ad: str | Path, *, device: str = "auto") -> ad.AnnData:
-    """Predict every spot of one held-out sample (one sequence); write the AnnData."""
+def predict_histogene(model_path: str | Path, st_h5ad: str | Path | ad.AnnData,
+                      slide: str | Path, out_h5ad: str | Path | None, *,
+                      device: str = "auto") -> ad.AnnData:
+    """Predict every spot of one held-out sample (or of an AnnData of spot centres, e.g.
+    pseudo-spots) as one sequence; write the AnnData (unless ``out_h5ad`` is None)."""
     model, meta = load_model(model_path)
-    spots = ad.read_h5ad(st_h5ad)
+    spots = st_h5ad if isinstance(st_h5ad, ad.AnnData) else ad.read_h5ad(st_h5ad)
     extra = meta.get("extra", {})
     geo = geometry(spots)
     crop_um = float(extra.get("crop_um") or geo["spot_diameter_um"])
     seq = slide_sequence(spots, slide, None, crop_um=crop_um, input_mpp=extra.get("input_mpp"),
-                         patch_px=model.patch_px, n_pos=model.n_pos, path=st_h5ad)
+                         patch_px=model.patch_px, n_pos=model.n_pos,
+                         path=geo.get("image", "spots") if isinstance(st_h5ad, ad.AnnData)
+                         else st_h5ad)
     max_spots = extra.get("max_spots")
     pred = predict_sequence(model, seq, max_spots=int(max_spots) if max_spots else None,
                             device=device)
     out = spots_prediction_anndata(
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geo,
         geo["spot_diameter_um"], model_info={"model": meta["model_name"], "path": str(model_path)})
-    Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
-    out.write_h5ad(out_h5ad)
+    if out_h5ad is not None:
+        Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
+        out.write_h5ad(out_h5ad)
     return out

@@ -24,6 +24,7 @@ READERS = {
     "xenium": "xenium",
     "visium_hd": "visium_hd",
     "hest": "hest",
+    "he": "he",
 }
 
 
