@@ -101,7 +101,7 @@ EXTRA_LOG_COLUMNS = ("keep_fraction", "kept_observed", "denoise", "dis")
 # (benchmarks/README.md): bf16 autocast on the CPU (``cpu_bf16: auto``) and the K chains of a
 # batch as one batch on the CPU (``batch_chains: auto``; always on CUDA)
 SR_CPU_BF16_DEFAULT = False
-SR_BATCH_CHAINS_CPU = False
+SR_BATCH_CHAINS_CPU = True
 
 
 # ============================================================================ methods
