@@ -731,3 +731,14 @@ def test_batched_chains_equal_the_sequential_chains(pairs, sampler, eta):
         np.testing.assert_allclose(bat, seq, rtol=0, atol=1e-5)
     assert np.abs(outs[True][0] - outs[True][1]).max() > 1e-3   # chains differ
     assert torch.equal(gens[True].get_state(), gens[False].get_state())
+
+
+def test_sampling_modes_from_config_values():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sr_task._sampling_modes(cpu, "auto", False) == (sr_task.SR_BATCH_CHAINS_CPU, None)
+    assert sr_task._sampling_modes(cuda, "auto", True)[0] is True
+    assert sr_task._sampling_modes(cpu, "false", "true") == (False, torch.bfloat16)
+    assert sr_task._sampling_modes(cpu, True, "auto")[1] == (
+        torch.bfloat16 if sr_task.SR_CPU_BF16_DEFAULT else None)
+    with pytest.raises(ValueError, match="batch_chains"):
+        sr_task._sampling_modes(cpu, "sometimes", False)
