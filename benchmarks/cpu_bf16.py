@@ -201,7 +201,7 @@ def bench_sr(work: Path, args) -> list[dict]:
     seconds, outs = {}, {}
     for _ in range(2 * args.repeats):   # interleaved; min per case
         for name, (batched, amp) in cases.items():
-            s, outs[name] = timed(lambda: run(batched, amp), 1)
+            s, outs[name] = timed(lambda b=batched, a=amp: run(b, a), 1)
             seconds[name] = min(seconds.get(name, float("inf")), s)
     ref, mask = outs["sequential fp32"]
     rows = []
@@ -249,10 +249,11 @@ def bench_cigc(args) -> list[dict]:
         times: dict[str, dict[str, float]] = {name: {} for name in cases}
         for _ in range(3 * args.repeats):   # interleaved: the load drifts between cases alike
             for name, model in models.items():
-                for key, fn in (("step_s", lambda: model(x, t, condition=conds[name])),
-                                ("graph_mix_s", lambda: model.graph.mix(nodes[name])),
-                                ("einsum_mix_s", lambda: torch.einsum(
-                                    "ij,bjchw->bichw", model.graph.adjacency, nodes[name]))):
+                c, n = conds[name], nodes[name]
+                for key, fn in (("step_s", lambda m=model, c=c: m(x, t, condition=c)),
+                                ("graph_mix_s", lambda m=model, n=n: m.graph.mix(n)),
+                                ("einsum_mix_s", lambda m=model, n=n: torch.einsum(
+                                    "ij,bjchw->bichw", m.graph.adjacency, n))):
                     s, _ = timed(fn, 1)
                     times[name][key] = min(times[name].get(key, float("inf")), s)
     rows = []
@@ -332,7 +333,7 @@ def write_report(rows: list[dict], args, argv, seconds: float, load_before: str)
                    "median_pcc", "fp32_s", "other_s", "speedup"],
             "cigc": ["case", "genes", "graph_edges", "step_s", "graph_mix_s", "einsum_mix_s",
                      "sparse_product", "speedup"]}
-    parts = [f"# CPU bf16 autocast, batched chains, CIGC graph\n",
+    parts = ["# CPU bf16 autocast, batched chains, CIGC graph\n",
              f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/cpu_bf16.py', *argv])}`\n",
              f"Machine: {machine()} (load average before the run: {load_before}). "
              f"Wall time {seconds:.0f} s. Models freshly initialised (seed 0). {args.note}\n",
