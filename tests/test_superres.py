@@ -331,6 +331,9 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     n, g, h, w = arrays["hr"].shape
     assert info["n_patches"] == n and m_attrs["steps"] == 4 and m_attrs["n_samples"] == 2
     assert m_attrs["hr_um"] == attrs["hr_um"] and m_attrs["genes"] == attrs["genes"]
+    # how it was computed: chains batched by default, fp32 on the CPU, the torch threads
+    assert m_attrs["batch_chains"] is sr_task.SR_BATCH_CHAINS_CPU and m_attrs["device"] == "cpu"
+    assert m_attrs["autocast"] is None and m_attrs["threads"] == torch.get_num_threads()
     pred, std = out["pred"][...], out["pred_std"][...]
     assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
     assert (std > 0).mean() > 0.5 and pred.min() >= -1e-5 and pred.max() <= 1 + 1e-5

@@ -37,7 +37,8 @@ Files:
 * maps zarr (:func:`predict_sr`, format :data:`histomap.data.srmaps.MAPS_FORMAT`): per patch ``pred`` (G, h, w)
   normalised mean, ``pred_counts``, for diffusion methods ``pred_std`` / ``pred_std_counts``
   (per-pixel std over K samples, ddof 0), plus ``mask``, ``origin_px``, ``origin_um``,
-  ``grid_index`` copied from the pairs; attrs = the pair geometry + how it was predicted.
+  ``grid_index`` copied from the pairs; attrs = the pair geometry + how it was predicted
+  (method, sampler, steps, K, seed, ``device``, ``batch_chains``, ``autocast``, ``threads``).
 * HR-bin AnnData (:func:`predict_sr`): one row per HR pixel inside the mask of every patch
   (overlapping patches give one row each); ``obsm["spatial"]`` bin centres in level-0 px; X =
   predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
