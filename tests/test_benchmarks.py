@@ -72,3 +72,54 @@ def test_pixnet_cost_rejects_bad_options(pixnet_cost):
     for argv in (["--methods", "stnet"], ["--scales-um", "100,100"], ["--methods", "foo"]):
         with pytest.raises(SystemExit):
             pixnet_cost.parse_args(argv)
+
+
+def _load(name: str):
+    path = SCRIPT.with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_whole_slide_quick(tmp_path):
+    """Tiling, dense map and five spot tables on a tiny slide: every stage timed, throughput =
+    tissue area / seconds, the total sums the stages, the md names the command and the load."""
+    whole_slide = _load("whole_slide")
+    try:
+        table = whole_slide.main(["--quick", "--threads", "1", "--cpu-bf16", "false",
+                                  "--out-dir", str(tmp_path / "out")])
+    finally:
+        sys.modules.pop("whole_slide", None)
+    stages = table.iloc[:-1]
+    assert list(stages["stage"]) == ["tiling (index only)", "dense_map", "spots 100 um",
+                                     "spots 55 um", "spots 16 um", "spots 8 um", "spots 2 um"]
+    assert (stages["seconds"] > 0).all() and (stages["items"] > 0).all()
+    assert (stages["peak_rss_mib"] > 0).all()
+    np.testing.assert_allclose(stages["mm2_per_s"], stages["tissue_mm2"] / stages["seconds"])
+    total = table.iloc[-1]
+    np.testing.assert_allclose(total["seconds"], stages["seconds"].sum())
+    assert total["peak_rss_mib"] == stages["peak_rss_mib"].max()
+    # spot grid at pitch max(d, 16 um): the 100 um grid is far sparser than the 16 um one
+    items = stages.set_index("stage")["items"]
+    assert items["spots 100 um"] < items["spots 16 um"] == items["spots 2 um"]
+    md = (tmp_path / "out" / "whole_slide.md").read_text()
+    assert "python benchmarks/whole_slide.py --quick" in md and "load average" in md
+    assert "autocast None" in md and not list((tmp_path / "out").glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_cpu_bf16_quick(tmp_path):
+    """The bf16 / batched-chains benchmark runs; batched fp32 chains equal sequential ones."""
+    cpu_bf16 = _load("cpu_bf16")
+    try:
+        cpu_bf16.main(["--quick", "--out-dir", str(tmp_path)])
+    finally:
+        sys.modules.pop("cpu_bf16", None)
+    table = pd.read_csv(tmp_path / "cpu_bf16.csv").set_index(["benchmark", "case"])
+    assert table.loc[("sr", "batched fp32"), "max_abs_diff"] < 1e-5
+    dense = table.loc["dense"]
+    assert len(dense) == 5 and (dense["max_abs_diff"] > 0).all()   # bf16 really ran
+    assert (dense["median_pcc"] > 0.9).all()   # (min over genes is noisy with 3-4 spots)
+    assert (table.loc["cigc", "graph_mix_s"] > 0).all()

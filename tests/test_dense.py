@@ -201,3 +201,51 @@ def test_bad_inputs(slide_path, tmp_path):
     assert not (tmp_path / "x.zarr").exists()
     with pytest.raises(InputError, match="does not exist"):
         read_dense(tmp_path / "nope.zarr")
+
+
+class ConvMean(nn.Module):
+    """MeanColour as a strided convolution, so CPU autocast runs it in bf16."""
+    out_stride = STRIDE
+    n_genes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, STRIDE, stride=STRIDE, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            for c in range(3):
+                self.conv.weight[c, c] = 1.0 / STRIDE ** 2
+
+    def forward(self, images):
+        return self.conv(images)
+
+
+def test_cpu_bf16_switch_is_recorded_and_within_tolerance(slide_path, tmp_path):
+    """cpu_bf16 runs the model under bf16 autocast on the CPU (values differ from fp32 by bf16
+    rounding only); the attrs say which and how many threads; the default stays fp32."""
+    maps = {}
+    for bf16 in (False, True):
+        maps[bf16] = predict_dense_map(ConvMean(), slide_path, REGION, input_mpp=MPP, tile_px=32,
+                                       overlap_px=8, out_zarr=tmp_path / f"d{bf16}.zarr",
+                                       device="cpu", cpu_bf16=bf16)
+    assert maps[False].attrs["autocast"] is None and maps[True].attrs["autocast"] == "bfloat16"
+    assert maps[False].attrs["threads"] == torch.get_num_threads()
+    assert maps[False].attrs["device"] == "cpu"
+    exact = _direct(MeanColour(), slide_path, *maps[False].mask.shape)
+    mask = np.asarray(maps[False].mask[:]) > 0
+    np.testing.assert_allclose(maps[False].read()[:, mask], exact[:, mask], atol=2e-6)
+    diff = np.abs(maps[True].read() - maps[False].read())[:, mask]
+    assert 0 < diff.max() < 1e-2      # bf16 rounding: not exact, within the tolerance
+
+
+def test_cpu_bf16_config_values():
+    from histomap.train import amp_dtype, cpu_bf16_enabled, cpu_has_bf16
+
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu) is None and amp_dtype(cpu, cpu_bf16=True) == torch.bfloat16
+    assert amp_dtype(cpu, enabled=False, cpu_bf16=True) is None
+    assert cpu_bf16_enabled("auto", False) is False
+    assert cpu_bf16_enabled("auto", True) == cpu_has_bf16() == cpu_bf16_enabled(None, True)
+    assert cpu_bf16_enabled("true", False) is True and cpu_bf16_enabled(False, True) is False
+    with pytest.raises(ValueError, match="auto, true or false"):
+        cpu_bf16_enabled("yes", True)

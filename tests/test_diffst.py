@@ -23,6 +23,7 @@ from histomap.models.diffst import (
     select_subpatches,
     split_subpatches,
     subpatch_entropy,
+    topk_adjacency,
 )
 from histomap.models.diffusion import GaussianDiffusion
 
@@ -180,6 +181,71 @@ def test_gene_graph_shapes_gradients_and_coupling():
         assert torch.allclose(graph(maps), nodes)
     with pytest.raises(ValueError, match="adjacency must be"):
         graph.set_adjacency(np.eye(4))
+
+
+def _random_adjacency(g: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return coexpression_adjacency(rng.gamma(0.5, size=(40, g)) * (rng.random((40, g)) > 0.3))
+
+
+def test_topk_adjacency_keeps_each_genes_strongest_neighbours():
+    a = np.array([[1.0, 0.9, 0.1, 0.5],
+                  [0.9, 1.0, 0.2, 0.3],
+                  [0.1, 0.2, 1.0, 0.05],
+                  [0.5, 0.3, 0.05, 1.0]])
+    kept = topk_adjacency(a, 1)
+    # row 0 -> 1, row 1 -> 0, row 2 -> 1, row 3 -> 0; symmetric union plus the diagonal
+    expected = np.array([[1.0, 0.9, 0.0, 0.5],
+                         [0.9, 1.0, 0.2, 0.0],
+                         [0.0, 0.2, 1.0, 0.0],
+                         [0.5, 0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(kept, expected)
+    a = _random_adjacency(30)
+    kept = topk_adjacency(a, 4)
+    assert (kept == kept.T).all() and ((kept > 0).sum(1) - 1 >= 4).all()
+    assert ((kept > 0).sum() - 30) / 2 < 30 * 4 + 1   # O(genes x k) edges, not genes^2
+    np.testing.assert_array_equal(topk_adjacency(a, 29), a)     # every neighbour: the dense graph
+    np.testing.assert_array_equal(topk_adjacency(a, None), a)
+
+
+def test_topk_graph_with_every_neighbour_equals_the_dense_graph():
+    """cigc_topk = genes gives exactly the dense graph's model output."""
+    g = 12
+    adj = _random_adjacency(g, seed=1)
+    outs = []
+    for topk in (None, g):
+        torch.manual_seed(0)
+        model = DiffST(g, tiny_cfg(cigc_topk=topk)).eval()
+        model.set_adjacency(adj)
+        torch.manual_seed(1)
+        x = torch.randn(2, g, HR, HR)
+        with torch.no_grad():
+            outs.append(model(x, torch.tensor([3, 7]), lr_map=torch.rand(2, g, LR, LR),
+                              image=torch.rand(2, 3, IMG, IMG))[0])
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(0)
+    sparse = DiffST(g, tiny_cfg(cigc_topk=2)).eval()
+    sparse.set_adjacency(adj)
+    assert int((sparse.graph.adjacency > 0).sum()) < g * g // 2
+
+
+def test_gene_graph_mixing_equals_the_einsum_and_the_sparse_product():
+    """The batched matmul (and the CSR product of a sparse graph) give the old einsum's result."""
+    torch.manual_seed(0)
+    g = 60
+    graph = GeneGraph(g, node_channels=3, topk=2)
+    graph.set_adjacency(_random_adjacency(g, seed=2))
+    nodes = torch.randn(2, g, 3, 5, 5)
+    old = torch.einsum("ij,bjchw->bichw", graph.adjacency, nodes)
+    density = float((graph.adjacency != 0).float().mean())
+    for threshold in (0.0, 1.0):   # dense product, then the sparse one
+        graph.SPARSE_DENSITY = threshold
+        graph._sparse = None
+        assert (graph._sparse_adjacency() is not None) == (density <= threshold)
+        torch.testing.assert_close(graph.mix(nodes), old, rtol=1e-5, atol=1e-6)
+    out = graph(torch.randn(2, g, 5, 5, requires_grad=True))
+    out.pow(2).mean().backward()   # the sparse product trains
+    assert graph.w_g.grad is not None and graph.encode[0].weight.grad is not None
 
 
 # ------------------------------------------------------------------------------------ curriculum

@@ -331,6 +331,9 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     n, g, h, w = arrays["hr"].shape
     assert info["n_patches"] == n and m_attrs["steps"] == 4 and m_attrs["n_samples"] == 2
     assert m_attrs["hr_um"] == attrs["hr_um"] and m_attrs["genes"] == attrs["genes"]
+    # how it was computed: chains batched by default, fp32 on the CPU, the torch threads
+    assert m_attrs["batch_chains"] is sr_task.SR_BATCH_CHAINS_CPU and m_attrs["device"] == "cpu"
+    assert m_attrs["autocast"] is None and m_attrs["threads"] == torch.get_num_threads()
     pred, std = out["pred"][...], out["pred_std"][...]
     assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
     assert (std > 0).mean() > 0.5 and pred.min() >= -1e-5 and pred.max() <= 1 + 1e-5
@@ -710,3 +713,40 @@ def test_x0_prediction_is_kept_with_the_model_and_used_to_sample(pairs, tmp_path
             generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(outs["x0"], 0.5, atol=1e-6)
     assert outs["eps"].std() > 0.1
+
+
+@pytest.mark.parametrize("sampler,eta", [("respaced", 0.0), ("ddim", 0.5)])
+def test_batched_chains_equal_the_sequential_chains(pairs, sampler, eta):
+    """The K chains of a batch run as one batch of K x B give the sequential chains' maps (the
+    same noise, each chain from its own generator copy) and leave the generator where the
+    sequential run leaves it. Fails if chain k drew from the wrong place of the stream (e.g. all
+    chains from the same start: identical chains) or the condition were not repeated per chain."""
+    torch.manual_seed(0)
+    model = DiffST(N_GENES, **DIFFST_CFG).eval()
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1, 2]),
+                                                  batch_size=3)))
+    diffusion = GaussianDiffusion(T=100, clip_x0=(-1.0, 1.0))
+    meta = {"method": "diffst", "value_range": [0.0, 1.0, True], "diffusion": {"T": 100}}
+    outs, gens = {}, {}
+    for batched in (False, True):
+        gens[batched] = torch.Generator().manual_seed(3)
+        outs[batched] = list(sr_task.predict_chains(
+            model, meta, batch, device=torch.device("cpu"), sampler=sampler, steps=6, eta=eta,
+            n_samples=3, generator=gens[batched], diffusion=diffusion, batch_chains=batched))
+    assert len(outs[True]) == len(outs[False]) == 3
+    for seq, bat in zip(outs[False], outs[True]):
+        assert seq.shape == bat.shape == tuple(batch["hr"].shape)
+        np.testing.assert_allclose(bat, seq, rtol=0, atol=1e-5)
+    assert np.abs(outs[True][0] - outs[True][1]).max() > 1e-3   # chains differ
+    assert torch.equal(gens[True].get_state(), gens[False].get_state())
+
+
+def test_sampling_modes_from_config_values():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sr_task._sampling_modes(cpu, "auto", False) == (sr_task.SR_BATCH_CHAINS_CPU, None)
+    assert sr_task._sampling_modes(cuda, "auto", True)[0] is True
+    assert sr_task._sampling_modes(cpu, "false", "true") == (False, torch.bfloat16)
+    assert sr_task._sampling_modes(cpu, True, "auto")[1] == (
+        torch.bfloat16 if sr_task.SR_CPU_BF16_DEFAULT else None)
+    with pytest.raises(ValueError, match="batch_chains"):
+        sr_task._sampling_modes(cpu, "sometimes", False)

@@ -88,7 +88,7 @@ rule predict_stnet:
         train=lambda wc: model_train(wc.model),
     log:
         "logs/predict/{model}/{fold}/seed{tseed}/{sample}_{um}um.log",
-    threads: config["resources"]["threads"]["train"]
+    threads: config["resources"]["threads"].get("predict", 1)
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["light"],
@@ -124,9 +124,10 @@ rule predict_pixnet:
                 *model_block(wc.model).get("predict_spot_diameters_um", []),
             ]
         ),
+        cpu_bf16=config.get("predict", {}).get("cpu_bf16", "auto"),
     log:
         "logs/predict/{model}/{fold}/seed{tseed}/{sample}_dense.log",
-    threads: config["resources"]["threads"]["train"]
+    threads: config["resources"]["threads"].get("predict", 1)
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],

@@ -88,7 +88,7 @@ rule predict_diffst:
         seed=config["seed"],
     log:
         "logs/predict_sr/{sr_method}/x{sr_scale}/{fold}/{sample}.log",
-    threads: config["superres"].get("threads", config["resources"]["threads"]["train"])
+    threads: config["superres"].get("threads", config["resources"]["threads"].get("predict", 1))
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],

@@ -9,7 +9,8 @@ def main(sm):
     torch.set_num_threads(sm.threads)
     predict_dense(sm.input.model, sm.input.slide, sm.input.tiles, sm.input.st, sm.output[0],
                   device=sm.params.train.get("device", "auto"), cover_um=sm.params.cover_um,
-                  cover=list(zip(sm.input.cover, sm.params.cover_diameters_um, strict=True)))
+                  cover=list(zip(sm.input.cover, sm.params.cover_diameters_um, strict=True)),
+                  cpu_bf16=sm.params.cpu_bf16)
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

@@ -105,11 +105,38 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """Autocast dtype: bf16 (or fp16 where bf16 is unsupported) on CUDA, None elsewhere."""
-    if not enabled or device.type != "cuda":
+def amp_dtype(device: torch.device, enabled: bool = True,
+              cpu_bf16: bool = False) -> torch.dtype | None:
+    """Autocast dtype: bf16 (or fp16 where bf16 is unsupported) on CUDA; bf16 on the CPU only
+    with ``cpu_bf16`` (prediction and sampling, see :func:`cpu_bf16_enabled`); else None."""
+    if not enabled:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX through oneDNN)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16_enabled(setting: bool | str | None, default: bool) -> bool:
+    """Resolve a ``cpu_bf16`` config value: ``true`` / ``false`` as given; ``"auto"`` (or None)
+    the task's measured ``default`` (benchmarks/cpu_bf16.py) on a CPU with native bf16."""
+    if setting is None or (isinstance(setting, str) and setting.lower() == "auto"):
+        return bool(default) and cpu_has_bf16()
+    if isinstance(setting, str):
+        if setting.lower() not in ("true", "false"):
+            raise ValueError(f"cpu_bf16 must be auto, true or false, got {setting!r}")
+        return setting.lower() == "true"
+    return bool(setting)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -110,9 +110,17 @@ def _model_device(model: Any, fallback: Tensor) -> torch.device:
 
 
 def _randn(shape: Sequence[int], like_device: torch.device, dtype: torch.dtype,
-           generator: torch.Generator | None) -> Tensor:
+           generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
     """N(0, 1) draws on ``like_device``; a generator on another device draws there and the values
-    are moved, so a CPU generator gives the same numbers for CPU and GPU runs."""
+    are moved, so a CPU generator gives the same numbers for CPU and GPU runs. A sequence of n
+    generators (batched chains, :meth:`GaussianDiffusion.chain_generators`) splits the batch into
+    n equal parts, part k drawn from generator k."""
+    if isinstance(generator, (list, tuple)):
+        n = len(generator)
+        if n < 1 or shape[0] % n:
+            raise ValueError(f"a batch of {shape[0]} cannot be split among {n} generators")
+        part = (shape[0] // n, *tuple(shape)[1:])
+        return torch.cat([_randn(part, like_device, dtype, g) for g in generator])
     if generator is not None and generator.device != torch.device(like_device):
         return torch.randn(tuple(shape), generator=generator, device=generator.device,
                            dtype=dtype).to(like_device)
@@ -295,14 +303,46 @@ class GaussianDiffusion(nn.Module):
                 x = x + sigma.to(x.dtype) * z
         return x
 
+    def noise_draws(self, sampler: Sampler = "ddpm", steps: int | None = None,
+                    eta: float = 0.0) -> int:
+        """How many N(0, I) tensors of the chain's shape :meth:`sample_one` draws (x_T included)."""
+        if sampler == "ddpm":
+            return self.T
+        n = len(spaced_timesteps(self.T, steps if steps is not None else min(self.T, 50)))
+        if sampler == "respaced":
+            return n
+        if sampler == "ddim":
+            return n if eta > 0 else 1
+        raise ValueError(f"unknown sampler {sampler!r}; expected 'ddpm', 'respaced' or 'ddim'")
+
+    def chain_generators(self, generator: torch.Generator, n_chains: int,
+                         shape: Sequence[int], sampler: Sampler = "ddpm",
+                         steps: int | None = None, eta: float = 0.0) -> list[torch.Generator]:
+        """Generators for ``n_chains`` chains of ``shape`` run as one batch: generator k starts
+        where ``generator`` would stand before chain k if the chains ran one after another, and
+        ``generator`` is left where it would stand after the last one. Sampling the batch
+        (n_chains x B, ...) with the list (chain k = rows k B to (k + 1) B) draws exactly the
+        numbers of the sequential chains."""
+        draws = self.noise_draws(sampler, steps, eta)
+        gens = []
+        for _ in range(int(n_chains)):
+            g = torch.Generator(device=generator.device)
+            g.set_state(generator.get_state())
+            gens.append(g)
+            for _ in range(draws):  # replay the chain's draws to reach the next chain's start
+                torch.randn(tuple(shape), generator=generator, device=generator.device,
+                            dtype=torch.float32)
+        return gens
+
     @torch.no_grad()
     def sample_one(self, model: Callable[..., Any], shape: tuple[int, ...],
                    cond: dict[str, Any] | None = None, sampler: Sampler = "ddpm",
                    steps: int | None = None, eta: float = 0.0, clip: bool = True,
-                   generator: torch.Generator | None = None,
+                   generator: torch.Generator | Sequence[torch.Generator] | None = None,
                    device: torch.device | str | None = None,
                    noise: Tensor | None = None) -> Tensor:
-        """One reverse chain from x_T (``noise`` or fresh N(0, I)) to an x_0 estimate."""
+        """One reverse chain from x_T (``noise`` or fresh N(0, I)) to an x_0 estimate (a list of
+        generators: several chains batched, see :meth:`chain_generators`)."""
         cond = cond or {}
         device = torch.device(device) if device is not None else _model_device(model, self.betas)
         x = noise.to(device) if noise is not None else \

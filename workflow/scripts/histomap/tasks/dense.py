@@ -46,9 +46,11 @@ from histomap.evaluation.folds import validation_split
 from histomap.models import build_model
 from histomap.models.pixnet import pixnet_loss
 from histomap.models.roi import discs_from_spots
-from histomap.tasks.dense_map import DenseMap, predict_dense_map, read_dense, spots_from_dense
+from histomap.tasks.dense_map import (CPU_BF16_DEFAULT, DenseMap, predict_dense_map, read_dense,
+                                      spots_from_dense)
 from histomap.tasks.predict import spots_prediction_anndata
-from histomap.train import TrainConfig, fit, load_model, resolve_device, save_model, to_device
+from histomap.train import (TrainConfig, cpu_bf16_enabled, fit, load_model, resolve_device,
+                            save_model, to_device)
 
 log = logging.getLogger(__name__)
 
@@ -521,15 +523,18 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
                   tile_px: int | None = None, overlap_px: int | None = None,
                   batch_size: int = 8, device: str = "auto", dtype: str = "float32",
                   band_tile_rows: int | None = 1, cover_um: float | None = None,
-                  cover: Sequence[tuple[str | Path, float]] = ()):
+                  cover: Sequence[tuple[str | Path, float]] = (),
+                  cpu_bf16: bool | str = False):
     """Dense map (OME-zarr) of one held-out slide from a trained dense model (PixNet, iStar).
 
     The map covers the slide's tissue tiles; with ``cover_um`` the discs (of that diameter) of
     spots of ``spots_h5ad`` outside every tissue tile are added to the coverage (logged), and
     likewise the discs of every ``(spots file, diameter_um)`` of ``cover`` (e.g. the
     cross-scale ground truth), so every spot that will be read out of the map is covered.
-    ``spots_h5ad=None`` (an H&E-only slide, ``apply``): the tissue tiles alone.
-    Returns :class:`histomap.tasks.dense_map.DenseMap`.
+    ``spots_h5ad=None`` (an H&E-only slide, ``apply``): the tissue tiles alone. ``cpu_bf16``:
+    bf16 autocast on the CPU (true / false / "auto": on where the benchmark holds,
+    :data:`histomap.tasks.dense_map.CPU_BF16_DEFAULT`). Returns
+    :class:`histomap.tasks.dense_map.DenseMap`.
     """
     model, meta = load_model(model_path, device=resolve_device(device))
     extra = meta.get("extra", {})
@@ -568,6 +573,7 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
                              overlap_px=int(overlap_px), out_zarr=out_dense_zarr,
                              batch_size=batch_size, device=device, genes=meta["genes"],
                              dtype=dtype, band_tile_rows=band_tile_rows,
+                             cpu_bf16=cpu_bf16_enabled(cpu_bf16, CPU_BF16_DEFAULT),
                              extra_attrs={"model": {"model": meta["model_name"],
                                                     "path": str(model_path)}})
 

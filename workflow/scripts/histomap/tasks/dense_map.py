@@ -13,7 +13,8 @@ A zarr v3 group with
 Group attrs: ``mpp`` (um per map pixel = input_mpp x out_stride), ``origin_px`` (level-0 x, y of
 the map's top-left corner: map pixel (i, j) covers level-0 x in [ox + j s, ox + (j + 1) s) with
 s = mpp / slide_mpp), ``slide_mpp``, ``input_mpp``, ``out_stride``, ``tile_px``, ``overlap_px``,
-``genes``, ``slide`` and OME-NGFF-style ``multiscales`` (one dataset ``dense``, axes c, y, x,
+``genes``, ``slide``, how it was computed (``device``, ``autocast``: "bfloat16" / "float16" or
+None for fp32, ``threads``: torch intra-op threads) and OME-NGFF-style ``multiscales`` (one dataset ``dense``, axes c, y, x,
 scale and translation in micrometres; the translation puts pixel centres at
 origin_um + (index + 0.5) mpp) plus ``omero`` channel labels, so napari-ome-zarr shows it.
 
@@ -69,6 +70,9 @@ log = logging.getLogger(__name__)
 FORMAT = "histomap.tasks.dense_map/1"
 TILE_COLUMNS = ("x0_px", "y0_px", "size_px0")
 DTYPES = ("float32", "float16")
+# ``cpu_bf16: auto`` leaves CPU dense maps in fp32: benchmarks/cpu_bf16.py measured bf16 1.57x
+# faster but its spot read-outs 0.02-0.04 off fp32 (tolerance 1e-2; benchmarks/results/cpu_bf16.md)
+CPU_BF16_DEFAULT = False
 
 
 # --------------------------------------------------------------------------- geometry
@@ -299,7 +303,7 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                       batch_size: int = 8, device: str | torch.device = "auto",
                       genes: Sequence[str] | None = None, dtype: str = "float32",
                       band_tile_rows: int | None = 1, amp: bool = True,
-                      extra_attrs: dict | None = None) -> DenseMap:
+                      cpu_bf16: bool = False, extra_attrs: dict | None = None) -> DenseMap:
     """Predict a dense map over the tissue tiles of a slide and write it as ``out_zarr``.
 
     Args:
@@ -315,6 +319,9 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
         band_tile_rows: grid rows per band (memory bound, see module docstring); None holds
             every row at once (one-shot).
         dtype: "float32" or "float16" for the stored ``dense`` array (blending is float32).
+        amp, cpu_bf16: autocast on CUDA (``amp``), and on the CPU too with ``cpu_bf16`` (bf16;
+            see :func:`histomap.train.cpu_bf16_enabled`). The autocast dtype and the torch
+            thread count are recorded in the attrs (``autocast``, ``threads``).
         extra_attrs: JSON-able values stored in the group attrs (e.g. the model's provenance).
 
     Returns the written map opened read-only (:func:`read_dense`). The file is written under a
@@ -333,7 +340,7 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
     slide_path, out_zarr = Path(slide_path), Path(out_zarr)
     boxes = tissue_boxes(tiles)
     device = resolve_device(device)
-    amp_type = amp_dtype(device, amp)
+    amp_type = amp_dtype(device, amp, cpu_bf16=cpu_bf16)
     model.to(device).eval()
     start = time.perf_counter()
     with open_slide(slide_path) as slide:
@@ -356,6 +363,10 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                          amp_type=amp_type, attrs={"slide": str(slide_path),
                                                    "tile_px": int(tile_px),
                                                    "overlap_px": int(overlap_px),
+                                                   "device": str(device),
+                                                   "autocast": None if amp_type is None
+                                                   else str(amp_type).removeprefix("torch."),
+                                                   "threads": int(torch.get_num_threads()),
                                                    **(extra_attrs or {})})
             remove_path(out_zarr)
             os.replace(tmp, out_zarr)

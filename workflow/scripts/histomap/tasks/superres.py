@@ -37,7 +37,8 @@ Files:
 * maps zarr (:func:`predict_sr`, format :data:`histomap.data.srmaps.MAPS_FORMAT`): per patch ``pred`` (G, h, w)
   normalised mean, ``pred_counts``, for diffusion methods ``pred_std`` / ``pred_std_counts``
   (per-pixel std over K samples, ddof 0), plus ``mask``, ``origin_px``, ``origin_um``,
-  ``grid_index`` copied from the pairs; attrs = the pair geometry + how it was predicted.
+  ``grid_index`` copied from the pairs; attrs = the pair geometry + how it was predicted
+  (method, sampler, steps, K, seed, ``device``, ``batch_chains``, ``autocast``, ``threads``).
 * HR-bin AnnData (:func:`predict_sr`): one row per HR pixel inside the mask of every patch
   (overlapping patches give one row each); ``obsm["spatial"]`` bin centres in level-0 px; X =
   predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
@@ -97,6 +98,11 @@ TASK_KEYS = ("curriculum", "upsample", "adjacency_max_pixels", "adjacency_binari
 DEFAULT_DIFFUSION = {"T": 1000, "schedule": "linear", "loss": "mse", "prediction": "eps",
                      "target": "x0"}
 EXTRA_LOG_COLUMNS = ("keep_fraction", "kept_observed", "denoise", "dis")
+# sampling defaults measured by benchmarks/cpu_bf16.py and benchmarks/whole_slide.py
+# (benchmarks/README.md): bf16 autocast on the CPU (``cpu_bf16: auto``) and the K chains of a
+# batch as one batch on the CPU (``batch_chains: auto``; always on CUDA)
+SR_CPU_BF16_DEFAULT = False
+SR_BATCH_CHAINS_CPU = True
 
 
 # ============================================================================ methods
@@ -701,21 +707,47 @@ def _diffusion_of(meta: Mapping) -> GaussianDiffusion | None:
                                clip_x0=_diffusion_target(meta).clip(_meta_range(meta)))
 
 
+def _repeat_batch(value: Any, k: int) -> Any:
+    """``value`` with every tensor repeated ``k`` times along the batch (first) dimension: a
+    tensor, a dict or dataclass (e.g. an encoded condition) of tensors; anything else as is."""
+    import dataclasses
+
+    torch = _torch()
+    if isinstance(value, torch.Tensor):
+        return value.repeat(k, *([1] * (value.dim() - 1))) if value.dim() else value
+    if isinstance(value, Mapping):
+        return {key: _repeat_batch(v, k) for key, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _repeat_batch(getattr(value, f.name), k)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
 def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: torch.device,
                    sampler: str = "respaced", steps: int | None = 20, n_samples: int = 1,
                    eta: float = 0.0, generator: torch.Generator | None = None,
-                   diffusion: GaussianDiffusion | None = None) -> Iterator[np.ndarray]:
+                   diffusion: GaussianDiffusion | None = None, batch_chains: bool = False,
+                   amp_type: torch.dtype | None = None) -> Iterator[np.ndarray]:
     """Predicted HR maps (B, G, h, w) float64 in the pairs' normalised units: one per reverse
     chain (``n_samples``) for diffusion methods, one for a baseline. Gradients are off while
-    computing (not between the yields)."""
-    from histomap.train import to_device
+    computing (not between the yields).
+
+    ``batch_chains``: run the ``n_samples`` chains as one batch of ``n_samples x B`` (the
+    condition encoded once and repeated); each chain draws its noise from its own copy of
+    ``generator`` placed where the sequential chain would start
+    (:meth:`~histomap.models.diffusion.GaussianDiffusion.chain_generators`), so the chains get
+    the numbers they get one after another and ``generator`` ends in the same state. Needs a
+    generator (without one, the chains run one after another). ``amp_type``: autocast dtype of
+    the network (e.g. bf16 on the CPU, :func:`histomap.train.amp_dtype`), None for fp32.
+    """
+    from histomap.train import autocast, to_device
 
     torch = _torch()
     batch = to_device(batch, device)
     if not is_diffusion(meta["method"]):
-        with torch.no_grad():
-            out = model(batch["lr_up"], batch["image"], lr=batch["lr"]).double().cpu().numpy()
-        yield out
+        with torch.no_grad(), autocast(device, amp_type):
+            out = model(batch["lr_up"], batch["image"], lr=batch["lr"])
+        yield out.double().cpu().numpy()
         return
     diffusion = diffusion or _diffusion_of(meta)
     vrange, target = _meta_range(meta), _diffusion_target(meta)
@@ -724,17 +756,45 @@ def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: t
     shape = tuple(batch["hr"].shape)
     encode = getattr(model, "encode_condition", None)
     if callable(encode):  # encode LR + histology once, reuse at every step of every chain
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp_type):
             cond = {"condition": encode(hr_shape=shape[-2:], **cond)}
-    for _ in range(int(n_samples)):
+    n_samples = int(n_samples)
+    chains = 1
+    if batch_chains and n_samples > 1 and generator is not None:
+        chains = n_samples
+        cond = _repeat_batch(cond, chains)
+        lr_up = _repeat_batch(lr_up, chains)
+    b = shape[0]
+    for _ in range(n_samples // chains):
         with torch.no_grad():
-            x = diffusion.sample_one(model, shape, cond, sampler=sampler, steps=steps, eta=eta,
-                                     generator=generator, device=device)
-            x = target.decode(x, lr_up)
+            gen = generator if chains == 1 else diffusion.chain_generators(
+                generator, chains, shape, sampler=sampler, steps=steps, eta=eta)
+            with autocast(device, amp_type):
+                x = diffusion.sample_one(model, (chains * b, *shape[1:]), cond, sampler=sampler,
+                                         steps=steps, eta=eta, generator=gen, device=device)
+            x = target.decode(x.float(), lr_up)
             if target.kind == "residual":  # back inside the data range of the maps
                 x = x.clamp(*vrange.clip)
             out = vrange.from_model(x.double()).cpu().numpy()
-        yield out
+        for k in range(chains):
+            yield out[k * b:(k + 1) * b]
+
+
+def _sampling_modes(device: torch.device, batch_chains: bool | str, cpu_bf16: bool | str
+                    ) -> tuple[bool, torch.dtype | None]:
+    """(batch the chains?, autocast dtype) of a sampling run from the config values."""
+    from histomap.train import amp_dtype, cpu_bf16_enabled
+
+    if isinstance(batch_chains, str):
+        if batch_chains.lower() not in ("auto", "true", "false"):
+            raise ValueError(f"batch_chains must be auto, true or false, got {batch_chains!r}")
+        batched = (device.type == "cuda" or SR_BATCH_CHAINS_CPU) \
+            if batch_chains.lower() == "auto" else batch_chains.lower() == "true"
+    else:
+        batched = bool(batch_chains)
+    amp_type = amp_dtype(device, True, cpu_bf16=cpu_bf16_enabled(cpu_bf16, SR_CPU_BF16_DEFAULT)) \
+        if device.type == "cpu" else None
+    return batched, amp_type
 
 
 class _Welford:
@@ -811,13 +871,18 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
 def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: str | Path,
                out_h5ad: str | Path, *, sampler: str = "respaced", steps: int | None = 20,
                n_samples: int = 4, batch_size: int = 4, device: str = "auto", seed: int = 0,
-               eta: float = 0.0, sample: str | None = None) -> dict[str, Any]:
+               eta: float = 0.0, sample: str | None = None, batch_chains: bool | str = "auto",
+               cpu_bf16: bool | str = False) -> dict[str, Any]:
     """Predict the HR map of every patch of ``pairs_zarr``; write the maps zarr and the HR-bin
     AnnData (module docstring) atomically: both appear only when both are complete.
 
     Diffusion methods draw ``n_samples`` reverse chains per patch with ``sampler`` ("ddpm": all
     T steps; "respaced" / "ddim": ``steps`` steps) from a CPU generator seeded with ``seed``
     (the same numbers on CPU and GPU); the maps hold their mean and per-pixel std.
+    ``batch_chains``: the chains of a batch as one batch (same numbers, :func:`predict_chains`;
+    "auto": on CUDA, and on the CPU where measured faster); ``cpu_bf16``: bf16 autocast on the
+    CPU (true / false / "auto", :func:`histomap.train.cpu_bf16_enabled`). Both, and the torch
+    thread count, are recorded in the maps' attrs and ``uns["superres"]``.
     """
     from torch.utils.data import DataLoader
 
@@ -844,6 +909,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
     generator = torch.Generator().manual_seed(int(seed))
     diff = _diffusion_of(meta)
+    batched, amp_type = _sampling_modes(dev, batch_chains, cpu_bf16)
     target_sum = meta["pairs"].get("target_sum")
     to_counts = prediction_denormaliser(arrays, attrs, target_sum)   # LR patch + training stats
     truth_counts = pairs_denormaliser(arrays, attrs)                  # the measured HR counts
@@ -856,7 +922,10 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
             "steps": (steps if sampler != "ddpm" else int(meta["diffusion"]["T"]))
             if diffusion else None, "n_samples": int(n_samples) if diffusion else 1,
             "eta": float(eta) if diffusion else None, "seed": int(seed),
-            "target_sum": target_sum, "uses_lr_map": bool(getattr(model, "uses_lr_map", True))}
+            "target_sum": target_sum, "uses_lr_map": bool(getattr(model, "uses_lr_map", True)),
+            "device": str(dev), "batch_chains": bool(batched and diffusion),
+            "autocast": None if amp_type is None else str(amp_type).removeprefix("torch."),
+            "threads": int(torch.get_num_threads())}
     geometry = {k: attrs.get(k) for k in ("genes", "scale", "lr_um", "hr_um", "hr_um_row",
                                           "patch_um", "edge", "normalisation", "source", "slide",
                                           "slide_mpp", "image_mpp", "hr_shape", "lr_shape",
@@ -889,7 +958,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
             stats = [(_Welford(), _Welford()) for _ in range(len(batch["index"]))]
             for chain in predict_chains(model, meta, batch, device=dev, sampler=sampler,
                                         steps=steps, n_samples=n_samples, eta=eta,
-                                        generator=generator, diffusion=diff):
+                                        generator=generator, diffusion=diff,
+                                        batch_chains=batched, amp_type=amp_type):
                 for b, i in enumerate(batch["index"].tolist()):
                     stats[b][0].add(chain[b])
                     stats[b][1].add(to_counts(chain[b], i))
@@ -966,7 +1036,9 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
 def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
                   steps: Sequence[int] = (1000, 250, 50, 20), sampler: str = "respaced",
                   n_samples: int = 1, max_patches: int | None = 4, batch_size: int = 4,
-                  device: str = "auto", seed: int = 0, eta: float = 0.0) -> pd.DataFrame:
+                  device: str = "auto", seed: int = 0, eta: float = 0.0,
+                  batch_chains: bool | str = "auto", cpu_bf16: bool | str = False
+                  ) -> pd.DataFrame:
     """Steps-vs-quality table of a diffusion model: for each number of steps (T steps: the full
     ancestral DDPM; fewer: ``sampler``), seconds per patch and RMSE / PCC (normalised; per gene
     per patch, averaged) on the first ``max_patches`` patches of ``pairs_zarr``."""
@@ -986,6 +1058,7 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
                                                                   int(arrays["hr"].shape[0]))
     dataset = _model_dataset(meta, pairs_zarr, indices=np.arange(n))
     diff = _diffusion_of(meta)
+    batched, amp_type = _sampling_modes(dev, batch_chains, cpu_bf16)
     rows = []
     for k in steps:
         chain_sampler = "ddpm" if int(k) >= diff.T else sampler
@@ -999,7 +1072,8 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
             mean = _Welford()
             for chain in predict_chains(model, meta, batch, device=dev, sampler=chain_sampler,
                                         steps=int(k), n_samples=n_samples, eta=eta,
-                                        generator=generator, diffusion=diff):
+                                        generator=generator, diffusion=diff,
+                                        batch_chains=batched, amp_type=amp_type):
                 mean.add(chain)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -1018,7 +1092,9 @@ def time_sampling(model_path: str | Path, pairs_zarr: str | Path, *,
                      "steps": int(min(int(k), diff.T)), "n_samples": int(n_samples),
                      "n_patches": n, "seconds_per_patch": elapsed / max(n, 1),
                      "RMSE": summary.loc["RMSE", "value"], "PCC": summary.loc["PCC", "value"],
-                     "n_nan_pcc": int(summary.loc["PCC", "n_nan_pcc"]), "device": str(dev)})
+                     "n_nan_pcc": int(summary.loc["PCC", "n_nan_pcc"]), "device": str(dev),
+                     "batch_chains": bool(batched), "autocast": str(amp_type),
+                     "threads": int(torch.get_num_threads())})
         log.info("%d steps (%s): %.3g s per patch, RMSE %.4f, PCC %.4f", rows[-1]["steps"],
                  chain_sampler, rows[-1]["seconds_per_patch"], rows[-1]["RMSE"],
                  rows[-1]["PCC"])
