@@ -10,10 +10,14 @@ import numpy as np
 
 from histomap.data.io import read_sample
 from histomap.data.sample import UNS_KEY, Sample
+from histomap.data.scanpy_spatial import (HIRES_MAX_PX, carry_scanpy_spatial, scanpy_spatial,
+                                          slide_thumbnail)
 from histomap.data.slide import open_slide, prepare_slide, read_region
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
+
+HIGHRES_POINT_UM = 10.0  # marker size scanpy draws a cell or fine bin of highres.h5ad with
 
 
 def check_spots_in_slide(sample: Sample, width: int, height: int) -> None:
@@ -76,10 +80,16 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
         check_spots_in_slide(smp, *slide.dimensions)
     log.info("%s: %d spots x %d genes, mpp %.4f, spot diameter %g um", sample, smp.spots.n_obs,
              smp.spots.n_vars, smp.mpp, smp.spot_diameter_um)
+    hires, scalef = slide_thumbnail(slide_path, HIRES_MAX_PX)
+    smp.spots.uns["spatial"] = {sample: scanpy_spatial(
+        hires, scalef, smp.spot_diameter_um / smp.mpp,
+        {"source_image_path": str(smp.image_path), "mpp": smp.mpp})}
     smp.spots.write_h5ad(out_dir / "spots.h5ad")
     highres = smp.highres if smp.highres is not None else ad.AnnData(
         np.zeros((0, 0), dtype=np.int32))
     highres.uns[UNS_KEY] = dict(smp.spots.uns[UNS_KEY])
+    if highres.n_obs:
+        carry_scanpy_spatial(highres, smp.spots, spot_diameter_um=HIGHRES_POINT_UM, mpp=smp.mpp)
     highres.write_h5ad(out_dir / "highres.h5ad")
     if spatialdata_mpp:
         zarr_path = out_dir / "sample.zarr"

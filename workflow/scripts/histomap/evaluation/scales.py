@@ -22,6 +22,7 @@ import pandas as pd
 
 from histomap.data.preprocess import normalise_spots
 from histomap.data.sample import annotate_spots, geometry
+from histomap.data.scanpy_spatial import carry_scanpy_spatial
 from histomap.data.synthetic import aggregate_discs
 from histomap.errors import InputError
 
@@ -70,4 +71,4 @@ def truth_at_scale(highres: ad.AnnData, spots: ad.AnnData, diameter_um: float, *
                           target_sum=float(preprocess.get("target_sum", 1e4)), path=path)
     log.info("%s: %g um discs every %g um: %d of %d lattice discs kept as ground truth",
              path, diameter_um, spacing_um, out.n_obs, discs.n_obs)
-    return out
+    return carry_scanpy_spatial(out, spots, spot_diameter_um=float(diameter_um), mpp=mpp)

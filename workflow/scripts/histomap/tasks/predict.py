@@ -4,7 +4,8 @@ Predictions AnnData (``spots_{um}um.h5ad``): ``X`` = predicted log-normalised ex
 (float32, dense), ``var_names`` = genes, ``obs_names`` = source spot names, ``obsm["spatial"]``
 = (x, y) level-0 pixels, ``obs["diameter_um"]``, ``uns["histomap"]`` = the sample geometry
 (:mod:`histomap.data.sample`) with ``spot_diameter_um`` set to the predicted scale, plus ``model``
-(name, config, ...).
+(name, config, ...), and ``uns["spatial"]``: the source table's H&E in scanpy's convention with
+this table's spot diameter (:mod:`histomap.data.scanpy_spatial`), so ``sc.pl.spatial`` works.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.sample import UNS_KEY
+from histomap.data.scanpy_spatial import carry_scanpy_spatial
 from histomap.train import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,15 @@ def _h5ad_value(value):
 def spots_prediction_anndata(pred: np.ndarray, obs_names: Sequence[str], genes: Sequence[str],
                              spatial_px: np.ndarray, geometry: Mapping,
                              diameter_um: float | np.ndarray, *,
-                             model_info: Mapping | None = None) -> ad.AnnData:
+                             model_info: Mapping | None = None,
+                             scanpy_uns: Mapping | None = None) -> ad.AnnData:
     """Predictions at spots as an AnnData following the contract in the module docstring.
 
     ``spatial_px``: (n, 2) spot centres (x, y) in level-0 pixels; ``geometry``: the source
     ``uns["histomap"]`` dict (sample, platform, mpp, image, ...); ``diameter_um``: the predicted
     spot scale (scalar or per spot); ``model_info``: e.g. dict(name, config, fold) stored as
-    ``uns["histomap"]["model"]`` (None values become "").
+    ``uns["histomap"]["model"]`` (None values become ""); ``scanpy_uns``: the source table's
+    ``uns["spatial"]`` (scanpy's H&E and scale factors), carried with this table's diameter.
     """
     pred = np.asarray(pred, dtype=np.float32)
     obs_names = pd.Index([str(n) for n in obs_names])
@@ -102,4 +106,7 @@ def spots_prediction_anndata(pred: np.ndarray, obs_names: Sequence[str], genes: 
     if model_info is not None:
         uns["model"] = dict(model_info)
     adata.uns[UNS_KEY] = _h5ad_value(uns)
+    if scanpy_uns is not None:
+        carry_scanpy_spatial(adata, scanpy_uns, spot_diameter_um=uns["spot_diameter_um"],
+                             mpp=float(geometry["mpp"]))
     return adata

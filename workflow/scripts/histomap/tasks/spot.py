@@ -142,7 +142,8 @@ def predict_spot_model(model_path: str | Path, st_path: str | Path, slide: str |
     out = spots_prediction_anndata(
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geometry(spots),
         geometry(spots)["spot_diameter_um"],
-        model_info={"model": meta["model_name"], "path": str(model_path)})
+        model_info={"model": meta["model_name"], "path": str(model_path)},
+        scanpy_uns=spots.uns.get("spatial"))
     out.write_h5ad(out_path)
     return out
 
@@ -458,7 +459,8 @@ def predict_histogene(model_path: str | Path, st_h5ad: str | Path, slide: str | 
     pred = predict_sequence(model, seq, device=device)
     out = spots_prediction_anndata(
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geo,
-        geo["spot_diameter_um"], model_info={"model": meta["model_name"], "path": str(model_path)})
+        geo["spot_diameter_um"], model_info={"model": meta["model_name"], "path": str(model_path)},
+        scanpy_uns=spots.uns.get("spatial"))
     Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(out_h5ad)
     return out

@@ -62,6 +62,7 @@ import pandas as pd
 import zarr
 
 from histomap import __version__
+from histomap.data.scanpy_spatial import add_scanpy_spatial
 from histomap.data.srmaps import MAPS_FORMAT
 from histomap.data.srpairs import SRPairDataset, pairs_denormaliser, read_sr_pairs
 from histomap.errors import InputError
@@ -894,6 +895,11 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                                                 if k != "genes"}, **info,
                                              "X": "predicted counts (mean over samples)",
                                              "units": "layers pred/truth: normalised maps"})
+        slide = attrs.get("slide")
+        if slide and Path(slide).is_file() and attrs.get("slide_mpp") and attrs.get("hr_um"):
+            add_scanpy_spatial(adata, slide, library_id=str(sample or Path(slide).stem),
+                               spot_diameter_um=float(attrs["hr_um"]),
+                               mpp=float(attrs["slide_mpp"]))
         adata.write_h5ad(tmp_h5ad)
         remove_path(out_maps_zarr)
         os.replace(tmp_zarr, out_maps_zarr)
