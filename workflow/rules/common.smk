@@ -276,12 +276,43 @@ def figure_files():
     ]
 
 
+def sample_runs(sample):
+    """(model, fold, training seed, run name) of every run that holds ``sample`` out."""
+    return [
+        (m, f, t, f"{m}_{f}_seed{t}")
+        for m in MODELS
+        for f in FOLDS
+        if sample in fold_samples(f, "test")
+        for t in TRAIN_SEEDS
+    ]
+
+
+def sample_dense_maps(sample):
+    """{run name: dense.zarr} of the dense models' runs that hold ``sample`` out."""
+    return {
+        name: f"{run_dir('predictions', m, f, t)}/{sample}/dense.zarr"
+        for m, f, t, name in sample_runs(sample)
+        if base_model(m) in DENSE_MODELS
+    }
+
+
+def sample_predictions(sample):
+    """{run name: native-scale spot predictions} of every run that holds ``sample`` out."""
+    return {name: native_prediction(m, f, t, sample) for m, f, t, name in sample_runs(sample)}
+
+
+def spatialdata_files():
+    """One SpatialData per sample with ST (H&E, spots, tables, predicted dense maps)."""
+    return [f"results/spatialdata/{s}.zarr" for s in samples["sample"] if sample_runs(s)]
+
+
 def all_targets():
     return [
         "results/report/benchmark.csv",
         "results/report/benchmark.md",
         "results/report/figures/pcc_distribution.png",
         *figure_files(),
+        *spatialdata_files(),
         *extra_scale_files(),
         *expand("results/tiles/{sample}.parquet", sample=samples["sample"]),
         *superres_targets(),

@@ -119,3 +119,27 @@ rule figures:
         "../../envs/report.yaml"
     script:
         "../scripts/figures.py"
+
+
+# One SpatialData per sample: ingest's sample.zarr plus every held-out run's dense map (images,
+# genes as channels) and spot predictions (tables annotating the spots), in micrometres.
+rule sample_spatialdata:
+    input:
+        sample="results/ingest/{sample}/sample.zarr",
+        dense=lambda wc: list(sample_dense_maps(wc.sample).values()),
+        predictions=lambda wc: list(sample_predictions(wc.sample).values()),
+    output:
+        directory("results/spatialdata/{sample}.zarr"),
+    params:
+        dense_runs=lambda wc: list(sample_dense_maps(wc.sample)),
+        prediction_runs=lambda wc: list(sample_predictions(wc.sample)),
+    log:
+        "logs/sample_spatialdata/{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/sample_spatialdata.py"

@@ -1,8 +1,13 @@
-"""Ingest one sample: platform reader -> OpenSlide pyramid + spots AnnData + SpatialData zarr."""
+"""Ingest one sample: platform reader -> OpenSlide pyramid + spots AnnData + SpatialData zarr.
+
+Arrow of the DESIGN.md picture: raw sample -> **ingest**. ``sample.zarr`` is the sample's
+SpatialData (:mod:`histomap.data.spatial_data`: multiscale H&E, spot circles in micrometres,
+counts table; coordinate systems ``global`` in um and ``pixels``); ``spots.h5ad`` carries
+scanpy's ``uns["spatial"]`` (:mod:`histomap.data.scanpy_spatial`).
+"""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -12,7 +17,8 @@ from histomap.data.io import read_sample
 from histomap.data.sample import UNS_KEY, Sample
 from histomap.data.scanpy_spatial import (HIRES_MAX_PX, carry_scanpy_spatial, scanpy_spatial,
                                           slide_thumbnail)
-from histomap.data.slide import open_slide, prepare_slide, read_region
+from histomap.data.slide import open_slide, prepare_slide
+from histomap.data.spatial_data import sample_spatialdata, write_spatialdata
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -27,36 +33,6 @@ def check_spots_in_slide(sample: Sample, width: int, height: int) -> None:
         names = list(sample.spots.obs_names[outside][:5])
         raise InputError(sample.image_path, f"{int(outside.sum())} spot centres lie outside the "
                                             f"{width}x{height} px image (e.g. {names})")
-
-
-def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
-    """SpatialData of the sample for viewers: H&E at ``image_mpp`` (scaled into level-0 pixels,
-    the ``global`` coordinate system), spots as circles, counts as the annotating table."""
-    import spatialdata as sd
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale
-
-    with open_slide(slide_path) as slide:
-        w0, h0 = slide.dimensions
-        ds = max(1.0, image_mpp / sample.mpp)
-        out_w, out_h = max(1, int(w0 / ds)), max(1, int(h0 / ds))
-        rgb = read_region(slide, 0, 0, w0, h0, out_w, out_h)
-    image = Image2DModel.parse(rgb.transpose(2, 0, 1), dims=("c", "y", "x"),
-                               transformations={"global": Scale([h0 / out_h, w0 / out_w],
-                                                                axes=("y", "x"))})
-    spots = sample.spots
-    radius = spots.obs["diameter_um"].to_numpy(dtype=float) / 2.0 / sample.mpp
-    shapes = ShapesModel.parse(np.asarray(spots.obsm["spatial"]), geometry=0, radius=radius,
-                               index=spots.obs_names.to_list(),
-                               transformations={"global": Identity()})
-    table = spots.copy()
-    table.obs["region"] = "spots"
-    table.obs["region"] = table.obs["region"].astype("category")
-    table.obs["spot_id"] = table.obs_names.to_list()
-    table.uns[UNS_KEY] = dict(spots.uns[UNS_KEY])
-    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
-    return sd.SpatialData(images={"he": image}, shapes={"spots": shapes},
-                          tables={"table": table})
 
 
 def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str | Path,
@@ -92,8 +68,6 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
         carry_scanpy_spatial(highres, smp.spots, spot_diameter_um=HIGHRES_POINT_UM, mpp=smp.mpp)
     highres.write_h5ad(out_dir / "highres.h5ad")
     if spatialdata_mpp:
-        zarr_path = out_dir / "sample.zarr"
-        if zarr_path.exists():
-            shutil.rmtree(zarr_path)
-        to_spatialdata(smp, slide_path, spatialdata_mpp).write(zarr_path)
+        write_spatialdata(sample_spatialdata(smp.spots, slide_path, mpp=smp.mpp,
+                                             image_mpp=spatialdata_mpp), out_dir / "sample.zarr")
     return smp
