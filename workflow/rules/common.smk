@@ -59,8 +59,10 @@ def model_block(model):
 
 for _model in MODELS:
     if base_model(_model) not in SPOT_MODELS + DENSE_MODELS:
-        raise ValueError(f"config: `models` entry {_model!r} is neither a model "
-                         f"{SPOT_MODELS + DENSE_MODELS} nor a `variants` entry")
+        raise ValueError(
+            f"config: `models` entry {_model!r} is neither a model "
+            f"{SPOT_MODELS + DENSE_MODELS} nor a `variants` entry"
+        )
     model_block(_model)
 
 
@@ -238,9 +240,11 @@ def extra_train_spots(model, fold):
     those sizes by truth_at_scale; samples without high-resolution data have none)."""
     diameters = model_block(model).get("train_diameters_um", [])
     return [
-        [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
-        if samples.loc[s, "platform"] in HIGHRES_PLATFORMS
-        else []
+        (
+            [f"results/scales/{s}/truth_{scale_label(um)}um.h5ad" for um in diameters]
+            if samples.loc[s, "platform"] in HIGHRES_PLATFORMS
+            else []
+        )
         for s in fold_samples(fold, "train")
     ]
 
@@ -306,12 +310,56 @@ def spatialdata_files():
     return [f"results/spatialdata/{s}.zarr" for s in samples["sample"] if sample_runs(s)]
 
 
+def dense_figure_files():
+    """Dense maps over the H&E of the first training seed, every dense model and fold."""
+    return [
+        f"results/report/figures/dense/{model}/{fold}_{s}.png"
+        for model in MODELS
+        if base_model(model) in DENSE_MODELS
+        for fold in FOLDS
+        for s in fold_samples(fold, "test")
+    ]
+
+
+def training_logs():
+    """(label, train_log.csv) of the first training seed of every model and fold, and of every
+    super-resolution run."""
+    spot = [
+        (f"{m}/{f}", f"{run_dir('models', m, f, TRAIN_SEEDS[0])}/train_log.csv")
+        for m in MODELS
+        for f in FOLDS
+    ]
+    sr = [
+        (f"SR {m} x{sc}/{f}", f"results/sr/models/{m}/x{sc}/{f}/train_log.csv")
+        for m, sc, f in sr_runs()
+    ]
+    return spot + sr
+
+
+def report_figure_files():
+    """The report's figures besides the spot maps: dense maps, training curves, the
+    cross-scale plot (when scored) and the super-resolution panels."""
+    cross = (
+        ["results/report/figures/cross_scale.png"]
+        if cross_scale_models() and cross_scale_folds()
+        else []
+    )
+    return [
+        *dense_figure_files(),
+        "results/report/figures/training_curves.png",
+        *cross,
+        *sr_figure_files(),
+    ]
+
+
 def all_targets():
     return [
         "results/report/benchmark.csv",
         "results/report/benchmark.md",
+        "results/report/benchmark.html",
         "results/report/figures/pcc_distribution.png",
         *figure_files(),
+        *report_figure_files(),
         *spatialdata_files(),
         *extra_scale_files(),
         *expand("results/tiles/{sample}.parquet", sample=samples["sample"]),
@@ -486,7 +534,27 @@ def sr_metric_files():
 def superres_targets():
     if not sr_runs():
         return []
-    return ["results/report/superres.csv", "results/report/superres.md"]
+    return [
+        "results/report/superres.csv",
+        "results/report/superres.md",
+        "results/report/superres.html",
+    ]
+
+
+def sr_figure_files():
+    """SR panels of every Table-1 method and factor (first fold, first held-out sample)."""
+    methods = set(sr_config().get("methods", []))
+    runs = dict.fromkeys((m, sc) for m, sc, _ in sr_runs() if m in methods)
+    return [f"results/report/figures/superres/{m}_x{sc}.png" for m, sc in runs]
+
+
+def sr_figure_inputs(wildcards):
+    fold, sample = sr_test_runs(wildcards)[0]
+    method, scale = wildcards.sr_method, wildcards.sr_scale
+    return {
+        "pairs": sr_pairs_file(sample, scale),
+        "maps": f"results/sr/predictions/{method}/x{scale}/{fold}/{sample}/maps.zarr",
+    }
 
 
 def reader_options(sample):
@@ -500,4 +568,3 @@ def reader_options(sample):
         x, y = sample_value(sample, "origin_um").replace(";", ",").split(",")
         options["origin_um"] = [float(x), float(y)]
     return options
-
