@@ -143,3 +143,22 @@ def test_workflow_is_snakefmt_formatted():
 def test_license_is_apache():
     text = (REPO / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0" in text
+
+
+def test_progress_logs_counts_rate_and_time_left_every_few_seconds(caplog):
+    """Long steps say how far they are in their log: a line at most every `every_s` seconds of
+    the step's clock (not every item), with count, rate and time left, and a final line."""
+    import logging
+
+    from histomap.logs import Progress
+
+    now = [0.0]
+    with caplog.at_level(logging.INFO, "histomap.progress"):
+        with Progress(100, "dense map", "tiles", every_s=5.0, clock=lambda: now[0]) as bar:
+            for _ in range(100):
+                now[0] += 0.25  # 4 tiles/s: 25 s in all -> 5 periodic lines
+                bar.update(1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5 + 1, lines
+    assert lines[0] == "dense map: 20/100 tiles (20%), 4 tiles/s, 5 s, ~20 s left"
+    assert lines[-1].startswith("dense map: 100/100 tiles (100%)") and lines[-1].endswith("(done)")

@@ -178,6 +178,6 @@ rule sr_figure:
         mem_mb=config["resources"]["mem_mb"]["light"],
         runtime=config["resources"]["runtime"]["light"],
     conda:
-        "../../envs/report.yaml"
+        "../../envs/models.yaml"
     script:
         "../scripts/sr_figure.py"

@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.errors import InputError
+from histomap.logs import Progress
 from histomap.outputs import partial_path, remove_path
 
 log = logging.getLogger(__name__)
@@ -215,10 +216,10 @@ def _write_tiles(slide: openslide.OpenSlide, index: pd.DataFrame, zarr_path: Pat
                               dimension_names=("tile", "y", "x", "c"))
     size0 = float(index["size_px0"].iloc[0])
     xy0 = index[["x0_px", "y0_px"]].to_numpy(dtype=float)
+    bar = Progress(len(index), "tiles", "tiles", logger=log)
     for i, (x0, y0) in enumerate(xy0):
         tiles[i] = read_region(slide, x0, y0, size0, size0, tile_px, tile_px)
-        if (i + 1) % 5000 == 0:
-            log.info("%d / %d tiles written", i + 1, len(index))
+        bar.update(1)
 
 
 def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, tile_mpp: float,

@@ -53,7 +53,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,11 +64,11 @@ import numpy as np
 import pandas as pd
 import zarr
 from torch import nn
-from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.errors import InputError
+from histomap.logs import Progress
 from histomap.models.roi import discs_from_spots, roi_aggregate
 from histomap.outputs import partial_path, remove_path
 from histomap.train import amp_dtype, autocast, resolve_device
@@ -393,8 +392,8 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                                      grid.tile * grid.out_stride, grid.tile * grid.out_stride)
                          for r, c in batch[1]])
 
-    progress = tqdm(total=len(todo), desc="dense map", unit="tile", file=sys.stderr,
-                    disable=None, leave=False)
+    bar = Progress(len(todo), f"dense map {path.name.removesuffix('.partial')}", "tiles",
+                   logger=log)
     band = 0
     with torch.no_grad():
         for (b, items), images in _prefetch(read, batches):
@@ -404,8 +403,8 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
             out = _run_model(model, images, device, amp_type, grid.tile, len(genes))
             for (r, c), values in zip(items, out):
                 acc.add(values, weights, r * grid.step, c * grid.step)
-            progress.update(len(items))
-    progress.close()
+            bar.update(len(items))
+    bar.close()
     n_bands = math.ceil(grid.n_rows / rows_per_band)
     while band + 1 < n_bands:  # bands after the last one with tiles: zeros
         band += 1

@@ -10,7 +10,6 @@ this table's spot diameter (:mod:`histomap.data.scanpy_spatial`), so ``sc.pl.spa
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 
 import anndata as ad
@@ -18,11 +17,11 @@ import numpy as np
 import pandas as pd
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.sample import UNS_KEY
 from histomap.data.scanpy_spatial import carry_scanpy_spatial
+from histomap.logs import progress
 from histomap.train import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,7 @@ def predict_spots(model: nn.Module, dataset: Dataset, *, batch_size: int = 64,
                         pin_memory=device.type == "cuda")
     outputs = []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="predict", unit="batch", file=sys.stderr, disable=None,
-                          leave=False):
+        for batch in progress(loader, "predict", "batches", logger=log):
             inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
             with autocast(device, dtype):
                 pred = model(inputs.to(device, non_blocking=True))

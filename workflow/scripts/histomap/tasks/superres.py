@@ -66,6 +66,7 @@ from histomap.data.scanpy_spatial import add_scanpy_spatial
 from histomap.data.srmaps import MAPS_FORMAT
 from histomap.data.srpairs import SRPairDataset, pairs_denormaliser, read_sr_pairs
 from histomap.errors import InputError
+from histomap.logs import Progress
 from histomap.evaluation.folds import validation_split
 from histomap.evaluation.metrics import patch_gene_metrics, summarise_sr
 from histomap.outputs import partial_path, remove_path
@@ -841,7 +842,9 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                                                   if diffusion else ()))}
         obs_parts = []
         start = time.perf_counter()
+        bar = Progress(n, f"SR prediction {Path(pairs_zarr).name}", "patches", logger=log)
         for batch in loader:
+            bar.update(len(batch["index"]))
             stats = [(_Welford(), _Welford()) for _ in range(len(batch["index"]))]
             for chain in predict_chains(model, meta, batch, device=dev, sampler=sampler,
                                         steps=steps, n_samples=n_samples, eta=eta,
@@ -870,6 +873,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                     "patch": i, "i": ii, "j": jj, "row": grid_index[i, 0] + ii,
                     "col": grid_index[i, 1] + jj,
                     "x_px": centres(i)[ii, jj, 0], "y_px": centres(i)[ii, jj, 1]}))
+        bar.close()
         seconds = time.perf_counter() - start
         root.attrs["seconds"] = seconds
         obs = pd.concat(obs_parts, ignore_index=True) if obs_parts else pd.DataFrame(
