@@ -121,3 +121,28 @@ def test_sample_with_predictions_shares_the_micrometre_system(sample, tmp_path):
         bad = pred.copy()
         bad.obs_names = [f"x{n}" for n in bad.obs_names]
         add_predictions(back, tables={"bad": bad})
+
+
+def test_spatialdata_plot_draws_he_spots_and_a_dense_gene(sample, tmp_path):
+    """spatialdata-plot renders the sample in `global` (um): the H&E, the spots coloured by a
+    gene of the counts table, and one gene (channel) of the dense map."""
+    pytest.importorskip("spatialdata_plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+
+    root, spots, _, genes, _ = sample
+    sdata = read_spatialdata(root / "ingest" / "sample.zarr")
+    add_predictions(sdata, dense_maps={"run": root / "dense.zarr"})
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    (sdata.pl.render_images("he").pl.render_shapes("spots", color=genes[0], table_name="table")
+     .pl.show(coordinate_systems="global", ax=axes[0]))
+    sdata.pl.render_images("dense_run", channel=genes[1]).pl.show(coordinate_systems="global",
+                                                                    ax=axes[1])
+    assert axes[0].images and axes[0].collections and axes[1].images
+    x0, x1 = axes[0].get_xlim()
+    assert max(x0, x1) == pytest.approx(SIZE_UM, rel=0.1)  # micrometres, not pixels
+    fig.savefig(tmp_path / "sdata.png")
+    plt.close(fig)
