@@ -22,7 +22,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="w"))
     logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
-    for noisy in ("numba", "matplotlib", "PIL", "fsspec", "asyncio"):
+    for noisy in ("numba", "matplotlib", "PIL", "fsspec", "asyncio", "ome_zarr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

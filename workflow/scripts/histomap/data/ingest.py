@@ -67,7 +67,6 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     if highres.n_obs:
         carry_scanpy_spatial(highres, smp.spots, spot_diameter_um=HIGHRES_POINT_UM, mpp=smp.mpp)
     highres.write_h5ad(out_dir / "highres.h5ad")
-    if spatialdata_mpp:
-        write_spatialdata(sample_spatialdata(smp.spots, slide_path, mpp=smp.mpp,
-                                             image_mpp=spatialdata_mpp), out_dir / "sample.zarr")
+    write_spatialdata(sample_spatialdata(smp.spots, slide_path, mpp=smp.mpp,
+                                         image_mpp=spatialdata_mpp), out_dir / "sample.zarr")
     return smp

@@ -135,12 +135,12 @@ def dense_map_image(dense_zarr: str | Path):
 
 
 def sample_spatialdata(spots: ad.AnnData, slide_path: str | Path, *, mpp: float,
-                       image_mpp: float):
-    """The ingest SpatialData: H&E, spot circles, counts table."""
+                       image_mpp: float | None):
+    """The ingest SpatialData: H&E (none when ``image_mpp`` is None), spot circles, counts."""
     import spatialdata as sd
 
-    return sd.SpatialData(images={"he": he_image(slide_path, mpp, image_mpp)},
-                          shapes={SPOTS: spot_shapes(spots, mpp)},
+    images = {"he": he_image(slide_path, mpp, image_mpp)} if image_mpp else {}
+    return sd.SpatialData(images=images, shapes={SPOTS: spot_shapes(spots, mpp)},
                           tables={"table": spot_table(spots)})
 
 

@@ -220,6 +220,7 @@ def _write_tiles(slide: openslide.OpenSlide, index: pd.DataFrame, zarr_path: Pat
     for i, (x0, y0) in enumerate(xy0):
         tiles[i] = read_region(slide, x0, y0, size0, size0, tile_px, tile_px)
         bar.update(1)
+    bar.close()
 
 
 def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, tile_mpp: float,

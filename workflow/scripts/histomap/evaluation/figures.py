@@ -235,7 +235,8 @@ def plot_sr_panels(panels: Sequence[dict], out_png: str | Path, *, title: str = 
         raise ValueError("no SR panel to draw")
     columns = ["H&E", "LR", "HR truth", "prediction", "uncertainty (std)"]
     fig, axes = plt.subplots(len(panels), 5, figsize=(16, 3.3 * len(panels)), squeeze=False)
-    for row, panel in zip(axes, panels):
+    for r, panel in enumerate(panels):
+        row = axes[r]
         mask = np.asarray(panel["mask"], bool)
         hr = np.where(mask, panel["hr"], np.nan)
         pred = np.where(mask, panel["pred"], np.nan)
@@ -254,10 +255,10 @@ def plot_sr_panels(panels: Sequence[dict], out_png: str | Path, *, title: str = 
             row[4].text(0.5, 0.5, "deterministic\nmethod", ha="center", va="center")
         row[0].set_ylabel(panel["label"])
         for ax, name in zip(row, columns):
-            ax.set_title(f"{name}" if row is axes[0] else "", fontsize=10)
+            if r == 0:
+                ax.set_title(name, fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_title(f"{panel['label']}\n{columns[0]}", fontsize=10)
     if title:
         fig.suptitle(title)
     _atomic_savefig(fig, out_png)
@@ -287,9 +288,11 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], out_png: str | Path) -> 
             if df.empty or "epoch" not in df:
                 continue
             colour = f"C{i % 10}"
-            ax.plot(df["epoch"], df["train_loss"], color=colour, label=f"{run} train")
+            ax.plot(df["epoch"], df["train_loss"], color=colour, marker="o", ms=3,
+                    label=f"{run} train")
             if "val_loss" in df and df["val_loss"].notna().any():
-                ax.plot(df["epoch"], df["val_loss"], color=colour, ls="--", label=f"{run} val")
+                ax.plot(df["epoch"], df["val_loss"], color=colour, ls="--", marker="s", ms=3,
+                        label=f"{run} val")
             drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no training epochs\n(fixed method)", ha="center", va="center",

@@ -844,7 +844,6 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
         start = time.perf_counter()
         bar = Progress(n, f"SR prediction {Path(pairs_zarr).name}", "patches", logger=log)
         for batch in loader:
-            bar.update(len(batch["index"]))
             stats = [(_Welford(), _Welford()) for _ in range(len(batch["index"]))]
             for chain in predict_chains(model, meta, batch, device=dev, sampler=sampler,
                                         steps=steps, n_samples=n_samples, eta=eta,
@@ -873,6 +872,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                     "patch": i, "i": ii, "j": jj, "row": grid_index[i, 0] + ii,
                     "col": grid_index[i, 1] + jj,
                     "x_px": centres(i)[ii, jj, 0], "y_px": centres(i)[ii, jj, 1]}))
+            bar.update(len(batch["index"]))
         bar.close()
         seconds = time.perf_counter() - start
         root.attrs["seconds"] = seconds
