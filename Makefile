@@ -6,7 +6,7 @@ CORES  ?= all
 CONFIG ?= config/config.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-cluster venv lint her2st report clean
+.PHONY: demo test test-cluster venv lint format her2st report clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test-cluster: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile workflow
+
+# Format the Snakefile and rule files with snakefmt (settings: pyproject.toml [tool.snakefmt]).
+format: $(STAMP)
+	$(BIN)/snakefmt Snakefile workflow
 
 her2st: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/her2st.yaml

@@ -94,8 +94,9 @@ def test_tiled_map_equals_direct_result_and_geometry(slide_path, tmp_path):
     assert dmap.origin_px == (37.0, 21.0)
     h, w = dmap.mask.shape
     assert (h, w) == (int(np.ceil(250 / 4)), 75)
-    assert dmap.dense.shape == (3, h, w) and dmap.dense.chunks == (3, 6, 6)
+    assert dmap.dense.shape == (3, h, w) and dmap.dense.chunks == (1, h, w)  # one gene a chunk
     ms = dmap.attrs["multiscales"][0]
+    assert dmap.n_levels == 2 and dmap.level(1).shape == (3, 32, 38)
     assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 4.0, 4.0]
     dense = dmap.read()
@@ -107,6 +108,47 @@ def test_tiled_map_equals_direct_result_and_geometry(slide_path, tmp_path):
     row, col = (DOT[1] - 21) // 4, (DOT[0] - 37) // 4
     redness = dense[0] - dense[1]
     assert np.unravel_index(np.argmax(redness), redness.shape) == (row, col)
+
+
+def test_dense_map_is_valid_ome_zarr_with_pyramid(slide_path, tmp_path, caplog):
+    """dense.zarr is NGFF 0.5 (zarr v3): the ome-zarr-models validator accepts the image
+    and its mask label, ome-zarr-py reads it without a warning (genes as channel labels, every
+    pyramid level), and each level is the block mean of the level below."""
+    import logging
+
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05 import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    out = tmp_path / "dense.zarr"
+    predict_dense_map(MeanColour(), slide_path, REGION, input_mpp=MPP, tile_px=32, overlap_px=8,
+                      out_zarr=out, device="cpu", genes=["R", "G", "B"])
+    assert (out / "zarr.json").is_file() and not (out / ".zgroup").exists()
+    root = zarr.open_group(out, mode="r")
+    image = Image.from_zarr(root)
+    ms = image.attributes.ome.multiscales[0]
+    assert image.attributes.ome.version == "0.5" and [d.path for d in ms.datasets] == ["0", "1"]
+    assert [a.name for a in ms.axes] == ["c", "y", "x"] and ms.axes[1].unit == "micrometer"
+    scales = [d.coordinateTransformations[0].scale for d in ms.datasets]
+    assert scales == [[1.0, 4.0, 4.0], [1.0, 8.0, 8.0]]
+    assert [c["label"] for c in image.attributes.ome.omero["channels"]] == ["R", "G", "B"]
+    ImageLabel.from_zarr(root["labels/mask"])
+    level0, level1 = root["0"][:], root["1"][:]
+    assert level1.shape == (3, 32, 38) and root["1"].chunks[0] == 1
+    padded = np.pad(level0, ((0, 0), (0, 1), (0, 1)), mode="edge")
+    expect = padded.reshape(3, 32, 2, 38, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(level1, expect, rtol=1e-6)
+    assert root["labels/mask/1"].shape == (32, 38)
+    with caplog.at_level(logging.WARNING):
+        nodes = list(Reader(parse_url(str(out)))())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    node = nodes[0]
+    assert len(node.data) == 2 and node.metadata["channel_names"] == ["R", "G", "B"]
+    # the translation puts level-k pixel centres at origin + (i + 0.5) mpp_k
+    trans = ms.datasets[1].coordinateTransformations[1].translation
+    assert trans == [0.0, 21 * MPP + 4.0, 37 * MPP + 4.0]
 
 
 def test_band_accumulator_matches_one_shot(slide_path, tmp_path):

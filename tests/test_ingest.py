@@ -39,9 +39,11 @@ def test_spatialdata_zarr(ingested):
     spots = ad.read_h5ad(ingested / "spots.h5ad")
     circles = sdata.shapes["spots"]
     assert len(circles) == spots.n_obs
-    np.testing.assert_allclose(circles.geometry.x.to_numpy(), spots.obsm["spatial"][:, 0])
-    radius_px = 100 / 2 / spots.uns["histomap"]["mpp"]
-    np.testing.assert_allclose(circles["radius"].to_numpy(), radius_px)
+    mpp = spots.uns["histomap"]["mpp"]  # shapes are in micrometres (the `global` system)
+    np.testing.assert_allclose(circles.geometry.x.to_numpy(), spots.obsm["spatial"][:, 0] * mpp)
+    np.testing.assert_allclose(circles["radius"].to_numpy(), 50.0)
+    assert set(sdata.coordinate_systems) == {"global", "pixels"}
+    assert "C2" in spots.uns["spatial"]  # scanpy's H&E and scale factors
     table = sdata.tables["table"]
     assert table.n_obs == spots.n_obs and table.n_vars == spots.n_vars
     assert "he" in sdata.images

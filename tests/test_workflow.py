@@ -175,6 +175,15 @@ def test_demo_end_to_end(workdir):
     assert small.uns["histomap"]["spot_diameter_um"] == 8
     assert (workdir / "results" / "tiles" / "synA.parquet").exists()
     assert (workdir / "results" / "ingest" / "synA" / "sample.zarr").is_dir()
+    _check_ecosystem_outputs(workdir, models)
+    # the report: run description, the tables as HTML, dense maps, SR panels, curves, cross-scale
+    report = workdir / "results" / "report" / "report.html"
+    res = run_snakemake(workdir, "--configfile", str(cfg), "--report", str(report), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = report.read_text()
+    for name in ("synthetic_demo", "benchmark.html", "Dense maps", "training_curves.png",
+                 "cross_scale.png", "Super-resolution"):
+        assert name in text, name
     # a second run has nothing to do
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
     assert "Nothing to be done" in res.stdout + res.stderr
@@ -214,3 +223,32 @@ def test_gene_panel_comes_from_the_folds_training_samples(workdir):
     assert "HIGH" not in panels["P1"], "synA is P1's test section"
     assert panels["P2"][0] == "HIGH" and panels["P3"][0] == "HIGH"
     assert panels["P1"] == ["G0", "G1", "G2"]
+
+
+def _check_ecosystem_outputs(workdir: Path, models: list[str]) -> None:
+    """SpatialData per sample, valid OME-Zarr dense maps, report figures and HTML tables."""
+    import warnings
+
+    import spatialdata as sd
+    import zarr
+    from ome_zarr_models.v05 import Image
+
+    results = workdir / "results"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sdata = sd.read_zarr(results / "spatialdata" / "synA.zarr")
+    assert not caught, [str(w.message) for w in caught]
+    assert {"he", "dense_pixnet_P1_seed0", "dense_istar_P1_seed0"} <= set(sdata.images)
+    assert {f"pred_{m}_P1_seed0" for m in models} <= set(sdata.tables)
+    assert set(sdata.coordinate_systems) == {"global", "pixels"}
+    Image.from_zarr(zarr.open_group(results / "predictions/pixnet/P1/seed0/synA/dense.zarr",
+                                    mode="r"))
+    report = results / "report"
+    assert "<table>" in (report / "benchmark.html").read_text()
+    assert "<table>" in (report / "superres.html").read_text()
+    for png in ("figures/dense/pixnet/P1_synA.png", "figures/dense/istar/P3_synC.png",
+                "figures/training_curves.png", "figures/cross_scale.png",
+                "figures/superres/diffst_x5.png"):
+        assert (report / png).stat().st_size > 10_000, png
+    log = (workdir / "logs" / "predict" / "pixnet" / "P1" / "seed0" / "synA_dense.log").read_text()
+    assert "tiles (100%)" in log  # progress lines in the log, not only at the end

@@ -27,9 +27,7 @@ BENCHMARK = bool(config.get("benchmark", True))
 FINAL_FOLD = "final"  # results/models/{model}/final/...: train_final's checkpoints
 IMAGE_ONLY_PLATFORMS = ("he",)
 ST_SAMPLES = [
-    s
-    for s in samples["sample"]
-    if samples.loc[s, "platform"] not in IMAGE_ONLY_PLATFORMS
+    s for s in samples["sample"] if samples.loc[s, "platform"] not in IMAGE_ONLY_PLATFORMS
 ]
 DEFAULT_SPOT_DIAMETER_UM = {
     "legacy_st": 100.0,
@@ -93,8 +91,10 @@ def model_block(model):
 
 for _model in MODELS:
     if base_model(_model) not in SPOT_MODELS + DENSE_MODELS:
-        raise ValueError(f"config: `models` entry {_model!r} is neither a model "
-                         f"{SPOT_MODELS + DENSE_MODELS} nor a `variants` entry")
+        raise ValueError(
+            f"config: `models` entry {_model!r} is neither a model "
+            f"{SPOT_MODELS + DENSE_MODELS} nor a `variants` entry"
+        )
     model_block(_model)
 
 
@@ -258,11 +258,7 @@ def cross_scale_models():
 
 def cross_scale_folds():
     """Folds whose test samples all have high-resolution ground truth."""
-    return [
-        f
-        for f in FOLDS
-        if all(has_highres(s) for s in fold_samples(f, "test"))
-    ]
+    return [f for f in FOLDS if all(has_highres(s) for s in fold_samples(f, "test"))]
 
 
 def cross_scale_pairs(fold):
@@ -316,9 +312,11 @@ def extra_train_spots(model, fold):
 def extra_spots_of(model, train):
     diameters = model_block(model).get("train_diameters_um", [])
     return [
-        [f"results/scales/{s}/qc_{scale_label(um)}um.h5ad" for um in diameters]
-        if has_highres(s)
-        else []
+        (
+            [f"results/scales/{s}/qc_{scale_label(um)}um.h5ad" for um in diameters]
+            if has_highres(s)
+            else []
+        )
         for s in train
     ]
 
@@ -354,12 +352,87 @@ def figure_files():
     ]
 
 
+def sample_runs(sample):
+    """(model, fold, training seed, run name) of every run that holds ``sample`` out."""
+    return [
+        (m, f, t, f"{m}_{f}_seed{t}")
+        for m in MODELS
+        for f in FOLDS
+        if sample in fold_samples(f, "test")
+        for t in TRAIN_SEEDS
+    ]
+
+
+def sample_dense_maps(sample):
+    """{run name: dense.zarr} of the dense models' runs that hold ``sample`` out."""
+    return {
+        name: f"{run_dir('predictions', m, f, t)}/{sample}/dense.zarr"
+        for m, f, t, name in sample_runs(sample)
+        if base_model(m) in DENSE_MODELS
+    }
+
+
+def sample_predictions(sample):
+    """{run name: native-scale spot predictions} of every run that holds ``sample`` out."""
+    return {name: native_prediction(m, f, t, sample) for m, f, t, name in sample_runs(sample)}
+
+
+def spatialdata_files():
+    """One SpatialData per sample with ST (H&E, spots, tables, predicted dense maps)."""
+    return [f"results/spatialdata/{s}.zarr" for s in samples["sample"] if sample_runs(s)]
+
+
+def dense_figure_files():
+    """Dense maps over the H&E of the first training seed, every dense model and fold."""
+    return [
+        f"results/report/figures/dense/{model}/{fold}_{s}.png"
+        for model in MODELS
+        if base_model(model) in DENSE_MODELS
+        for fold in FOLDS
+        for s in fold_samples(fold, "test")
+    ]
+
+
+def training_logs():
+    """(label, train_log.csv) of the first training seed of every model and fold, and of every
+    super-resolution run."""
+    spot = [
+        (f"{m}/{f}", f"{run_dir('models', m, f, TRAIN_SEEDS[0])}/train_log.csv")
+        for m in MODELS
+        for f in FOLDS
+    ]
+    sr = [
+        (f"SR {m} x{sc}/{f}", f"results/sr/models/{m}/x{sc}/{f}/train_log.csv")
+        for m, sc, f in sr_runs()
+    ]
+    return spot + sr
+
+
+def report_figure_files():
+    """The report's figures besides the spot maps: dense maps, training curves, the
+    cross-scale plot (when scored) and the super-resolution panels."""
+    cross = (
+        ["results/report/figures/cross_scale.png"]
+        if cross_scale_models() and cross_scale_folds()
+        else []
+    )
+    return [
+        *dense_figure_files(),
+        "results/report/figures/training_curves.png",
+        *cross,
+        *sr_figure_files(),
+    ]
+
+
 def all_targets():
     benchmark = [
         "results/report/benchmark.csv",
         "results/report/benchmark.md",
+        "results/report/benchmark.html",
         "results/report/figures/pcc_distribution.png",
         *figure_files(),
+        *report_figure_files(),
+        *spatialdata_files(),
         *extra_scale_files(),
         *superres_targets(),
     ]
@@ -383,9 +456,7 @@ APPLY = {
 }
 FINAL_SEED = TRAIN_SEEDS[0]
 if FINAL_FOLD in FOLDS:
-    raise ValueError(
-        f"{SAMPLE_SHEET}: a fold may not be named {FINAL_FOLD!r} (train_final's)"
-    )
+    raise ValueError(f"{SAMPLE_SHEET}: a fold may not be named {FINAL_FOLD!r} (train_final's)")
 
 
 def final_train_samples():
@@ -430,9 +501,7 @@ def _apply_bundles():
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != "histomap.bundle/1" or "name" not in meta:
-            raise ValueError(
-                f"config apply.bundle: {meta_path} is not a histomap bundle"
-            )
+            raise ValueError(f"config apply.bundle: {meta_path} is not a histomap bundle")
         return {meta["name"]: (str(folder), meta["architecture"])}
     unknown = [m for m in APPLY["models"] if m not in MODELS]
     if unknown:
@@ -444,17 +513,11 @@ APPLY_BUNDLES = _apply_bundles()
 APPLY_SAMPLES = (
     list(APPLY["samples"])
     if APPLY["samples"] is not None
-    else [
-        s
-        for s in samples["sample"]
-        if samples.loc[s, "platform"] in IMAGE_ONLY_PLATFORMS
-    ]
+    else [s for s in samples["sample"] if samples.loc[s, "platform"] in IMAGE_ONLY_PLATFORMS]
 )
 for _s in APPLY_SAMPLES:
     if _s not in samples.index:
-        raise ValueError(
-            f"config: apply.samples names {_s!r}, which is not in {SAMPLE_SHEET}"
-        )
+        raise ValueError(f"config: apply.samples names {_s!r}, which is not in {SAMPLE_SHEET}")
 APPLY_SPOT_LABELS = [scale_label(um) for um in APPLY["spot_diameters_um"]]
 APPLY_BIN_LABELS = [scale_label(um) for um in APPLY["bin_um"]]
 
@@ -475,11 +538,7 @@ def apply_runs(dense):
 def apply_tables(name, sample):
     folder = f"results/apply/{name}/{sample}"
     spots = [f"{folder}/spots_{um}um.h5ad" for um in APPLY_SPOT_LABELS]
-    bins = (
-        [f"{folder}/bins_{um}um.h5ad" for um in APPLY_BIN_LABELS]
-        if apply_is_dense(name)
-        else []
-    )
+    bins = [f"{folder}/bins_{um}um.h5ad" for um in APPLY_BIN_LABELS] if apply_is_dense(name) else []
     return spots + bins
 
 
@@ -495,9 +554,7 @@ def apply_targets():
     """Bundles of `apply.models`, and per applied bundle and sample: the dense map (dense
     models), the pseudo-spot and bin tables and the figure."""
     bundles = (
-        [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]]
-        if not APPLY["bundle"]
-        else []
+        [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]] if not APPLY["bundle"] else []
     )
     outputs = []
     for name in APPLY_BUNDLES:
@@ -678,7 +735,27 @@ def sr_metric_files():
 def superres_targets():
     if not sr_runs():
         return []
-    return ["results/report/superres.csv", "results/report/superres.md"]
+    return [
+        "results/report/superres.csv",
+        "results/report/superres.md",
+        "results/report/superres.html",
+    ]
+
+
+def sr_figure_files():
+    """SR panels of every Table-1 method and factor (first fold, first held-out sample)."""
+    methods = set(sr_config().get("methods", []))
+    runs = dict.fromkeys((m, sc) for m, sc, _ in sr_runs() if m in methods)
+    return [f"results/report/figures/superres/{m}_x{sc}.png" for m, sc in runs]
+
+
+def sr_figure_inputs(wildcards):
+    fold, sample = sr_test_runs(wildcards)[0]
+    method, scale = wildcards.sr_method, wildcards.sr_scale
+    return {
+        "pairs": sr_pairs_file(fold, sample, scale),
+        "maps": f"results/sr/predictions/{method}/x{scale}/{fold}/{sample}/maps.zarr",
+    }
 
 
 def reader_options(sample):
@@ -703,4 +780,3 @@ def reader_options(sample):
         x, y = sample_value(sample, "origin_um").replace(";", ",").split(",")
         options["origin_um"] = [float(x), float(y)]
     return options
-

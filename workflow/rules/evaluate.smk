@@ -84,6 +84,11 @@ rule benchmark_tables:
             category="Benchmark",
         ),
         md="results/report/benchmark.md",
+        html=report(
+            "results/report/benchmark.html",
+            caption="../report/benchmark_html.rst",
+            category="Benchmark",
+        ),
         pcc=report(
             "results/report/figures/pcc_distribution.png",
             caption="../report/pcc_distribution.rst",
@@ -126,3 +131,101 @@ rule figures:
         "../../envs/report.yaml"
     script:
         "../scripts/figures.py"
+
+
+# One SpatialData per sample: ingest's sample.zarr plus every held-out run's dense map (images,
+# genes as channels) and spot predictions (tables annotating the spots), in micrometres.
+rule sample_spatialdata:
+    input:
+        sample="results/ingest/{sample}/sample.zarr",
+        dense=lambda wc: list(sample_dense_maps(wc.sample).values()),
+        predictions=lambda wc: list(sample_predictions(wc.sample).values()),
+    output:
+        directory("results/spatialdata/{sample}.zarr"),
+    params:
+        dense_runs=lambda wc: list(sample_dense_maps(wc.sample)),
+        prediction_runs=lambda wc: list(sample_predictions(wc.sample)),
+    log:
+        "logs/sample_spatialdata/{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/sample_spatialdata.py"
+
+
+# Report figures: dense maps over the H&E, training curves, the cross-scale plot.
+rule dense_map_figure:
+    input:
+        dense=f"results/predictions/{{model}}/{{fold}}/seed{TRAIN_SEEDS[0]}/{{sample}}/dense.zarr",
+        truth="results/st/{sample}.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
+        metrics=f"results/metrics/spot/{{model}}/{{fold}}/seed{TRAIN_SEEDS[0]}.parquet",
+    output:
+        report(
+            "results/report/figures/dense/{model}/{fold}_{sample}.png",
+            caption="../report/dense_maps.rst",
+            category="Dense maps",
+            subcategory="{model}",
+        ),
+    wildcard_constraints:
+        model=DENSE_RUNS,
+    params:
+        n_genes=config["report"]["figure_genes"],
+    log:
+        "logs/figures/dense/{model}/{fold}_{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/dense_map_figure.py"
+
+
+rule training_curves:
+    input:
+        [path for _, path in training_logs()],
+    output:
+        report(
+            "results/report/figures/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Training",
+        ),
+    params:
+        labels=[label for label, _ in training_logs()],
+    log:
+        "logs/figures/training_curves.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/training_curves.py"
+
+
+rule cross_scale_figure:
+    input:
+        "results/report/benchmark.csv",
+    output:
+        report(
+            "results/report/figures/cross_scale.png",
+            caption="../report/cross_scale.rst",
+            category="Cross-scale",
+        ),
+    log:
+        "logs/figures/cross_scale.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/cross_scale_figure.py"

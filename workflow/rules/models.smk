@@ -270,9 +270,7 @@ rule apply_dense_tables:
             "results/apply/{{bundle}}/{{sample}}/spots_{um}um.h5ad",
             um=APPLY_SPOT_LABELS,
         ),
-        bins=expand(
-            "results/apply/{{bundle}}/{{sample}}/bins_{um}um.h5ad", um=APPLY_BIN_LABELS
-        ),
+        bins=expand("results/apply/{{bundle}}/{{sample}}/bins_{um}um.h5ad", um=APPLY_BIN_LABELS),
     log:
         "logs/apply/{bundle}/{sample}_tables.log",
     wildcard_constraints:

@@ -135,6 +135,11 @@ rule sr_tables:
             category="Super-resolution",
         ),
         md="results/report/superres.md",
+        html=report(
+            "results/report/superres.html",
+            caption="../report/superres.rst",
+            category="Super-resolution",
+        ),
     params:
         methods=config["superres"].get("methods", []),
         ablations=config["superres"].get("ablations", []),
@@ -149,3 +154,30 @@ rule sr_tables:
         "../../envs/models.yaml"
     script:
         "../scripts/sr_tables.py"
+
+
+rule sr_figure:
+    input:
+        unpack(sr_figure_inputs),
+    output:
+        report(
+            "results/report/figures/superres/{sr_method}_x{sr_scale}.png",
+            caption="../report/superres_panels.rst",
+            category="Super-resolution",
+            subcategory="x{sr_scale}",
+        ),
+    params:
+        fold=lambda wc: sr_test_runs(wc)[0][0],
+        sample=lambda wc: sr_test_runs(wc)[0][1],
+        n_patches=2,
+        n_genes=config["report"]["figure_genes"],
+    log:
+        "logs/figures/superres/{sr_method}_x{sr_scale}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/sr_figure.py"

@@ -1,4 +1,5 @@
 """Snakemake adapter: the super-resolution tables (Diff-ST Table 1 shape, ablations)."""
+from histomap.evaluation.html import write_html
 from histomap.evaluation.report import sr_tables
 from histomap.logs import run_step
 
@@ -7,6 +8,7 @@ def main(sm):
     p = sm.params
     sr_tables(list(sm.input), sm.output.csv, sm.output.md, methods=p.methods,
               ablations=p.ablations, reference=p.reference)
+    write_html(sm.output.md, sm.output.html, "histomap super-resolution benchmark")
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,11 +37,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from histomap import __version__
 from histomap.compat import torch
 from histomap.errors import InputError
+from histomap.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -370,9 +369,8 @@ def _train_epoch(model, loader, optimiser, scaler, device, dtype, loss_fn, batch
     model.train()
     total, count, skipped = 0.0, 0, 0
     steps = len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
-               disable=None, leave=False)
-    for i, batch in enumerate(bar):
+    bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", "batches", logger=log)
+    for i, batch in enumerate(loader):
         lr = lr_at(epoch * steps + i)
         for group in optimiser.param_groups:
             group["lr"] = lr
@@ -393,8 +391,8 @@ def _train_epoch(model, loader, optimiser, scaler, device, dtype, loss_fn, batch
         n = batch_len(batch)
         total += loss.item() * n
         count += n
+        bar.update(1, extra=f"loss {total / count:.4g}, lr {lr:.2g}")
         if cfg.log_every and (i + 1) % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{total / count:.4g}", lr=f"{lr:.2g}")
             log.debug("epoch %d step %d/%d: loss %.5g", epoch + 1, i + 1, steps, total / count)
     if skipped == steps:
         raise FloatingPointError(f"epoch {epoch + 1}: every training loss was non-finite "

@@ -1,19 +1,29 @@
-"""Ingest one sample: platform reader -> OpenSlide pyramid + spots AnnData + SpatialData zarr."""
+"""Ingest one sample: platform reader -> OpenSlide pyramid + spots AnnData + SpatialData zarr.
+
+Arrow of the DESIGN.md picture: raw sample -> **ingest**. ``sample.zarr`` is the sample's
+SpatialData (:mod:`histomap.data.spatial_data`: multiscale H&E, spot circles in micrometres,
+counts table; coordinate systems ``global`` in um and ``pixels``); ``spots.h5ad`` carries
+scanpy's ``uns["spatial"]`` (:mod:`histomap.data.scanpy_spatial`).
+"""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
 from histomap.data.io import read_sample
-from histomap.data.sample import UNS_KEY, Sample, square_mask
-from histomap.data.slide import open_slide, prepare_slide, read_region
+from histomap.data.sample import UNS_KEY, Sample
+from histomap.data.scanpy_spatial import (HIRES_MAX_PX, carry_scanpy_spatial, scanpy_spatial,
+                                          slide_thumbnail)
+from histomap.data.slide import open_slide, prepare_slide
+from histomap.data.spatial_data import sample_spatialdata, write_spatialdata
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
+
+HIGHRES_POINT_UM = 10.0  # marker size scanpy draws a cell or fine bin of highres.h5ad with
 
 
 def check_spots_in_slide(sample: Sample, width: int, height: int) -> None:
@@ -23,51 +33,6 @@ def check_spots_in_slide(sample: Sample, width: int, height: int) -> None:
         names = list(sample.spots.obs_names[outside][:5])
         raise InputError(sample.image_path, f"{int(outside.sum())} spot centres lie outside the "
                                             f"{width}x{height} px image (e.g. {names})")
-
-
-def to_spatialdata(sample: Sample, slide_path: Path, image_mpp: float):
-    """SpatialData of the sample for viewers: H&E at ``image_mpp`` (scaled into level-0 pixels,
-    the ``global`` coordinate system), spots as circles (square bins as square polygons), counts
-    as the annotating table."""
-    import spatialdata as sd
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale
-
-    with open_slide(slide_path) as slide:
-        w0, h0 = slide.dimensions
-        ds = max(1.0, image_mpp / sample.mpp)
-        out_w, out_h = max(1, int(w0 / ds)), max(1, int(h0 / ds))
-        rgb = read_region(slide, 0, 0, w0, h0, out_w, out_h)
-    image = Image2DModel.parse(rgb.transpose(2, 0, 1), dims=("c", "y", "x"),
-                               transformations={"global": Scale([h0 / out_h, w0 / out_w],
-                                                                axes=("y", "x"))})
-    spots = sample.spots
-    if spots.n_obs == 0:  # an H&E-only slide (platform `he`): the image alone
-        return sd.SpatialData(images={"he": image})
-    radius = spots.obs["diameter_um"].to_numpy(dtype=float) / 2.0 / sample.mpp
-    square = square_mask(spots)
-    if square.any():
-        import geopandas as gpd
-        from shapely.geometry import Point, box
-
-        xy = np.asarray(spots.obsm["spatial"], dtype=float)
-        polygons = [box(x - r, y - r, x + r, y + r) if sq else Point(x, y).buffer(r)
-                    for (x, y), r, sq in zip(xy, radius, square)]
-        shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=polygons,
-                                                    index=spots.obs_names.to_list()),
-                                   transformations={"global": Identity()})
-    else:
-        shapes = ShapesModel.parse(np.asarray(spots.obsm["spatial"]), geometry=0,
-                                   radius=radius, index=spots.obs_names.to_list(),
-                                   transformations={"global": Identity()})
-    table = spots.copy()
-    table.obs["region"] = "spots"
-    table.obs["region"] = table.obs["region"].astype("category")
-    table.obs["spot_id"] = table.obs_names.to_list()
-    table.uns[UNS_KEY] = dict(spots.uns[UNS_KEY])
-    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
-    return sd.SpatialData(images={"he": image}, shapes={"spots": shapes},
-                          tables={"table": table})
 
 
 def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str | Path,
@@ -91,14 +56,17 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
         check_spots_in_slide(smp, *slide.dimensions)
     log.info("%s: %d spots x %d genes, mpp %.4f, spot diameter %g um", sample, smp.spots.n_obs,
              smp.spots.n_vars, smp.mpp, smp.spot_diameter_um)
+    hires, scalef = slide_thumbnail(slide_path, HIRES_MAX_PX)
+    smp.spots.uns["spatial"] = {sample: scanpy_spatial(
+        hires, scalef, smp.spot_diameter_um / smp.mpp,
+        {"source_image_path": str(smp.image_path), "mpp": smp.mpp})}
     smp.spots.write_h5ad(out_dir / "spots.h5ad")
     highres = smp.highres if smp.highres is not None else ad.AnnData(
         np.zeros((0, 0), dtype=np.int32))
     highres.uns[UNS_KEY] = dict(smp.spots.uns[UNS_KEY])
+    if highres.n_obs:
+        carry_scanpy_spatial(highres, smp.spots, spot_diameter_um=HIGHRES_POINT_UM, mpp=smp.mpp)
     highres.write_h5ad(out_dir / "highres.h5ad")
-    if spatialdata_mpp:
-        zarr_path = out_dir / "sample.zarr"
-        if zarr_path.exists():
-            shutil.rmtree(zarr_path)
-        to_spatialdata(smp, slide_path, spatialdata_mpp).write(zarr_path)
+    write_spatialdata(sample_spatialdata(smp.spots, slide_path, mpp=smp.mpp,
+                                         image_mpp=spatialdata_mpp), out_dir / "sample.zarr")
     return smp

@@ -44,6 +44,7 @@ from scipy import ndimage
 
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.errors import InputError
+from histomap.logs import Progress
 from histomap.outputs import partial_path, remove_path
 
 log = logging.getLogger(__name__)
@@ -227,16 +228,14 @@ def _write_tiles(slide: openslide.OpenSlide, index: pd.DataFrame, zarr_path: Pat
     size0 = float(index["size_px0"].iloc[0])
     xy0 = index[["x0_px", "y0_px"]].to_numpy(dtype=float)
     buffer = np.empty((shard, tile_px, tile_px, 3), dtype=np.uint8)
-    start = last = time.perf_counter()
+    bar = Progress(n, "tiles", "tiles", logger=log)
     for lo in range(0, n, shard):
         hi = min(lo + shard, n)
         for k, (x0, y0) in enumerate(xy0[lo:hi]):
             buffer[k] = read_region(slide, x0, y0, size0, size0, tile_px, tile_px)
         tiles[lo:hi] = buffer[:hi - lo]
-        now = time.perf_counter()
-        if now - last > 5.0 or hi == n:
-            log.info("%d / %d tiles written (%.0f tiles/s)", hi, n, hi / max(now - start, 1e-9))
-            last = now
+        bar.update(hi - lo)
+    bar.close()
 
 
 def _write_index(index: pd.DataFrame, attrs: dict, path: Path) -> None:

@@ -149,3 +149,232 @@ def plot_pcc_distribution(per_gene_df: pd.DataFrame, out_png: str | Path,
     fig.tight_layout()
     _atomic_savefig(fig, out_png)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- report maps
+def shared_colour_range(*arrays: np.ndarray, percentiles=(1.0, 99.0)) -> tuple[float, float]:
+    """One colour scale for several arrays that covers each one's percentile range of finite
+    values (so that a few spots are not swamped by the many pixels of a map)."""
+    ranges = []
+    for a in arrays:
+        v = np.asarray(a, float).ravel()
+        v = v[np.isfinite(v)]
+        if v.size:
+            ranges.append(np.percentile(v, percentiles))
+    if not ranges:
+        return 0.0, 1.0
+    lo, hi = float(min(r[0] for r in ranges)), float(max(r[1] for r in ranges))
+    return lo, hi if hi > lo else lo + 1e-6
+
+
+def plot_dense_maps(maps: dict[str, np.ndarray], map_box_px: Sequence[float],
+                    mask: np.ndarray | None, spots_truth: ad.AnnData, thumbnail: np.ndarray,
+                    thumb_downsample: float, out_png: str | Path, *,
+                    gene_pcc: dict[str, float] | None = None, title: str = ""
+                    ) -> dict[str, tuple[float, float]]:
+    """Per gene: the predicted dense map over the H&E | the measured spots over the H&E, both on
+    one colour scale (covering the 1st-99th percentiles of both the map pixels in tissue and
+    the measured spots).
+    Returns each drawn gene's (vmin, vmax) as used by both panels.
+
+    ``maps``: gene -> (h, w) map (any pyramid level); ``map_box_px``: the map's level-0 box
+    (x0, y0, width, height); ``mask``: (h, w) tissue mask of that level (pixels outside are
+    transparent); spots are drawn as discs of their diameter (``obs["diameter_um"]``).
+    """
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle
+
+    plt = _pyplot()
+    genes = [g for g in maps if g in spots_truth.var_names]
+    if not genes:
+        raise ValueError("none of the map's genes is among the measured spots")
+    mpp = float(spots_truth.uns["histomap"]["mpp"])
+    xy = np.asarray(spots_truth.obsm["spatial"], float) / thumb_downsample
+    radius = np.asarray(spots_truth.obs["diameter_um"], float) / 2.0 / mpp / thumb_downsample
+    x0, y0, w0, h0 = (float(v) / thumb_downsample for v in map_box_px)
+    extent = (x0, x0 + w0, y0 + h0, y0)
+    pad = 2 * float(radius.max()) if len(radius) else 0.0
+    x_lim = (min(x0, xy[:, 0].min() - pad), max(x0 + w0, xy[:, 0].max() + pad))
+    y_lim = (max(y0 + h0, xy[:, 1].max() + pad), min(y0, xy[:, 1].min() - pad))
+    fig, axes = plt.subplots(len(genes), 2, figsize=(9, 4.2 * len(genes)), squeeze=False)
+    limits = {}
+    for row, gene in zip(axes, genes):
+        image = np.asarray(maps[gene], float)
+        inside = image if mask is None else np.where(mask > 0, image, np.nan)
+        measured = _gene_values(spots_truth, gene)
+        vmin, vmax = shared_colour_range(inside, measured)
+        row[0].imshow(thumbnail, origin="upper")
+        shown = row[0].imshow(inside, extent=extent, origin="upper", cmap="viridis", vmin=vmin,
+                              vmax=vmax, alpha=0.8, interpolation="nearest")
+        row[1].imshow(thumbnail, origin="upper")
+        discs = PatchCollection([Circle((x, y), r) for (x, y), r in zip(xy, radius)],
+                                cmap="viridis", alpha=0.85, linewidths=0)
+        discs.set_array(measured)
+        discs.set_clim(vmin, vmax)
+        row[1].add_collection(discs)
+        limits[gene] = (shown.get_clim(), discs.get_clim())
+        fig.colorbar(shown, ax=list(row), fraction=0.03, pad=0.02, label="log-normalised")
+        pcc = "" if not gene_pcc or gene not in gene_pcc else \
+            f" (spot PCC {_fmt(gene_pcc[gene], digits=3)})"
+        row[0].set_title(f"{gene}: predicted dense map{pcc}")
+        row[1].set_title(f"{gene}: measured spots")
+        for ax in row:
+            ax.set_xlim(*x_lim)
+            ax.set_ylim(*y_lim)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    _atomic_savefig(fig, out_png)
+    plt.close(fig)
+    return limits
+
+
+def plot_sr_panels(panels: Sequence[dict], out_png: str | Path, *, title: str = "") -> None:
+    """Super-resolution panels, one row per (patch, gene): H&E | LR | HR truth | prediction |
+    uncertainty (std over samples; empty for deterministic methods). LR, truth and prediction
+    share one colour scale per row; tissue outside the mask is transparent.
+
+    Each panel dict: ``he`` (H, W, 3) uint8, ``lr``, ``hr``, ``pred`` 2D arrays, ``std`` 2D or
+    None, ``mask`` (h, w) bool, ``label`` (e.g. "patch 3, ERBB2").
+    """
+    plt = _pyplot()
+    if not panels:
+        raise ValueError("no SR panel to draw")
+    columns = ["H&E", "LR", "HR truth", "prediction", "uncertainty (std)"]
+    fig, axes = plt.subplots(len(panels), 5, figsize=(16, 3.3 * len(panels)), squeeze=False)
+    for r, panel in enumerate(panels):
+        row = axes[r]
+        mask = np.asarray(panel["mask"], bool)
+        hr = np.where(mask, panel["hr"], np.nan)
+        pred = np.where(mask, panel["pred"], np.nan)
+        vmin, vmax = shared_colour_range(panel["lr"], hr, pred)
+        row[0].imshow(panel["he"])
+        row[1].imshow(panel["lr"], cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        row[2].imshow(hr, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        shown = row[3].imshow(pred, cmap="viridis", vmin=vmin, vmax=vmax,
+                              interpolation="nearest")
+        fig.colorbar(shown, ax=list(row[1:4]), fraction=0.02, pad=0.01)
+        if panel.get("std") is not None:
+            std = row[4].imshow(np.where(mask, panel["std"], np.nan), cmap="magma",
+                                interpolation="nearest")
+            fig.colorbar(std, ax=row[4], fraction=0.046, pad=0.02)
+        else:
+            row[4].text(0.5, 0.5, "deterministic\nmethod", ha="center", va="center")
+        row[0].set_ylabel(panel["label"])
+        for ax, name in zip(row, columns):
+            if r == 0:
+                ax.set_title(name, fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    _atomic_savefig(fig, out_png)
+    plt.close(fig)
+
+
+def plot_training_curves(logs: dict[str, pd.DataFrame], out_png: str | Path) -> None:
+    """Training and validation loss per epoch: one panel per model, one colour per run (e.g.
+    fold). ``logs``: "model/run" -> train_log.csv table (epoch, train_loss, val_loss). Models
+    without epochs (untrained baselines) are listed, not drawn."""
+    plt = _pyplot()
+    by_model: dict[str, dict[str, pd.DataFrame]] = {}
+    for key, df in logs.items():
+        model, _, run = key.partition("/")
+        by_model.setdefault(model, {})[run or model] = df
+    models = sorted(by_model)
+    if not models:
+        raise ValueError("no training log to draw")
+    n_cols = min(3, len(models))
+    n_rows = -(-len(models) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.6 * n_rows), squeeze=False)
+    for ax in axes.ravel()[len(models):]:
+        ax.set_axis_off()
+    for ax, model in zip(axes.ravel(), models):
+        drawn = False
+        for i, (run, df) in enumerate(sorted(by_model[model].items())):
+            if df.empty or "epoch" not in df:
+                continue
+            colour = f"C{i % 10}"
+            ax.plot(df["epoch"], df["train_loss"], color=colour, marker="o", ms=3,
+                    label=f"{run} train")
+            if "val_loss" in df and df["val_loss"].notna().any():
+                ax.plot(df["epoch"], df["val_loss"], color=colour, ls="--", marker="s", ms=3,
+                        label=f"{run} val")
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no training epochs\n(fixed method)", ha="center", va="center",
+                    transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=7)
+        ax.set_title(model)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    _atomic_savefig(fig, out_png)
+    plt.close(fig)
+
+
+def plot_cross_scale(long_df: pd.DataFrame, out_png: str | Path, *, metric: str = "PCC@M",
+                     sample: str = "mean_over_slides") -> pd.DataFrame:
+    """Cross-scale benchmark: ``metric`` vs spot diameter per model (mean over folds, error
+    bars: the spread over folds, or over training seeds when there are several). Returns the
+    plotted table (model, scale_um, mean, std)."""
+    from histomap.evaluation.report import across_folds
+
+    plt = _pyplot()
+    part = long_df[(long_df["task"] == "cross_scale") & (long_df["metric"] == metric)]
+    if part.empty:
+        raise ValueError(f"no cross_scale {metric} rows in the benchmark table")
+    agg = across_folds(part)
+    agg = agg[agg["sample"] == sample]
+    if agg.empty:
+        raise ValueError(f"no cross_scale rows for sample {sample!r}")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for model, rows in agg.groupby("model", sort=True):
+        rows = rows.sort_values("scale_um")
+        ax.errorbar(rows["scale_um"], rows["mean"], yerr=rows["std"].fillna(0.0), marker="o",
+                    capsize=3, label=str(model))
+    ax.set_xscale("log")
+    ticks = sorted(pd.unique(agg["scale_um"]))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("spot diameter (µm)")
+    ax.set_ylabel(f"{metric} ({sample.replace('_', ' ')})")
+    ax.set_title("Cross-scale: trained at one spot size, scored at every size")
+    ax.legend()
+    fig.tight_layout()
+    _atomic_savefig(fig, out_png)
+    plt.close(fig)
+    return agg[["model", "scale_um", "mean", "std"]].reset_index(drop=True)
+
+
+def sr_panels(pairs_zarr: str | Path, maps_zarr: str | Path, *, n_patches: int = 2,
+              n_genes: int = 2) -> list[dict]:
+    """Panels for :func:`plot_sr_panels` from an SR-pairs zarr and its predicted maps (both in
+    the pairs' normalised units): the ``n_patches`` patches with the most tissue, and in each
+    the ``n_genes`` genes whose HR truth varies most over the patch's tissue."""
+    from histomap.data.srmaps import read_sr_maps
+    from histomap.data.srpairs import read_sr_pairs
+
+    arrays, attrs = read_sr_pairs(pairs_zarr, lazy=True)
+    maps, _ = read_sr_maps(maps_zarr)
+    genes = list(attrs["genes"])
+    masks = np.asarray(arrays["mask"][...], bool)
+    order = np.argsort(-masks.reshape(len(masks), -1).mean(axis=1), kind="stable")[:n_patches]
+    panels = []
+    for i in order.tolist():
+        hr = np.asarray(arrays["hr"][i], np.float32)
+        mask = masks[i]
+        spread = np.array([np.nanvar(g[mask]) if mask.any() else 0.0 for g in hr])
+        he = np.asarray(arrays["he"][i])
+        he = np.moveaxis(he, 0, -1) if he.shape[0] == 3 else he
+        if he.dtype != np.uint8:
+            he = np.clip(he * (255.0 if he.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        for g in np.argsort(-spread, kind="stable")[:n_genes].tolist():
+            panels.append({
+                "he": he, "lr": np.asarray(arrays["lr"][i, g], np.float32), "hr": hr[g],
+                "pred": np.asarray(maps["pred"][i, g], np.float32),
+                "std": np.asarray(maps["pred_std"][i, g], np.float32) if "pred_std" in maps
+                else None,
+                "mask": mask, "label": f"patch {i}, {genes[g]}"})
+    return panels

@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histomap.data.sample import UNS_KEY, annotate_spots, geometry
+from histomap.data.scanpy_spatial import carry_scanpy_spatial
 from histomap.data.synthetic import aggregate_discs
 from histomap.errors import InputError
 
@@ -164,7 +165,7 @@ def truth_at_scale(highres: ad.AnnData, spots: ad.AnnData, diameter_um: float, *
              "ground truth (%d empty, scored as zeros; %d below the spot QC, scored too)",
              path, diameter_um, spacing_um, out.n_obs, len(inside), qc["n_empty"],
              qc["n_qc_fail_kept"])
-    return out
+    return carry_scanpy_spatial(out, spots, spot_diameter_um=float(diameter_um), mpp=mpp)
 
 
 def _measured_bins(bins: ad.AnnData, spots: ad.AnnData, side_um: float, preprocess: Mapping,
@@ -190,4 +191,4 @@ def _measured_bins(bins: ad.AnnData, spots: ad.AnnData, side_um: float, preproce
     log.info("%s: %g um measured square bins: %d of %d lie in tissue and are all ground truth "
              "(%d empty, scored as zeros)", path, side_um, out.n_obs, len(inside),
              out.uns[UNS_KEY]["qc"]["n_empty"])
-    return out
+    return carry_scanpy_spatial(out, spots, spot_diameter_um=float(side_um), mpp=mpp)

@@ -591,7 +591,8 @@ def dense_spot_table(dense_map, spots_h5ad: str | Path, diameter_um: float,
         pred, spots.obs_names, dmap.genes, xy, geometry(spots), float(diameter_um),
         model_info={**dmap.attrs.get("model", {}), "dense_map": str(dmap.path),
                     "aggregation": "mean", "tile_px": dmap.attrs.get("tile_px"),
-                    "overlap_px": dmap.attrs.get("overlap_px")})
+                    "overlap_px": dmap.attrs.get("overlap_px")},
+        scanpy_uns=spots.uns.get("spatial"))
     if "shape" in spots.obs:
         out.obs["shape"] = spots.obs["shape"].to_numpy()
     if out_h5ad is not None:

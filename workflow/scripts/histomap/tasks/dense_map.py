@@ -1,22 +1,31 @@
 """Whole-slide dense gene-expression maps: tiled prediction, seamless blending, spot read-out.
 
+Arrow of the DESIGN.md picture: model -> **dense map** -> spots or bins at any scale.
+
 Dense map file (``dense.zarr``, the ``predict_{model}`` rule's contract)
 -----------------------------------------------------------------------
-A zarr v3 group with
+An OME-Zarr image (NGFF 0.5, a zarr v3 store, written with ome-zarr-py's metadata writer;
+valid for the ``ome-zarr-models`` validator, readable by ome-zarr-py, napari-ome-zarr and
+SpatialData) with
 
-* ``dense``: float32 (or float16) array (genes, H, W), one chunk per tile step of the
-  prediction grid (``(genes, step, step)`` map pixels); expression per unit map-pixel area, the
-  unit :func:`histomap.models.roi.roi_aggregate` expects (log-normalised expression for PixNet);
-* ``mask``: uint8 (H, W), 1 where the map pixel's centre lies in a tissue tile (or requested
-  region), 0 elsewhere; ``dense`` is 0 where ``mask`` is 0.
+* ``0``, ``1``, ...: the resolution pyramid of the map, float32 (or float16) arrays
+  (genes, H_k, W_k); level ``k`` is the 2^k x 2^k block mean of level 0 (edges padded by
+  repetition). Chunks hold **one gene** each (``(1, chunk_px, chunk_px)``), so a viewer reads
+  one gene without reading all. Level 0 holds expression per unit map-pixel area, the unit
+  :func:`histomap.models.roi.roi_aggregate` expects (log-normalised expression for PixNet);
+* ``labels/mask``: the tissue mask as an OME-Zarr label image (uint8 (H_k, W_k) pyramid,
+  nearest-neighbour downsampling): 1 where the map pixel's centre lies in a tissue tile (or
+  requested region), 0 elsewhere; level 0 of the map is 0 where the mask is 0.
 
-Group attrs: ``mpp`` (um per map pixel = input_mpp x out_stride), ``origin_px`` (level-0 x, y of
-the map's top-left corner: map pixel (i, j) covers level-0 x in [ox + j s, ox + (j + 1) s) with
-s = mpp / slide_mpp), ``slide_mpp``, ``input_mpp``, ``out_stride``, ``tile_px``, ``overlap_px``,
-``genes``, ``slide``, how it was computed (``device``, ``autocast``: "bfloat16" / "float16" or
-None for fp32, ``threads``: torch intra-op threads) and OME-NGFF-style ``multiscales`` (one dataset ``dense``, axes c, y, x,
-scale and translation in micrometres; the translation puts pixel centres at
-origin_um + (index + 0.5) mpp) plus ``omero`` channel labels, so napari-ome-zarr shows it.
+Group attrs (under ``ome``, NGFF 0.5): ``multiscales`` (axes c, y, x; per level a scale and a translation in
+micrometres on the slide, the translation putting pixel centres at
+``origin_um + (index + 0.5) * mpp_k``), ``omero`` (one channel per gene, labelled with the gene
+name); beside them ``histomap``: ``format``, ``mpp`` (um per level-0 map pixel = input_mpp x
+out_stride), ``origin_px`` (level-0 slide x, y of the map's top-left corner: map pixel (i, j)
+covers slide x in [ox + j s, ox + (j + 1) s) with s = mpp / slide_mpp), ``slide_mpp``,
+``input_mpp``, ``out_stride``, ``tile_px``, ``overlap_px``, ``genes``, ``slide``, how it was
+computed (``device``, ``autocast``: "bfloat16" / "float16" or None for fp32, ``threads``: torch
+intra-op threads) and the model's provenance. :func:`read_dense` opens it.
 
 Prediction grid and blending
 ----------------------------
@@ -37,14 +46,14 @@ most the band's size), written to zarr and dropped. Add one batch of input tiles
 (``batch_size * tile_px^2 * 3`` bytes, plus the model's activations) and the uint8 coverage mask
 (``H * W`` bytes). Example: 250 genes, 224 px tiles at 1 um/px, stride-4 maps (56 px tiles), a
 20 mm wide slide (5000 map px): ~280 MB for the band (~2x at a flush), whatever the slide's
-height. The whole-slide map itself is never held in memory.
+height. The whole-slide map itself is never held in memory: the pyramid levels are computed
+afterwards from the written level below, one block of chunks at a time (dask).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +65,11 @@ import numpy as np
 import pandas as pd
 import zarr
 from torch import nn
-from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.errors import InputError
+from histomap.logs import Progress
 from histomap.models.roi import discs_from_spots, roi_aggregate
 from histomap.outputs import partial_path, remove_path
 from histomap.train import amp_dtype, autocast, resolve_device
@@ -270,21 +279,6 @@ def _prefetch(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[
             yield item, result
 
 
-def _multiscales(grid: DenseGrid, name: str) -> list[dict]:
-    ox_um, oy_um = grid.origin_px[0] * grid.slide_mpp, grid.origin_px[1] * grid.slide_mpp
-    return [{
-        "version": "0.4", "name": name,
-        "axes": [{"name": "c", "type": "channel"},
-                 {"name": "y", "type": "space", "unit": "micrometer"},
-                 {"name": "x", "type": "space", "unit": "micrometer"}],
-        "datasets": [{"path": "dense", "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, grid.mpp, grid.mpp]},
-            {"type": "translation",
-             "translation": [0.0, oy_um + 0.5 * grid.mpp, ox_um + 0.5 * grid.mpp]}]}],
-    }]
-
-
-
 def _model_genes(model: nn.Module, genes: Sequence[str] | None) -> list[str]:
     n_genes = getattr(model, "n_genes", None)
     if genes is None:
@@ -383,21 +377,10 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                  batch_size: int, band_tile_rows: int | None, device: torch.device,
                  amp_type: torch.dtype | None, attrs: dict) -> None:
     root = zarr.open_group(path, mode="w", zarr_format=3)
-    root.attrs.update({
-        "format": FORMAT, "mpp": grid.mpp, "origin_px": list(grid.origin_px),
-        "slide_mpp": grid.slide_mpp, "input_mpp": grid.input_mpp,
-        "out_stride": grid.out_stride, "genes": genes, "n_tiles": len(todo), **attrs,
-        "multiscales": _multiscales(grid, path.name.removesuffix(".partial")),
-        "omero": {"channels": [{"label": g, "active": i < 3} for i, g in enumerate(genes)]},
-    })
-    chunk = max(1, grid.step)
-    dense = root.create_array("dense", shape=(len(genes), grid.height, grid.width), dtype=dtype,
-                              chunks=(len(genes), min(chunk, grid.height),
-                                      min(chunk, grid.width)),
+    chunk = chunk_side(grid.step)
+    dense = root.create_array("0", shape=(len(genes), grid.height, grid.width), dtype=dtype,
+                              chunks=(1, min(chunk, grid.height), min(chunk, grid.width)),
                               fill_value=0.0, dimension_names=("c", "y", "x"))
-    root.create_array("mask", data=mask.astype(np.uint8),
-                      chunks=(min(chunk, grid.height), min(chunk, grid.width)),
-                      dimension_names=("y", "x"))
 
     def write(top: int, rows: np.ndarray) -> None:
         dense[:, top:top + rows.shape[1], :] = rows.astype(dtype, copy=False)
@@ -420,8 +403,8 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                                      grid.tile * grid.out_stride, grid.tile * grid.out_stride)
                          for r, c in batch[1]])
 
-    progress = tqdm(total=len(todo), desc="dense map", unit="tile", file=sys.stderr,
-                    disable=None, leave=False)
+    bar = Progress(len(todo), f"dense map {path.name.removesuffix('.partial')}", "tiles",
+                   logger=log)
     band = 0
     with torch.no_grad():
         for (b, items), images in _prefetch(read, batches):
@@ -431,8 +414,8 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
             out = _run_model(model, images, device, amp_type, grid.tile, len(genes))
             for (r, c), values in zip(items, out):
                 acc.add(values, weights, r * grid.step, c * grid.step)
-            progress.update(len(items))
-    progress.close()
+            bar.update(len(items))
+    bar.close()
     n_bands = math.ceil(grid.n_rows / rows_per_band)
     while band + 1 < n_bands:  # bands after the last one with tiles: zeros
         band += 1
@@ -441,6 +424,127 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
     if acc.n_uncovered:
         log.warning("%d covered map pixels received no tile prediction; set to 0",
                     acc.n_uncovered)
+    name = path.name.removesuffix(".partial")
+    n_levels = write_pyramid_levels(root, min_px=PYRAMID_MIN_PX)
+    write_ome_metadata(root, grid, genes, n_levels, name)
+    write_mask_labels(root, grid, mask, n_levels)
+    root.attrs["histomap"] = {"format": FORMAT, "mpp": grid.mpp,
+                              "origin_px": list(grid.origin_px), "slide_mpp": grid.slide_mpp,
+                              "input_mpp": grid.input_mpp, "out_stride": grid.out_stride,
+                              "genes": genes, "n_tiles": len(todo), **attrs}
+    log.info("OME-Zarr: %d pyramid level(s), chunks %s (one gene each)", n_levels, dense.chunks)
+
+
+# --------------------------------------------------------------------------- OME-Zarr layout
+PYRAMID_MIN_PX = 64   # the pyramid stops at the first level whose longer side is <= this
+CHUNK_TARGET_PX = 256
+
+
+def chunk_side(step: int) -> int:
+    """Spatial chunk side (map px): a multiple of the grid step near CHUNK_TARGET_PX, so that
+    band flushes mostly fill whole chunks."""
+    step = max(1, int(step))
+    return step * max(1, round(CHUNK_TARGET_PX / step))
+
+
+def n_pyramid_levels(height: int, width: int, min_px: int = PYRAMID_MIN_PX) -> int:
+    """Levels 0..n-1 halving the size until the longer side is <= ``min_px``."""
+    n, h, w = 1, height, width
+    while max(h, w) > min_px:
+        h, w, n = (h + 1) // 2, (w + 1) // 2, n + 1
+    return n
+
+
+def _halve(level, mode: str):
+    """Dask array of one level down: 2x2 block mean (``"mean"``) or the top-left pixel of each
+    block (``"nearest"``, for labels); odd edges padded by repetition."""
+    import dask.array as da
+
+    pad = [(0, 0)] * (level.ndim - 2) + [(0, level.shape[-2] % 2), (0, level.shape[-1] % 2)]
+    if any(p[1] for p in pad):
+        level = da.pad(level, pad, mode="edge")
+    if mode == "nearest":
+        return level[..., ::2, ::2]
+    axes = {level.ndim - 2: 2, level.ndim - 1: 2}
+    return da.coarsen(np.mean, level.astype(np.float32), axes).astype(level.dtype)
+
+
+def write_pyramid_levels(group: zarr.Group, min_px: int = PYRAMID_MIN_PX,
+                         mode: str = "mean") -> int:
+    """Add levels ``1``, ``2``, ... to ``group`` from its written level ``0``, each computed
+    chunk-wise from the level below (never the whole map in memory); returns the level count."""
+    import dask.array as da
+
+    base = group["0"]
+    n_levels = n_pyramid_levels(*base.shape[-2:], min_px=min_px)
+    for k in range(1, n_levels):
+        below = group[str(k - 1)]
+        src = da.from_zarr(below)
+        out = _halve(src, mode)
+        chunks = tuple(min(c, s) for c, s in zip(base.chunks, out.shape))
+        target = group.create_array(str(k), shape=out.shape, dtype=base.dtype, chunks=chunks,
+                                    fill_value=0, dimension_names=base.metadata.dimension_names)
+        da.store(out.rechunk(chunks), target, lock=False, scheduler="synchronous")
+    return n_levels
+
+
+def _level_transforms(grid: DenseGrid, n_levels: int, spatial_ndim_prefix: int) -> list[dict]:
+    ox_um, oy_um = grid.origin_px[0] * grid.slide_mpp, grid.origin_px[1] * grid.slide_mpp
+    datasets = []
+    for k in range(n_levels):
+        mpp = grid.mpp * 2 ** k
+        lead = [1.0] * spatial_ndim_prefix
+        datasets.append({"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": [*lead, mpp, mpp]},
+            {"type": "translation",
+             "translation": [*([0.0] * spatial_ndim_prefix), oy_um + 0.5 * mpp,
+                             ox_um + 0.5 * mpp]}]})
+    return datasets
+
+
+SPACE_AXES = [{"name": "y", "type": "space", "unit": "micrometer"},
+              {"name": "x", "type": "space", "unit": "micrometer"}]
+
+
+def write_ome_metadata(group: zarr.Group, grid: DenseGrid, genes: list[str], n_levels: int,
+                       name: str) -> None:
+    """NGFF 0.5 ``multiscales`` (micrometre scale and translation per level) and ``omero``
+    channel labels (the gene names), written by ome-zarr-py."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    omero = {"channels": [{"label": g, "active": i < 3, "color": "FFFFFF",
+                           "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}}
+                          for i, g in enumerate(genes)]}
+    write_multiscales_metadata(group, _level_transforms(grid, n_levels, 1), fmt=FormatV05(),
+                               axes=[{"name": "c", "type": "channel"}, *SPACE_AXES], name=name,
+                               metadata={"omero": omero, "method": "2x2 block mean"})
+
+
+def write_mask_labels(group: zarr.Group, grid: DenseGrid, mask: np.ndarray,
+                      n_levels: int) -> None:
+    """The tissue mask as the OME-Zarr label image ``labels/mask`` with the map's pyramid."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+    labels = group.require_group("labels")
+    label = labels.require_group("mask")
+    chunk = chunk_side(grid.step)
+    label.create_array("0", data=mask.astype(np.uint8),
+                       chunks=(min(chunk, grid.height), min(chunk, grid.width)),
+                       dimension_names=("y", "x"))
+    n = write_pyramid_levels(label, min_px=PYRAMID_MIN_PX, mode="nearest")
+    if n != n_levels:
+        raise RuntimeError(f"mask pyramid has {n} levels, the map {n_levels}")
+    write_multiscales_metadata(label, _level_transforms(grid, n_levels, 0), fmt=FormatV05(),
+                               axes=SPACE_AXES, name="mask")
+    write_label_metadata(group["labels"], "mask", fmt=FormatV05(),
+                         colors=[{"label-value": 1, "rgba": [255, 255, 255, 128]}],
+                         properties=[{"label-value": 1, "name": "tissue"}],
+                         source={"image": "../../"})
+    # ome-zarr-py 0.15 leaves the `labels` group's NGFF 0.5 version out; validators need it
+    labels = group["labels"]
+    labels.attrs["ome"] = {**labels.attrs["ome"], "version": FormatV05().version}
 
 
 def _band_batches(todo: list[tuple[int, int]], n_rows: int, rows_per_band: int,
@@ -473,7 +577,11 @@ def _run_model(model: nn.Module, images: np.ndarray, device: torch.device,
 # --------------------------------------------------------------------------- reading
 @dataclass
 class DenseMap:
-    """A dense map file opened read-only: arrays and geometry (see module docstring)."""
+    """A dense map file opened read-only: level-0 arrays and geometry (see module docstring).
+
+    ``attrs``: the ``histomap`` attrs (genes, mpp, origin_px, model, ...) plus the NGFF
+    ``multiscales`` and ``omero`` entries.
+    """
 
     path: Path
     dense: zarr.Array
@@ -483,11 +591,25 @@ class DenseMap:
     origin_px: tuple[float, float]
     slide_mpp: float
     attrs: dict
+    n_levels: int = 1
 
     def read(self, y0: int = 0, y1: int | None = None, x0: int = 0, x1: int | None = None
              ) -> np.ndarray:
         """float32 (genes, y1 - y0, x1 - x0) block of the map (map pixels)."""
         return np.asarray(self.dense[:, y0:y1, x0:x1], dtype=np.float32)
+
+    def level(self, k: int) -> zarr.Array:
+        """Pyramid level ``k`` (genes, H_k, W_k): 2^k x 2^k block means of level 0."""
+        if not 0 <= k < self.n_levels:
+            raise ValueError(f"{self.path}: pyramid level {k} not in 0..{self.n_levels - 1}")
+        return zarr.open_group(self.path, mode="r")[str(k)]
+
+    def level_for(self, max_px: int) -> int:
+        """The finest pyramid level whose longer side is <= ``max_px`` (else the coarsest)."""
+        for k in range(self.n_levels):
+            if max(self.level(k).shape[1:]) <= max_px:
+                return k
+        return self.n_levels - 1
 
 
 def read_dense(path: str | Path) -> DenseMap:
@@ -497,16 +619,19 @@ def read_dense(path: str | Path) -> DenseMap:
         raise InputError(path, "dense map zarr does not exist")
     try:
         root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs)
-        dense, mask = root["dense"], root["mask"]
+        ome = dict(root.attrs["ome"])
+        attrs = {**dict(root.attrs["histomap"]), "multiscales": ome["multiscales"],
+                 "omero": ome.get("omero", {})}
+        paths = [d["path"] for d in ome["multiscales"][0]["datasets"]]
+        dense, mask = root[paths[0]], root["labels/mask/0"]
         geometry = (list(attrs["genes"]), float(attrs["mpp"]),
                     tuple(float(v) for v in attrs["origin_px"]), float(attrs["slide_mpp"]))
-    except (KeyError, FileNotFoundError, ValueError, TypeError) as exc:
+    except (KeyError, IndexError, FileNotFoundError, ValueError, TypeError) as exc:
         raise InputError(path, f"not a dense map written by predict_dense_map: {exc}") from exc
     if dense.shape[0] != len(geometry[0]) or tuple(mask.shape) != tuple(dense.shape[1:]):
         raise InputError(path, f"dense {dense.shape}, mask {mask.shape} and {len(geometry[0])} "
                                "genes do not agree")
-    return DenseMap(path, dense, mask, *geometry, attrs=attrs)
+    return DenseMap(path, dense, mask, *geometry, attrs=attrs, n_levels=len(paths))
 
 
 def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,

@@ -4,12 +4,12 @@ Predictions AnnData (``spots_{um}um.h5ad``): ``X`` = predicted log-normalised ex
 (float32, dense), ``var_names`` = genes, ``obs_names`` = source spot names, ``obsm["spatial"]``
 = (x, y) level-0 pixels, ``obs["diameter_um"]``, ``uns["histomap"]`` = the sample geometry
 (:mod:`histomap.data.sample`) with ``spot_diameter_um`` set to the predicted scale, plus ``model``
-(name, config, ...).
+(name, config, ...), and ``uns["spatial"]``: the source table's H&E in scanpy's convention with
+this table's spot diameter (:mod:`histomap.data.scanpy_spatial`), so ``sc.pl.spatial`` works.
 """
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 
 import anndata as ad
@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.sample import UNS_KEY
+from histomap.data.scanpy_spatial import carry_scanpy_spatial
+from histomap.logs import progress
 from histomap.train import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,7 @@ def predict_spots(model: nn.Module, dataset: Dataset, *, batch_size: int = 64,
                         pin_memory=device.type == "cuda")
     outputs = []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="predict", unit="batch", file=sys.stderr, disable=None,
-                          leave=False):
+        for batch in progress(loader, "predict", "batches", logger=log):
             inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
             with autocast(device, dtype):
                 pred = model(inputs.to(device, non_blocking=True))
@@ -70,13 +70,15 @@ def _h5ad_value(value):
 def spots_prediction_anndata(pred: np.ndarray, obs_names: Sequence[str], genes: Sequence[str],
                              spatial_px: np.ndarray, geometry: Mapping,
                              diameter_um: float | np.ndarray, *,
-                             model_info: Mapping | None = None) -> ad.AnnData:
+                             model_info: Mapping | None = None,
+                             scanpy_uns: Mapping | None = None) -> ad.AnnData:
     """Predictions at spots as an AnnData following the contract in the module docstring.
 
     ``spatial_px``: (n, 2) spot centres (x, y) in level-0 pixels; ``geometry``: the source
     ``uns["histomap"]`` dict (sample, platform, mpp, image, ...); ``diameter_um``: the predicted
     spot scale (scalar or per spot); ``model_info``: e.g. dict(name, config, fold) stored as
-    ``uns["histomap"]["model"]`` (None values become "").
+    ``uns["histomap"]["model"]`` (None values become ""); ``scanpy_uns``: the source table's
+    ``uns["spatial"]`` (scanpy's H&E and scale factors), carried with this table's diameter.
     """
     pred = np.asarray(pred, dtype=np.float32)
     obs_names = pd.Index([str(n) for n in obs_names])
@@ -102,4 +104,7 @@ def spots_prediction_anndata(pred: np.ndarray, obs_names: Sequence[str], genes: 
     if model_info is not None:
         uns["model"] = dict(model_info)
     adata.uns[UNS_KEY] = _h5ad_value(uns)
+    if scanpy_uns is not None:
+        carry_scanpy_spatial(adata, scanpy_uns, spot_diameter_um=uns["spot_diameter_um"],
+                             mpp=float(geometry["mpp"]))
     return adata

@@ -151,7 +151,8 @@ def predict_spot_model(model_path: str | Path, st_path: str | Path | ad.AnnData,
     out = spots_prediction_anndata(
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geometry(spots),
         geometry(spots)["spot_diameter_um"],
-        model_info={"model": meta["model_name"], "path": str(model_path)})
+        model_info={"model": meta["model_name"], "path": str(model_path)},
+        scanpy_uns=spots.uns.get("spatial"))
     if out_path is not None:
         out.write_h5ad(out_path)
     return out
@@ -564,7 +565,8 @@ def predict_histogene(model_path: str | Path, st_h5ad: str | Path | ad.AnnData,
                             device=device)
     out = spots_prediction_anndata(
         pred, spots.obs_names, meta["genes"], spots.obsm["spatial"], geo,
-        geo["spot_diameter_um"], model_info={"model": meta["model_name"], "path": str(model_path)})
+        geo["spot_diameter_um"], model_info={"model": meta["model_name"], "path": str(model_path)},
+        scanpy_uns=spots.uns.get("spatial"))
     if out_h5ad is not None:
         Path(out_h5ad).parent.mkdir(parents=True, exist_ok=True)
         out.write_h5ad(out_h5ad)

@@ -66,6 +66,7 @@ import pandas as pd
 import zarr
 
 from histomap import __version__
+from histomap.data.scanpy_spatial import add_scanpy_spatial
 from histomap.data.srmaps import MAPS_FORMAT
 from histomap.data.srpairs import (
     SRPairDataset,
@@ -76,6 +77,7 @@ from histomap.data.srpairs import (
     training_target_sum,
 )
 from histomap.errors import InputError
+from histomap.logs import Progress
 from histomap.evaluation.folds import validation_split
 from histomap.evaluation.metrics import patch_gene_metrics, summarise_sr
 from histomap.outputs import partial_path, remove_path
@@ -954,6 +956,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                                                   if diffusion else ()))}
         obs_parts = []
         start = time.perf_counter()
+        bar = Progress(n, f"SR prediction {Path(pairs_zarr).name}", "patches", logger=log)
         for batch in loader:
             stats = [(_Welford(), _Welford()) for _ in range(len(batch["index"]))]
             for chain in predict_chains(model, meta, batch, device=dev, sampler=sampler,
@@ -985,6 +988,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                     "patch": i, "i": ii, "j": jj, "row": grid_index[i, 0] + ii,
                     "col": grid_index[i, 1] + jj,
                     "x_px": centres(i)[ii, jj, 0], "y_px": centres(i)[ii, jj, 1]}))
+            bar.update(len(batch["index"]))
+        bar.close()
         seconds = time.perf_counter() - start
         root.attrs["seconds"] = seconds
         obs = pd.concat(obs_parts, ignore_index=True) if obs_parts else pd.DataFrame(
@@ -1010,6 +1015,11 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                                                 if k != "genes"}, **info,
                                              "X": "predicted counts (mean over samples)",
                                              "units": "layers pred/truth: normalised maps"})
+        slide = attrs.get("slide")
+        if slide and Path(slide).is_file() and attrs.get("slide_mpp") and attrs.get("hr_um"):
+            add_scanpy_spatial(adata, slide, library_id=str(sample or Path(slide).stem),
+                               spot_diameter_um=float(attrs["hr_um"]),
+                               mpp=float(attrs["slide_mpp"]))
         adata.write_h5ad(tmp_h5ad)
         remove_path(out_maps_zarr)
         os.replace(tmp_zarr, out_maps_zarr)
