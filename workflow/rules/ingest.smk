@@ -31,6 +31,9 @@ rule ingest_sample:
         spatialdata_mpp=config["ingest"]["spatialdata_mpp"],
         sheet=SAMPLE_SHEET,
         reader_options=lambda wc: reader_options(wc.sample),
+        max_dropped_fraction=config["ingest"].get("max_dropped_fraction", 0.05),
+        min_spots_on_tissue=config["ingest"].get("min_spots_on_tissue", 0.5),
+        mask_mpp=config["tiling"]["mask_mpp"],
     log:
         "logs/ingest_sample/{sample}.log",
     threads: 1

@@ -8,20 +8,29 @@ Geometry contract
 * ``spots.X``: raw integer counts (scipy CSR, int32/int64 values); ``obs_names`` are the source
   spot names (``{x}x{y}`` for legacy ST, barcodes for Visium); ``var_names`` unique gene symbols.
 * ``spots.uns["histomap"]``: dict(sample, platform, mpp, spot_diameter_um, image) where ``mpp``
-  is micrometres per level-0 pixel and ``image`` the source image path.
+  is micrometres per level-0 pixel and ``image`` the source image path; ``dropped`` (where a
+  reader dropped spots it could not match): {what: dict(file, n, of, examples)}, checked against
+  ``ingest.max_dropped_fraction`` by :func:`check_dropped`.
 * ``highres`` (optional): point-like high-resolution measurements (synthetic cells, Xenium
   transcript bins) as AnnData of raw counts with ``obsm["spatial"]`` in level-0 pixels; summing
   its rows inside any disc or bin gives ground truth at that scale.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
+from histomap.errors import InputError
+
+log = logging.getLogger(__name__)
+
 UNS_KEY = "histomap"
+MAX_DROPPED_FRACTION = 0.05  # default of config ingest.max_dropped_fraction
 
 
 @dataclass
@@ -61,3 +70,36 @@ def annotate_spots(spots: ad.AnnData, *, sample: str, platform: str, mpp: float,
 def geometry(adata: ad.AnnData) -> dict:
     """The ``uns["histomap"]`` geometry dict of a spots/predictions AnnData."""
     return dict(adata.uns[UNS_KEY])
+
+
+def dropped_entry(file: str | Path, n: int, of: int, examples: Sequence[str]) -> dict:
+    """One kind of drop: ``n`` of ``of`` items of ``file`` lost (with a few example names)."""
+    return {"file": str(file), "n": int(n), "of": int(of),
+            "examples": [str(e) for e in list(examples)[:5]]}
+
+
+def check_dropped(spots: ad.AnnData, max_fraction: float = MAX_DROPPED_FRACTION) -> dict:
+    """Fail when a reader dropped more than ``max_fraction`` of any kind of item.
+
+    ``spots.uns["histomap"]["dropped"]`` ({what: dict(file, n, of, examples)}, written by the
+    readers) names the user's file; above the threshold an :class:`InputError` names it with the
+    counts and examples, below it the drops are logged. Returns {what: n} (the per-sample counts
+    the report shows).
+    """
+    meta = spots.uns.get(UNS_KEY, {})
+    dropped: Mapping = meta.get("dropped", {}) or {}
+    sample = meta.get("sample", "")
+    for what, entry in dropped.items():
+        n, of = int(entry["n"]), int(entry["of"])
+        if not n:
+            continue
+        fraction = n / max(of, 1)
+        examples = ", ".join(map(str, entry.get("examples", [])))
+        if fraction > max_fraction:
+            raise InputError(entry["file"], (
+                f"{n} of {of} {what} ({100 * fraction:.1f}%, e.g. {examples}): more than "
+                f"ingest.max_dropped_fraction = {max_fraction:g} would be lost. Check that the "
+                "files belong to one section, or raise the threshold"))
+        log.warning("%s: dropped %d of %d %s (%.1f%%, at most %g allowed) in %s, e.g. %s", sample,
+                    n, of, what, 100 * fraction, max_fraction, entry["file"], examples)
+    return {what: int(entry["n"]) for what, entry in dropped.items()}
