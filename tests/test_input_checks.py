@@ -3,6 +3,9 @@ tissue, selection files without a selected spot."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -13,6 +16,7 @@ from test_readers import GRID, error_of, write_legacy, write_visium
 
 from histomap.data.ingest import ingest_sample
 from histomap.data.sample import UNS_KEY
+from histomap.data.sheet import check_distinct_samples, validate_sample_sheet
 from histomap.errors import InputError
 
 NO_TISSUE_CHECK = {"min_spots_on_tissue": 0.0, "spatialdata_mpp": None}
@@ -115,3 +119,70 @@ def test_her2st_mirrored_image_fails(her2st_dir, tmp_path):
     message = error_of(ingest_sample, platform="legacy_st", sample="C2", path=folder,
                        out_dir=tmp_path / "o", spatialdata_mpp=None)
     assert image.name in message and "on tissue" in message
+
+
+# --------------------------------------------------------------------------- the sample sheet
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "samples.schema.yaml"
+
+
+def _sheet(rows):
+    columns = ["sample", "patient", "platform", "path", "image", "mpp"]
+    return pd.DataFrame([dict(zip(columns, r)) for r in rows], columns=columns).fillna("")
+
+
+def test_sheet_errors_name_the_sheet_and_the_sample():
+    sheet = _sheet([("A", "P1", "legacy_st", "a", "", "0.5"),
+                    ("B", "P2", "legacy_st", "b", "", "half"),
+                    ("C", "P3", "visum", "c", "", ""),
+                    ("D", "P4", "visium", "d", "", "")])
+    message = error_of(validate_sample_sheet, sheet, SCHEMA, "my_sheet.tsv")
+    assert message.startswith("my_sheet.tsv: ")
+    assert "sample 'B': mpp 'half' is not valid" in message
+    assert "sample 'C': platform 'visum' is not one of" in message
+    assert "sample 'D': image" in message  # visium needs the full-resolution image
+    assert "sample 'A'" not in message and "row 0" not in message
+    validate_sample_sheet(sheet.iloc[:1], SCHEMA, "my_sheet.tsv")
+    dup = _sheet([("A", "P1", "legacy_st", "a", "", ""), ("A", "P2", "legacy_st", "b", "", "")])
+    assert "duplicate sample names ['A']" in error_of(validate_sample_sheet, dup, SCHEMA, "s.tsv")
+
+
+def test_the_same_section_under_two_names(tmp_path):
+    first = write_legacy(tmp_path / "S1")
+    copy = tmp_path / "copy_of_S1"
+    shutil.copytree(first, copy)
+    other = write_legacy(tmp_path / "S3", counts=np.full((len(GRID), 3), 2), image=False)
+    Image.new("RGB", (400, 300), (10, 20, 30)).save(other / "he.jpg")
+    rows = [("S1", "legacy_st", first, None), ("S2", "legacy_st", copy, None),
+            ("S3", "legacy_st", other, None)]
+    message = error_of(check_distinct_samples, rows, "sheet.tsv")
+    assert "sheet.tsv" in message and "'S1' and 'S2'" in message and "identical files" in message
+    check_distinct_samples([rows[0], rows[2]], "sheet.tsv")
+    # different counts, but the image column points both rows at one image
+    image = tmp_path / "he.png"
+    Image.new("RGB", (40, 30)).save(image)
+    message = error_of(check_distinct_samples, [("S1", "legacy_st", first, image),
+                                                ("S3", "legacy_st", other, image)], "sheet.tsv")
+    assert "'S1' and 'S3'" in message and "H&E image" in message
+    # generated samples and missing paths are not compared
+    check_distinct_samples([("a", "synthetic", "", None), ("b", "synthetic", "", None),
+                            ("c", "legacy_st", tmp_path / "nope", None)], "sheet.tsv")
+
+
+@pytest.mark.slow
+def test_snakemake_refuses_a_section_listed_twice(tmp_path):
+    """At start-up (dry run): the sheet lists one HER2ST-style folder under two names."""
+    data = tmp_path / "data"
+    write_legacy(data / "S1")
+    shutil.copytree(data / "S1", data / "S2")
+    sheet = tmp_path / "sheet.tsv"
+    sheet.write_text("sample\tpatient\tplatform\tpath\nS1\tA\tlegacy_st\tS1\n"
+                     "S2\tB\tlegacy_st\tS2\n")
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+                          "--directory", str(tmp_path), "-n", "--config", f"samples={sheet}",
+                          f"data_dir={data}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    assert "samples 'S1' and 'S2'" in res.stdout + res.stderr
