@@ -186,3 +186,49 @@ def test_snakemake_refuses_a_section_listed_twice(tmp_path):
                          timeout=300)
     assert res.returncode != 0
     assert "samples 'S1' and 'S2'" in res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- messages
+
+def test_schema_limits_of_synthetic_agree_with_the_code():
+    """The schema's smallest `synthetic.n_genes` and `size_um` are what SyntheticConfig accepts
+    (the schema used to accept n_genes 5-38, which then failed with a traceback)."""
+    import yaml
+
+    from histomap.data.synthetic import SyntheticConfig
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]["synthetic"]["properties"]
+    least_genes = props["n_genes"]["minimum"]
+    SyntheticConfig(n_genes=least_genes)
+    with pytest.raises(InputError, match="config `synthetic`.*n_genes"):
+        SyntheticConfig(n_genes=least_genes - 1)
+    least_size = props["size_um"]["items"]["exclusiveMinimum"]
+    SyntheticConfig(size_um=(least_size + 1, least_size + 1))
+    with pytest.raises(InputError, match="size_um"):
+        SyntheticConfig(size_um=(least_size, least_size + 1))
+
+
+def test_errors_after_ingest_name_the_users_files(tmp_path):
+    """Failures whose root cause is the user's data name the user's files, not
+    results/ingest/S/slide.tif or spots.h5ad."""
+    from histomap.data.preprocess import normalise_spots
+    from histomap.data.tiling import tile_slide
+
+    folder = write_legacy(tmp_path / "S1", counts=np.ones((len(GRID), 3), dtype=int),
+                          image=False)
+    Image.new("RGB", (400, 300), (246, 246, 246)).save(folder / "he.jpg")  # blank glass
+    out = tmp_path / "results" / "ingest" / "S1"
+    ingest_sample(platform="legacy_st", sample="S1", path=folder, out_dir=out,
+                  **NO_TISSUE_CHECK)
+    spots = ad.read_h5ad(out / "spots.h5ad")
+    message = error_of(normalise_spots, spots, min_counts=100, path=out / "spots.h5ad")
+    assert message.startswith(f"{folder} (ingested as {out / 'spots.h5ad'})")
+    assert "QC removed all 12 spots" in message
+    # the blank image has no tissue: tiling names he.jpg, found through spots.h5ad
+    from histomap.data.sample import source_image
+
+    assert source_image(out / "spots.h5ad") == str(folder / "he.jpg")
+    message = error_of(tile_slide, out / "slide.tif", tmp_path / "t.zarr", tmp_path / "t.parquet",
+                       source=source_image(out / "spots.h5ad"))
+    assert message.startswith(str(folder / "he.jpg")) and "no tissue detected" in message

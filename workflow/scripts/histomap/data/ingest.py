@@ -117,6 +117,7 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     smp = read_sample(platform, sample, path, mpp=mpp, spot_diameter_um=spot_diameter_um,
                       image=image, sheet=sheet, **(reader_options or {}))
     smp.spots.uns[UNS_KEY].setdefault("dropped", {})
+    smp.spots.uns[UNS_KEY]["source"] = str(path)  # later errors name the user's input
     check_dropped(smp.spots, max_dropped_fraction)
     slide_path = out_dir / "slide.tif"
     smp.mpp = prepare_slide(smp.image_path, slide_path, smp.mpp)

@@ -72,6 +72,26 @@ def geometry(adata: ad.AnnData) -> dict:
     return dict(adata.uns[UNS_KEY])
 
 
+def source_image(spots_h5ad: str | Path) -> str | None:
+    """The user's image recorded in an ingested ``spots.h5ad`` (``uns["histomap"]["image"]``),
+    read without loading the table; None when the file or the record is missing."""
+    import h5py
+
+    try:
+        with h5py.File(spots_h5ad, "r") as h5:
+            value = h5[f"uns/{UNS_KEY}/image"][()]
+    except (OSError, KeyError):
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def user_source(spots: ad.AnnData, path: str | Path) -> str:
+    """Name for errors about ``spots`` read from the intermediate ``path``: the user's sample
+    (``uns["histomap"]["source"]``, its sheet path, recorded at ingest) when known."""
+    source = spots.uns.get(UNS_KEY, {}).get("source")
+    return f"{source} (ingested as {path})" if source else str(path)
+
+
 def dropped_entry(file: str | Path, n: int, of: int, examples: Sequence[str]) -> dict:
     """One kind of drop: ``n`` of ``of`` items of ``file`` lost (with a few example names)."""
     return {"file": str(file), "n": int(n), "of": int(of),

@@ -46,6 +46,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from histomap.data.slide import write_pyramid
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ class SyntheticConfig:
             problems.append(f"spot_grid must be 'hex' or 'square', got {self.spot_grid!r}")
         if self.spot_diameter_um <= 0 or self.spot_spacing_um <= 0:
             problems.append("spot_diameter_um and spot_spacing_um must be positive")
-        if problems:
-            raise ValueError("; ".join(problems))
+        if problems:  # config `synthetic` (workflow/schemas/config.schema.yaml has the limits)
+            raise InputError("config `synthetic`", "; ".join(problems))
 
     @property
     def shape_px(self) -> tuple[int, int]:
