@@ -50,6 +50,10 @@ def test_few_dropped_spots_are_logged_and_recorded(tmp_path, caplog):
     (what, entry), = dropped.items()
     assert int(entry["n"]) == 1 and int(entry["of"]) == 12 and "1x1" in list(entry["examples"])
     assert "dropped 1 of 12" in caplog.text
+    from histomap.evaluation.report import ingest_markdown
+
+    md = ingest_markdown([tmp_path / "b" / "spots.h5ad"])  # the benchmark report's section
+    assert "| S1 | 11 | 1 of 12 selected spots" in md
 
 
 def test_unselected_spots_are_not_counted_as_lost(tmp_path):

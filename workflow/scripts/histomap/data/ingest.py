@@ -125,11 +125,13 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     try:
         with open_slide(slide_path) as slide:
             check_spots_in_slide(smp, *slide.dimensions)
-            check_spots_on_tissue(smp, slide, min_fraction=min_spots_on_tissue,
-                                  mask_mpp=mask_mpp)
+            on_tissue = check_spots_on_tissue(smp, slide, min_fraction=min_spots_on_tissue,
+                                              mask_mpp=mask_mpp)
     except InputError:
         remove_path(slide_path)  # nothing partial: the slide alone looks like a finished ingest
         raise
+    if on_tissue is not None:
+        smp.spots.uns[UNS_KEY]["on_tissue_fraction"] = on_tissue
     log.info("%s: %d spots x %d genes, mpp %.4f, spot diameter %g um", sample, smp.spots.n_obs,
              smp.spots.n_vars, smp.mpp, smp.spot_diameter_um)
     smp.spots.write_h5ad(out_dir / "spots.h5ad")
