@@ -169,6 +169,20 @@ def test_the_same_section_under_two_names(tmp_path):
     message = error_of(check_distinct_samples, [("S1", "legacy_st", first, image),
                                                 ("S3", "legacy_st", other, image)], "sheet.tsv")
     assert "'S1' and 'S3'" in message and "H&E image" in message
+    # sections sharing one folder keep their own files ({sample}.tsv.gz)
+    shared = tmp_path / "shared"
+    write_legacy(shared, sample="A", image=False)
+    write_legacy(shared, sample="B", counts=np.full((len(GRID), 3), 3), image=False)
+    check_distinct_samples([("A", "legacy_st", shared, image), ("B", "legacy_st", shared, None)],
+                           "sheet.tsv")
+    # a Visium outs/ copied under another name
+    outs, fullres = write_visium(tmp_path / "v1" / "outs")
+    shutil.copytree(tmp_path / "v1", tmp_path / "v2")
+    message = error_of(check_distinct_samples,
+                       [("V1", "visium", tmp_path / "v1", fullres),
+                        ("V2", "visium", tmp_path / "v2", tmp_path / "v2" / "fullres.png")],
+                       "sheet.tsv")
+    assert "'V1' and 'V2'" in message and "filtered_feature_bc_matrix.h5" in message
     # generated samples and missing paths are not compared
     check_distinct_samples([("a", "synthetic", "", None), ("b", "synthetic", "", None),
                             ("c", "legacy_st", tmp_path / "nope", None)], "sheet.tsv")

@@ -66,13 +66,41 @@ def validate_sample_sheet(samples: pd.DataFrame, schema: str | Path, sheet: str 
         raise InputError(sheet, f"duplicate sample names {sorted(set(duplicated))}")
 
 
-def sample_files(path: str | Path, image: str | Path | None = None) -> dict[str, list[Path]]:
-    """The count files and images a sheet row points to: {"counts": [...], "image": [...]}."""
+def _found(finder, *args) -> list[Path]:
+    """The file a reader's finder picks, or none when it cannot (the reader reports that)."""
+    try:
+        return [Path(finder(*args))]
+    except (InputError, OSError):
+        return []
+
+
+def sample_files(path: str | Path, image: str | Path | None = None, *, platform: str = "",
+                 sample: str = "") -> dict[str, list[Path]]:
+    """The count files and images a sheet row points to: {"counts": [...], "image": [...]}.
+
+    Known platforms use their reader's own file finders (so sections sharing one folder keep
+    their own files); other platforms take the count-like files (:data:`COUNT_GLOBS`) and images
+    of the folder and its ``outs/``.
+    """
     path = Path(path)
-    counts: list[Path] = []
     images: list[Path] = [Path(image)] if image else []
+    counts: list[Path] = []
     if path.is_file():
         counts.append(path)
+    elif path.is_dir() and platform == "legacy_st":
+        from histomap.data.io import legacy_st
+
+        counts = _found(legacy_st.find_counts_file, path, sample)
+        images = images or _found(legacy_st.find_image, path)
+    elif path.is_dir() and platform == "visium":
+        from histomap.data.io import visium
+
+        counts = [outs / visium.MATRIX_FILE for outs in _found(visium.find_outs, path)]
+    elif path.is_dir() and platform == "xenium":
+        from histomap.data.io import xenium
+
+        counts = _found(xenium.find_transcripts, path)
+        images = images or _found(xenium.find_image, path)
     elif path.is_dir():
         for folder in (path, path / "outs"):
             if not folder.is_dir():
@@ -83,6 +111,7 @@ def sample_files(path: str | Path, image: str | Path | None = None) -> dict[str,
             if not image:
                 images += [p for p in folder.iterdir()
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    counts = [p for p in counts if p.is_file()]
     return {"counts": sorted(set(counts)), "image": sorted(p for p in set(images) if p.is_file())}
 
 
@@ -106,7 +135,7 @@ def check_distinct_samples(rows: Iterable[tuple[str, str, str | Path, str | Path
     for sample, platform, path, image in rows:
         if platform in GENERATED_PLATFORMS:
             continue
-        for kind, files in sample_files(path, image).items():
+        for kind, files in sample_files(path, image, platform=platform, sample=sample).items():
             for file in files:
                 by_size[kind, file.stat().st_size].append((sample, file))
     for (kind, _), entries in by_size.items():
