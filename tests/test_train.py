@@ -250,15 +250,19 @@ def test_resume_without_rng_restore_differs(tmp_path, monkeypatch):
                    for k, v in last_a.items())
 
 
-def test_resume_refuses_a_foreign_checkpoint(tmp_path):
+def test_a_foreign_checkpoint_is_discarded(tmp_path, caplog):
+    """Another model's last.pt in the folder (its fingerprint differs) is not resumed from: it is
+    discarded with a log line and training starts over."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 5), torch.randn(8, 2)
     cfg = TrainConfig(epochs=1, batch_size=4)
     fit(nn.Linear(5, 2), TensorDataset(x, y), None, loss_fn=nn.functional.mse_loss,
         out_dir=tmp_path, cfg=cfg)
-    with pytest.raises(InputError, match="last.pt"):
-        fit(nn.Linear(5, 3), TensorDataset(x, y[:, :1].repeat(1, 3)), None,
-            loss_fn=nn.functional.mse_loss, out_dir=tmp_path, cfg=TrainConfig(epochs=2))
+    with caplog.at_level(logging.WARNING, logger="histomap.train"):
+        summary = fit(nn.Linear(5, 3), TensorDataset(x, y[:, :1].repeat(1, 3)), None,
+                      loss_fn=nn.functional.mse_loss, out_dir=tmp_path, cfg=TrainConfig(epochs=2))
+    assert summary["resumed_from"] == 0 and summary["epochs_done"] == 2
+    assert "another training" in caplog.text and "last.pt" in caplog.text
 
 
 def test_train_config_rejects_unknown_keys():

@@ -94,7 +94,8 @@ def test_lint_is_clean():
 def _legacy_section(folder: Path, counts_text: str) -> None:
     from PIL import Image
     folder.mkdir(parents=True)
-    Image.new("RGB", (400, 400), (230, 180, 200)).save(folder / "he.jpg")
+    tint = 10 * (sum(map(ord, folder.name)) % 5)  # one image per section (copies are refused)
+    Image.new("RGB", (400, 400), (230, 150 + tint, 200)).save(folder / "he.jpg")
     (folder / "S1.tsv").write_text(counts_text)
     rows = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
     for i, (x, y) in enumerate([(1, 1), (2, 1), (1, 2), (2, 2)]):

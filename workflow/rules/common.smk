@@ -6,18 +6,17 @@ import pandas as pd
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
+from histomap.data.sheet import check_distinct_samples, validate_sample_sheet  # noqa: E402
 from histomap.evaluation.folds import fold_kinds, make_folds  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 SAMPLE_SHEET = config["samples"]
 samples = pd.read_csv(SAMPLE_SHEET, sep="\t", dtype=str, comment="#").fillna("")
-validate(samples, schema="../schemas/samples.schema.yaml")
-if samples["sample"].duplicated().any():
-    raise ValueError(
-        f"{SAMPLE_SHEET}: duplicate sample names "
-        f"{sorted(samples.loc[samples['sample'].duplicated(), 'sample'])}"
-    )
+# errors name the sheet and the sample (and duplicate names)
+validate_sample_sheet(
+    samples, Path(workflow.basedir) / "workflow" / "schemas" / "samples.schema.yaml", SAMPLE_SHEET
+)
 samples = samples.set_index("sample", drop=False)
 
 DATA_DIR = config.get("data_dir", "")
@@ -169,6 +168,13 @@ def spot_diameter_um(sample):
 
 def hest_id(sample):
     return sample_value(sample, "hest_id") or sample
+
+
+# the same section under two names (identical counts or image) would test a fold on itself
+check_distinct_samples(
+    [(s, samples.loc[s, "platform"], sample_path(s), sample_image(s)) for s in samples.index],
+    SAMPLE_SHEET,
+)
 
 
 def scale_label(um):

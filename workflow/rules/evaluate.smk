@@ -76,7 +76,8 @@ use rule evaluate as evaluate_cross_scale with:
 
 rule benchmark_tables:
     input:
-        metric_files(),
+        metrics=metric_files(),
+        ingest=[f"results/ingest/{s}/spots.h5ad" for s in samples.index],
     output:
         csv=report(
             "results/report/benchmark.csv",

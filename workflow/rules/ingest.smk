@@ -32,6 +32,9 @@ rule ingest_sample:
         sheet=SAMPLE_SHEET,
         reader_options=lambda wc: reader_options(wc.sample),
         image_keyword=lambda wc: image_keyword(wc.sample),
+        max_dropped_fraction=config["ingest"].get("max_dropped_fraction", 0.05),
+        min_spots_on_tissue=config["ingest"].get("min_spots_on_tissue", 0.5),
+        mask_mpp=config["tiling"]["mask_mpp"],
     log:
         "logs/ingest_sample/{sample}.log",
     threads: 1

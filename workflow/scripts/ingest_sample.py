@@ -11,4 +11,5 @@ run_step(sm.log[0], ingest_sample, platform=p.platform, sample=sm.wildcards.samp
          mpp=float(p.mpp) if p.mpp else None,
          spot_diameter_um=float(p.spot_diameter_um) if p.spot_diameter_um else None,
          out_dir=Path(sm.output.spots).parent, spatialdata_mpp=p.spatialdata_mpp, sheet=p.sheet,
-         reader_options=p.reader_options)
+         reader_options=p.reader_options, max_dropped_fraction=p.max_dropped_fraction,
+         min_spots_on_tissue=p.min_spots_on_tissue, mask_mpp=p.mask_mpp)

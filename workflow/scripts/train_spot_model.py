@@ -3,11 +3,13 @@ import torch
 
 from histomap.data.preprocess import read_gene_panel
 from histomap.logs import run_step
+from histomap.train import training_threads
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
     p = sm.params
+    # a fixed thread count (train.torch_threads), not sm.threads: weights independent of --cores
+    torch.set_num_threads(training_threads(p.train))
     if p.base == "histogene":
         from histomap.tasks.spot import train_histogene as train
         kwargs = {}

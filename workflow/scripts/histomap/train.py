@@ -5,10 +5,20 @@ Files written in ``out_dir``:
 
 * ``train_log.csv``: one row per epoch (epoch, train_loss, val_loss, lr, seconds);
 * ``last.pt``: everything needed to resume (model, optimiser, scaler, epoch, best score, early
-  stopping counter, RNG states, config, log rows), rewritten atomically after every epoch;
+  stopping counter, RNG states, config, log rows, the training's fingerprint), rewritten
+  atomically after every epoch;
 * ``best.pt``: model weights of the epoch with the lowest validation loss;
 * ``model.pt`` (when ``model_meta`` is given): the best weights with model name, config and gene
-  list (:func:`save_model`), rebuildable with :func:`load_model`.
+  list (:func:`save_model`), rebuildable with :func:`load_model`;
+* ``writer.lock`` while a training runs: its process id and host (:class:`CheckpointLock`).
+
+A checkpoint belongs to one training. ``last.pt`` records a fingerprint (:func:`fingerprint`) of
+everything that decides the result: the training config, the model's structure and what the
+caller passes (:func:`training_fingerprint`: the input files' identity, genes, model config,
+seed, pretrained weights' identity, the package's source code). A run resumes only from a
+checkpoint with the same fingerprint; any other checkpoint folder content is discarded with a
+log line naming what changed, and training starts over. So changing ``lr`` or the gene panel and
+rerunning retrains, while a killed run rerun unchanged resumes.
 
 Validation data must come from the TRAINING samples only (e.g. held-out spots or sections of
 the training fold); the caller guarantees it. The loop never sees the test fold, so early
@@ -17,17 +27,25 @@ stopping cannot leak test information.
 Determinism: torch, numpy and random are seeded from ``cfg.seed`` at the start; each epoch's
 shuffle uses its own generator derived from (seed, epoch); the global RNG states are saved in
 ``last.pt`` and restored on resume. On CPU a resumed run therefore ends with the same weights as
-an uninterrupted one (CUDA kernels may add run-to-run noise of their own).
+an uninterrupted one (CUDA kernels may add run-to-run noise of their own). CPU kernels sum in an
+order that depends on the number of intra-op threads, so training runs with a fixed
+``torch_threads`` (default 1) whatever number of cores Snakemake gives the job: the weights do not
+depend on ``--cores``.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
 import random
+import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +87,8 @@ class TrainConfig:
     log_every: int = 50            # steps between progress updates
     schedule: str = "cosine"       # "cosine" (per step, to 0 at the last epoch) or "constant"
     min_delta: float = 0.0         # val-loss decrease that counts as an improvement
+    torch_threads: int = 1         # CPU intra-op threads while training: fixed, so the weights
+                                   # do not depend on the cores Snakemake gives the job
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -76,6 +96,8 @@ class TrainConfig:
                              f"{self.batch_size}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 epoch or None (off), got {self.patience}")
+        if self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
@@ -206,6 +228,310 @@ def write_log(rows: Sequence[Mapping], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- fingerprints, lock
+
+HASH_MAX_BYTES = 64 * 2**20  # files up to this size are identified by content, larger by size+mtime
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def file_identity(path: str | Path) -> dict:
+    """Identity of one input file or folder (e.g. a zarr store).
+
+    A file up to :data:`HASH_MAX_BYTES` is identified by its SHA-256 (so a copy or a ``touch``
+    still matches), a larger one by size and modification time; a folder by the relative path,
+    size and modification time of every file in it; a missing path as missing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        listing = hashlib.sha256()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = item.stat()
+            listing.update(f"{item.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                           .encode())
+        return {"path": str(path), "folder": listing.hexdigest()}
+    if not path.is_file():
+        return {"path": str(path), "missing": True}
+    stat = path.stat()
+    if stat.st_size > HASH_MAX_BYTES:
+        return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def source_identity() -> str:
+    """SHA-256 of the histomap package's Python sources (a code change is a different training)."""
+    digest = hashlib.sha256()
+    for item in sorted(_PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(item.relative_to(_PACKAGE_DIR)).encode() + b"\0" + item.read_bytes())
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of a config value (paths as strings, tuples as lists, tensors as lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)) or torch.is_tensor(value):
+        return _plain(value.tolist())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _named_files(value: Any) -> list[str]:
+    """Every string in a config value that names an existing file (e.g. pretrained weights)."""
+    if isinstance(value, Mapping):
+        return [f for v in value.values() for f in _named_files(v)]
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _named_files(v)]
+    if isinstance(value, (str, Path)) and str(value) and Path(value).is_file():
+        return [str(value)]
+    return []
+
+
+def training_fingerprint(inputs: Sequence[str | Path] = (), **settings: Any) -> dict:
+    """What decides a training's result besides :class:`TrainConfig`, for :func:`fit`'s
+    ``fingerprint``: the identity of every input file (:func:`file_identity`), the settings as
+    given (genes, model config, validation, seed, ...), the identity of every file a setting
+    names (pretrained encoder weights) and of the package's source code."""
+    plain = _plain(settings)
+    return {"inputs": [file_identity(p) for p in inputs],
+            "settings": plain,
+            "weights": [file_identity(p) for p in sorted(set(_named_files(settings)))],
+            "code": source_identity()}
+
+
+def fingerprint(parts: Mapping) -> str:
+    """SHA-256 of the canonical JSON of ``parts``."""
+    return hashlib.sha256(json.dumps(_plain(parts), sort_keys=True).encode()).hexdigest()
+
+
+def _fit_parts(model: nn.Module, cfg: TrainConfig, extra: Mapping | None) -> dict:
+    train = cfg.to_dict()
+    train.pop("log_every")  # progress display only
+    if cfg.schedule == "constant":  # the first epochs do not depend on the total: extendable
+        train.pop("epochs")
+    structure = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    return {"train": train,
+            "model": {"class": type(model).__name__, "state": fingerprint({"s": structure})},
+            **_plain(dict(extra or {}))}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict:
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def describe_changes(old: Mapping, new: Mapping, limit: int = 6) -> str:
+    """Short text naming what differs between two fingerprint part dicts."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        before, now = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        if before == now:
+            continue
+        if key == "inputs":
+            old_in = {i["path"]: i for i in before} if isinstance(before, list) else {}
+            new_in = {i["path"]: i for i in now} if isinstance(now, list) else {}
+            names = sorted(p for p in set(old_in) | set(new_in) if old_in.get(p) != new_in.get(p))
+            lines.append(f"input files {names[:3]}{' ...' if len(names) > 3 else ''}")
+        elif isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+            changed = sum(a != b for a, b in zip(before, now))
+            lines.append(f"{key} ({changed} of {len(now)} entries)")
+        else:
+            text = f"{key} {before!r} -> {now!r}"
+            lines.append(text if len(text) <= 120 else f"{key} (changed)")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"{len(lines) - limit} more"]
+    return "; ".join(lines) or "nothing recorded"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class CheckpointLock:
+    """``writer.lock`` in a checkpoint folder: one training writes it at a time.
+
+    The lock file holds the writer's process id and host and is refreshed every
+    :attr:`HEARTBEAT_S` seconds. Another live process on this host, or a lock from another host
+    refreshed within :attr:`STALE_S` seconds, is an error; a stale lock (dead process, or a
+    silent other host) is taken over with a log line. Re-entrant within one process.
+    """
+
+    NAME = "writer.lock"
+    HEARTBEAT_S = 30.0
+    STALE_S = 180.0
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._held = False
+
+    def _owner(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> CheckpointLock:
+        me = self._me()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    continue  # released meanwhile
+                if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+                    break  # our own (re-entrant)
+                self.check()
+                log.warning("%s: taking over a stale checkpoint lock of process %s on %s (no "
+                            "longer running)", self.path.parent, owner.get("pid"),
+                            owner.get("host"))
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({**me, "started": time.time()}, fh)
+            break
+        else:
+            raise InputError(self.path, "could not take the checkpoint lock")
+        self._held = True
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                            name="checkpoint-lock")
+            self._thread.start()
+        return self
+
+    @staticmethod
+    def _me() -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def check(self) -> None:
+        """Raise :class:`InputError` if another live process holds the lock (nothing else)."""
+        owner, me = self._owner(), self._me()
+        if owner is None:
+            return
+        pid, host = owner.get("pid"), owner.get("host")
+        if pid == me["pid"] and host == me["host"]:
+            return
+        if host == me["host"] and isinstance(pid, int) and _pid_alive(pid):
+            raise InputError(self.path.parent, (
+                f"another training (process {pid} on {host}) is writing these checkpoints; "
+                "two runs of one training would overwrite each other. Wait for it or stop it "
+                f"(if that process is no training, delete {self.path})"))
+        if host != me["host"]:
+            with contextlib.suppress(FileNotFoundError):
+                age = time.time() - self.path.stat().st_mtime
+                if age < self.STALE_S:
+                    raise InputError(self.path.parent, (
+                        f"another training (process {pid} on host {host}) is writing these "
+                        f"checkpoints (its lock was refreshed {age:.0f} s ago). Wait for it or "
+                        f"stop it; a lock not refreshed for {self.STALE_S:.0f} s is taken over"))
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._held:
+            owner = self._owner()
+            if owner and owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> CheckpointLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def discard_stale_checkpoints(out_dir: str | Path, model: nn.Module, cfg: TrainConfig,
+                              fingerprint_parts: Mapping | None = None) -> str:
+    """Keep ``out_dir/last.pt`` only if it belongs to this training; returns the fingerprint.
+
+    A checkpoint with another fingerprint (or none, or unreadable) is removed together with the
+    rest of the folder (``best.pt``, logs, a caller's extra files), with a warning naming what
+    changed. Callers that read the folder before :func:`fit` (e.g. to restore their own epoch
+    state) call this first; :func:`fit` calls it again (a no-op then).
+    """
+    out_dir = Path(out_dir)
+    CheckpointLock(out_dir).check()
+    parts = _fit_parts(model, cfg, fingerprint_parts)
+    digest = fingerprint(parts)
+    last = out_dir / "last.pt"
+    if not last.exists():
+        return digest
+    reason = None
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is discarded
+        reason = f"it cannot be read ({type(exc).__name__}: {exc})"
+        ckpt = {}
+    if reason is None and "fingerprint" not in ckpt:
+        reason = "it has no fingerprint (written by an older histomap)"
+    elif reason is None and ckpt["fingerprint"] != digest:
+        old = json.loads(ckpt.get("fingerprint_parts", "{}"))
+        reason = f"it belongs to another training ({describe_changes(old, parts)})"
+    elif (reason is None and cfg.schedule == "constant"
+          and int(ckpt.get("epochs_done", 0)) > cfg.epochs):
+        reason = (f"it has {ckpt['epochs_done']} epochs, more than the {cfg.epochs} asked for")
+    if reason is None:
+        return digest
+    log.warning("%s: discarding the checkpoints in %s and training from scratch: %s", last,
+                out_dir, reason)
+    for item in out_dir.iterdir():
+        if item.name == CheckpointLock.NAME:
+            continue
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+    return digest
+
+
+def training_threads(train_cfg: Mapping[str, Any]) -> int:
+    """The fixed intra-op thread count of a ``train`` config (``torch_threads``, default 1)."""
+    return int(train_cfg.get("torch_threads", TrainConfig.torch_threads))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run with ``n`` torch intra-op threads, restoring the previous number afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- batches
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -256,12 +582,17 @@ class _State:
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, *,
         loss_fn: LossFn | None, out_dir: str | Path, cfg: TrainConfig | None = None,
         batch_to_loss: BatchToLoss | None = None, model_meta: Mapping | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+        on_epoch_end: Callable[[dict], None] | None = None,
+        fingerprint: Mapping | None = None) -> dict:
     """Train ``model`` in place on ``train_ds``, early-stopping on ``val_ds`` loss; resumable.
 
     ``val_ds`` must hold training-fold data only (see module docstring); None disables early
-    stopping and keeps the last epoch's weights. If ``out_dir/last.pt`` exists training resumes
-    after its epoch. ``batch_to_loss(model, batch, device, loss_fn)`` turns a DataLoader batch
+    stopping and keeps the last epoch's weights. If ``out_dir/last.pt`` exists and has this
+    training's fingerprint (``cfg``, the model's structure and ``fingerprint``, e.g. from
+    :func:`training_fingerprint`), training resumes after its epoch; otherwise the folder's old
+    checkpoints are discarded (:func:`discard_stale_checkpoints`). ``out_dir`` is locked while
+    training (:class:`CheckpointLock`) and torch runs ``cfg.torch_threads`` intra-op threads.
+    ``batch_to_loss(model, batch, device, loss_fn)`` turns a DataLoader batch
     into a scalar loss (default :func:`spot_batch_loss`). ``on_epoch_end(row)`` is called after
     each epoch's checkpoint is written. At the end the best weights are loaded into ``model``
     and, with ``model_meta`` = dict(model_name, model_config, genes, extra), saved as
@@ -269,6 +600,16 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, *,
     stopped_early, resumed_from, history, device).
     """
     cfg = cfg or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with CheckpointLock(out_dir), intra_op_threads(cfg.torch_threads):
+        return _fit(model, train_ds, val_ds, loss_fn=loss_fn, out_dir=out_dir, cfg=cfg,
+                    batch_to_loss=batch_to_loss, model_meta=model_meta,
+                    on_epoch_end=on_epoch_end, fingerprint_parts=fingerprint)
+
+
+def _fit(model, train_ds, val_ds, *, loss_fn, out_dir: Path, cfg: TrainConfig, batch_to_loss,
+         model_meta, on_epoch_end, fingerprint_parts) -> dict:
     batch_to_loss = batch_to_loss or spot_batch_loss
     if batch_to_loss is spot_batch_loss and loss_fn is None:
         raise ValueError("loss_fn is required with the default batch_to_loss")
@@ -278,9 +619,9 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, *,
         raise ValueError("the validation dataset is empty (pass None to train without one)")
     if val_ds is None:
         log.warning("no validation data: early stopping is off, the last epoch's weights are kept")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    digest = discard_stale_checkpoints(out_dir, model, cfg, fingerprint_parts)
+    parts_json = json.dumps(_fit_parts(model, cfg, fingerprint_parts), sort_keys=True)
 
     device = resolve_device(cfg.device)
     dtype = amp_dtype(device, cfg.amp)
@@ -334,7 +675,8 @@ def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, *,
                "lr": lr_at(epoch * steps_per_epoch), "seconds": time.perf_counter() - start}
         state.history.append(row)
         write_log(state.history, out_dir / "train_log.csv")
-        atomic_save(_checkpoint(model, optimiser, scaler, state, cfg), last_path)
+        atomic_save({**_checkpoint(model, optimiser, scaler, state, cfg),
+                     "fingerprint": digest, "fingerprint_parts": parts_json}, last_path)
         log.info("epoch %d/%d: train_loss %.5g, val_loss %.5g, lr %.3g, %.1f s", epoch + 1,
                  cfg.epochs, train_loss, val_loss, row["lr"], row["seconds"])
         if state.stopped_early:
@@ -448,9 +790,8 @@ def _resume(path: Path, model, optimiser, scaler, cfg: TrainConfig) -> _State:
     set_rng_states(ckpt["rng"])
     changed = {k: (v, ckpt["config"].get(k)) for k, v in cfg.to_dict().items()
                if ckpt["config"].get(k) != v}
-    if changed:
-        log.warning("%s: resuming with a changed training config (now, before): %s", path,
-                    changed)
+    if changed:  # only settings outside the fingerprint (log_every; epochs, constant schedule)
+        log.info("%s: resuming with (now, before): %s", path, changed)
     log.info("%s: resuming after epoch %d (best val loss %.5g at epoch %d)", path,
              ckpt["epochs_done"], ckpt["best_val_loss"], ckpt["best_epoch"])
     return _State(epochs_done=ckpt["epochs_done"], best_val_loss=ckpt["best_val_loss"],

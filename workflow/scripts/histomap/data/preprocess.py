@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from histomap.data.sample import UNS_KEY
+from histomap.data.sample import UNS_KEY, user_source
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def normalise_spots(spots: ad.AnnData, *, min_counts: int = 100, min_genes: int 
     """
     if target_sum <= 0:
         raise ValueError(f"target_sum must be positive, got {target_sum}")
+    path = user_source(spots, path)  # errors name the user's sample, not the intermediate
     _check_raw_counts(spots.X, path)
     counts = sp.csr_matrix(spots.X) if sp.issparse(spots.X) else np.asarray(spots.X)
     total_counts = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)

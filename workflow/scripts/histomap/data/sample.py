@@ -11,7 +11,9 @@ Geometry contract
   spot names (``{x}x{y}`` for legacy ST, barcodes for Visium); ``var_names`` unique gene symbols.
 * ``spots.uns["histomap"]``: dict(sample, platform, mpp, spot_diameter_um, spot_shape, image)
   where ``mpp`` is micrometres per level-0 pixel and ``image`` the source image path; a
-  ``note`` says when the image is not the full-resolution one (Visium hires/lowres PNG).
+  ``note`` says when the image is not the full-resolution one (Visium hires/lowres PNG);
+  ``dropped`` (where a reader dropped spots it could not match): {what: dict(file, n, of,
+  examples)}, checked against ``ingest.max_dropped_fraction`` by :func:`check_dropped`.
 * ``highres`` (optional): point-like high-resolution measurements (synthetic cells, Xenium
   transcript bins) as AnnData of raw counts with ``obsm["spatial"]`` in level-0 pixels; summing
   its rows inside any disc or bin gives ground truth at that scale. Measured bins (Visium HD)
@@ -20,6 +22,8 @@ Geometry contract
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +31,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from histomap.errors import InputError
+
+log = logging.getLogger(__name__)
+
 UNS_KEY = "histomap"
 SHAPES = ("disc", "square")
+MAX_DROPPED_FRACTION = 0.05  # default of config ingest.max_dropped_fraction
 
 
 @dataclass
@@ -94,3 +103,56 @@ def square_mask(adata: ad.AnnData) -> np.ndarray:
 def geometry(adata: ad.AnnData) -> dict:
     """The ``uns["histomap"]`` geometry dict of a spots/predictions AnnData."""
     return dict(adata.uns[UNS_KEY])
+
+
+def source_image(spots_h5ad: str | Path) -> str | None:
+    """The user's image recorded in an ingested ``spots.h5ad`` (``uns["histomap"]["image"]``),
+    read without loading the table; None when the file or the record is missing."""
+    import h5py
+
+    try:
+        with h5py.File(spots_h5ad, "r") as h5:
+            value = h5[f"uns/{UNS_KEY}/image"][()]
+    except (OSError, KeyError):
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def user_source(spots: ad.AnnData, path: str | Path) -> str:
+    """Name for errors about ``spots`` read from the intermediate ``path``: the user's sample
+    (``uns["histomap"]["source"]``, its sheet path, recorded at ingest) when known."""
+    source = spots.uns.get(UNS_KEY, {}).get("source")
+    return f"{source} (ingested as {path})" if source else str(path)
+
+
+def dropped_entry(file: str | Path, n: int, of: int, examples: Sequence[str]) -> dict:
+    """One kind of drop: ``n`` of ``of`` items of ``file`` lost (with a few example names)."""
+    return {"file": str(file), "n": int(n), "of": int(of),
+            "examples": [str(e) for e in list(examples)[:5]]}
+
+
+def check_dropped(spots: ad.AnnData, max_fraction: float = MAX_DROPPED_FRACTION) -> dict:
+    """Fail when a reader dropped more than ``max_fraction`` of any kind of item.
+
+    ``spots.uns["histomap"]["dropped"]`` ({what: dict(file, n, of, examples)}, written by the
+    readers) names the user's file; above the threshold an :class:`InputError` names it with the
+    counts and examples, below it the drops are logged. Returns {what: n} (the per-sample counts
+    the report shows).
+    """
+    meta = spots.uns.get(UNS_KEY, {})
+    dropped: Mapping = meta.get("dropped", {}) or {}
+    sample = meta.get("sample", "")
+    for what, entry in dropped.items():
+        n, of = int(entry["n"]), int(entry["of"])
+        if not n:
+            continue
+        fraction = n / max(of, 1)
+        examples = ", ".join(map(str, entry.get("examples", [])))
+        if fraction > max_fraction:
+            raise InputError(entry["file"], (
+                f"{n} of {of} {what} ({100 * fraction:.1f}%, e.g. {examples}): more than "
+                f"ingest.max_dropped_fraction = {max_fraction:g} would be lost. Check that the "
+                "files belong to one section, or raise the threshold"))
+        log.warning("%s: dropped %d of %d %s (%.1f%%, at most %g allowed) in %s, e.g. %s", sample,
+                    n, of, what, 100 * fraction, max_fraction, entry["file"], examples)
+    return {what: int(entry["n"]) for what, entry in dropped.items()}

@@ -58,6 +58,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from histomap.data.slide import write_pyramid
+from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,8 @@ class SyntheticConfig:
         for name in ("composition_sd", "stain_sd", "depth_log_sd", "batch_effect_sd"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        if problems:  # config `synthetic` (workflow/schemas/config.schema.yaml has the limits)
+            raise InputError("config `synthetic`", "; ".join(problems))
 
     @property
     def shape_px(self) -> tuple[int, int]:

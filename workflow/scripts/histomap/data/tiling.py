@@ -257,15 +257,20 @@ def read_tile_index(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 
 def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, tile_mpp: float,
-               overlap_px: int, min_tissue: float, mask_mpp: float) -> tuple[pd.DataFrame, dict]:
-    """Index of the tiles to keep (``INDEX_COLUMNS``) and the zarr attrs; reads no tile."""
+               overlap_px: int, min_tissue: float, mask_mpp: float,
+               source: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Index of the tiles to keep (``INDEX_COLUMNS``) and the zarr attrs; reads no tile.
+
+    ``source``: the user's image the slide was made from, named in errors (default the slide).
+    """
     mpp = slide_mpp(slide, slide_path)
+    user_image = f"{source} (ingested as {slide_path})" if source else slide_path
     if tile_mpp < mpp:
         log.warning("%s: tile mpp %.3f is finer than the slide's %.3f um/px; tiles are "
                     "upsampled", slide_path, tile_mpp, mpp)
     mask, mask_mpp_used = tissue_mask(slide, mask_mpp=mask_mpp)
     if not mask.any():
-        raise InputError(slide_path, f"no tissue detected: the tissue mask at "
+        raise InputError(user_image, f"no tissue detected: the tissue mask at "
                                      f"{mask_mpp_used:.1f} um/px is empty (blank or unstained "
                                      f"slide?). Check the image; pieces under {MIN_OBJECT_UM2:g} "
                                      f"um2 are dropped as specks, try a finer `mask_mpp`")
@@ -279,7 +284,7 @@ def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, ti
              tile_mpp, tile_px * tile_mpp, tile_px - overlap_px, int(keep.sum()), min_tissue,
              int((~keep).sum()))
     if not keep.any():
-        raise InputError(slide_path, f"no tile has tissue fraction >= min_tissue={min_tissue} "
+        raise InputError(user_image, f"no tile has tissue fraction >= min_tissue={min_tissue} "
                                      f"(best {grid['tissue_fraction'].max():.3f}); lower "
                                      f"`min_tissue` or check the tissue mask")
     index = grid[keep].reset_index(drop=True)
@@ -319,13 +324,16 @@ def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict,
 
 def tile_slide(slide_path: str | Path, out_zarr: str | Path | None, out_parquet: str | Path, *,
                tile_px: int = 224, tile_mpp: float = 1.0, overlap_px: int = 0,
-               min_tissue: float = 0.25, mask_mpp: float = 16.0) -> pd.DataFrame:
+               min_tissue: float = 0.25, mask_mpp: float = 16.0,
+               source: str | Path | None = None) -> pd.DataFrame:
     """Cut the tissue of a slide into ``tile_px`` tiles at ``tile_mpp`` um/px; return the index.
 
     Tiles lie on a grid with stride ``tile_px - overlap_px`` (tile pixels); only tiles whose
     tissue fraction is >= ``min_tissue`` are kept. ``out_zarr=None`` writes the index only (it
     reads no tile: the cost is the tissue mask's); with a path the tile images are written too.
     Outputs are written under temporary names and renamed at the end, so a failure leaves none.
+    ``source``: the user's image the slide was ingested from (errors name it; default: the
+    slide).
     """
     if tile_px <= 0 or not 0 <= overlap_px < tile_px:
         raise ValueError(f"need tile_px > 0 and 0 <= overlap_px < tile_px, got {tile_px}, "
@@ -338,7 +346,8 @@ def tile_slide(slide_path: str | Path, out_zarr: str | Path | None, out_parquet:
     start = time.perf_counter()
     with open_slide(slide_path) as slide:
         index, attrs = plan_tiles(slide, slide_path, tile_px=tile_px, tile_mpp=tile_mpp,
-                                  overlap_px=overlap_px, min_tissue=min_tissue, mask_mpp=mask_mpp)
+                                  overlap_px=overlap_px, min_tissue=min_tissue, mask_mpp=mask_mpp,
+                                  source=source)
         _write_outputs(slide, index, attrs, out_zarr, out_parquet)
     elapsed = time.perf_counter() - start
     log.info("%s: %d tissue tiles in %.1f s -> %s%s", slide_path.name, len(index), elapsed,

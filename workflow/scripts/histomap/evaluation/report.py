@@ -371,11 +371,38 @@ def _atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def write_report(long_df: pd.DataFrame, out_csv: str | Path, out_md: str | Path) -> None:
-    """Write the long table (CSV) and the markdown tables, each atomically."""
+def write_report(long_df: pd.DataFrame, out_csv: str | Path, out_md: str | Path,
+                 extra_md: str = "") -> None:
+    """Write the long table (CSV) and the markdown tables (then ``extra_md``), each atomically."""
     _atomic_write_text(out_csv, long_df.to_csv(index=False))
-    _atomic_write_text(out_md, benchmark_markdown(long_df))
+    md = benchmark_markdown(long_df)
+    _atomic_write_text(out_md, md + ("\n" + extra_md if extra_md else ""))
     log.info("wrote %s (%d rows) and %s", out_csv, len(long_df), out_md)
+
+
+def ingest_markdown(spots_h5ads: Iterable[str | Path]) -> str:
+    """Markdown section: per ingested sample (``results/ingest/{sample}/spots.h5ad``) the spots
+    kept, those dropped for lack of counts or a position (``uns["histomap"]["dropped"]``,
+    bounded by ``ingest.max_dropped_fraction``) and the share of spots on tissue."""
+    import anndata as ad
+
+    rows = []
+    for path in spots_h5ads:
+        spots = ad.read_h5ad(path, backed="r")
+        meta = dict(spots.uns.get("histomap", {}))
+        dropped = meta.get("dropped", {}) or {}
+        lost = "; ".join(f"{int(e['n'])} of {int(e['of'])} {what}" for what, e in dropped.items()
+                         if int(e["n"])) or "none"
+        on_tissue = meta.get("on_tissue_fraction")
+        rows.append([str(meta.get("sample", Path(path).parent.name)), str(spots.n_obs), lost,
+                     "-" if on_tissue is None else f"{100 * float(on_tissue):.0f}%"])
+        spots.file.close()
+    if not rows:
+        return ""
+    return "\n".join(["## Ingest", "", "Spots kept per sample, spots dropped by the reader "
+                      "(no counts or no position), and the share of spots on the tissue mask.",
+                      "", _markdown_table(["sample", "spots", "dropped", "on tissue"], rows),
+                      ""])
 
 
 # ====================================================================== super-resolution tables

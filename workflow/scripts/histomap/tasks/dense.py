@@ -50,7 +50,7 @@ from histomap.tasks.dense_map import (CPU_BF16_DEFAULT, DenseMap, predict_dense_
                                       spots_from_dense)
 from histomap.tasks.predict import spots_prediction_anndata
 from histomap.train import (TrainConfig, cpu_bf16_enabled, fit, load_model, resolve_device,
-                            save_model, to_device)
+                            save_model, to_device, training_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -457,8 +457,14 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
     model.init_output_bias(train_ds.targets.mean(axis=0))
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     loss_fn = make_loss_fn(task["loss"], task["pcc_weight"], task["mse_weight"])
+    fingerprint = training_fingerprint(
+        [*st_paths, *slide_paths, *(p for paths in extra_st_paths for p in paths)],
+        model_name=model_name, model_cfg=model_cfg, window_px=window_px, input_mpp=input_mpp,
+        extra_st=[[str(p) for p in paths] for paths in extra_st_paths], genes=list(genes),
+        validation=validation, seed=seed)
     summary = fit(model, train_ds, val_ds, loss_fn=loss_fn, out_dir=checkpoint_dir, cfg=cfg,
-                  batch_to_loss=pixnet_batch_loss, on_epoch_end=on_epoch_end)
+                  batch_to_loss=pixnet_batch_loss, on_epoch_end=on_epoch_end,
+                  fingerprint=fingerprint)
     task_extra = {k: v for k, v in task.items() if v is not None}
     save_model(out_model, model, model_name=model_name, model_config=model.config, genes=genes,
                extra={**task_extra, "out_stride": model.out_stride, "train": cfg.to_dict(),

@@ -72,6 +72,7 @@ from histomap.train import (
     resolve_device,
     save_model,
     to_device,
+    training_fingerprint,
 )
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
     Resumes from ``checkpoint_dir/last.pt`` after an interruption.
     """
     torch.manual_seed(seed)
+    fingerprint = training_fingerprint([*st_paths, *slide_paths], model_name=model_name,
+                                       model_cfg=model_cfg, genes=list(genes),
+                                       validation=validation, seed=seed)
     model_cfg = dict(model_cfg)
     input_mpp = float(model_cfg.pop("input_mpp"))
     crop_cfg = model_cfg.pop("crop_um", None)
@@ -127,7 +131,8 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     summary = fit(model, ConcatDataset(train_parts),
                   ConcatDataset(val_parts) if val_parts else None,
-                  loss_fn=torch.nn.functional.mse_loss, out_dir=checkpoint_dir, cfg=cfg)
+                  loss_fn=torch.nn.functional.mse_loss, out_dir=checkpoint_dir, cfg=cfg,
+                  fingerprint=fingerprint)
     save_model(out_model, model, model_name=model_name, model_config=model.config, genes=genes,
                extra={"input_mpp": input_mpp, "crop_um": crop_cfg, "train": cfg.to_dict(),
                       "validation": dict(validation), "best_epoch": summary["best_epoch"],
@@ -504,7 +509,10 @@ def train_histogene(st_paths: Sequence[str | Path], slide_paths: Sequence[str | 
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     summary = fit(model, train_ds, val_ds, loss_fn=nn.functional.mse_loss,
                   out_dir=checkpoint_dir, cfg=cfg, batch_to_loss=histogene_batch_loss,
-                  on_epoch_end=on_epoch_end)
+                  on_epoch_end=on_epoch_end,
+                  fingerprint=training_fingerprint(
+                      [*st_paths, *slide_paths], model_name=MODEL_NAME, model_cfg=model_cfg,
+                      genes=list(genes), validation=validation, seed=seed))
     save_model(out_model, model, model_name=MODEL_NAME, model_config=model.config, genes=genes,
                extra={**task, "train": cfg.to_dict(), "validation": dict(validation),
                       "best_epoch": summary["best_epoch"],

@@ -588,7 +588,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     diffusion methods.
     """
     from histomap.models.diffst import DiffST
-    from histomap.train import TrainConfig, fit
+    from histomap.train import TrainConfig, discard_stale_checkpoints, fit, training_fingerprint
 
     torch = _torch()
     pairs_zarrs = [Path(p) for p in pairs_zarrs]
@@ -627,6 +627,9 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     cfg = TrainConfig.from_dict({**dict(train_cfg), "seed": seed})
     extra_meta: dict[str, Any] = {"diffusion": {}, "value_range": []}
     extras_path = checkpoint_dir / "sr_epochs.csv"
+    fingerprint = training_fingerprint(pairs_zarrs, method=method, variant=variant,
+                                       model_cfg=model_cfg, diffusion=diffusion,
+                                       validation=validation, seed=seed)
     if is_diffusion(method):
         diff_cfg = {**DEFAULT_DIFFUSION, **dict(diffusion or {})}
         vrange = value_range(attrs["normalisation"], pairs_zarrs, train_idx, target_sum)
@@ -647,6 +650,9 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                          [math.ceil(m - 1e-9) + 1 for m in schedule.milestones], cfg.epochs)
             else:
                 log.info("hierarchical features off: no sub-patches, the curriculum is unused")
+        # stale checkpoints go before their epoch count is read (a no-op again in fit)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        discard_stale_checkpoints(checkpoint_dir, model, cfg, fingerprint)
         objective = DiffusionObjective(diff, vrange, schedule=schedule, seed=seed,
                                        start_epoch=_epochs_done(checkpoint_dir),
                                        extras_path=extras_path, on_epoch_end=on_epoch_end,
@@ -657,7 +663,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     else:
         batch_to_loss, hook = baseline_batch_loss, on_epoch_end
     summary = fit(model, train_ds, val_ds, loss_fn=None, out_dir=checkpoint_dir, cfg=cfg,
-                  batch_to_loss=batch_to_loss, on_epoch_end=hook)
+                  batch_to_loss=batch_to_loss, on_epoch_end=hook, fingerprint=fingerprint)
     if isinstance(model, DiffST) and model.cfg.hierarchical:
         # the curriculum is a training device: the saved model predicts (and was validated)
         # with every sub-patch, whatever stage its best epoch was trained at

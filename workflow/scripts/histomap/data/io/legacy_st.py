@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from PIL import Image
 
 from histomap.data import slide as _slide  # noqa: F401  (raises PIL.Image.MAX_IMAGE_PIXELS for big H&E)
-from histomap.data.sample import Sample, annotate_spots
+from histomap.data.sample import UNS_KEY, Sample, annotate_spots, dropped_entry
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
 
     counts = read_counts(counts_path)
     selection = read_selection(selection_path)
-    spots = match_spots(selection, counts, selection_path, counts_path)
+    spots, dropped = match_spots(selection, counts, selection_path, counts_path)
 
     if mpp is None:
         mpp = infer_mpp(spots, sample)
@@ -79,6 +79,7 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     adata.obsm["spatial"] = xy
     annotate_spots(adata, sample=sample, platform=PLATFORM, mpp=mpp,
                    spot_diameter_um=spot_diameter_um, image=image_path)
+    adata.uns[UNS_KEY]["dropped"] = dropped
     log.info("%s: %d spots x %d genes, mpp %.4f um/px, spot diameter %g um, image %s",
              sample, adata.n_obs, adata.n_vars, mpp, spot_diameter_um, image_path)
     return Sample(name=sample, platform=PLATFORM, image_path=image_path, mpp=float(mpp),
@@ -188,14 +189,23 @@ def read_selection(path: Path) -> pd.DataFrame:
             raise InputError(path, f"column {column} has a missing or non-numeric value "
                                    f"(data row {row + 1})")
         selection[column] = values
-    if "selected" in selection.columns:
-        keep = selection["selected"] == 1
-        if not keep.all():
-            log.info("%s: dropped %d spots with selected != 1", path.name, int((~keep).sum()))
-        selection = selection[keep]
+    if selection.empty:
+        raise InputError(path, "spot selection table has no rows")
     selection.index = pd.Index([f"{_grid_label(x)}x{_grid_label(y)}"
                                 for x, y in zip(selection["x"], selection["y"])])
+    unselected: list[str] = []
+    if "selected" in selection.columns:
+        keep = selection["selected"] == 1
+        if not keep.any():
+            raise InputError(path, f"every one of its {len(selection)} spots has selected = "
+                                   f"{', '.join(f'{v:g}' for v in sorted(selection['selected'].unique()))} (no spot is "
+                                   "marked 1, under tissue): nothing to read")
+        if not keep.all():
+            log.info("%s: dropped %d spots with selected != 1", path.name, int((~keep).sum()))
+        unselected = list(selection.index[~keep])
+        selection = selection[keep]
     check_unique(selection.index, path, "spot positions (x, y)")
+    selection.attrs["unselected"] = unselected
     return selection
 
 
@@ -205,10 +215,14 @@ def _grid_label(value: float) -> str:
 
 
 def match_spots(selection: pd.DataFrame, counts: pd.DataFrame, selection_path: Path,
-                counts_path: Path) -> pd.DataFrame:
-    """Selection rows that have a counts row (selection order); log what each side loses."""
+                counts_path: Path) -> tuple[pd.DataFrame, dict]:
+    """Selection rows that have a counts row (selection order), and what each side loses
+    ({what: :func:`histomap.data.sample.dropped_entry`}; count rows of spots the selection
+    marks ``selected != 1`` are left out on purpose and not counted)."""
     in_counts = selection.index.isin(counts.index)
     in_selection = counts.index.isin(selection.index)
+    in_selection |= counts.index.isin(selection.attrs.get("unselected", []))
+    dropped = {}
     if not in_counts.any():
         raise InputError(counts_path, f"no count row name matches a spot of {selection_path.name} "
                                       f"(count rows look like {list(counts.index[:3])}, "
@@ -217,11 +231,16 @@ def match_spots(selection: pd.DataFrame, counts: pd.DataFrame, selection_path: P
         lost = selection.index[~in_counts]
         log.warning("%s: %d selected spots have no row in %s and are dropped: %s",
                     selection_path.name, len(lost), counts_path.name, _examples(lost))
+        dropped[f"selected spots of {selection_path.name} without a count row in "
+                f"{counts_path.name}"] = dropped_entry(counts_path, len(lost), len(selection),
+                                                       lost)
     if not in_selection.all():
         lost = counts.index[~in_selection]
         log.warning("%s: %d count rows have no selected spot in %s and are dropped: %s",
                     counts_path.name, len(lost), selection_path.name, _examples(lost))
-    return selection[in_counts]
+        dropped[f"count rows without a spot in {selection_path.name}"] = dropped_entry(
+            counts_path, len(lost), len(counts), lost)
+    return selection[in_counts], dropped
 
 
 # --- geometry ------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from histomap.data.io.legacy_st import (
     check_within_image,
     to_csr_counts,
 )
-from histomap.data.sample import Sample, annotate_spots
+from histomap.data.sample import UNS_KEY, Sample, annotate_spots, dropped_entry
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     counts = read_10x_h5(outs / MATRIX_FILE)
     positions_path = find_positions_file(outs)
     positions = read_positions(positions_path)
-    counts, positions = match_barcodes(counts, positions, outs / MATRIX_FILE, positions_path)
+    counts, positions, dropped = match_barcodes(counts, positions, outs / MATRIX_FILE,
+                                                positions_path)
 
     xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     xy = xy * scale
@@ -101,6 +102,7 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     counts.obsm["spatial"] = xy
     annotate_spots(counts, sample=sample, platform=PLATFORM, mpp=mpp,
                    spot_diameter_um=spot_diameter_um, image=image_path, note=note)
+    counts.uns[UNS_KEY]["dropped"] = dropped
     log.info("%s: %d spots x %d genes, mpp %.4f um/px, spot diameter %g um, image %s",
              sample, counts.n_obs, counts.n_vars, mpp, spot_diameter_um, image_path)
     return Sample(name=sample, platform=PLATFORM, image_path=image_path, mpp=float(mpp),
@@ -223,14 +225,19 @@ def read_positions(path: Path) -> pd.DataFrame:
 
 
 def match_barcodes(counts: ad.AnnData, positions: pd.DataFrame, matrix_path: Path,
-                   positions_path: Path) -> tuple[ad.AnnData, pd.DataFrame]:
-    """In-tissue spots present in the matrix, in matrix order; log every kind of drop."""
+                   positions_path: Path) -> tuple[ad.AnnData, pd.DataFrame, dict]:
+    """In-tissue spots present in the matrix, in matrix order; log every kind of drop and
+    return the unintended ones ({what: :func:`histomap.data.sample.dropped_entry`}; barcodes
+    off tissue are left out on purpose and not counted)."""
     in_tissue = positions["in_tissue"] == 1
     known = counts.obs_names.isin(positions.index)
+    dropped = {}
     if (~known).any():
         log.warning("%s: %d barcodes have no row in %s and are dropped: %s", matrix_path.name,
                     int((~known).sum()), positions_path.name,
                     _examples(counts.obs_names[~known]))
+        dropped[f"matrix barcodes without a position in {positions_path.name}"] = dropped_entry(
+            positions_path, int((~known).sum()), counts.n_obs, counts.obs_names[~known])
     tissue_barcodes = positions.index[in_tissue]
     keep = counts.obs_names.isin(tissue_barcodes)
     off_tissue = known & ~keep
@@ -246,8 +253,12 @@ def match_barcodes(counts: ad.AnnData, positions: pd.DataFrame, matrix_path: Pat
         log.warning("%s: %d in-tissue spots have no column in %s and are dropped: %s",
                     positions_path.name, int(missing.sum()), matrix_path.name,
                     _examples(tissue_barcodes[missing]))
+        dropped[f"in-tissue spots of {positions_path.name} without counts in "
+                f"{matrix_path.name}"] = dropped_entry(matrix_path, int(missing.sum()),
+                                                       len(tissue_barcodes),
+                                                       tissue_barcodes[missing])
     counts = counts[keep].copy()
-    return counts, positions.loc[counts.obs_names]
+    return counts, positions.loc[counts.obs_names], dropped
 
 
 # --- scale ---------------------------------------------------------------------------------------
