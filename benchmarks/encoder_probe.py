@@ -38,13 +38,17 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # name: (encoder, random_init, colour statistics)
 VARIANTS = {
-    "tf_efficientnet_lite0 (TF 'same' padding), ImageNet weights":
-        ("efficientnet_lite0_imagenet", False, IMAGENET),
-    "tf_efficientnet_lite0, ImageNet weights, inception colour statistics (0.5/0.5)":
+    "tf_efficientnet_lite0 (TF 'same' padding), pretrained, input 0.5/0.5 (TF-Lite)":
         ("efficientnet_lite0_imagenet", False, INCEPTION),
-    "efficientnet_lite0 (symmetric padding), ImageNet weights":
+    "tf_efficientnet_lite0 (TF 'same' padding), pretrained, input ImageNet mean/std":
+        ("efficientnet_lite0_imagenet", False, IMAGENET),
+    "efficientnet_lite0 (symmetric padding), pretrained, input 0.5/0.5 (TF-Lite)":
+        ("efficientnet_lite0_imagenet_sympad", False, INCEPTION),
+    "efficientnet_lite0 (symmetric padding), pretrained, input ImageNet mean/std":
         ("efficientnet_lite0_imagenet_sympad", False, IMAGENET),
-    "tf_efficientnet_lite0, random weights (control)":
+    "tf_efficientnet_lite0, random weights (control), input 0.5/0.5":
+        ("efficientnet_lite0_imagenet", True, INCEPTION),
+    "tf_efficientnet_lite0, random weights (control), input ImageNet mean/std":
         ("efficientnet_lite0_imagenet", True, IMAGENET),
 }
 log = logging.getLogger("encoder_probe")
@@ -122,14 +126,15 @@ def main() -> None:
                 va_x.append(feats[s][val]), va_y.append(y[val])
             tr_x, tr_y = np.concatenate(tr_x), np.concatenate(tr_y)
             va_x, va_y = np.concatenate(va_x), np.concatenate(va_y)
-            alpha, _ = select_ridge(tr_x, tr_y, va_x, va_y)
+            alpha, grid = select_ridge(tr_x, tr_y, va_x, va_y)
+            val_mse = min(r["val_mse"] for r in grid)
             all_x, all_y = np.concatenate([tr_x, va_x]), np.concatenate([tr_y, va_y])
             fitted = ridge_fit(all_x, all_y, alpha * len(all_x))
             truth = expression_matrix(samples[test][1], genes)
             pred = ridge_predict(feats[test], *fitted)
             r = pearson_per_gene(truth, pred)
             r = np.where(np.isnan(r), 0.0, r)  # constant prediction or truth: 0
-            rows.append({"variant": label, "fold": test, "alpha": alpha,
+            rows.append({"variant": label, "fold": test, "alpha": alpha, "val_mse": val_mse,
                          "pcc_m": float(r.mean()), "pcc_s": float(np.median(r)),
                          "mse": float(np.mean((truth - pred) ** 2)),
                          "features": feats[test].shape[1], "encode_s": round(seconds, 1)})
@@ -140,12 +145,16 @@ def main() -> None:
     wide["mean PCC@M"] = wide.mean(axis=1)
     wide["mean PCC@S"] = table.groupby("variant")["pcc_s"].mean()
     wide["mean MSE"] = table.groupby("variant")["mse"].mean()
+    # the selection criterion that sees no test section: validation MSE on training blocks
+    wide["mean validation MSE"] = table.groupby("variant")["val_mse"].mean()
     wide = wide.loc[list(VARIANTS)]
     with open(out / "probe.md", "w") as fh:
         fh.write(f"Linear probe (ridge, penalty on training validation blocks) on pooled "
                  f"encoder features of {args.crop_um:g} um crops at {args.mpp:g} um/px; "
                  f"HER2ST leave one section out, top-{args.n_genes} genes of the training "
-                 f"sections. PCC@M per held-out section:\n\n")
+                 f"sections. PCC@M per held-out section; the last column is the ridge's "
+                 f"validation MSE on spatial blocks of the training sections (no test data):"
+                 f"\n\n")
         fh.write(wide.to_markdown(floatfmt=".4f") + "\n")
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     print(wide.to_string(float_format="%.4f"))

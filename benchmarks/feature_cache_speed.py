@@ -1,0 +1,106 @@
+"""Epoch time of a frozen-encoder PixNet (and iStar-style MLP) with and without the feature cache.
+
+One HER2ST section (its spots as training windows, one window per spot): PixNet with the frozen
+packaged EfficientNet-Lite0 trains one epoch (a) running the frozen encoder on every image window
+(``WindowDataset``) and (b) from ``encode_slide``'s cached pyramid (``CachedWindowDataset``),
+same windows, batches and decoder; plus the one-off cost of ``encode_slide``. Also the time of a
+single training step of each demo model (config/config.yaml settings) for the demo estimate.
+
+    .venv/bin/python benchmarks/feature_cache_speed.py --data ../shared/data/her2st --section B4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+
+from histomap.compat import torch  # noqa: E402
+from histomap.data.io import legacy_st  # noqa: E402
+from histomap.data.preprocess import normalise_spots, select_genes  # noqa: E402
+from histomap.data.slide import prepare_slide  # noqa: E402
+from histomap.models import build_model  # noqa: E402
+from histomap.tasks.dense import pixnet_batch_loss, slide_spots, WindowDataset  # noqa: E402
+from histomap.tasks.feature_cache import (  # noqa: E402
+    CachedWindowDataset,
+    FeaturePyramid,
+    cached_dense_batch_loss,
+    encode_slide,
+)
+from histomap.train import TrainConfig, fit  # noqa: E402
+
+ENCODER = "efficientnet_lite0_imagenet"
+log = logging.getLogger("feature_cache_speed")
+
+
+def epoch_seconds(model, dataset, batch_loss, out_dir, batch_size):
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3, patience=None, device="cpu",
+                      amp=False)
+    t0 = time.perf_counter()
+    fit(model, dataset, None, loss_fn=None, out_dir=out_dir, cfg=cfg, batch_to_loss=batch_loss)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="../shared/data/her2st")
+    ap.add_argument("--section", default="B4")
+    ap.add_argument("--mpp", type=float, default=1.0, help="input um/px (demo: 1.0)")
+    ap.add_argument("--window-px", type=int, default=160, help="demo: 160")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/feature_cache")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cache_speed_"))
+    sample = legacy_st.read(args.section, Path(args.data) / args.section)
+    slide = work / "slide.tif"
+    prepare_slide(sample.image_path, slide, sample.mpp)
+    st = normalise_spots(sample.spots, min_counts=100, min_genes=20)
+    st.uns["histomap"] = {**st.uns["histomap"], "image": str(slide)}
+    st_path = work / f"{args.section}.h5ad"
+    st.write_h5ad(st_path)
+    genes = select_genes({args.section: st}, n_genes=50)
+    spots, _ = slide_spots(st_path, slide, genes)
+
+    t0 = time.perf_counter()
+    cache = encode_slide(slide, st_path, work / "features.zarr", encoder=ENCODER, mpp=args.mpp,
+                         crop_um=110)
+    encode_s = time.perf_counter() - t0
+    window = {"window_px": args.window_px, "input_mpp": args.mpp, "out_stride": 4}
+    results = {"section": args.section, "spots": len(spots.centres_px), "mpp": args.mpp,
+               "window_px": args.window_px, "batch_size": args.batch_size,
+               "threads": args.threads, "encode_slide_s": round(encode_s, 1)}
+    for name, cfg in (("pixnet", {"encoder": ENCODER, "freeze_encoder": True, "out_stride": 4,
+                                  "decoder_channels": [16, 32, 64, 128, 128]}),
+                      ("istar", {"features": "encoder", "encoder": ENCODER, "out_stride": 4,
+                                 "hidden": [128, 128]})):
+        plain = WindowDataset([spots], augment=True, **window)
+        cached = CachedWindowDataset([spots], [FeaturePyramid(cache)], augment=True, **window)
+        times = {}
+        for label, ds, loss in (("image windows", plain, pixnet_batch_loss),
+                                ("cached features", cached, cached_dense_batch_loss)):
+            torch.manual_seed(0)
+            model = build_model(name, len(genes), **cfg)
+            times[label] = epoch_seconds(model, ds, loss, work / f"{name}_{len(times)}",
+                                         args.batch_size)
+        results[name] = {"windows": len(plain), **{k: round(v, 2) for k, v in times.items()},
+                         "speed_up": round(times["image windows"] / times["cached features"],
+                                           1)}
+        print(name, results[name], flush=True)
+    (out / f"speed_{args.section}_{args.mpp:g}.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
