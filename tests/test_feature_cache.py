@@ -118,3 +118,32 @@ def test_fine_tuned_encoder_is_not_cached(tiny):
                         decoder_channels=[8, 8, 8, 8, 8])
     with pytest.raises(ValueError, match="frozen encoder"):
         frozen_encoder_name(model)
+
+
+def test_stnet_head_from_cached_features_matches_the_crops(tiny):
+    """A frozen-backbone ST-Net-style model: the first step on cached pooled crop features
+    equals the first step on the crops themselves (fp16 tolerance)."""
+    from torch.utils.data import DataLoader
+
+    from histomap.data.spot_patches import SpotDataset, extract_spot_patches
+    from histomap.tasks.feature_cache import cached_spot_batch_loss
+    from histomap.train import spot_batch_loss
+
+    pyr = FeaturePyramid(tiny["cache"])
+    feats = torch.from_numpy(pyr.spot_features([f"s{i}" for i in range(4)]))
+    targets = torch.from_numpy(tiny["spots"].targets)
+    patches = extract_spot_patches(tiny["slide"], tiny["spots"].centres_px, crop_um=32.0,
+                                   out_mpp=MPP)
+    crops = next(iter(DataLoader(SpotDataset(patches, tiny["spots"].targets), batch_size=4)))
+    results = []
+    for batch, loss_fn in ((crops, spot_batch_loss), ((feats, targets), cached_spot_batch_loss)):
+        torch.manual_seed(0)
+        model = build_model("stnet", GENES, backbone=ENCODER, freeze_backbone=True,
+                            dropout=0.0).train()
+        loss = loss_fn(model, batch, torch.device("cpu"), torch.nn.functional.mse_loss)
+        loss.backward()
+        results.append((loss.detach(), model.head.weight.grad.clone()))
+        assert not any(p.requires_grad for p in model.backbone.parameters())
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=5e-3, atol=5e-3)
+    scale = float(results[0][1].abs().max())
+    torch.testing.assert_close(results[1][1] / scale, results[0][1] / scale, rtol=0, atol=1e-2)

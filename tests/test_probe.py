@@ -66,3 +66,82 @@ def test_fitted_probe_module_predicts_like_the_ridge():
     assert not any(p.requires_grad for p in probe.parameters())
     out = probe(torch.rand(2, 3, 32, 32))
     assert out.shape == (2, 2)
+
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory):
+    """Two tiny slides whose spot expression follows the stain darkness under the spot."""
+    import anndata as ad
+
+    from histomap.data.sample import annotate_spots
+    from histomap.data.slide import write_pyramid
+
+    root = tmp_path_factory.mktemp("probe")
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(2):
+        side = 192
+        grid = np.array([[x, y] for x in range(24, side, 24) for y in range(24, side, 24)],
+                        dtype=np.float64)
+        image = np.full((side, side, 3), 230, np.uint8)
+        darkness = rng.random(len(grid))
+        for (x, y), d in zip(grid, darkness):
+            image[int(y) - 8:int(y) + 8, int(x) - 8:int(x) + 8] = (230 - 150 * d, 120, 200)
+        slide = write_pyramid(image, root / f"s{k}.tif", 1.0)
+        expr = np.c_[darkness * 3, 1 - darkness, rng.random(len(grid))].astype(np.float32)
+        spots = ad.AnnData(expr)
+        spots.var_names = ["dark", "light", "noise"]
+        spots.obs_names = [f"s{k}_{i}" for i in range(len(grid))]
+        spots.obsm["spatial"] = grid
+        annotate_spots(spots, sample=f"s{k}", platform="synthetic", mpp=1.0,
+                       spot_diameter_um=16.0, image=str(slide))
+        st = root / f"s{k}.h5ad"
+        spots.write_h5ad(st)
+        out.append((st, slide))
+    return root, out
+
+
+@pytest.mark.slow
+def test_train_probe_from_cache_and_from_slide_agree(two_slides):
+    import anndata as ad
+
+    from histomap.tasks.feature_cache import encode_slide
+    from histomap.tasks.probe import train_probe
+    from histomap.tasks.spot import predict_spot_model
+    from histomap.train import load_model
+
+    from histomap.compat import timm
+
+    root, pairs = two_slides
+    # a user's checkpoint (random weights in timm's format) fixes the encoder for the cache
+    weights = root / "user" / "pytorch_model.bin"
+    weights.parent.mkdir()
+    torch.manual_seed(1)
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    cfg = {"encoder": "resnet10t", "checkpoint": str(weights), "input_mpp": 1.0,
+           "crop_um": 32.0, "alphas": [0.01, 1.0]}
+    st_paths, slides = [p[0] for p in pairs], [p[1] for p in pairs]
+    with pytest.raises(ValueError, match="no weights to cache"):
+        encode_slide(slides[0], st_paths[0], root / "x.zarr", encoder="resnet10t", mpp=1.0)
+    caches = [encode_slide(sl, st, root / f"f{i}.zarr", encoder="resnet10t", mpp=1.0,
+                           crop_um=32.0, tile_px=128, margin_px=32, checkpoint=weights)
+              for i, (st, sl) in enumerate(pairs)]
+    validation = {"fraction": 0.25, "block_um": 48}
+    genes = ["dark", "light", "noise"]
+    fits = []
+    for name, kwargs in (("cached", {"feature_caches": caches}), ("slide", {})):
+        summary = train_probe(st_paths, slides, genes, model_cfg=cfg, validation=validation,
+                              seed=0, out_model=root / name / "model.pt",
+                              out_log=root / name / "log.csv", **kwargs)
+        fits.append(summary)
+    assert fits[0]["alpha"] == fits[1]["alpha"]
+    model, meta = load_model(root / "cached" / "model.pt")
+    assert meta["model_name"] == "probe" and meta["extra"]["crop_um"] == 32.0
+    pred = predict_spot_model(root / "cached" / "model.pt", st_paths[0], slides[0],
+                              root / "pred.h5ad", device="cpu")
+    other = predict_spot_model(root / "slide" / "model.pt", st_paths[0], slides[0],
+                               root / "pred2.h5ad", device="cpu")
+    np.testing.assert_allclose(pred.X, other.X, rtol=2e-2, atol=2e-2)
+    truth = ad.read_h5ad(st_paths[0])
+    r = np.corrcoef(pred.X[:, 0], truth.X[:, 0])[0, 1]
+    assert r > 0.5  # the probe learns the stain darkness of its training spots

@@ -34,7 +34,8 @@ class STNet(nn.Module):
     """timm backbone -> dropout -> linear head to ``n_genes`` log-normalised expression values."""
 
     def __init__(self, n_genes: int, *, backbone: str = "resnet18",
-                 pretrained_checkpoint: str | None = None, dropout: float = 0.1):
+                 pretrained_checkpoint: str | None = None, dropout: float = 0.1,
+                 freeze_backbone: bool = False):
         super().__init__()
         if n_genes < 1:
             raise ValueError(f"n_genes must be >= 1, got {n_genes}")
@@ -47,6 +48,10 @@ class STNet(nn.Module):
         self.backbone = create_encoder(backbone, checkpoint=pretrained_checkpoint,
                                        num_classes=0)
         self.restandardise = Restandardise(backbone)  # ImageNet units -> the encoder's
+        self.freeze_backbone = bool(freeze_backbone)  # only the head trains (cacheable)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
         self.dropout = nn.Dropout(self.dropout_p)
         self.head = nn.Linear(self.backbone.num_features, self.n_genes)
 
@@ -55,7 +60,7 @@ class STNet(nn.Module):
         """Keyword configuration that rebuilds this model with ``STNet(n_genes, **config)``."""
         return {"backbone": self.backbone_name,
                 "pretrained_checkpoint": self.pretrained_checkpoint,
-                "dropout": self.dropout_p}
+                "dropout": self.dropout_p, "freeze_backbone": self.freeze_backbone}
 
     def init_output_bias(self, mean_expression) -> None:
         """Start the head at the training-set mean expression, so early epochs learn variation
@@ -63,6 +68,21 @@ class STNet(nn.Module):
         with torch.no_grad():
             self.head.bias.copy_(torch.as_tensor(mean_expression, dtype=self.head.bias.dtype))
 
+    def train(self, mode: bool = True) -> STNet:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def head_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, F) pooled backbone features (e.g. cached) -> (batch, n_genes)."""
+        return self.head(self.dropout(features))
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """(batch, 3, s, s) normalised patches -> (batch, n_genes) predictions."""
-        return self.head(self.dropout(self.backbone(self.restandardise(patches))))
+        x = self.restandardise(patches)
+        if self.freeze_backbone:
+            with torch.no_grad():
+                features = self.backbone(x)
+            return self.head_from_features(features)
+        return self.head_from_features(self.backbone(x))

@@ -36,13 +36,14 @@ import numpy as np
 import pandas as pd
 import zarr
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from histomap.compat import torch
 from histomap.data.slide import open_slide, read_patch, read_region, slide_mpp
 from histomap.data.spot_patches import dihedral
 from histomap.errors import InputError
-from histomap.models.encoders import create_encoder, encoder_mean_std
+from histomap.models.encoders import create_encoder, encoder_mean_std, is_pretrained
 from histomap.models.roi import roi_aggregate
 from histomap.outputs import partial_path, remove_path
 from histomap.tasks.dense import SlideSpots, WindowDataset, make_loss_fn
@@ -60,6 +61,10 @@ class SlideEncoder(nn.Module):
 
     def __init__(self, encoder: str, checkpoint: str | Path | None = None):
         super().__init__()
+        if checkpoint is None and not is_pretrained(encoder):
+            raise ValueError(f"encoder {encoder!r} has no weights to cache (a random timm "
+                             "network differs in every model): name a pretrained encoder or "
+                             "give its checkpoint (features.checkpoints)")
         self.pyramid = create_encoder(encoder, checkpoint=checkpoint, features_only=True)
         self.pooled = create_encoder(encoder, checkpoint=checkpoint, num_classes=0)
         mean, std = encoder_mean_std(encoder)
@@ -166,7 +171,8 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
                 x = torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2).float() / 255.0
                 pooled[i:i + batch_size] = enc.pool(x).half().numpy()
         root.create_array("spots", data=pooled, chunks=pooled.shape or (1, 1))
-        root.create_array("spot_names", data=np.asarray(spots.obs_names, dtype=str))
+        names = root.create_array("spot_names", shape=(len(centres),), dtype=str)
+        names[:] = np.asarray(spots.obs_names, dtype=object)
         root.create_array("encoded", data=want.astype(np.uint8))
         root.attrs.update({
             "format": FORMAT, "encoder": encoder, "checkpoint": None if checkpoint is None
@@ -201,13 +207,19 @@ class FeaturePyramid:
         self.levels = [np.asarray(root[f"level{i}"][:]) for i in range(len(self.strides))]
         self.origin = np.asarray(self.attrs["origin_px"], dtype=np.int64)
         self.mpp = float(self.attrs["mpp"])
-        self.spot_names = np.asarray(root["spot_names"][:]).astype(str)
+        self.spot_names = [str(n) for n in root["spot_names"][:]]
         self.spots = np.asarray(root["spots"][:])
 
-    def check(self, encoder: str, mpp: float) -> None:
+    def check(self, encoder: str, mpp: float, checkpoint: str | Path | None = None) -> None:
+        """InputError unless the cache holds ``encoder`` (with ``checkpoint``) at ``mpp``."""
         if self.attrs["encoder"] != encoder or abs(self.mpp - float(mpp)) > 1e-9:
             raise InputError(self.path, f"feature cache holds {self.attrs['encoder']} at "
                                         f"{self.mpp} um/px; the model needs {encoder} at {mpp}")
+        cached = self.attrs.get("checkpoint") or None
+        wanted = None if checkpoint is None else str(checkpoint)
+        if cached != wanted:
+            raise InputError(self.path, f"feature cache holds the weights of {cached}; the "
+                                        f"model uses {wanted}")
 
     def crop(self, level: int, x0: int, y0: int, side: int) -> np.ndarray:
         """(C, side / t, side / t) features of input pixels [x0, x0 + side) x [y0, ...);
@@ -304,11 +316,7 @@ def cached_datasets(model: nn.Module, caches: Sequence[str | Path],
         raise ValueError(f"{len(caches)} feature caches for {len(train_parts)} samples")
     pyramids = [FeaturePyramid(path) for path in caches]
     for pyr in pyramids:
-        pyr.check(encoder, input_mpp)
-        cached = pyr.attrs.get("checkpoint")
-        if (cached or None) != (None if checkpoint is None else str(checkpoint)):
-            raise InputError(pyr.path, f"features of checkpoint {cached}, model uses "
-                                       f"{checkpoint}")
+        pyr.check(encoder, input_mpp, checkpoint)
         if list(pyr.strides) != strides_of(model):
             raise InputError(pyr.path, f"cached strides {pyr.strides} differ from the model's "
                                        f"encoder {strides_of(model)}")
@@ -343,3 +351,52 @@ def strides_of(model: nn.Module) -> list[int]:
     if hasattr(model, "encoder") and hasattr(model.encoder, "strides"):
         return [int(s) for s in model.encoder.strides]
     return [int(s) for s in model.features.encoder.strides]
+
+
+def cached_spot_datasets(caches: Sequence[str | Path], st_paths: Sequence[str | Path],
+                         genes: Sequence[str], *, encoder: str, mpp: float,
+                         checkpoint: str | Path | None, validation: Mapping, seed: int
+                         ) -> tuple[TensorDataset, TensorDataset | None, float]:
+    """(training, validation, crop_um): the spots' cached pooled crop features and targets,
+    validation = the spatial blocks every model validates on (same seeds per sample)."""
+    import anndata as ad
+
+    from histomap.data.preprocess import expression_matrix
+    from histomap.data.sample import geometry
+    from histomap.evaluation.folds import validation_split
+
+    if len(caches) != len(st_paths):
+        raise ValueError(f"{len(caches)} feature caches for {len(st_paths)} samples")
+    parts: dict[bool, list] = {False: [], True: []}
+    crops = set()
+    for i, (cache, st_path) in enumerate(zip(caches, st_paths)):
+        pyr = FeaturePyramid(cache)
+        pyr.check(encoder, mpp, checkpoint)
+        crops.add(float(pyr.attrs["crop_um"]))
+        spots = ad.read_h5ad(st_path)
+        feats = pyr.spot_features(list(spots.obs_names))
+        targets = expression_matrix(spots, genes, path=st_path)
+        xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+        val = validation_split(xy, fraction=float(validation["fraction"]),
+                               block_px=float(validation["block_um"]) / geometry(spots)["mpp"],
+                               seed=seed + i)
+        for flag in (False, True):
+            keep = val if flag else ~val
+            parts[flag].append((feats[keep], targets[keep]))
+    if len(crops) > 1:
+        raise ValueError(f"the caches hold different crops {sorted(crops)}")
+
+    def tensors(flag):
+        x = np.concatenate([p[0] for p in parts[flag]])
+        y = np.concatenate([p[1] for p in parts[flag]])
+        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) if len(x) else None
+
+    return tensors(False), tensors(True), crops.pop()
+
+
+def cached_spot_batch_loss(model: nn.Module, batch, device: torch.device,
+                           loss_fn: Callable[..., torch.Tensor] | None) -> torch.Tensor:
+    """``fit``'s batch loss for cached pooled features: the head of a frozen-backbone crop
+    model on (features, targets)."""
+    features, targets = to_device(batch, device)
+    return loss_fn(model.head_from_features(features.float()), targets)

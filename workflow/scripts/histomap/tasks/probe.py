@@ -72,7 +72,7 @@ def train_probe(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Path
         xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
         if caches:
             pyr = FeaturePyramid(caches[i])
-            pyr.check(encoder, input_mpp)
+            pyr.check(encoder, input_mpp, checkpoint)
             feats = pyr.spot_features(list(spots.obs_names))
             crops.add(float(pyr.attrs["crop_um"]))
         else:
