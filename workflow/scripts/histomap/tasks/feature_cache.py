@@ -192,9 +192,12 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
 
 
 class FeaturePyramid:
-    """A cached pyramid, read into memory (float16) for training windows."""
+    """A cached pyramid for training windows. ``levels``: the level indices a model uses (None:
+    all; the others are never read). They are read into memory (float16) when they fit in
+    ``max_memory_bytes``, else every crop reads its chunks from the zarr store."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, levels: Sequence[int] | None = None,
+                 max_memory_bytes: int = 2 << 30):
         self.path = Path(path)
         try:
             root = zarr.open_group(str(self.path), mode="r")
@@ -204,7 +207,16 @@ class FeaturePyramid:
         if self.attrs.get("format") != FORMAT:
             raise InputError(self.path, f"not a histomap feature cache ({FORMAT})")
         self.strides = [int(s) for s in self.attrs["strides"]]
-        self.levels = [np.asarray(root[f"level{i}"][:]) for i in range(len(self.strides))]
+        used = range(len(self.strides)) if levels is None else sorted(set(levels))
+        arrays = {i: root[f"level{i}"] for i in used}
+        nbytes = sum(a.nbytes for a in arrays.values())
+        self.in_memory = nbytes <= max_memory_bytes
+        self.levels = [None] * len(self.strides)
+        for i, arr in arrays.items():
+            self.levels[i] = np.asarray(arr[:]) if self.in_memory else arr
+        if not self.in_memory:
+            log.info("%s: %.1f GB of features: read per window from the store", self.path,
+                     nbytes / 1e9)
         self.origin = np.asarray(self.attrs["origin_px"], dtype=np.int64)
         self.mpp = float(self.attrs["mpp"])
         self.spot_names = [str(n) for n in root["spot_names"][:]]
@@ -226,6 +238,8 @@ class FeaturePyramid:
         ``x0``, ``y0`` and ``side`` multiples of the level's stride t; 0 outside the cache."""
         t = self.strides[level]
         arr = self.levels[level]
+        if arr is None:
+            raise ValueError(f"{self.path}: level {level} was not loaded")
         n = side // t
         out = np.zeros((arr.shape[0], n, n), dtype=arr.dtype)
         cx, cy = (x0 - int(self.origin[0])) // t, (y0 - int(self.origin[1])) // t
@@ -279,6 +293,8 @@ class CachedWindowDataset(WindowDataset):
         x0, y0 = self.window_origin(i, offset)
         pyr = self.pyramids[int(self.anchors[i, 0])]
         for level in range(len(pyr.strides)):
+            if pyr.levels[level] is None:
+                continue
             feats = torch.from_numpy(pyr.crop(level, x0, y0, self.window_px))
             item[f"level{level}"] = dihedral(feats, k)
         return item
@@ -314,7 +330,8 @@ def cached_datasets(model: nn.Module, caches: Sequence[str | Path],
     encoder = frozen_encoder_name(model)
     if len(caches) != len(train_parts):
         raise ValueError(f"{len(caches)} feature caches for {len(train_parts)} samples")
-    pyramids = [FeaturePyramid(path) for path in caches]
+    needed = getattr(model, "levels", None)  # PixNet's levels; iStar uses every level
+    pyramids = [FeaturePyramid(path, levels=needed) for path in caches]
     for pyr in pyramids:
         pyr.check(encoder, input_mpp, checkpoint)
         if list(pyr.strides) != strides_of(model):
@@ -336,9 +353,11 @@ def cached_dense_batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     """``fit``'s batch loss for cached windows: the model's ``decode_features`` (the trainable
     part after the frozen encoder) on the cached levels, disc means against the targets."""
     batch = to_device(batch, device)
-    n_levels = sum(1 for k in batch if k.startswith("level"))
-    levels = [batch[f"level{i}"].float() for i in range(n_levels)]
-    side = batch["level0"].shape[-1] * strides_of(model)[0] // model.out_stride
+    strides = strides_of(model)
+    levels = [batch[f"level{i}"].float() if f"level{i}" in batch else None
+              for i in range(len(strides))]
+    first = next(i for i, level in enumerate(levels) if level is not None)
+    side = levels[first].shape[-1] * strides[first] // model.out_stride
     dense_map = model.decode_features(levels, (side, side))
     pred = roi_aggregate(dense_map, batch["centres"], batch["radii"], mode="mean",
                          valid=batch["valid"])
