@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histomap.compat import timm
+from histomap.compat import timm  # noqa: F401  (timm.layers, imported in build_vit, needs it first)
 from histomap.errors import InputError
 from histomap.imagenorm import ImageNormalize
 from histomap.models.encoders import create_encoder, encoder_mean_std

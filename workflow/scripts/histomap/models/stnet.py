@@ -13,7 +13,6 @@ expression.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from torch import nn
 
