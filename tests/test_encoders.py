@@ -131,3 +131,12 @@ def test_crop_models_see_the_encoders_colour_statistics():
     torch.testing.assert_close(Restandardise(NAME)(imagenet), (rgb - 0.5) / 0.5)
     assert encoder_mean_std(NAME) == ((0.5,) * 3, (0.5,) * 3)
     assert Restandardise("resnet18")(imagenet) is imagenet
+
+
+def test_diffst_tissue_encoder_takes_the_named_encoder(packaged_state):
+    from histomap.models.diffst import TimmTissueEncoder
+
+    enc = TimmTissueEncoder(NAME, 8, stage=2)
+    torch.testing.assert_close(enc.backbone.conv_stem.weight, packaged_state["_conv_stem.weight"])
+    torch.testing.assert_close(enc.mean.flatten(), torch.full((3,), 0.5))
+    assert enc(torch.rand(1, 3, 64, 64)).shape == (1, 8, 8, 8)
