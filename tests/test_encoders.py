@@ -140,3 +140,19 @@ def test_diffst_tissue_encoder_takes_the_named_encoder(packaged_state):
     torch.testing.assert_close(enc.backbone.conv_stem.weight, packaged_state["_conv_stem.weight"])
     torch.testing.assert_close(enc.mean.flatten(), torch.full((3,), 0.5))
     assert enc(torch.rand(1, 3, 64, 64)).shape == (1, 8, 8, 8)
+
+
+def test_sr_baseline_image_branch_takes_the_named_encoder(packaged_state):
+    from histomap.models.srnets import build_sr_baseline
+
+    model = build_sr_baseline("unet", 4, base_channels=4, depth=2, image_encoder=NAME,
+                              image_channels=3).train()
+    branch = model.image_branch.backbone
+    torch.testing.assert_close(branch.conv_stem.weight, packaged_state["_conv_stem.weight"])
+    assert not branch.training and not any(p.requires_grad for p in branch.parameters())
+    out = model(torch.rand(2, 4, 16, 16), torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 4, 16, 16)
+    out.sum().backward()
+    assert model.image_branch.proj.weight.grad is not None
+    rebuilt = build_sr_baseline("unet", 4, **model.config)
+    assert rebuilt.in_channels == model.in_channels == 4 + 3 + 3
