@@ -96,6 +96,17 @@ def demo_steps(n_genes: int = 50) -> dict:
         levels = model.encoder(model.image_norm(windows))
     out[f"pixnet {ENCODER} frozen, cached features, batch 8"] = step_seconds(
         model, lambda m: mse(m.decode_features(levels, (40, 40)), target))
+    model = build_model("istar", n_genes, features="filterbank", out_stride=4, hidden=[128, 128])
+    out["istar filterbank (old demo), batch 8"] = step_seconds(
+        model, lambda m: mse(m(windows), target))
+    model = build_model("istar", n_genes, features="encoder", encoder=ENCODER, out_stride=4,
+                        hidden=[128, 128])
+    out[f"istar {ENCODER} features, image windows, batch 8"] = step_seconds(
+        model, lambda m: mse(m(windows), target))
+    with torch.no_grad():
+        levels = model.features.encoder(model.features.image_norm(windows))
+    out[f"istar {ENCODER} features, cached (demo), batch 8"] = step_seconds(
+        model, lambda m: mse(m.decode_features(levels, (40, 40)), target))
     return {k: round(v, 3) for k, v in out.items()}
 
 
