@@ -18,12 +18,19 @@
 
 The same frozen encoder with the same standardisation (:func:`encoder_mean_std`) as the models
 use, so training from the cache equals training with the frozen encoder run on the fly (up to
-float16 rounding and the context a window border cuts off).
+float16 rounding and the context a window border cuts off). Only an encoder with fixed weights
+is cached (a named pretrained encoder, or a timm name with a checkpoint): a random timm network
+differs in every model.
 
-:class:`CachedWindowDataset` serves :class:`histomap.tasks.dense.WindowDataset`'s training
-windows as crops of the cached pyramid instead of images; window origins snap to the coarsest
-stride, jitter moves in steps of it, and the dihedral augmentation turns the feature maps and the
-disc centres together. :func:`cached_dense_batch_loss` is ``fit``'s batch loss for them.
+Consumers: :class:`CachedWindowDataset` serves :class:`histomap.tasks.dense.WindowDataset`'s
+training windows as crops of the cached pyramid instead of images (PixNet with a frozen encoder,
+the iStar-style MLP on encoder features; :func:`cached_datasets`, batch loss
+:func:`cached_dense_batch_loss`). Window origins snap to the coarsest stride, jitter moves in
+steps of it, and the dihedral augmentation turns the feature maps and the disc centres together
+(an approximation: a CNN's features of a turned image are not exactly its turned features).
+Only the levels a model uses are read, into memory up to 2 GB, else per window from the store.
+:func:`cached_spot_datasets` gives the spots' pooled crop features to the head of a
+frozen-backbone ST-Net-style model; :mod:`histomap.tasks.probe` reads them for the probe.
 """
 from __future__ import annotations
 
