@@ -145,3 +145,37 @@ def test_train_probe_from_cache_and_from_slide_agree(two_slides):
     truth = ad.read_h5ad(st_paths[0])
     r = np.corrcoef(pred.X[:, 0], truth.X[:, 0])[0, 1]
     assert r > 0.5  # the probe learns the stain darkness of its training spots
+
+
+@pytest.mark.slow
+def test_stnet_head_trains_from_the_cache_and_predicts_from_crops(two_slides):
+    """train_spot_model with feature caches (frozen backbone): only the head trains, the saved
+    model predicts from the slide's crops of the cache's crop size."""
+    from histomap.tasks.feature_cache import encode_slide
+    from histomap.tasks.spot import predict_spot_model, train_spot_model
+    from histomap.train import load_model
+
+    root, pairs = two_slides
+    name = "efficientnet_lite0_imagenet"
+    caches = [encode_slide(sl, st, root / f"lite{i}.zarr", encoder=name, mpp=1.0, crop_um=32.0,
+                           tile_px=128, margin_px=32) for i, (st, sl) in enumerate(pairs)]
+    cfg = {"backbone": name, "input_mpp": 1.0, "freeze_backbone": True, "dropout": 0.0}
+    genes = ["dark", "light", "noise"]
+    kwargs = dict(model_name="stnet", train_cfg={"epochs": 2, "batch_size": 8, "device": "cpu"},
+                  validation={"fraction": 0.25, "block_um": 48}, seed=0)
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        train_spot_model([p[0] for p in pairs], [p[1] for p in pairs], genes,
+                         model_cfg={**cfg, "freeze_backbone": False}, out_model=root / "x.pt",
+                         out_log=root / "x.csv", checkpoint_dir=root / "xc",
+                         feature_caches=caches, **kwargs)
+    train_spot_model([p[0] for p in pairs], [p[1] for p in pairs], genes, model_cfg=cfg,
+                     out_model=root / "st" / "model.pt", out_log=root / "st" / "log.csv",
+                     checkpoint_dir=root / "st" / "ck", feature_caches=caches, **kwargs)
+    model, meta = load_model(root / "st" / "model.pt")
+    assert meta["extra"]["crop_um"] == 32.0 and meta["extra"]["feature_cache"]
+    from histomap.models.encoders import create_encoder
+    fresh = create_encoder(name, num_classes=0)
+    torch.testing.assert_close(model.backbone.conv_stem.weight, fresh.conv_stem.weight)
+    pred = predict_spot_model(root / "st" / "model.pt", pairs[0][0], pairs[0][1],
+                              root / "st_pred.h5ad", device="cpu")
+    assert pred.X.shape == (49, 3) and np.isfinite(pred.X).all()

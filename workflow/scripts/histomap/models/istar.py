@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histomap.imagenorm import ImageNormalize
+from histomap.models.encoders import encoder_mean_std
 from histomap.models.pixnet import (
     VIT_ENCODER_NAMES,
     TimmPyramidEncoder,
@@ -54,7 +55,6 @@ from histomap.models.pixnet import (
     init_dense_head_bias,
     load_encoder_weights,
 )
-from histomap.models.encoders import encoder_mean_std
 from histomap.models.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
