@@ -66,7 +66,7 @@ def tile_outputs():
     return {k: directory(v) if k == "zarr" else v for k, v in tile_files().items()}
 
 
-SPOT_MODELS = ("stnet", "histogene")  # one image crop per spot
+SPOT_MODELS = ("stnet", "histogene", "probe")  # one image crop per spot
 DENSE_MODELS = ("istar", "pixnet")  # a dense map, spots read out of it at any diameter
 # Variants (ablations): a new model name = a base model's block with some keys overridden.
 VARIANTS = config.get("variants", {})
@@ -212,6 +212,7 @@ def model_params(model):
     block.pop("train", None)
     block.pop("predict_spot_diameters_um", None)
     block.pop("train_diameters_um", None)
+    block.pop("feature_cache", None)
     return block
 
 
@@ -337,6 +338,17 @@ for _model in MODELS:
             )
 
 
+def feature_cache_files(model, fold):
+    """The training samples' encode_slide caches a model trains from (`feature_cache: true` in
+    its block; the probe always): results/features/{encoder}/{mpp}/{sample}.zarr."""
+    block = model_block(model)
+    if not (base_model(model) == "probe" or block.get("feature_cache")):
+        return []
+    encoder = block.get("encoder") or block.get("backbone")
+    mpp = scale_label(block["input_mpp"])
+    return [f"results/features/{encoder}/{mpp}/{s}.zarr" for s in fold_samples(fold, "train")]
+
+
 def train_inputs(wildcards):
     train = fold_samples(wildcards.fold, "train")
     extra = extra_train_spots(wildcards.model, wildcards.fold)
@@ -345,6 +357,7 @@ def train_inputs(wildcards):
         "slides": [f"results/ingest/{s}/slide.tif" for s in train],
         "genes": genes_for_fold(wildcards.fold),
         "extra": [path for paths in extra for path in paths],
+        "features": feature_cache_files(wildcards.model, wildcards.fold),
     }
 
 

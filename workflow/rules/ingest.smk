@@ -86,3 +86,31 @@ rule synthetic_he_slide:
         runtime=config["resources"]["runtime"]["light"],
     script:
         "../scripts/synthetic_he_slide.py"
+
+
+# The frozen encoder's features, once per sample x encoder x mpp (histomap.tasks.feature_cache):
+# every fold and seed of a frozen-encoder model (pixnet/istar with `feature_cache: true`, the
+# linear probe) trains from them instead of running the encoder on every window.
+rule encode_slide:
+    input:
+        slide="results/ingest/{sample}/slide.tif",
+        st="results/st/{sample}.h5ad",
+        tiles="results/tiles/{sample}.parquet",
+    output:
+        directory("results/features/{encoder}/{mpp}/{sample}.zarr"),
+    wildcard_constraints:
+        encoder=r"[A-Za-z0-9_.-]+",
+        mpp=r"[0-9.]+",
+    params:
+        features=config.get("features", {}),
+    log:
+        "logs/encode_slide/{encoder}/{mpp}/{sample}.log",
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/encode_slide.py"

@@ -69,6 +69,32 @@ rule train_pixnet:
         "../scripts/train_dense_model.py"
 
 
+# The linear probe (HEST-Benchmark style): ridge on the frozen encoder's cached pooled features
+# of each spot's crop; predicted like the ST-Net-style crop models (predict_probe).
+rule train_probe:
+    input:
+        unpack(train_inputs),
+    output:
+        model="results/models/{model}/{fold}/seed{tseed}/model.pt",
+        log_csv="results/models/{model}/{fold}/seed{tseed}/train_log.csv",
+    wildcard_constraints:
+        model=model_runs("probe"),
+    params:
+        model=lambda wc: model_params(wc.model),
+        validation=config["validation"],
+        seed=lambda wc: int(wc.tseed),
+    log:
+        "logs/train/{model}/{fold}/seed{tseed}.log",
+    threads: config["resources"]["threads"]["train"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/train_probe.py"
+
+
 use rule train_pixnet as train_istar with:
     wildcard_constraints:
         model=model_runs("istar"),
@@ -102,6 +128,11 @@ rule predict_stnet:
 use rule predict_stnet as predict_histogene with:
     wildcard_constraints:
         model=model_runs("histogene"),
+
+
+use rule predict_stnet as predict_probe with:
+    wildcard_constraints:
+        model=model_runs("probe"),
 
 
 rule predict_pixnet:

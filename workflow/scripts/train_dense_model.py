@@ -14,7 +14,8 @@ def main(sm):
     train_pixnet(sm.input.st, sm.input.slides, read_gene_panel(sm.input.genes),
                  model_cfg=p.model, train_cfg=p.train, validation=p.validation, seed=p.seed,
                  out_model=sm.output.model, out_log=sm.output.log_csv,
-                 checkpoint_dir=p.checkpoint_dir, model_name=p.base, extra_st_paths=p.extra_st)
+                 checkpoint_dir=p.checkpoint_dir, model_name=p.base, extra_st_paths=p.extra_st,
+                 feature_caches=list(sm.input.features) or None)
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

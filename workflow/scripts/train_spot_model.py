@@ -15,7 +15,7 @@ def main(sm):
         kwargs = {}
     else:
         from histomap.tasks.spot import train_spot_model as train
-        kwargs = {"model_name": p.base}
+        kwargs = {"model_name": p.base, "feature_caches": list(sm.input.features) or None}
     train(sm.input.st, sm.input.slides, read_gene_panel(sm.input.genes), model_cfg=p.model,
           train_cfg=p.train, validation=p.validation, seed=p.seed, out_model=sm.output.model,
           out_log=sm.output.log_csv, checkpoint_dir=p.checkpoint_dir, **kwargs)

@@ -17,6 +17,7 @@ from torch import nn
 from histomap.models.histogene import HistoGene
 from histomap.models.istar import IStar
 from histomap.models.pixnet import PixNet
+from histomap.models.probe import LinearProbe
 from histomap.models.stnet import STNet
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -24,6 +25,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "pixnet": PixNet,
     "histogene": HistoGene,
     "istar": IStar,
+    "probe": LinearProbe,
 }
 
 
@@ -43,4 +45,4 @@ def build_model(name: str, n_genes: int, /, **cfg) -> nn.Module:
         raise ValueError(f"bad configuration for model {name!r} {cfg}: {exc}") from exc
 
 
-__all__ = ["MODELS", "HistoGene", "IStar", "PixNet", "STNet", "build_model"]
+__all__ = ["MODELS", "HistoGene", "IStar", "LinearProbe", "PixNet", "STNet", "build_model"]

@@ -328,14 +328,14 @@ class TimmTissueEncoder(nn.Module):
     def __init__(self, name: str, out_ch: int, stage: int = 2,
                  pretrained_checkpoint: str | None = None) -> None:
         super().__init__()
-        from histomap.compat import timm  # imported lazily: timm is slow to import
-        from histomap.models.stnet import load_backbone_checkpoint
+        # imported lazily: timm is slow to import. Any timm name or a named pretrained encoder.
+        from histomap.models.encoders import create_encoder, encoder_mean_std, is_pretrained
 
-        self.backbone = timm.create_model(name, pretrained=False, features_only=True,
-                                          out_indices=(stage,))
-        if pretrained_checkpoint is not None:
-            load_backbone_checkpoint(self.backbone, pretrained_checkpoint)
+        self.backbone = create_encoder(name, checkpoint=pretrained_checkpoint,
+                                       features_only=True, out_indices=(stage,))
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        if is_pretrained(name):
+            cfg = dict(zip(("mean", "std"), encoder_mean_std(name)))
         self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN))[None, :, None,
                                                                                    None])
         self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD))[None, :, None,

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histomap.imagenorm import ImageNormalize
+from histomap.models.encoders import encoder_mean_std
 from histomap.models.pixnet import (
     VIT_ENCODER_NAMES,
     TimmPyramidEncoder,
@@ -257,7 +258,7 @@ class DenseFeatures(nn.Module):
                 self.encoder_channels = int(sum(self.encoder.channels))
         self.channels = self.encoder_channels + (self.filterbank.channels
                                                  if self.filterbank is not None else 0)
-        self.image_norm = ImageNormalize()
+        self.image_norm = ImageNormalize(*encoder_mean_std(encoder))
         self.requires_grad_(False)
         self.eval()
 
@@ -387,6 +388,21 @@ class IStar(DenseSpotsMixin, nn.Module):
         if images.shape[-2] < self.out_stride or images.shape[-1] < self.out_stride:
             raise ValueError(f"images {tuple(images.shape[-2:])} are smaller than one "
                              f"super-pixel ({self.out_stride} px)")
-        g = self.head(self.mlp(self.norm(self.features(images))))
+        return self._head(self.features(images))
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        g = self.head(self.mlp(self.norm(features)))
         return F.softplus(g) if self.head_activation == "softplus" else F.relu(g)
+
+    def decode_features(self, levels: Sequence[torch.Tensor], size: Sequence[int]
+                        ) -> torch.Tensor:
+        """The part after the frozen encoder, from its levels (e.g. the feature cache):
+        resampled to the output grid of ``size``, concatenated, MLP. Encoder features only
+        (the filter bank needs the image)."""
+        if self.features.filterbank is not None or not isinstance(self.features.encoder,
+                                                                   TimmPyramidEncoder):
+            raise ValueError("cached features serve iStar with features='encoder' and a timm "
+                             "encoder only")
+        size = (int(size[0]), int(size[1]))
+        return self._head(torch.cat([_resample(m.float(), size) for m in levels], dim=1))
 

@@ -24,7 +24,9 @@ positions, the context vector is the score-weighted sum of the keys, and every p
 is ReLU(value) * context, projected by a 1x1 conv. A 3x3 conv block after it mixes locally.
 
 Images enter ``forward`` as float RGB in [0, 1] (B, 3, H, W) and are normalised inside with the
-ImageNet mean/std (also UNI2-h's).
+encoder's statistics (:func:`histomap.models.encoders.encoder_mean_std`: ImageNet's, also UNI2-h's;
+0.5 / 0.5 for the packaged EfficientNet-Lite0). ``decode_features`` is the part after the encoder,
+for training from cached features of a frozen encoder (:mod:`histomap.tasks.feature_cache`).
 """
 from __future__ import annotations
 
@@ -38,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histomap.compat import timm
+from histomap.compat import timm  # noqa: F401  (timm.layers, imported in build_vit, needs it first)
 from histomap.errors import InputError
 from histomap.imagenorm import ImageNormalize
+from histomap.models.encoders import create_encoder, encoder_mean_std
 from histomap.models.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
@@ -230,7 +233,8 @@ class TimmPyramidEncoder(nn.Module):
         kwargs = dict(timm_kwargs)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
-        self.backbone = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
+        # any timm name, or a named pretrained encoder (histomap.models.encoders)
+        self.backbone = create_encoder(name, features_only=True, **kwargs)
         self.strides = [float(r) for r in self.backbone.feature_info.reduction()]
         self.channels = list(self.backbone.feature_info.channels())
 
@@ -361,7 +365,7 @@ class PixNet(DenseSpotsMixin, nn.Module):
         dsub_stages: how many of the deepest up-sampling steps use depth-to-space; default
             half of them (rounded up), the rest are bilinear.
         head_activation: "softplus" (default) or "relu".
-        normalize: apply the ImageNet mean/std to [0, 1] RGB input.
+        normalize: standardise [0, 1] RGB input with the encoder's mean/std.
     """
 
     def __init__(self, n_genes: int, *, encoder: str = "resnet18",
@@ -441,7 +445,7 @@ class PixNet(DenseSpotsMixin, nn.Module):
         self.head = nn.Conv2d(dec[0], n_genes, 1)
         self.head_activation = head_activation
         self.normalize = normalize
-        self.image_norm = ImageNormalize()
+        self.image_norm = ImageNormalize(*encoder_mean_std(encoder))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -474,7 +478,17 @@ class PixNet(DenseSpotsMixin, nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         x = self.image_norm(images) if self.normalize else images
-        feats = self._encode(x)
+        size = (images.shape[-2] // self.out_stride, images.shape[-1] // self.out_stride)
+        return self.decode_features(self._encode(x), size, x)
+
+    def decode_features(self, feats: Sequence[torch.Tensor], size: Sequence[int],
+                        x: torch.Tensor | None = None) -> torch.Tensor:
+        """The part after the encoder: every encoder level (finest first, e.g. read from the
+        feature cache) -> G of ``size``. ``x`` (the standardised image) feeds the stems of
+        stages finer than the finest level; without it such a model cannot decode."""
+        if self.stems and x is None:
+            raise ValueError(f"out_stride {self.out_stride} is finer than the encoder's finest "
+                             "level: the image stems need the image, not only cached features")
         feats = [feats[i] for i in self.levels]
         d = self.bottleneck(feats[-1])
         for up, fuse, skip in zip(self.ups, self.fuses, reversed(feats[:-1])):
@@ -485,9 +499,7 @@ class PixNet(DenseSpotsMixin, nn.Module):
             img = F.avg_pool2d(x, stride) if stride > 1 else x
             d = _align(up(d), img.shape[-2:])
             d = fuse(stem(img), d)
-        g = self.head(d)
-        size = (images.shape[-2] // self.out_stride, images.shape[-1] // self.out_stride)
-        g = _align(g, size)
+        g = _align(self.head(d), tuple(size))
         return F.softplus(g) if self.head_activation == "softplus" else F.relu(g)
 
 

@@ -165,13 +165,17 @@ class _SRCNN(nn.Module):
     optional residual over ``lr_up`` (``residual=True``: output = act(lr_up + net(...))), then
     ``out_activation``.
 
-    Channels at level i are ``base_channels * 2 ** i`` for i = 0..depth (``depth`` poolings)."""
+    Channels at level i are ``base_channels * 2 ** i`` for i = 0..depth (``depth`` poolings).
+    ``image_encoder`` (optional, e.g. ``efficientnet_lite0_imagenet``): a frozen encoder of
+    :mod:`histomap.models.encoders` on the H&E patch; its stage ``image_encoder_stage`` map is
+    1x1-projected to ``image_channels``, resized to the HR grid and concatenated to the input."""
 
     trainable = True
 
     def __init__(self, n_genes: int, *, base_channels: int = 16, depth: int = 3,
                  residual: bool = True, out_activation: str = "identity",
-                 norm: str = "batch") -> None:
+                 norm: str = "batch", image_encoder: str | None = None,
+                 image_encoder_stage: int = 2, image_channels: int = 8) -> None:
         super().__init__()
         if n_genes < 1 or base_channels < 1 or depth < 1:
             raise ValueError(f"n_genes, base_channels and depth must be >= 1, got {n_genes}, "
@@ -185,6 +189,17 @@ class _SRCNN(nn.Module):
                         "norm": norm}
         self.widths = [int(base_channels) * 2 ** i for i in range(self.depth + 1)]
         self.in_channels = self.n_genes + 3
+        self.image_branch = None
+        if image_encoder is not None:
+            from histomap.models.diffst import TimmTissueEncoder  # frozen encoder + projection
+
+            self._config.update({"image_encoder": image_encoder,
+                                 "image_encoder_stage": int(image_encoder_stage),
+                                 "image_channels": int(image_channels)})
+            self.image_branch = TimmTissueEncoder(image_encoder, int(image_channels),
+                                                  int(image_encoder_stage))
+            self.image_branch.backbone.requires_grad_(False)
+            self.in_channels += int(image_channels)
         self.head = nn.Conv2d(self.widths[0], self.n_genes, 1)
         self.image_norm = ImageNormalize()
 
@@ -192,6 +207,12 @@ class _SRCNN(nn.Module):
     def config(self) -> dict[str, Any]:
         """Keyword configuration: ``type(model)(n_genes, **model.config)`` rebuilds it."""
         return dict(self._config)
+
+    def train(self, mode: bool = True) -> _SRCNN:
+        super().train(mode)
+        if self.image_branch is not None:  # frozen encoder: BatchNorm statistics fixed
+            self.image_branch.backbone.eval()
+        return self
 
     def features(self, x: Tensor) -> Tensor:
         """(B, G + 3, H', W') with H', W' multiples of 2 ** depth -> (B, widths[0], H', W')."""
@@ -202,7 +223,11 @@ class _SRCNN(nn.Module):
         _check_inputs(self.n_genes, lr_up, image, lr)
         H, W = lr_up.shape[-2:]
         img = self.image_norm(hr_image(image, (H, W), lr_up.dtype))
-        x = _pad_to_multiple(torch.cat([lr_up, img], dim=1), 2 ** self.depth)
+        parts = [lr_up, img]
+        if self.image_branch is not None:
+            feats = self.image_branch(_as_float_image(image).to(lr_up.dtype))
+            parts.append(_resize(feats, (H, W)))
+        x = _pad_to_multiple(torch.cat(parts, dim=1), 2 ** self.depth)
         out = self.head(self.features(x))[..., :H, :W]
         if self._config["residual"]:
             out = out + lr_up

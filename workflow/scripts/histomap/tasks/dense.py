@@ -187,7 +187,7 @@ class WindowDataset(Dataset):
     def __init__(self, slides: Sequence[SlideSpots], *, window_px: int, input_mpp: float,
                  out_stride: int, augment: bool = False, jitter_um: float | None = None,
                  anchor_stride_um: float | None = None, max_spots: int | None = None,
-                 block_px: int = BLOCK_PX):
+                 block_px: int = BLOCK_PX, read_images: bool = True):
         if window_px < 1 or window_px % out_stride:
             raise ValueError(f"window_px ({window_px}) must be a positive multiple of "
                              f"out_stride ({out_stride})")
@@ -199,7 +199,8 @@ class WindowDataset(Dataset):
         self.slides: list[SlideSpots] = []
         self._px0_per_input: list[float] = []
         self._slide_mpp: list[float] = []
-        self._caches: list[_BlockCache] = []
+        self._caches: list[_BlockCache | None] = []
+        self.read_images = bool(read_images)  # False: windows of cached features instead
         self._neighbours: list[list[np.ndarray]] = []
         anchors: list[tuple[int, int, int]] = []  # (slide, spot, jitter px)
         n_genes = {s.targets.shape[1] for s in slides}
@@ -227,7 +228,7 @@ class WindowDataset(Dataset):
         log.info("window dataset: %d windows of %d px at %.3g um/px on %d slide(s), up to %d "
                  "spots each, %.1f MB of cached image blocks", len(self.anchors), window_px,
                  input_mpp, len(self.slides), self.max_spots,
-                 sum(c.nbytes for c in self._caches) / 1e6)
+                 sum(c.nbytes for c in self._caches if c is not None) / 1e6)
 
     def _add_slide(self, spots: SlideSpots, s_idx: int, jitter_um: float | None,
                    anchor_stride_um: float | None, block_px: int) -> list[tuple[int, int, int]]:
@@ -264,7 +265,7 @@ class WindowDataset(Dataset):
         starts = np.round(centres[candidates] - half).astype(np.int64)
         boxes = np.column_stack([starts - jitter[:, None],
                                  starts + jitter[:, None] + self.window_px]).astype(np.int64)
-        cache = _BlockCache(spots.slide_path, s0, boxes, block_px)
+        cache = _BlockCache(spots.slide_path, s0, boxes, block_px) if self.read_images else None
         self.slides.append(spots)
         self._px0_per_input.append(s0)
         self._slide_mpp.append(mpp0)
@@ -299,7 +300,6 @@ class WindowDataset(Dataset):
         s_idx = int(self.anchors[i, 0])
         spots, s0 = self.slides[s_idx], self._px0_per_input[s_idx]
         x0, y0 = self.window_origin(i, offset)
-        image = self._caches[s_idx].crop(x0, y0, self.window_px)
         near = self._neighbours[s_idx][i - int(self._starts[s_idx])]
         side = self.window_px / self.out_stride
         centres, radii = discs_from_spots(spots.centres_px[near], spots.diameter_um[near],
@@ -312,7 +312,6 @@ class WindowDataset(Dataset):
             near, centres, radii = (near[:self.max_spots], centres[:self.max_spots],
                                     radii[:self.max_spots])
         centres = dihedral_points(centres, k, side)
-        img = dihedral(torch.from_numpy(image).permute(2, 0, 1), k)
         m = len(near)
         out_c = np.zeros((self.max_spots, 2), np.float32)
         out_r = np.zeros(self.max_spots, np.float32)
@@ -321,10 +320,13 @@ class WindowDataset(Dataset):
         valid = np.zeros(self.max_spots, bool)
         out_c[:m], out_r[:m], out_t[:m], valid[:m] = centres, radii, spots.targets[near], True
         out_s[:m] = spots.square[near]
-        return {"image": img, "centres": torch.from_numpy(out_c),
-                "radii": torch.from_numpy(out_r), "valid": torch.from_numpy(valid),
-                "square": torch.from_numpy(out_s),
+        item = {"centres": torch.from_numpy(out_c), "radii": torch.from_numpy(out_r),
+                "valid": torch.from_numpy(valid), "square": torch.from_numpy(out_s),
                 "targets": torch.from_numpy(out_t)}
+        if self._caches[s_idx] is not None:
+            image = self._caches[s_idx].crop(x0, y0, self.window_px)
+            item["image"] = dihedral(torch.from_numpy(image).permute(2, 0, 1), k)
+        return item
 
     @property
     def targets(self) -> np.ndarray:
@@ -405,7 +407,8 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
                  checkpoint_dir: str | Path, window_px: int | None = None,
                  input_mpp: float | None = None, model_name: str = "pixnet",
                  extra_st_paths: Sequence[Sequence[str | Path]] | None = None,
-                 on_epoch_end: Callable[[dict], None] | None = None) -> dict:
+                 on_epoch_end: Callable[[dict], None] | None = None,
+                 feature_caches: Sequence[str | Path] | None = None) -> dict:
     """Train PixNet (or another dense model of :data:`DENSE_MODELS`, ``model_name``) on the
     given (training-fold) samples; write ``model.pt`` and the log.
 
@@ -414,6 +417,10 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
     transcripts); they train together with the sample's own spots, each spot with its own
     diameter (mixed-scale supervision). Validation windows come from spatial blocks of the
     training slides (``validation``: fraction, block_um), the same blocks for every size.
+    ``feature_caches``: per sample, the ``encode_slide`` cache of the model's frozen encoder at
+    ``input_mpp``; training windows then come from it and only the part after the encoder runs
+    (:mod:`histomap.tasks.feature_cache`). Only for a frozen encoder (PixNet
+    ``freeze_encoder``, iStar ``features: encoder``).
     Resumes from ``checkpoint_dir/last.pt`` after an interruption.
     """
     if len(st_paths) != len(slide_paths) or not st_paths:
@@ -448,22 +455,33 @@ def train_pixnet(st_paths: Sequence[str | Path], slide_paths: Sequence[str | Pat
                         **pixnet_cfg)
     window = {"window_px": task["window_px"], "input_mpp": task["input_mpp"],
               "out_stride": model.out_stride}
-    train_ds = WindowDataset(train_parts, augment=True, jitter_um=task.get("jitter_um"),
-                             anchor_stride_um=task.get("anchor_stride_um"), **window)
-    val_ds = None
-    if any(len(p.centres_px) for p in val_parts):
-        val_ds = WindowDataset(val_parts, augment=False,
-                               anchor_stride_um=task.get("anchor_stride_um"), **window)
+    batch_loss = pixnet_batch_loss
+    if feature_caches:
+        from histomap.tasks.feature_cache import cached_datasets, cached_dense_batch_loss
+        train_ds, val_ds = cached_datasets(model, feature_caches, train_parts, val_parts,
+                                           checkpoint=task.get("checkpoint"),
+                                           jitter_um=task.get("jitter_um"),
+                                           anchor_stride_um=task.get("anchor_stride_um"),
+                                           **window)
+        batch_loss = cached_dense_batch_loss
+    else:
+        train_ds = WindowDataset(train_parts, augment=True, jitter_um=task.get("jitter_um"),
+                                 anchor_stride_um=task.get("anchor_stride_um"), **window)
+        val_ds = None
+        if any(len(p.centres_px) for p in val_parts):
+            val_ds = WindowDataset(val_parts, augment=False,
+                                   anchor_stride_um=task.get("anchor_stride_um"), **window)
     model.init_output_bias(train_ds.targets.mean(axis=0))
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     loss_fn = make_loss_fn(task["loss"], task["pcc_weight"], task["mse_weight"])
     fingerprint = training_fingerprint(
-        [*st_paths, *slide_paths, *(p for paths in extra_st_paths for p in paths)],
+        [*st_paths, *slide_paths, *(p for paths in extra_st_paths for p in paths),
+         *(feature_caches or [])],
         model_name=model_name, model_cfg=model_cfg, window_px=window_px, input_mpp=input_mpp,
         extra_st=[[str(p) for p in paths] for paths in extra_st_paths], genes=list(genes),
         validation=validation, seed=seed)
     summary = fit(model, train_ds, val_ds, loss_fn=loss_fn, out_dir=checkpoint_dir, cfg=cfg,
-                  batch_to_loss=pixnet_batch_loss, on_epoch_end=on_epoch_end,
+                  batch_to_loss=batch_loss, on_epoch_end=on_epoch_end,
                   fingerprint=fingerprint)
     task_extra = {k: v for k, v in task.items() if v is not None}
     save_model(out_model, model, model_name=model_name, model_config=model.config, genes=genes,

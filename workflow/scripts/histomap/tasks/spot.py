@@ -103,19 +103,30 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
                      genes: Sequence[str], *, model_name: str, model_cfg: Mapping,
                      train_cfg: Mapping, validation: Mapping, seed: int,
                      out_model: str | Path, out_log: str | Path,
-                     checkpoint_dir: str | Path) -> dict:
+                     checkpoint_dir: str | Path,
+                     feature_caches: Sequence[str | Path] | None = None) -> dict:
     """Train on the given (training-fold) samples; write ``model.pt`` and ``train_log.csv``.
 
-    Resumes from ``checkpoint_dir/last.pt`` after an interruption.
+    ``feature_caches`` (one ``encode_slide`` cache per sample; ST-Net-style with
+    ``freeze_backbone: true``): the head trains on the cached pooled crop features
+    (:func:`histomap.tasks.feature_cache.cached_spot_datasets`; crops of the cache's
+    ``crop_um``, no augmentation). Resumes from ``checkpoint_dir/last.pt`` after an interruption.
     """
     torch.manual_seed(seed)
-    fingerprint = training_fingerprint([*st_paths, *slide_paths], model_name=model_name,
-                                       model_cfg=model_cfg, genes=list(genes),
-                                       validation=validation, seed=seed)
+    fingerprint = training_fingerprint([*st_paths, *slide_paths, *(feature_caches or [])],
+                                       model_name=model_name, model_cfg=model_cfg,
+                                       genes=list(genes), validation=validation, seed=seed)
     model_cfg = dict(model_cfg)
     input_mpp = float(model_cfg.pop("input_mpp"))
     crop_cfg = model_cfg.pop("crop_um", None)
     checkpoint = model_cfg.pop("checkpoint", None)
+    if feature_caches:
+        return _train_spot_head_cached(st_paths, genes, model_name=model_name,
+                                       model_cfg=model_cfg, input_mpp=input_mpp,
+                                       checkpoint=checkpoint, train_cfg=train_cfg,
+                                       validation=validation, seed=seed, out_model=out_model,
+                                       out_log=out_log, checkpoint_dir=checkpoint_dir,
+                                       feature_caches=feature_caches, fingerprint=fingerprint)
     train_parts, val_parts = [], []
     for i, (st_path, slide) in enumerate(zip(st_paths, slide_paths)):
         spots = ad.read_h5ad(st_path)
@@ -137,6 +148,32 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
                extra={"input_mpp": input_mpp, "crop_um": crop_cfg, "train": cfg.to_dict(),
                       "validation": dict(validation), "best_epoch": summary["best_epoch"],
                       "best_val_loss": summary["best_val_loss"]})
+    shutil.copyfile(Path(checkpoint_dir) / "train_log.csv", out_log)
+    return summary
+
+
+def _train_spot_head_cached(st_paths, genes, *, model_name, model_cfg, input_mpp, checkpoint,
+                            train_cfg, validation, seed, out_model, out_log, checkpoint_dir,
+                            feature_caches, fingerprint) -> dict:
+    """``train_spot_model`` from cached pooled features: only the head trains."""
+    from histomap.tasks.feature_cache import cached_spot_batch_loss, cached_spot_datasets
+
+    model = build_model(model_name, len(genes), pretrained_checkpoint=checkpoint, **model_cfg)
+    if not getattr(model, "freeze_backbone", False):
+        raise ValueError("cached features train the head of a frozen backbone only: set "
+                         f"{model_name}.freeze_backbone: true")
+    train_ds, val_ds, crop_um = cached_spot_datasets(
+        feature_caches, st_paths, genes, encoder=model.backbone_name, mpp=input_mpp,
+        checkpoint=checkpoint, validation=validation, seed=seed)
+    model.init_output_bias(train_ds.tensors[1].mean(dim=0))
+    cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
+    summary = fit(model, train_ds, val_ds, loss_fn=torch.nn.functional.mse_loss,
+                  out_dir=checkpoint_dir, cfg=cfg, batch_to_loss=cached_spot_batch_loss,
+                  fingerprint=fingerprint)
+    save_model(out_model, model, model_name=model_name, model_config=model.config, genes=genes,
+               extra={"input_mpp": input_mpp, "crop_um": crop_um, "train": cfg.to_dict(),
+                      "validation": dict(validation), "best_epoch": summary["best_epoch"],
+                      "best_val_loss": summary["best_val_loss"], "feature_cache": True})
     shutil.copyfile(Path(checkpoint_dir) / "train_log.csv", out_log)
     return summary
 
