@@ -137,6 +137,10 @@ def test_tables_and_figure(demo):
         assert back.uns["histomap"]["platform"] == "he"
         assert back.uns["histomap"]["model"]["bundle"] == "pixnet"
         assert np.isfinite(back.X).all()
+        # scanpy-ready: the slide's H&E, and the table's own spot size in full-resolution px
+        (library,) = back.uns["spatial"].values()
+        assert library["images"]["hires"].ndim == 3
+        assert library["scalefactors"]["spot_diameter_fullres"] == pytest.approx(size / 0.5)
     # a 16 um bin is 2 x 2 map pixels of 8 um (map anchored at a tile corner, 0.5 um/px slide)
     dmap = read_dense(root / "t" / "dense.zarr")
     r, c = bins16.obs[["array_row", "array_col"]].to_numpy()[len(bins16) // 2]

@@ -36,6 +36,8 @@ def test_env_files_match_requirements():
 def test_every_rule_names_an_env():
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         text = smk.read_text()
-        n_rules = len(re.findall(r"^rule \w+:", text, flags=re.M))
-        n_conda = text.count("conda:")
-        assert n_rules == n_conda, f"{smk.name}: {n_rules} rules but {n_conda} conda: entries"
+        bodies = re.split(r"^rule \w+:", text, flags=re.M)[1:]
+        # a target rule (input only, like `all` or `apply`) runs nothing and needs no env
+        jobs = [b for b in bodies if re.search(r"^\s+(script|shell|run|wrapper):", b, re.M)]
+        missing = [b.splitlines()[1].strip() for b in jobs if "conda:" not in b]
+        assert not missing, f"{smk.name}: {len(missing)} rules without a conda: entry"

@@ -531,5 +531,6 @@ def test_visium_hd_ingest_writes_square_bins(layouts, tmp_path):
     assert sorted(highres.obs["bin_size_um"].unique()) == [2.0, 8.0, 16.0]
     shapes = sd.read_zarr(out / "sample.zarr").shapes["spots"]
     bounds = shapes.geometry.bounds
-    np.testing.assert_allclose((bounds["maxx"] - bounds["minx"]) * 0.5, 8.0)
-    np.testing.assert_allclose((bounds["maxy"] - bounds["miny"]) * 0.5, 8.0)
+    # shapes are in micrometres (the `global` coordinate system)
+    np.testing.assert_allclose(bounds["maxx"] - bounds["minx"], 8.0)
+    np.testing.assert_allclose(bounds["maxy"] - bounds["miny"], 8.0)

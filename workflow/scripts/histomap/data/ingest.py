@@ -114,8 +114,11 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     log.info("%s: %d spots x %d genes, mpp %.4f, spot diameter %s um", sample, smp.spots.n_obs,
              smp.spots.n_vars, smp.mpp, smp.spot_diameter_um)
     hires, scalef = slide_thumbnail(slide_path, HIRES_MAX_PX)
+    # an H&E-only sample (platform `he`) has no spots: one hires pixel stands in for the spot
+    # size, and every table made on it (apply) sets its own
+    spot_px = smp.spot_diameter_um / smp.mpp if smp.spot_diameter_um else 1.0 / scalef
     smp.spots.uns["spatial"] = {sample: scanpy_spatial(
-        hires, scalef, (smp.spot_diameter_um or 0.0) / smp.mpp,
+        hires, scalef, spot_px,
         {"source_image_path": str(smp.image_path), "mpp": smp.mpp})}
     smp.spots.write_h5ad(out_dir / "spots.h5ad")
     highres = smp.highres if smp.highres is not None else ad.AnnData(

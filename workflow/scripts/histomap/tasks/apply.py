@@ -229,15 +229,17 @@ def _model_info(bundle: Bundle, **more) -> dict:
 
 
 def _geometry(spots_h5ad: str | Path) -> dict:
-    """The slide geometry (sample, platform, mpp, image) of an ingested sample."""
+    """The slide geometry (sample, platform, mpp, image) of an ingested sample, and under
+    ``"spatial"`` its scanpy ``uns["spatial"]`` (the downsampled H&E) for the applied tables."""
     spots = ad.read_h5ad(spots_h5ad, backed="r")
     geo = dict(spots.uns["histomap"])
+    geo["spatial"] = dict(spots.uns.get("spatial", {}))
     spots.file.close()
     return geo
 
 
 def _table(pred: np.ndarray, lattice: ad.AnnData, genes: Sequence[str], shape: str,
-           size_um: float, info: dict) -> ad.AnnData:
+           size_um: float, info: dict, spatial: dict | None = None) -> ad.AnnData:
     nan = np.isnan(pred).any(axis=1)
     if nan.any():
         log.warning("%d of %d %ss touch no covered map pixel and are left out", int(nan.sum()),
@@ -245,7 +247,7 @@ def _table(pred: np.ndarray, lattice: ad.AnnData, genes: Sequence[str], shape: s
         lattice, pred = lattice[~nan].copy(), pred[~nan]
     geo = dict(lattice.uns["histomap"])
     out = spots_prediction_anndata(pred, lattice.obs_names, genes, lattice.obsm["spatial"], geo,
-                                   float(size_um), model_info=info)
+                                   float(size_um), model_info=info, scanpy_uns=spatial)
     out.obs["shape"] = shape
     out.obs["array_row"] = lattice.obs["array_row"].to_numpy()
     out.obs["array_col"] = lattice.obs["array_col"].to_numpy()
@@ -309,7 +311,8 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
             pred = bins_from_dense(dmap, lattice.obs[["array_row", "array_col"]].to_numpy(),
                                    size)
         table = _table(pred, lattice, dmap.genes, shape, size,
-                       _model_info(bundle, dense_map=str(dense_zarr), aggregation="mean"))
+                       _model_info(bundle, dense_map=str(dense_zarr), aggregation="mean"),
+                       spatial=geo["spatial"])
         _write(table, path)
         tables.append(table)
     return tables
@@ -359,7 +362,7 @@ def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,
             pred = predict_spot_model(bundle.model_path, lattice, slide_path, None,
                                       batch_size=batch_size, device=device)
         table = _table(np.asarray(pred.X), lattice, bundle.genes, shape, size,
-                       _model_info(bundle, crop_um=crop))
+                       _model_info(bundle, crop_um=crop), spatial=geo["spatial"])
         _write(table, path)
         tables.append(table)
     return tables
