@@ -123,13 +123,73 @@ def test_bad_counts_fail_cleanly_without_partial_output(workdir):
     assert not (workdir / "results" / "ingest" / "S1" / "slide.tif").exists()
 
 
+SPOT_METRIC_RANGE = {"PCC@F": (-1, 1), "PCC@S": (-1, 1), "PCC@M": (-1, 1), "MSE": (0, np.inf),
+                     "MAE": (0, np.inf), "n_nan_pcc": (0, np.inf), "n_genes": (1, np.inf)}
+SR_METRIC_RANGE = {"PCC": (-1, 1), "RMSE": (0, np.inf)}
+TRIVIAL_SR = "bicubic"  # the upsampled LR map: nothing learned
+
+
+def range_failures(table: pd.DataFrame, ranges: dict, what: str) -> list[str]:
+    """Rows of a long table whose value is not finite or outside its metric's range."""
+    failures = []
+    unknown = sorted(set(table["metric"]) - set(ranges))
+    if unknown:
+        failures.append(f"{what}: metrics without a known range {unknown}")
+    for metric, (lo, hi) in ranges.items():
+        rows = table[table["metric"] == metric]
+        bad = rows[~(np.isfinite(rows["value"]) & (rows["value"] >= lo) & (rows["value"] <= hi))]
+        if len(bad):
+            failures.append(f"{what}: {len(bad)} {metric} values not finite or outside "
+                            f"[{lo}, {hi}]:\n{bad.head(12).to_string()}")
+    return failures
+
+
+def spot_value_failures(spot: pd.DataFrame, learned: list[str], trivial: str = "mean"
+                        ) -> tuple[list[str], pd.DataFrame]:
+    """Each learned model against the trivial one on the table's headline numbers (per-slide
+    averaged, mean over folds): MSE below the trivial model's, PCC@M above 0."""
+    head = spot[spot["sample"] == "mean_over_slides"]
+    table = head.groupby(["model", "metric"])["value"].mean().unstack("metric")
+    failures = []
+    for model in learned:
+        mse, pcc = table.loc[model, "MSE"], table.loc[model, "PCC@M"]
+        if not mse < table.loc[trivial, "MSE"]:
+            failures.append(f"spot: {model} MSE {mse:.4f} is not below {trivial}'s "
+                            f"{table.loc[trivial, 'MSE']:.4f}")
+        if not pcc > 0:
+            failures.append(f"spot: {model} PCC@M {pcc:.4f} is not above 0")
+    return failures, table
+
+
+def sr_value_failures(sr: pd.DataFrame, scale: int, reference: str = "diffst"
+                      ) -> list[str]:
+    """Every learned SR method's PCC above 0; the reference (Diff-ST) at least bicubic's."""
+    failures = []
+    pcc = sr[(sr["metric"] == "PCC") & (sr["scale"] == scale)]
+    if "units" not in pcc.columns:
+        pcc = pcc.assign(units="-")
+    for units, part in pcc.groupby("units"):
+        by_method = part.set_index("method")["value"]
+        for method, value in by_method.items():
+            if method != TRIVIAL_SR and not value > 0:
+                failures.append(f"SR {scale}x ({units}): {method} PCC {value:.4f} is not above 0")
+        if not by_method[reference] >= by_method[TRIVIAL_SR]:
+            failures.append(f"SR {scale}x ({units}): {reference} PCC {by_method[reference]:.4f} "
+                            f"is below {TRIVIAL_SR}'s {by_method[TRIVIAL_SR]:.4f}")
+    return failures
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(workdir):
     """The demo configuration, shrunk: every rule runs for every model, the benchmark table is
-    complete, PixNet's dense map and extra scales and the cross-scale scores exist."""
+    complete and its values are in range, every learned model beats the trivial baselines
+    (`mean` for spots, bicubic for SR), PixNet's dense map and extra scales and the cross-scale
+    scores exist."""
     import anndata as ad
 
-    models = ["stnet", "histogene", "istar", "pixnet"]
+    learned = ["stnet", "histogene", "istar", "pixnet"]
+    models = ["mean", *learned]
+    folds = ["P1", "P2", "P3"]
     cfg = write_config(
         workdir,
         synthetic={"size_um": [700, 700], "n_genes": 40},
@@ -140,26 +200,30 @@ def test_demo_end_to_end(workdir):
         istar={"window_px": 128, "hidden": [32], "train": {"epochs": 1}},
         pixnet={"window_px": 128, "decoder_channels": [8, 16, 32, 64, 64],
                 "predict_spot_diameters_um": [8], "train": {"epochs": 1}},
-        cross_scale={"diameters_um": [55, 8]},
+        cross_scale={"models": ["mean", "istar", "pixnet"], "diameters_um": [55, 8]},
         train={"epochs": 2, "batch_size": 16, "patience": 2},
         tiling={"tile_px": 128},
         report={"figure_genes": 2},
     )
-    res = run_snakemake(workdir, "--cores", "2", "--configfile", str(cfg))
+    # generous: the run takes minutes on 2 free cores, much longer on a shared machine
+    res = run_snakemake(workdir, "--cores", "2", "--configfile", str(cfg), timeout=5400)
     assert res.returncode == 0, res.stderr[-5000:]
     bench = pd.read_csv(workdir / "results" / "report" / "benchmark.csv")
     assert {"task", "dataset", "model", "fold", "seed", "scale_um", "gene_set", "metric",
             "value"} <= set(bench.columns)
     spot = bench[bench["task"] == "spot"]
-    assert set(spot["fold"]) == {"P1", "P2", "P3"}
-    assert set(spot["model"]) == set(models)
-    assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(spot["metric"])
+    pairs = set(spot[["model", "fold"]].itertuples(index=False, name=None))
+    assert pairs == {(m, f) for m in models for f in folds}
+    for (model, fold), part in spot.groupby(["model", "fold"]):
+        assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(part["metric"]), (model, fold)
+        assert set(part["sample"]) >= {"pooled", "mean_over_slides"}, (model, fold)
     assert (spot["scale_um"] == 55).all()
     scales = bench[bench["task"] == "cross_scale"]
-    assert set(scales["model"]) == {"istar", "pixnet"}
-    assert set(scales["scale_um"]) == {55.0, 8.0}
+    triples = set(scales[["model", "fold", "scale_um"]].itertuples(index=False, name=None))
+    assert triples == {(m, f, um) for m in ["mean", "istar", "pixnet"] for f in folds
+                       for um in (55.0, 8.0)}
     md = (workdir / "results" / "report" / "benchmark.md").read_text()
-    assert all(m in md for m in models) and "Cross-scale" in md
+    assert all(m in md for m in models) and "Cross-scale" in md and "trivial baseline" in md
     truth = ad.read_h5ad(workdir / "results/st/synA.h5ad")
     for model in models:
         for fold, sample in [("P1", "synA"), ("P2", "synB"), ("P3", "synC")]:
@@ -175,6 +239,21 @@ def test_demo_end_to_end(workdir):
     assert small.uns["histomap"]["spot_diameter_um"] == 8
     assert (workdir / "results" / "tiles" / "synA.parquet").exists()
     assert (workdir / "results" / "ingest" / "synA" / "sample.zarr").is_dir()
+
+    # values: every failing check is collected, so one (slow) run reports all of them
+    sr = pd.read_csv(workdir / "results" / "report" / "superres.csv")
+    sr_cfg = yaml.safe_load(cfg.read_text())["superres"]
+    sr_scale = int(sr_cfg["scales"]["synthetic"][0])
+    assert set(sr["method"]) == set(sr_cfg["methods"])
+    assert (sr["n_folds"] == len(folds)).all(), sr[["method", "metric", "n_folds"]]
+    failures = range_failures(bench, SPOT_METRIC_RANGE, "benchmark.csv")
+    failures += range_failures(sr, SR_METRIC_RANGE, "superres.csv")
+    spot_failures, headline = spot_value_failures(spot, learned)
+    failures += spot_failures
+    failures += sr_value_failures(sr, sr_scale, reference=sr_cfg["reference"])
+    print("spot headline (mean over folds of per-slide averages):\n" + headline.to_string())
+    print("superres.csv:\n" + sr.to_string())
+    assert not failures, "\n".join(failures)
     # a second run has nothing to do
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
     assert "Nothing to be done" in res.stdout + res.stderr

@@ -37,6 +37,7 @@ FOLDS = make_folds(
 MODELS = list(config["models"])
 SPOT_MODELS = ("stnet", "histogene")  # one image crop per spot
 DENSE_MODELS = ("istar", "pixnet")  # a dense map, spots read out of it at any diameter
+BASELINE_MODELS = ("mean",)  # the training spots' per-gene mean, constant over space
 # Variants (ablations): a new model name = a base model's block with some keys overridden.
 VARIANTS = config.get("variants", {})
 
@@ -48,6 +49,8 @@ def base_model(model):
 def model_block(model):
     """The config block of a model or variant (variant keys override the base block)."""
     base = base_model(model)
+    if base in BASELINE_MODELS and base not in config:
+        return {}  # nothing to configure
     if base not in config:
         raise ValueError(f"config: model {model!r} needs a `{base}:` block")
     block = dict(config[base])
@@ -58,9 +61,10 @@ def model_block(model):
 
 
 for _model in MODELS:
-    if base_model(_model) not in SPOT_MODELS + DENSE_MODELS:
+    if base_model(_model) not in SPOT_MODELS + DENSE_MODELS + BASELINE_MODELS:
         raise ValueError(f"config: `models` entry {_model!r} is neither a model "
-                         f"{SPOT_MODELS + DENSE_MODELS} nor a `variants` entry")
+                         f"{SPOT_MODELS + DENSE_MODELS + BASELINE_MODELS} nor a `variants` "
+                         "entry")
     model_block(_model)
 
 
@@ -180,7 +184,11 @@ def extra_scale_files():
 def cross_scale_models():
     if not CROSS_SCALE["enabled"]:
         return []
-    return [m for m in MODELS if m in CROSS_SCALE["models"] and base_model(m) in DENSE_MODELS]
+    return [
+        m
+        for m in MODELS
+        if m in CROSS_SCALE["models"] and base_model(m) in DENSE_MODELS + BASELINE_MODELS
+    ]
 
 
 def cross_scale_folds():

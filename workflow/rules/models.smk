@@ -4,7 +4,8 @@
 # early stopping is carved out of those (config: validation), never out of the test fold. Spot
 # models (stnet, histogene) see one crop per spot; dense models (pixnet, istar) predict a
 # whole-slide map (predict_{model} -> dense.zarr) that spots of any diameter are read from
-# (dense_spots).
+# (dense_spots). The trivial baseline `mean` (train_mean, predict_mean) predicts the training
+# spots' per-gene mean everywhere, at the samples' spots and at every cross-scale disc.
 
 
 rule train_stnet:
@@ -187,3 +188,68 @@ rule dense_scale_spots:
         "../../envs/models.yaml"
     script:
         "../scripts/dense_spots.py"
+
+
+rule train_mean:
+    input:
+        st=lambda wc: train_inputs(wc)["st"],
+        genes=lambda wc: train_inputs(wc)["genes"],
+    output:
+        model="results/models/{model}/{fold}/seed{tseed}/means.tsv",
+    wildcard_constraints:
+        model=model_runs("mean"),
+    log:
+        "logs/train/{model}/{fold}/seed{tseed}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/train_mean.py"
+
+
+rule predict_mean:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/means.tsv",
+        centres="results/st/{sample}.h5ad",
+    output:
+        "results/predictions/{model}/{fold}/seed{tseed}/{sample}/spots_{um}um.h5ad",
+    wildcard_constraints:
+        model=model_runs("mean"),
+    log:
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_{um}um.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/predict_mean.py"
+
+
+rule predict_mean_scales:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/means.tsv",
+        centres=expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+    output:
+        expand(
+            "results/predictions/{{model}}/{{fold}}/seed{{tseed}}/{{sample}}/scale_{um}um.h5ad",
+            um=CROSS_SCALE_LABELS,
+        ),
+    wildcard_constraints:
+        model=model_runs("mean"),
+    params:
+        diameters_um=CROSS_SCALE.get("diameters_um", []),
+    log:
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_scales.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/predict_mean.py"

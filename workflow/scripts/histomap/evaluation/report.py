@@ -40,6 +40,8 @@ INPUT_COLUMNS = ["task", "dataset", "model", "fold", "sample", "scale_um", "gene
 LONG_COLUMNS = ["task", "dataset", "model", "fold", "sample", "scale_um", "gene_set", "metric",
                 "value"]
 SUMMARY_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M", "n_nan_pcc", "n_genes"]
+TRIVIAL_SPOT_MODEL = "mean"  # the training spots' per-gene mean, constant over space
+TRIVIAL_SR_METHOD = "bicubic"  # the LR map upsampled, nothing learned from the H&E
 TABLE_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M"]
 
 
@@ -157,7 +159,7 @@ def scale_table(agg: pd.DataFrame, task: str, metric: str = "PCC@M",
         return f"_no {metric} rows for task {task}_"
     scales = sorted(pd.unique(part["scale_um"]), reverse=True)
     rows = []
-    for model, by_model in part.groupby("model", sort=True):
+    for model, by_model in _by_model(part):
         cells = by_model.set_index("scale_um")
         rows.append([str(model)] + [
             _fmt_mean_std(cells.loc[sc, "mean"], cells.loc[sc, "std"], _n_spread(cells.loc[sc]),
@@ -194,12 +196,18 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
+def _by_model(part: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Rows per model: the trivial baseline first, then the models by name."""
+    return sorted(part.groupby("model", sort=True),
+                  key=lambda kv: (kv[0] != TRIVIAL_SPOT_MODEL, str(kv[0])))
+
+
 def _model_table(agg: pd.DataFrame, sample: str) -> str:
     """Rows = models, columns = MSE ... PCC@M and mean n_nan_pcc, for one sample kind."""
     part = agg[agg["sample"] == sample]
     metrics = [m for m in TABLE_METRICS if m in set(part["metric"])] + ["n_nan_pcc"]
     rows = []
-    for model, by_model in part.groupby("model", sort=True):
+    for model, by_model in _by_model(part):
         cells = by_model.set_index("metric")
         row = [str(model)]
         for m in metrics:
@@ -251,6 +259,11 @@ def benchmark_markdown(long_df: pd.DataFrame) -> str:
         "PCC@F, PCC@S and PCC@M are the first quartile, median and mean of the per-gene PCCs; "
         "genes whose PCC is undefined (constant prediction or measurement) are left out of them "
         "and counted in `n_nan_pcc`. MSE and MAE are per-gene errors averaged over genes.",
+        "",
+        f"`{TRIVIAL_SPOT_MODEL}` is the trivial baseline: each gene's mean over the fold's "
+        "training spots, the same value at every spot (its PCC is that of a constant "
+        "prediction). A model whose MSE is not below it has learned nothing spatial from the "
+        "H&E.",
         "",
         "Main tables: mean ± std over test folds (std with ddof=1; a bare number means one fold) "
         "of each fold's per-slide averaged summary (`mean_over_slides`), then of the pooled "
@@ -384,6 +397,9 @@ def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Seque
              "RMSE and signed PCC per gene per patch over the patch's tissue pixels, in the "
              "pairs' normalised units; averaged over genes per patch, then over every test patch "
              "of every fold (± std of the fold means).", "",
+             f"`{TRIVIAL_SR_METHOD}` is the trivial baseline: the LR map upsampled by bicubic "
+             "interpolation, nothing learned from the H&E. A method that does not beat it has "
+             "not used the histology.", "",
              "## Methods", "",
              _sr_markdown_table(table, [m for m in methods if m in set(table.method)])]
     ablation_rows = [reference] + [a for a in ablations if a != reference] if ablations else []
