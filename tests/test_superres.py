@@ -382,7 +382,8 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     mask = np.ones((6, 6), bool)
     rmse, pcc, n = sr_metrics.patch_gene_metrics(truth, -truth, mask)
     np.testing.assert_allclose(pcc, -1.0)
-    assert n == 36 and np.all(rmse > 0)
+    assert n == 36  # the error is -2 truth, so RMSE = 2 sqrt(mean(truth^2)) per gene
+    np.testing.assert_allclose(rmse, 2 * np.sqrt((truth ** 2).mean(axis=(1, 2))), rtol=1e-12)
     _, pcc, _ = sr_metrics.patch_gene_metrics(truth, np.zeros_like(truth), mask)
     assert np.isnan(pcc).all()
 
