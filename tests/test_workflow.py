@@ -41,6 +41,7 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_schema_rejects_unknown_key(workdir):
     cfg = write_config(workdir, tiling={"tile_pxx": 3})
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
@@ -48,6 +49,7 @@ def test_schema_rejects_unknown_key(workdir):
     assert "tile_pxx" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_schema_rejects_bad_value(workdir):
     cfg = write_config(workdir, folds={"strategy": "random"})
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
@@ -55,6 +57,7 @@ def test_schema_rejects_bad_value(workdir):
     assert "random" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_sr_method_diffusion_overrides_are_validated(workdir):
     """A method's own `diffusion:` block (e.g. the paper's eps-prediction beside an x0 default)
     is accepted; a bad value in it is rejected by the schema before anything runs."""
@@ -75,6 +78,7 @@ def test_sr_method_diffusion_overrides_are_validated(workdir):
     assert "v_pred" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_sample_sheet_unknown_platform(workdir):
     sheet = workdir / "bad.tsv"
     sheet.write_text("sample\tpatient\tplatform\tpath\nS1\tP\tnanostring\tx\nS2\tQ\tsynthetic\t\n")
@@ -84,6 +88,7 @@ def test_sample_sheet_unknown_platform(workdir):
     assert "nanostring" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_lint_is_clean():
     res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
@@ -102,6 +107,7 @@ def _legacy_section(folder: Path, counts_text: str) -> None:
     (folder / "S1_selection.tsv").write_text("\n".join(rows) + "\n")
 
 
+@pytest.mark.slow
 def test_bad_counts_fail_cleanly_without_partial_output(workdir):
     """Negative counts: the ingest job fails naming the file, and leaves no output behind."""
     counts = "\tGA\tGB\n1x1\t5\t3\n2x1\t-2\t1\n1x2\t4\t4\n2x2\t1\t1\n"
