@@ -185,6 +185,37 @@ def sr_value_failures(sr: pd.DataFrame, scale: int, reference: str = "diffst"
     return failures
 
 
+def test_value_checks_catch_broken_results():
+    """The end-to-end value checks fail on broken tables: a learned model no better than the
+    mean baseline, a PCC with its sign flipped, an out-of-range value, Diff-ST below bicubic."""
+    rows = [("mean", "MSE", 2.0), ("mean", "PCC@M", 0.0), ("stnet", "MSE", 1.5),
+            ("stnet", "PCC@M", 0.3), ("pixnet", "MSE", 1.8), ("pixnet", "PCC@M", 0.2)]
+    spot = pd.DataFrame([{"model": m, "fold": f, "sample": "mean_over_slides", "metric": k,
+                          "value": v} for f in ("P1", "P2") for m, k, v in rows])
+    assert spot_value_failures(spot, ["stnet", "pixnet"])[0] == []
+    assert range_failures(spot, SPOT_METRIC_RANGE, "t") == []
+    flipped = spot.copy()
+    flipped.loc[(flipped["model"] == "pixnet") & (flipped["metric"] == "PCC@M"), "value"] *= -1
+    assert spot_value_failures(flipped, ["stnet", "pixnet"])[0] == [
+        "spot: pixnet PCC@M -0.2000 is not above 0"]
+    worse = spot.copy()
+    worse.loc[(worse["model"] == "stnet") & (worse["metric"] == "MSE"), "value"] = 2.5
+    assert "stnet MSE 2.5000 is not below mean's 2.0000" in spot_value_failures(
+        worse, ["stnet", "pixnet"])[0][0]
+    bad = spot.copy()
+    bad.loc[0, "value"], bad.loc[1, "value"] = -0.1, np.nan  # an MSE < 0, a NaN PCC@M
+    failures = range_failures(bad, SPOT_METRIC_RANGE, "t")
+    assert len(failures) == 2 and "1 MSE values" in failures[1] and "1 PCC@M" in failures[0]
+    sr = pd.DataFrame({"method": ["bicubic", "unet", "diffst"] * 2,
+                       "metric": ["PCC"] * 3 + ["RMSE"] * 3, "scale": 5,
+                       "units": "normalised", "value": [0.45, 0.40, 0.46, 0.3, 0.3, 0.3]})
+    assert sr_value_failures(sr, 5) == [] and range_failures(sr, SR_METRIC_RANGE, "t") == []
+    sr.loc[2, "value"] = -0.003
+    assert sr_value_failures(sr, 5) == [
+        "SR 5x (normalised): diffst PCC -0.0030 is not above 0",
+        "SR 5x (normalised): diffst PCC -0.0030 is below bicubic's 0.4500"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(workdir):
     """The demo configuration, shrunk: every rule runs for every model, the benchmark table is
