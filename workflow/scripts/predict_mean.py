@@ -6,7 +6,8 @@ from histomap.tasks.mean import predict_mean
 
 def main(sm):
     if "um" in sm.wildcards.keys():
-        predict_mean(sm.input.model, sm.input.centres, sm.output[0], diameter_um=float(sm.wildcards.um))
+        predict_mean(sm.input.model, sm.input.centres, sm.output[0],
+                     diameter_um=float(sm.wildcards.um))
         return
     for diameter, centres, out in zip(sm.params.diameters_um, sm.input.centres, sm.output,
                                       strict=True):

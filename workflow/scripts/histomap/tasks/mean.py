@@ -70,7 +70,7 @@ def read_means(path: str | Path) -> pd.Series:
     """The per-gene means written by :func:`train_mean` (index: genes)."""
     try:
         table = pd.read_csv(path, sep="\t", comment="#")
-    except Exception as exc:  # noqa: BLE001 - unreadable file
+    except Exception as exc:  # an unreadable file
         raise InputError(path, f"cannot read the mean model ({exc})") from exc
     if list(table.columns) != ["gene", "mean"] or table["gene"].duplicated().any():
         raise InputError(path, "mean model must have unique genes in columns gene, mean")
