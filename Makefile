@@ -6,7 +6,7 @@ CORES  ?= all
 CONFIG ?= config/config.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-cluster venv lint format her2st report clean
+.PHONY: demo test test-fast test-cluster venv lint format her2st report clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the tests marked `slow` (Snakemake runs, network training of
+# more than a few seconds); `make test` (and CI) still run all of them.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 # The demo workflow on a real one-node SLURM cluster on this machine (root; installs SLURM from the
 # Debian packages if missing, starts and stops its daemons): cluster/README.md.

@@ -24,6 +24,7 @@ def pixnet_cost():
         sys.modules.pop(spec.name, None)
 
 
+@pytest.mark.slow  # runs the whole cost benchmark (dense maps, crops at three scales): ~6 s idle
 def test_pixnet_cost_quick(pixnet_cost, tmp_path):
     argv = ["--quick", "--threads", "1", "--scales-um", "100,16,2", "--out-dir",
             str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--device", "cpu"]

@@ -244,6 +244,28 @@ def test_train_resume_and_predict(sample):
         np.testing.assert_allclose(pred.X, spots_from_dense(dmap, st.obsm["spatial"], diameter,
                                                             SLIDE_MPP), rtol=1e-6)
     assert not np.allclose(preds[55.0].X, preds[27.5].X)
+    # independent of the read-out code: a brute-force disc mean (supersampled map pixels) over
+    # the written map's tissue pixels, from the map's recorded origin and pixel size; shifting
+    # the disc by one map pixel moves the values by far more than the tolerance
+    assert_spots_are_disc_means(preds, dmap, st.obsm["spatial"])
+
+
+def assert_spots_are_disc_means(preds, dmap, centres_px):
+    from brute_force import disc_mean
+
+    dense = dmap.read().astype(np.float64)
+    mask = np.asarray(dmap.mask[:]) > 0
+    scale = dmap.slide_mpp / dmap.mpp  # map pixels per level-0 pixel
+    spread = dense[:, mask].std()
+    gaps = []
+    for diameter, pred in preds.items():
+        r = diameter / 2 / dmap.mpp
+        for (x, y), got in zip(centres_px, pred.X):
+            cx, cy = (x - dmap.origin_px[0]) * scale, (y - dmap.origin_px[1]) * scale
+            want = disc_mean(dense, cx, cy, r, mask=mask)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * spread)
+            gaps.append(np.abs(disc_mean(dense, cx + 1, cy, r, mask=mask) - want).max())
+    assert np.median(gaps) > 2e-2 * spread
 
 
 def test_mixed_scale_training_uses_every_spot_size(sample, caplog):

@@ -14,8 +14,10 @@ from histomap.evaluation.metrics import (
     evaluate_matrices,
     evaluate_predictions,
     gene_metrics,
+    patch_means,
     pearson_per_gene,
     summarise,
+    summarise_sr,
 )
 
 
@@ -196,6 +198,12 @@ def test_evaluate_predictions_aligns_spots_and_genes(caplog):
     expected = evaluate_matrices({"S": (truth_x, aligned)}, ["g1", "g2", "g3"])
     pd.testing.assert_frame_equal(table, expected, rtol=1e-6)
     assert set(table["sample"]) == {"S", "pooled"}
+    # independent of evaluate_matrices: numpy on the spots matched by name by hand
+    for j, gene in enumerate(["g1", "g2", "g3"]):
+        assert _value(table, sample="S", gene=gene, metric="pcc") == pytest.approx(
+            np.corrcoef(truth_x[:, j], aligned[:, j])[0, 1], rel=1e-5)  # float32 X
+        assert _value(table, sample="S", gene=gene, metric="mse") == pytest.approx(
+            np.mean((truth_x[:, j] - aligned[:, j]) ** 2), rel=1e-5)
 
 
 def test_evaluate_predictions_errors():
@@ -208,3 +216,48 @@ def test_evaluate_predictions_errors():
         evaluate_predictions({"S": truth}, {"S": no_gene})
     with pytest.raises(InputError, match="no prediction for test sample 'S'"):
         evaluate_predictions({"S": truth}, {"T": truth})
+
+
+# --------------------------------------------------------------------------- SR summaries
+def _sr_table() -> pd.DataFrame:
+    """Three patches x two genes of one fold; NaN PCCs where a map was constant.
+
+    Patch means over genes (NaN skipped): patch 0 rmse 2, pcc 0.5 (1 NaN), rmse_counts 20,
+    pcc_counts 0.4; patch 1 rmse 3, pcc 0.2, rmse_counts 30, pcc_counts 0.4; patch 2 rmse 5,
+    pcc NaN (2 NaN), rmse_counts 50, pcc_counts NaN.
+    """
+    nan = np.nan
+    rows = [  # patch, gene, rmse, pcc, rmse_counts, pcc_counts
+        (0, "a", 1.0, 0.5, 10.0, 0.4), (0, "b", 3.0, nan, 30.0, nan),
+        (1, "a", 2.0, -0.2, 20.0, -0.1), (1, "b", 4.0, 0.6, 40.0, 0.9),
+        (2, "a", 5.0, nan, 50.0, nan), (2, "b", 5.0, nan, 50.0, nan),
+    ]
+    table = pd.DataFrame(rows, columns=["patch", "gene", "rmse", "pcc", "rmse_counts",
+                                        "pcc_counts"])
+    return table.assign(dataset="d", method="m", scale=2, fold="F", sample="S", n_pixels=9)
+
+
+def test_sr_patch_means_by_hand():
+    means = patch_means(_sr_table(), ["dataset", "method", "scale"]).set_index("patch")
+    np.testing.assert_allclose(means["rmse"], [2.0, 3.0, 5.0])
+    np.testing.assert_allclose(means["pcc"], [0.5, 0.2, np.nan])
+    np.testing.assert_allclose(means["rmse_counts"], [20.0, 30.0, 50.0])
+    np.testing.assert_allclose(means["pcc_counts"], [0.4, 0.4, np.nan])
+    assert list(means["n_nan_pcc"]) == [1, 0, 2] and list(means["n_genes"]) == [2, 2, 2]
+
+
+def test_summarise_sr_by_hand():
+    """Per patch over genes, then over patches: PCC (0.5 + 0.2) / 2 = 0.35, not the mean of the
+    three defined patch-gene PCCs (0.3); RMSE (2 + 3 + 5) / 3."""
+    summary = summarise_sr(_sr_table(), ["dataset", "method", "scale"]).set_index("metric")
+    assert summary.loc["PCC", "value"] == pytest.approx(0.35)
+    assert summary.loc["RMSE", "value"] == pytest.approx(10 / 3)
+    assert summary.loc["RMSE_counts", "value"] == pytest.approx(100 / 3)
+    assert summary.loc["PCC_counts", "value"] == pytest.approx(0.4)
+    assert summary.loc["PCC", "n_patches"] == 2 and summary.loc["RMSE", "n_patches"] == 3
+    assert summary.loc["PCC", "n_nan_pcc"] == 3 and summary.loc["PCC", "n_nan_patches"] == 1
+    # a second fold with one patch: keys keep the folds apart
+    other = _sr_table().query("patch == 1").assign(fold="G")
+    both = summarise_sr(pd.concat([_sr_table(), other]), ["method", "fold"])
+    pcc = both[both["metric"] == "PCC"].set_index("fold")["value"]
+    assert pcc["F"] == pytest.approx(0.35) and pcc["G"] == pytest.approx(0.2)

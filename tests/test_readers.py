@@ -54,6 +54,65 @@ def test_her2st_section_reads(section, her2st_dir, her2st_samples):
     np.testing.assert_allclose(xy, by_name.loc[spots.obs_names, ["pixel_x", "pixel_y"]])
 
 
+def glass_spot_marks(image_path: Path, *, spot_px: float, reduce: int = 8) -> np.ndarray:
+    """(n, 2) level-0 (x, y) centres of the array's spot marks visible on bare glass.
+
+    The legacy ST slide shows every spot of the array as a faint dark disc; off the tissue
+    they are the only structure. Dark blobs of the spot's size are the maxima of a Laplacian
+    of Gaussian (sigma = radius / sqrt 2) of the image reduced ``reduce`` times, kept where the
+    neighbourhood is unsaturated glass (far from the tissue) and the response is strong."""
+    from scipy import ndimage
+
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(image_path) as img:
+        width = img.width
+        img.draft("RGB", (img.width // reduce, img.height // reduce))  # JPEG: decode at 1/8
+        if img.width == width:
+            img = img.reduce(reduce)
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
+    assert width / rgb.shape[1] == pytest.approx(reduce, rel=1e-3)
+    response = ndimage.gaussian_laplace(rgb.mean(axis=2), spot_px / 2 / reduce / np.sqrt(2))
+    saturation = (rgb.max(axis=2) - rgb.min(axis=2)) / np.maximum(rgb.max(axis=2), 1)
+    glass = ndimage.binary_erosion(ndimage.uniform_filter(saturation, 31) < 0.12, iterations=20)
+    strong = response > 0.5 * np.quantile(response[glass], 0.99)
+    peaks = response == ndimage.maximum_filter(response, int(1.5 * spot_px / reduce))
+    return np.argwhere(peaks & glass & strong)[:, ::-1] * reduce + (reduce - 1) / 2
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_her2st_centres_sit_on_the_array_marks_of_the_image(section, her2st_samples):
+    """Independent of the selection's pixel columns: the spot marks on the glass (found in the
+    image) form a lattice whose pitch is 200 um at the reader's mpp, and the reader's centres
+    lie on that lattice. The marks are only used through their lattice fit, with integer
+    indices assigned from the spots' array coordinates ({x}x{y} names).
+
+    Measured on the four sections: pitch 199.9-200.5 um; the centres' mean offset from the mark
+    lattice 2-12 px (1.4-8.5 um), median distance 20-23 px (the selection's refined positions
+    scatter about 17 px rms around any lattice). A centre shifted by a quarter spot (36 px) or
+    an mpp off by 1% fails."""
+    sample = her2st_samples[section]
+    xy = sample.spots.obsm["spatial"]
+    spot_px = 100.0 / sample.mpp
+    marks = glass_spot_marks(sample.image_path, spot_px=spot_px)
+    assert len(marks) > 300, f"{section}: only {len(marks)} spot marks found on the glass"
+    array_xy = np.array([[int(v) for v in name.split("x")] for name in sample.spots.obs_names],
+                        dtype=np.float64)
+    design = np.c_[array_xy, np.ones(len(array_xy))]
+    # integer lattice indices of the marks, from the spots' array coordinates
+    guess, *_ = np.linalg.lstsq(design, xy, rcond=None)
+    steps = guess[:2].T
+    ij = np.linalg.solve(steps, (marks - guess[2]).T).T
+    near = np.hypot(*((ij - np.round(ij)) @ steps.T).T) < 0.25 * np.hypot(*guess[0])
+    assert near.mean() > 0.8, f"{section}: the marks do not form the spots' lattice"
+    mark_design = np.c_[np.round(ij[near]), np.ones(near.sum())]
+    lattice, *_ = np.linalg.lstsq(mark_design, marks[near], rcond=None)
+    pitch_um = np.hypot(lattice[:2, 0], lattice[:2, 1]) * sample.mpp
+    np.testing.assert_allclose(pitch_um, 200.0, rtol=0.005)
+    offset = xy - design @ lattice
+    assert np.hypot(*offset.mean(axis=0)) < 0.15 * spot_px     # ~22 px, 15 um
+    assert np.median(np.hypot(*offset.T)) < 0.25 * spot_px     # ~36 px, 25 um
+
+
 def test_her2st_counts_match_tsv(her2st_dir, her2st_samples):
     spots = her2st_samples["C2"].spots
     raw = pd.read_csv(her2st_dir / "C2" / "C2.tsv.gz", sep="\t", index_col=0)
@@ -117,7 +176,13 @@ def test_legacy_small_reads_and_infers_mpp(tmp_path, caplog):
     assert sample.spots.X.dtype == np.int32
     expected = np.arange(len(GRID) * 3).reshape(len(GRID), 3) % 7
     np.testing.assert_array_equal(sample.spots.X.toarray(), expected)
-    np.testing.assert_allclose(sample.spots.obsm["spatial"][0], [20, 30], atol=5)
+    # centres: the refined array positions (new_x, new_y) through the folder's known geometry
+    # (80 px per 200 um step, spot 1x1 at (20, 30) px); the selection rounds pixel_x to 0.01 px
+    # and new_x to 0.001 steps (0.04 px)
+    selection = pd.read_csv(folder / "S1_selection.tsv", sep="\t")
+    expected = np.c_[20.0 + PX_PER_STEP * (selection["new_x"] - 1),
+                     30.0 + PX_PER_STEP * (selection["new_y"] - 1)]
+    np.testing.assert_allclose(sample.spots.obsm["spatial"], expected, atol=0.06)
     assert sample.spot_diameter_um == 100.0
     assert (sample.spots.obs["diameter_um"] == 100.0).all()
 

@@ -17,6 +17,8 @@ from histomap.data.srpairs import (
     build_spot_grid_pairs,
     build_sr_pairs,
     denormalise,
+    log1p_normalise,
+    minmax,
     pair_geometry,
     read_sr_pairs,
 )
@@ -43,6 +45,51 @@ def raw_pairs(synthetic, tmp_path_factory):
     build_sr_pairs(cells, slide, None, out, patch_um=500, lr_um=100, scale=5,
                    normalisation="none", min_tissue=0.0)
     return read_sr_pairs(out)
+
+
+def _keys_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution weights of the 4 taps at distances 1 + t, t, 1 - t, 2 - t."""
+    d = np.abs(np.stack([1 + t, t, 1 - t, 2 - t], axis=-1))
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def bicubic_reference(maps: np.ndarray, scale: int) -> np.ndarray:
+    """(G, h, w) -> (G, h * scale, w * scale): output pixel o samples the input at
+    (o + 0.5) / scale - 0.5 (pixel centres), taps clamped to the edge."""
+    out = maps.astype(np.float64)
+    for axis in (1, 2):
+        n = out.shape[axis]
+        src = (np.arange(n * scale) + 0.5) / scale - 0.5
+        i0 = np.floor(src).astype(int)
+        w = _keys_weights(src - i0)
+        taps = np.clip(i0[:, None] + np.arange(-1, 3)[None], 0, n - 1)
+        gathered = np.take(out, taps, axis=axis)          # (..., n_out, 4, ...)
+        shape = [1] * gathered.ndim
+        shape[axis], shape[axis + 1] = w.shape
+        out = (gathered * w.reshape(shape)).sum(axis=axis + 1)
+    return out
+
+
+def test_normalisations_by_hand():
+    """minmax, log1p_normalise and denormalise on a 2-gene, 1 x 3 pixel patch."""
+    counts = np.array([[[2.0, 0.0, 1.0]], [[8.0, 0.0, 3.0]]])
+    library = np.array([[10.0, 0.0, 4.0]])
+    values = log1p_normalise(counts, library, target_sum=100.0)
+    # log1p(2 / 10 * 100) = ln 21, 0 where the library is 0, log1p(1 / 4 * 100) = ln 26
+    np.testing.assert_allclose(values, [[[np.log(21), 0, np.log(26)]],
+                                        [[np.log(81), 0, np.log(76)]]], rtol=1e-6)
+    back = denormalise(values, "log1p", library=library, target_sum=100.0)
+    np.testing.assert_allclose(back, counts, rtol=1e-5, atol=1e-6)
+    maps = np.array([[[1.0, 3.0, 5.0]], [[2.0, 2.0, 2.0]]])
+    scaled, lo, hi = minmax(maps)
+    np.testing.assert_allclose(scaled, [[[0.0, 0.5, 1.0]], [[0.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(lo, [1.0, 2.0]) and np.testing.assert_allclose(hi, [5.0, 2.0])
+    # counts = value * (max - min) + min: 0.25 of gene 0 is 2 counts; gene 1 is its constant
+    np.testing.assert_allclose(denormalise(np.array([[[0.25, 0.0, 1.0]], [[0.7, 0.0, 1.0]]]),
+                                           "minmax", lo=lo, hi=hi),
+                               [[[2.0, 1.0, 5.0]], [[2.0, 2.0, 2.0]]])
 
 
 def test_block_sum():
@@ -245,9 +292,13 @@ def test_dataset_items_and_loader(raw_pairs, synthetic, tmp_path):
     assert item["lr_up"].shape == (G, 25, 25) and item["mask"].dtype == torch.bool
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 250, 250)
     assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
-    # bicubic upsampling preserves the LR map's mean per gene approximately
-    np.testing.assert_allclose(item["lr_up"].mean(dim=(1, 2)), item["lr"].mean(dim=(1, 2)),
-                               atol=0.1)
+    # lr_up is the LR map upsampled by Keys' cubic convolution (a = -0.75, pixel centres,
+    # edge pixels repeated), computed here independently of torch
+    np.testing.assert_allclose(item["lr_up"].numpy(), bicubic_reference(item["lr"].numpy(), 5),
+                               atol=1e-5)
+    nearest = SRPairDataset(out, upsample="nearest")[1]
+    np.testing.assert_array_equal(nearest["lr_up"].numpy(),
+                                  np.repeat(np.repeat(item["lr"].numpy(), 5, 1), 5, 2))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch["hr"].shape == (2, G, 25, 25) and batch["image"].shape == (2, 3, 250, 250)
 

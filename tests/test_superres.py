@@ -369,13 +369,17 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     assert set(summary["fold"]) == {"F1", "all"} and set(per_gene["fold"]) == {"F1"}
     summary = summary[summary["fold"] == "all"]
     rmse = summary.set_index("metric").loc["RMSE", "value"]
-    assert 0 < rmse < 1
+    # by hand: per gene over the patch's tissue pixels, mean over genes, then over patches
+    by_patch = [np.mean([np.sqrt(np.mean((pred[i, j][arrays["mask"][i]]
+                                          - arrays["hr"][i, j][arrays["mask"][i]]) ** 2))
+                         for j in range(g)]) for i in range(n) if arrays["mask"][i].any()]
+    assert rmse == pytest.approx(np.mean(by_patch), rel=1e-5)
     n_nan = int(per_gene["pcc"].isna().sum())
     assert summary.set_index("metric").loc["PCC", "n_nan_pcc"] == n_nan
     assert (f"{n_nan} of {n * g}" in caplog.text) == (n_nan > 0)
 
 
-def test_baseline_predict_is_lr_up_and_scores_by_hand(pairs, tmp_path):
+def test_baseline_predict_is_lr_up_and_scores_by_hand(synthetic, pairs, tmp_path):
     sr_task.train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
                      seed=0, out_model=tmp_path / "m.pt", out_log=tmp_path / "l.csv",
                      checkpoint_dir=tmp_path / "ckpt")
@@ -393,6 +397,15 @@ def test_baseline_predict_is_lr_up_and_scores_by_hand(pairs, tmp_path):
     assert row["rmse"] == pytest.approx(np.sqrt(np.mean((truth - pred) ** 2)), rel=1e-5)
     assert row["pcc"] == pytest.approx(np.corrcoef(truth, pred)[0, 1], rel=1e-5)
     assert row["n_pixels"] == mask.sum()
+    # counts: the written count map against the raw HR counts of the same patch (pairs built
+    # without normalisation), numpy on both
+    raw_path = _pairs(synthetic, tmp_path / "raw.zarr", normalisation="none")
+    raw, _ = read_sr_pairs(raw_path)
+    np.testing.assert_array_equal(raw["origin_px"], arrays["origin_px"])
+    truth_c, pred_c = raw["hr"][2][0][mask], out["pred_counts"][2][0][mask]
+    assert row["rmse_counts"] == pytest.approx(np.sqrt(np.mean((truth_c - pred_c) ** 2)),
+                                               rel=1e-5)
+    assert row["pcc_counts"] == pytest.approx(np.corrcoef(truth_c, pred_c)[0, 1], rel=1e-5)
 
 
 def _bicubic_model(pairs_zarr, folder):
@@ -464,7 +477,8 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     mask = np.ones((6, 6), bool)
     rmse, pcc, n = sr_metrics.patch_gene_metrics(truth, -truth, mask)
     np.testing.assert_allclose(pcc, -1.0)
-    assert n == 36 and np.all(rmse > 0)
+    assert n == 36  # the error is -2 truth, so RMSE = 2 sqrt(mean(truth^2)) per gene
+    np.testing.assert_allclose(rmse, 2 * np.sqrt((truth ** 2).mean(axis=(1, 2))), rtol=1e-12)
     _, pcc, _ = sr_metrics.patch_gene_metrics(truth, np.zeros_like(truth), mask)
     assert (pcc == 0).all(), "a flat prediction scores 0"
     _, pcc, _ = sr_metrics.patch_gene_metrics(np.ones_like(truth), truth, mask)

@@ -41,6 +41,7 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_schema_rejects_unknown_key(workdir):
     cfg = write_config(workdir, tiling={"tile_pxx": 3})
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
@@ -48,6 +49,7 @@ def test_schema_rejects_unknown_key(workdir):
     assert "tile_pxx" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_schema_rejects_bad_value(workdir):
     cfg = write_config(workdir, folds={"strategy": "random"})
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg))
@@ -55,6 +57,7 @@ def test_schema_rejects_bad_value(workdir):
     assert "random" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_sr_method_diffusion_overrides_are_validated(workdir):
     """A method's own `diffusion:` block (e.g. the paper's eps-prediction beside an x0 default)
     is accepted; a bad value in it is rejected by the schema before anything runs."""
@@ -75,6 +78,7 @@ def test_sr_method_diffusion_overrides_are_validated(workdir):
     assert "v_pred" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_sample_sheet_unknown_platform(workdir):
     sheet = workdir / "bad.tsv"
     sheet.write_text("sample\tpatient\tplatform\tpath\nS1\tP\tnanostring\tx\nS2\tQ\tsynthetic\t\n")
@@ -84,6 +88,7 @@ def test_sample_sheet_unknown_platform(workdir):
     assert "nanostring" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_lint_is_clean():
     res = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
@@ -103,6 +108,7 @@ def _legacy_section(folder: Path, counts_text: str) -> None:
     (folder / "S1_selection.tsv").write_text("\n".join(rows) + "\n")
 
 
+@pytest.mark.slow
 def test_bad_counts_fail_cleanly_without_partial_output(workdir):
     """Negative counts: the ingest job fails naming the file, and leaves no output behind."""
     counts = "\tGA\tGB\n1x1\t5\t3\n2x1\t-2\t1\n1x2\t4\t4\n2x2\t1\t1\n"
@@ -124,13 +130,104 @@ def test_bad_counts_fail_cleanly_without_partial_output(workdir):
     assert not (workdir / "results" / "ingest" / "S1" / "slide.tif").exists()
 
 
+SPOT_METRIC_RANGE = {"PCC@F": (-1, 1), "PCC@S": (-1, 1), "PCC@M": (-1, 1), "MSE": (0, np.inf),
+                     "MAE": (0, np.inf), "n_nan_pcc": (0, np.inf), "n_genes": (1, np.inf)}
+SR_METRIC_RANGE = {"PCC": (-1, 1), "RMSE": (0, np.inf)}
+TRIVIAL_SR = "bicubic"  # the upsampled LR map: nothing learned
+
+
+def range_failures(table: pd.DataFrame, ranges: dict, what: str) -> list[str]:
+    """Rows of a long table whose value is not finite or outside its metric's range."""
+    failures = []
+    unknown = sorted(set(table["metric"]) - set(ranges))
+    if unknown:
+        failures.append(f"{what}: metrics without a known range {unknown}")
+    for metric, (lo, hi) in ranges.items():
+        rows = table[table["metric"] == metric]
+        bad = rows[~(np.isfinite(rows["value"]) & (rows["value"] >= lo) & (rows["value"] <= hi))]
+        if len(bad):
+            failures.append(f"{what}: {len(bad)} {metric} values not finite or outside "
+                            f"[{lo}, {hi}]:\n{bad.head(12).to_string()}")
+    return failures
+
+
+def spot_value_failures(spot: pd.DataFrame, learned: list[str], trivial: str = "mean"
+                        ) -> tuple[list[str], pd.DataFrame]:
+    """Each learned model against the trivial one on the table's headline numbers (per-slide
+    averaged, mean over folds): MSE below the trivial model's, PCC@M above 0."""
+    head = spot[spot["sample"] == "mean_over_slides"]
+    table = head.groupby(["model", "metric"])["value"].mean().unstack("metric")
+    failures = []
+    for model in learned:
+        mse, pcc = table.loc[model, "MSE"], table.loc[model, "PCC@M"]
+        if not mse < table.loc[trivial, "MSE"]:
+            failures.append(f"spot: {model} MSE {mse:.4f} is not below {trivial}'s "
+                            f"{table.loc[trivial, 'MSE']:.4f}")
+        if not pcc > 0:
+            failures.append(f"spot: {model} PCC@M {pcc:.4f} is not above 0")
+    return failures, table
+
+
+def sr_value_failures(sr: pd.DataFrame, scale: int, reference: str = "diffst"
+                      ) -> list[str]:
+    """Every learned SR method's PCC above 0; the reference (Diff-ST) at least bicubic's."""
+    failures = []
+    pcc = sr[(sr["metric"] == "PCC") & (sr["scale"] == scale)]
+    if "units" not in pcc.columns:
+        pcc = pcc.assign(units="-")
+    for units, part in pcc.groupby("units"):
+        by_method = part.set_index("method")["value"]
+        for method, value in by_method.items():
+            if method != TRIVIAL_SR and not value > 0:
+                failures.append(f"SR {scale}x ({units}): {method} PCC {value:.4f} is not above 0")
+        if not by_method[reference] >= by_method[TRIVIAL_SR]:
+            failures.append(f"SR {scale}x ({units}): {reference} PCC {by_method[reference]:.4f} "
+                            f"is below {TRIVIAL_SR}'s {by_method[TRIVIAL_SR]:.4f}")
+    return failures
+
+
+def test_value_checks_catch_broken_results():
+    """The end-to-end value checks fail on broken tables: a learned model no better than the
+    mean baseline, a PCC with its sign flipped, an out-of-range value, Diff-ST below bicubic."""
+    rows = [("mean", "MSE", 2.0), ("mean", "PCC@M", 0.0), ("stnet", "MSE", 1.5),
+            ("stnet", "PCC@M", 0.3), ("pixnet", "MSE", 1.8), ("pixnet", "PCC@M", 0.2)]
+    spot = pd.DataFrame([{"model": m, "fold": f, "sample": "mean_over_slides", "metric": k,
+                          "value": v} for f in ("P1", "P2") for m, k, v in rows])
+    assert spot_value_failures(spot, ["stnet", "pixnet"])[0] == []
+    assert range_failures(spot, SPOT_METRIC_RANGE, "t") == []
+    flipped = spot.copy()
+    flipped.loc[(flipped["model"] == "pixnet") & (flipped["metric"] == "PCC@M"), "value"] *= -1
+    assert spot_value_failures(flipped, ["stnet", "pixnet"])[0] == [
+        "spot: pixnet PCC@M -0.2000 is not above 0"]
+    worse = spot.copy()
+    worse.loc[(worse["model"] == "stnet") & (worse["metric"] == "MSE"), "value"] = 2.5
+    assert "stnet MSE 2.5000 is not below mean's 2.0000" in spot_value_failures(
+        worse, ["stnet", "pixnet"])[0][0]
+    bad = spot.copy()
+    bad.loc[0, "value"], bad.loc[1, "value"] = -0.1, np.nan  # an MSE < 0, a NaN PCC@M
+    failures = range_failures(bad, SPOT_METRIC_RANGE, "t")
+    assert len(failures) == 2 and "1 MSE values" in failures[1] and "1 PCC@M" in failures[0]
+    sr = pd.DataFrame({"method": ["bicubic", "unet", "diffst"] * 2,
+                       "metric": ["PCC"] * 3 + ["RMSE"] * 3, "scale": 5,
+                       "units": "normalised", "value": [0.45, 0.40, 0.46, 0.3, 0.3, 0.3]})
+    assert sr_value_failures(sr, 5) == [] and range_failures(sr, SR_METRIC_RANGE, "t") == []
+    sr.loc[2, "value"] = -0.003
+    assert sr_value_failures(sr, 5) == [
+        "SR 5x (normalised): diffst PCC -0.0030 is not above 0",
+        "SR 5x (normalised): diffst PCC -0.0030 is below bicubic's 0.4500"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(workdir):
     """The demo configuration, shrunk: every rule runs for every model, the benchmark table is
-    complete, PixNet's dense map and extra scales and the cross-scale scores exist."""
+    complete and its values are in range, every learned model beats the trivial baselines
+    (`mean` for spots, bicubic for SR), PixNet's dense map and extra scales and the cross-scale
+    scores exist."""
     import anndata as ad
 
-    models = ["stnet", "histogene", "istar", "pixnet"]
+    learned = ["stnet", "histogene", "istar", "pixnet"]
+    models = ["mean", *learned]
+    folds = ["P1", "P2", "P3"]
     cfg = write_config(
         workdir,
         synthetic={"size_um": [700, 700], "n_genes": 40},
@@ -141,26 +238,30 @@ def test_demo_end_to_end(workdir):
         istar={"window_px": 128, "hidden": [32], "train": {"epochs": 1}},
         pixnet={"window_px": 128, "decoder_channels": [8, 16, 32, 64, 64],
                 "predict_spot_diameters_um": [8], "train": {"epochs": 1}},
-        cross_scale={"diameters_um": [55, 8]},
+        cross_scale={"models": ["mean", "istar", "pixnet"], "diameters_um": [55, 8]},
         train={"epochs": 2, "batch_size": 16, "patience": 2},
         tiling={"tile_px": 128},
         report={"figure_genes": 2},
     )
-    res = run_snakemake(workdir, "--cores", "2", "--configfile", str(cfg))
+    # generous: the run takes minutes on 2 free cores, much longer on a shared machine
+    res = run_snakemake(workdir, "--cores", "2", "--configfile", str(cfg), timeout=5400)
     assert res.returncode == 0, res.stderr[-5000:]
     bench = pd.read_csv(workdir / "results" / "report" / "benchmark.csv")
     assert {"task", "dataset", "model", "fold", "seed", "scale_um", "gene_set", "metric",
             "value"} <= set(bench.columns)
     spot = bench[bench["task"] == "spot"]
-    assert set(spot["fold"]) == {"P1", "P2", "P3"}
-    assert set(spot["model"]) == set(models)
-    assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(spot["metric"])
+    pairs = set(spot[["model", "fold"]].itertuples(index=False, name=None))
+    assert pairs == {(m, f) for m in models for f in folds}
+    for (model, fold), part in spot.groupby(["model", "fold"]):
+        assert {"PCC@F", "PCC@S", "PCC@M", "MSE", "MAE"} <= set(part["metric"]), (model, fold)
+        assert set(part["sample"]) >= {"pooled", "mean_over_slides"}, (model, fold)
     assert (spot["scale_um"] == 55).all()
     scales = bench[bench["task"] == "cross_scale"]
-    assert set(scales["model"]) == {"istar", "pixnet"}
-    assert set(scales["scale_um"]) == {55.0, 8.0}
+    triples = set(scales[["model", "fold", "scale_um"]].itertuples(index=False, name=None))
+    assert triples == {(m, f, um) for m in ["mean", "istar", "pixnet"] for f in folds
+                       for um in (55.0, 8.0)}
     md = (workdir / "results" / "report" / "benchmark.md").read_text()
-    assert all(m in md for m in models) and "Cross-scale" in md
+    assert all(m in md for m in models) and "Cross-scale" in md and "trivial baseline" in md
     truth = ad.read_h5ad(workdir / "results/st/synA.h5ad")
     for model in models:
         for fold, sample in [("P1", "synA"), ("P2", "synB"), ("P3", "synC")]:
@@ -176,6 +277,21 @@ def test_demo_end_to_end(workdir):
     assert small.uns["histomap"]["spot_diameter_um"] == 8
     assert (workdir / "results" / "tiles" / "synA.parquet").exists()
     assert (workdir / "results" / "ingest" / "synA" / "sample.zarr").is_dir()
+
+    # values: every failing check is collected, so one (slow) run reports all of them
+    sr = pd.read_csv(workdir / "results" / "report" / "superres.csv")
+    sr_cfg = yaml.safe_load(cfg.read_text())["superres"]
+    sr_scale = int(sr_cfg["scales"]["synthetic"][0])
+    assert set(sr["method"]) == set(sr_cfg["methods"])
+    assert (sr["n_folds"] == len(folds)).all(), sr[["method", "metric", "n_folds"]]
+    failures = range_failures(bench, SPOT_METRIC_RANGE, "benchmark.csv")
+    failures += range_failures(sr, SR_METRIC_RANGE, "superres.csv")
+    spot_failures, headline = spot_value_failures(spot, learned)
+    failures += spot_failures
+    failures += sr_value_failures(sr, sr_scale, reference=sr_cfg["reference"])
+    print("spot headline (mean over folds of per-slide averages):\n" + headline.to_string())
+    print("superres.csv:\n" + sr.to_string())
+    assert not failures, "\n".join(failures)
     _check_ecosystem_outputs(workdir, models)
     # the report: run description, the tables as HTML, dense maps, SR panels, curves, cross-scale
     report = workdir / "results" / "report" / "report.html"

@@ -68,6 +68,7 @@ def tile_outputs():
 
 SPOT_MODELS = ("stnet", "histogene", "probe")  # one image crop per spot
 DENSE_MODELS = ("istar", "pixnet")  # a dense map, spots read out of it at any diameter
+BASELINE_MODELS = ("mean",)  # the training spots' per-gene mean, constant over space
 # Variants (ablations): a new model name = a base model's block with some keys overridden.
 VARIANTS = config.get("variants", {})
 
@@ -79,6 +80,8 @@ def base_model(model):
 def model_block(model):
     """The config block of a model or variant (variant keys override the base block)."""
     base = base_model(model)
+    if base in BASELINE_MODELS and base not in config:
+        return {}  # nothing to configure
     if base not in config:
         raise ValueError(f"config: model {model!r} needs a `{base}:` block")
     block = dict(config[base])
@@ -89,10 +92,10 @@ def model_block(model):
 
 
 for _model in MODELS:
-    if base_model(_model) not in SPOT_MODELS + DENSE_MODELS:
+    if base_model(_model) not in SPOT_MODELS + DENSE_MODELS + BASELINE_MODELS:
         raise ValueError(
             f"config: `models` entry {_model!r} is neither a model "
-            f"{SPOT_MODELS + DENSE_MODELS} nor a `variants` entry"
+            f"{SPOT_MODELS + DENSE_MODELS + BASELINE_MODELS} nor a `variants` entry"
         )
     model_block(_model)
 
@@ -260,7 +263,11 @@ def has_highres(sample):
 def cross_scale_models():
     if not CROSS_SCALE["enabled"]:
         return []
-    return [m for m in MODELS if m in CROSS_SCALE["models"] and base_model(m) in DENSE_MODELS]
+    return [
+        m
+        for m in MODELS
+        if m in CROSS_SCALE["models"] and base_model(m) in DENSE_MODELS + BASELINE_MODELS
+    ]
 
 
 def cross_scale_folds():
@@ -413,11 +420,12 @@ def dense_figure_files():
 
 
 def training_logs():
-    """(label, train_log.csv) of the first training seed of every model and fold, and of every
-    super-resolution run."""
+    """(label, train_log.csv) of the first training seed of every trained model and fold (the
+    `mean` baseline has no training), and of every super-resolution run."""
     spot = [
         (f"{m}/{f}", f"{run_dir('models', m, f, TRAIN_SEEDS[0])}/train_log.csv")
         for m in MODELS
+        if base_model(m) not in BASELINE_MODELS
         for f in FOLDS
     ]
     sr = [

@@ -382,3 +382,70 @@ rule apply_figure:
         mask_mpp=config["tiling"]["mask_mpp"],
     script:
         "../scripts/apply_bundle.py"
+
+
+# The trivial baseline: the per-gene mean of the fold's training spots, constant over space
+# (histomap.tasks.mean); no torch, no image.
+rule train_mean:
+    input:
+        st=lambda wc: train_inputs(wc)["st"],
+        genes=lambda wc: train_inputs(wc)["genes"],
+    output:
+        model="results/models/{model}/{fold}/seed{tseed}/means.tsv",
+    wildcard_constraints:
+        model=model_runs("mean"),
+    log:
+        "logs/train/{model}/{fold}/seed{tseed}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/train_mean.py"
+
+
+rule predict_mean:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/means.tsv",
+        centres="results/st/{sample}.h5ad",
+    output:
+        "results/predictions/{model}/{fold}/seed{tseed}/{sample}/spots_{um}um.h5ad",
+    wildcard_constraints:
+        model=model_runs("mean"),
+    log:
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_{um}um.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/predict_mean.py"
+
+
+rule predict_mean_scales:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/means.tsv",
+        centres=expand("results/scales/{{sample}}/truth_{um}um.h5ad", um=CROSS_SCALE_LABELS),
+    output:
+        expand(
+            "results/predictions/{{model}}/{{fold}}/seed{{tseed}}/{{sample}}/scale_{um}um.h5ad",
+            um=CROSS_SCALE_LABELS,
+        ),
+    wildcard_constraints:
+        model=model_runs("mean"),
+    params:
+        diameters_um=CROSS_SCALE.get("diameters_um", []),
+    log:
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_scales.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/predict_mean.py"

@@ -11,7 +11,10 @@ from histomap.logs import run_step
 def pick_genes(metrics_file, sample, n):
     """The best and the worst predicted genes of this slide (by signed PCC)."""
     m = pd.read_parquet(metrics_file)
-    pcc = m[(m["sample"] == sample) & (m["metric"] == "pcc")].dropna(subset=["value"])
+    rows = m[(m["sample"] == sample) & (m["metric"] == "pcc")]
+    pcc = rows.dropna(subset=["value"])
+    if pcc.empty:  # e.g. the `mean` baseline's constant prediction: no PCC to rank by
+        return list(rows["gene"])[:n]
     ranked = list(pcc.sort_values("value", ascending=False)["gene"])
     best = ranked[: (n + 1) // 2]
     worst = [g for g in ranked[::-1] if g not in best][: n // 2]

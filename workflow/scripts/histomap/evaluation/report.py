@@ -54,6 +54,8 @@ SUMMARY_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M", "n_genes_scored", "n
 OPTIONAL_COLUMNS = ["fold_kind", "seed"]
 FOLD_KIND_LABELS = {"cross_patient": "cross-patient", "within_patient": "within-patient",
                     "mixed": "mixed"}
+TRIVIAL_SPOT_MODEL = "mean"  # the training spots' per-gene mean, constant over space
+TRIVIAL_SR_METHOD = "bicubic"  # the LR map upsampled, nothing learned from the H&E
 TABLE_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M"]
 
 
@@ -194,12 +196,13 @@ def _row_groups(agg: pd.DataFrame):
     """(label cells, rows) per table row: one per model, and per fold kind when the folds say
     what they are (cross-patient and within-patient folds are never one row)."""
     if "fold_kind" not in agg.columns:
-        for model, rows in agg.groupby("model", sort=True):
+        for model, rows in _by_model(agg):
             yield [str(model)], rows
         return
     rank = {k: i for i, k in enumerate(FOLD_KIND_LABELS)}
     groups = sorted(agg.groupby(["model", "fold_kind"], sort=False),
-                    key=lambda kv: (str(kv[0][0]), rank.get(kv[0][1], len(rank)), kv[0][1]))
+                    key=lambda kv: (kv[0][0] != TRIVIAL_SPOT_MODEL, str(kv[0][0]),
+                                    rank.get(kv[0][1], len(rank)), kv[0][1]))
     for (model, kind), rows in groups:
         folds = ", ".join(sorted({f for names in rows["folds"] for f in str(names).split(", ")}))
         yield [str(model), f"{FOLD_KIND_LABELS.get(kind, kind)} ({folds})"], rows
@@ -232,6 +235,12 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
              "|" + "|".join("---" if i < n_labels else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _by_model(part: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Rows per model: the trivial baseline first, then the models by name."""
+    return sorted(part.groupby("model", sort=True),
+                  key=lambda kv: (kv[0] != TRIVIAL_SPOT_MODEL, str(kv[0])))
 
 
 def _model_table(agg: pd.DataFrame, sample: str) -> str:
@@ -298,6 +307,11 @@ def benchmark_markdown(long_df: pd.DataFrame) -> str:
         "over the scored genes (`n_genes_scored`); a gene whose prediction is constant scores "
         "PCC 0, and genes constant in the measurement are left out for every model alike "
         "(`n_constant_truth`). MSE and MAE are per-gene errors averaged over all genes.",
+        "",
+        f"`{TRIVIAL_SPOT_MODEL}` is the trivial baseline: each gene's mean over the fold's "
+        "training spots, the same value at every spot (its PCC is that of a constant "
+        "prediction). A model whose MSE is not below it has learned nothing spatial from the "
+        "H&E.",
         "",
         "Main tables: mean ± std over test folds (std with ddof=1; a bare number means one fold) "
         "of each fold's per-slide averaged summary (`mean_over_slides`), then of the pooled "
@@ -501,7 +515,10 @@ def sr_markdown(table: pd.DataFrame, *, methods: Sequence[str], ablations: Seque
              "over genes per patch, then over every test patch of every fold (± std of the fold "
              "means). Every method gets the LR map in the HR map's units (an LR pixel's "
              "HR-unit estimate) and is scored in the truth's units; no prediction is rescaled "
-             "with statistics of the truth it is scored against."]
+             "with statistics of the truth it is scored against.", "",
+             f"`{TRIVIAL_SR_METHOD}` is the trivial baseline: the LR map upsampled by bicubic "
+             "interpolation, nothing learned from the H&E. A method that does not beat it has "
+             "not used the histology."]
     units = [u for u in (*SR_UNITS.values(), *sorted(set(table["units"])))
              if u in set(table["units"]) and u != SR_COUNTS_UNITS]
     ablation_rows = [reference] + [a for a in ablations if a != reference] if ablations else []

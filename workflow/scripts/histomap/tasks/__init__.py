@@ -3,6 +3,7 @@
 model inputs -> **model** -> predictions. ``spot`` (ST-Net-style crop regressors and
 HistoGene-style slide transformers: one value per spot), ``dense`` (PixNet and iStar-style:
 windows around spots, dense maps, spots read out of the map; the map itself by ``dense_map``),
-``superres`` (Diff-ST and the SR baselines). ``predict`` holds the spot-prediction loop and the
+``superres`` (Diff-ST and the SR baselines), ``mean`` (the trivial baseline: the training spots'
+per-gene mean, constant over space). ``predict`` holds the spot-prediction loop and the
 predictions AnnData that every task writes.
 """
