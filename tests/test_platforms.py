@@ -37,10 +37,13 @@ def dense(x) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> Path:
-    """The three synthetic layouts of one simulated section (seed 3), written once."""
+    """The synthetic layouts of one simulated section (seed 3) and, for the two-sample sheets of
+    the workflow test, of a second one (seed 4), written once."""
     root = tmp_path_factory.mktemp("layouts")
     for layout in ("visium_hd", "visium", "hest", "xenium"):
         write_layout(layout, root / layout / "S3", seed=3, **SIZE)
+    for layout in ("visium_hd", "visium", "hest"):
+        write_layout(layout, root / layout / "S4", seed=4, **SIZE)
     return root
 
 
@@ -476,10 +479,13 @@ def test_workflow_plans_the_new_platforms(layouts, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     shutil.copytree(repo / "config", tmp_path / "config")
     rows = {
-        "visium_hd": [f"hd{i}\tP{i}\tvisium_hd\tvisium_hd/S3/outs\tvisium_hd/S3/he.tif\t\t16\t\t"
-                      for i in (1, 2)],
-        "hest": [f"h{i}\tP{i}\thest\thest/S3\t\t\t\t\tS3" for i in (1, 2)],
-        "visium": [f"v{i}\tP{i}\tvisium\tvisium/S3/outs\thires\t\t\t\t" for i in (1, 2)],
+        # two distinct sections (the sheet check refuses one section listed twice)
+        "visium_hd": [f"hd{i}\tP{i}\tvisium_hd\tvisium_hd/S{s}/outs\tvisium_hd/S{s}/he.tif"
+                      "\t\t16\t\t"
+                      for i, s in ((1, 3), (2, 4))],
+        "hest": [f"h{i}\tP{i}\thest\thest/S{s}\t\t\t\t\tS{s}" for i, s in ((1, 3), (2, 4))],
+        "visium": [f"v{i}\tP{i}\tvisium\tvisium/S{s}/outs\thires\t\t\t\t"
+                   for i, s in ((1, 3), (2, 4))],
     }
     for platform, lines in rows.items():
         sheet = tmp_path / f"{platform}.tsv"

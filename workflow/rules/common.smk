@@ -125,7 +125,7 @@ CROSS_SCALE_PREPROCESS = {
 
 wildcard_constraints:
     sample="|".join(samples["sample"]),
-    fold="|".join(FOLDS),
+    fold="|".join([*FOLDS, FINAL_FOLD]),
     model="|".join(MODELS),
     tseed=r"\d+",
 
