@@ -233,13 +233,15 @@ def test_demo_end_to_end(workdir):
         synthetic={"size_um": [700, 700], "n_genes": 40},
         genes={"name": "top20", "n_genes": 20},
         models=models,
-        stnet={"backbone": "resnet10t", "crop_um": 64},
-        histogene={"dim": 32, "depth": 1, "heads": 2, "train": {"epochs": 2}},
-        istar={"window_px": 128, "hidden": [32], "train": {"epochs": 1}},
+        # the demo's pretrained encoders (frozen and cached for istar and pixnet, so their
+        # epochs are cheap); smaller crops, windows and networks than the demo
+        stnet={"crop_um": 64},
+        histogene={"dim": 32, "depth": 1, "heads": 2, "train": {"epochs": 3}},
+        istar={"window_px": 128, "hidden": [32], "train": {"epochs": 4}},
         pixnet={"window_px": 128, "decoder_channels": [8, 16, 32, 64, 64],
-                "predict_spot_diameters_um": [8], "train": {"epochs": 1}},
+                "predict_spot_diameters_um": [8], "train": {"epochs": 4}},
         cross_scale={"models": ["mean", "istar", "pixnet"], "diameters_um": [55, 8]},
-        train={"epochs": 2, "batch_size": 16, "patience": 2},
+        train={"epochs": 3, "batch_size": 16, "patience": 3},
         tiling={"tile_px": 128},
         report={"figure_genes": 2},
     )
