@@ -229,3 +229,14 @@ def test_disc_just_off_the_map_beside_a_large_disc_is_zero():
     out = roi_aggregate(dense, centres, radii, mode="mean")
     assert torch.equal(out[0, :2], torch.zeros(2, 3, dtype=torch.float64))
     assert bool((out[0, 2] > 1.0).all())
+
+
+def test_no_valid_spot_keeps_the_graph():
+    """A batch whose windows hold no measured spot gives zeros that backward() accepts (zero
+    gradient), so training skips nothing and does not crash."""
+    dense = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = roi_aggregate(dense, torch.zeros(2, 4, 2), torch.ones(2, 4),
+                        valid=torch.zeros(2, 4, dtype=torch.bool))
+    assert torch.equal(out.detach(), torch.zeros(2, 4, 3))
+    out.sum().backward()
+    assert torch.equal(dense.grad, torch.zeros_like(dense))

@@ -131,7 +131,8 @@ def test_bad_counts_fail_cleanly_without_partial_output(workdir):
 
 
 SPOT_METRIC_RANGE = {"PCC@F": (-1, 1), "PCC@S": (-1, 1), "PCC@M": (-1, 1), "MSE": (0, np.inf),
-                     "MAE": (0, np.inf), "n_nan_pcc": (0, np.inf), "n_genes": (1, np.inf)}
+                     "MAE": (0, np.inf), "n_genes_scored": (0, np.inf),
+                     "n_constant_truth": (0, np.inf), "n_genes": (1, np.inf)}
 SR_METRIC_RANGE = {"PCC": (-1, 1), "RMSE": (0, np.inf)}
 TRIVIAL_SR = "bicubic"  # the upsampled LR map: nothing learned
 
@@ -170,7 +171,11 @@ def spot_value_failures(spot: pd.DataFrame, learned: list[str], trivial: str = "
 
 def sr_value_failures(sr: pd.DataFrame, scale: int, reference: str = "diffst"
                       ) -> list[str]:
-    """Every learned SR method's PCC above 0; the reference (Diff-ST) at least bicubic's."""
+    """Every learned SR method's PCC above 0 in every unit; the reference (Diff-ST) at least
+    bicubic's in the benchmark's units (the counts view, predictions turned into counts with
+    LR-patch statistics, is for inspection and is not where the methods are ranked)."""
+    from histomap.evaluation.report import SR_COUNTS_UNITS
+
     failures = []
     pcc = sr[(sr["metric"] == "PCC") & (sr["scale"] == scale)]
     if "units" not in pcc.columns:
@@ -180,7 +185,7 @@ def sr_value_failures(sr: pd.DataFrame, scale: int, reference: str = "diffst"
         for method, value in by_method.items():
             if method != TRIVIAL_SR and not value > 0:
                 failures.append(f"SR {scale}x ({units}): {method} PCC {value:.4f} is not above 0")
-        if not by_method[reference] >= by_method[TRIVIAL_SR]:
+        if units != SR_COUNTS_UNITS and not by_method[reference] >= by_method[TRIVIAL_SR]:
             failures.append(f"SR {scale}x ({units}): {reference} PCC {by_method[reference]:.4f} "
                             f"is below {TRIVIAL_SR}'s {by_method[TRIVIAL_SR]:.4f}")
     return failures
@@ -237,11 +242,11 @@ def test_demo_end_to_end(workdir):
         # epochs are cheap); smaller crops, windows and networks than the demo
         stnet={"crop_um": 64},
         histogene={"dim": 32, "depth": 1, "heads": 2, "train": {"epochs": 3}},
-        istar={"window_px": 128, "hidden": [32], "train": {"epochs": 4}},
+        istar={"window_px": 128, "hidden": [32]},
         pixnet={"window_px": 128, "decoder_channels": [8, 16, 32, 64, 64],
-                "predict_spot_diameters_um": [8], "train": {"epochs": 4}},
+                "predict_spot_diameters_um": [8]},
         cross_scale={"models": ["mean", "istar", "pixnet"], "diameters_um": [55, 8]},
-        train={"epochs": 3, "batch_size": 16, "patience": 3},
+        train={"epochs": 3, "batch_size": 16, "patience": 3},  # istar, pixnet: the demo's 20
         tiling={"tile_px": 128},
         report={"figure_genes": 2},
     )

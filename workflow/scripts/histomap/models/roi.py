@@ -153,7 +153,9 @@ def roi_aggregate(dense_map: torch.Tensor, centres: torch.Tensor,
     out_dtype = dense_map.dtype if dense_map.dtype == torch.float64 else torch.float32
     out = torch.zeros(b, n, c, dtype=out_dtype, device=device)
     if n == 0 or not bool(valid.any()):
-        return out
+        # still a function of the map (zero gradient), so a batch without a measured spot
+        # trains nothing instead of breaking backward()
+        return out + 0.0 * dense_map.sum().to(out_dtype) if dense_map.requires_grad else out
 
     batch_idx, spot_idx = torch.nonzero(valid, as_tuple=True)
     spot_centres = centres[batch_idx, spot_idx]
