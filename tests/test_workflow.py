@@ -353,7 +353,8 @@ def _check_ecosystem_outputs(workdir: Path, models: list[str]) -> None:
     """SpatialData per sample, valid OME-Zarr dense maps, report figures and HTML tables."""
     import warnings
 
-    import spatialdata as sd
+    import ome_zarr.writer  # noqa: F401 (its import warns of a deprecated default argument:
+    import spatialdata as sd  # imported here so that only warnings of reading the file count)
     import zarr
     from ome_zarr_models.v05 import Image
 
