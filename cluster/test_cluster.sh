@@ -136,12 +136,14 @@ if ! snakemake_in "$WORK/slurm" slurm_run.log 1800 "${SLURM_ARGS[@]}" \
 fi
 SLURM_S=$(( $(date +%s) - s ))
 log "SLURM run finished in ${SLURM_S}s; checking that every job ran through SLURM"
-"$PY" - "$WORK/slurm" "$JOBCOMP" "$PARTITION" <<'PY' || fail "SLURM run checks"
+"$PY" - "$WORK/slurm" "$JOBCOMP" "$PARTITION" "$REPO/config/config.yaml" <<'PY' || fail "SLURM run checks"
 import re
 import sys
 from pathlib import Path
 
-work, jobcomp, partition = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+import yaml
+
+work, jobcomp, partition, config_yaml = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 text = (work / "slurm_run.log").read_text()
 
 # jobs Snakemake planned (its "Job stats" table), less the target-only rule `all`
@@ -179,12 +181,15 @@ for call in calls:
     assert f"-p {partition}" in call and "--gpus" not in call and "--gres" not in call, call
 train = [c for c in calls if "rule_train_" in c]
 assert len(train) == planned["train_stnet"] + planned["train_pixnet"]
-assert all("--cpus-per-task=2" in c and "--mem 2500" in c for c in train), train[0]
+threads = yaml.safe_load(open(config_yaml))["resources"]["threads"]["train"]
+assert all(f"--cpus-per-task={threads}" in c and "--mem 2500" in c for c in train), train[0]
 
 bench = work / "results" / "report" / "benchmark.csv"
 assert bench.is_file() and bench.stat().st_size > 0, "benchmark.csv missing"
 figures = list((work / "results" / "report" / "figures").rglob("*.png"))
-assert len(figures) == planned["figures"] + 1, f"{len(figures)} figures"
+# one per figures / dense_map_figure job, plus pcc_distribution.png and training_curves.png
+expected = planned["figures"] + planned.get("dense_map_figure", 0) + 2
+assert len(figures) == expected, f"{len(figures)} figures, expected {expected}"
 print(f"  {n_planned} jobs ({', '.join(f'{r} {n}' for r, n in planned.items())}) ran as "
       f"{len(slurm_ids)} SLURM jobs {min(map(int, slurm_ids))}-{max(map(int, slurm_ids))}, "
       f"all COMPLETED in partition {partition}; benchmark.csv and {len(figures)} figures")
