@@ -337,10 +337,10 @@ from pathlib import Path
 from PIL import Image
 
 work = Path(sys.argv[1])
-for name, bad in [("S1", True), ("S2", False)]:
+for name, bad, red in [("S1", True, 230), ("S2", False, 220)]:  # distinct images (sheet check)
     folder = work / "data" / name
     folder.mkdir(parents=True)
-    Image.new("RGB", (400, 400), (230, 180, 200)).save(folder / "he.jpg")
+    Image.new("RGB", (400, 400), (red, 180, 200)).save(folder / "he.jpg")
     rows = ["\tGA\tGB", "1x1\t5\t3", f"2x1\t{-2 if bad else 2}\t1", "1x2\t4\t4", "2x2\t1\t1"]
     (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
     spots = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
