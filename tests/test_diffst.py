@@ -338,6 +338,7 @@ def test_entropy_threshold_curriculum():
     {}, {"cam": False}, {"cigc": False}, {"hierarchical": False},
     {"cam_mode": "spatial", "cam_region": 4}, {"cigc_on": "lr"}, {"fusion_downsample": 2},
     {"keep": "low", "cross_attn_heads": 2}, {"tissue_backbone": "resnet10t", "tissue_px": 32},
+    {"tissue_backbone": "resnet10t", "tissue_px": 32, "freeze_tissue_backbone": False},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "full")
 def test_ablation_switches_build_and_run(overrides):
     torch.manual_seed(0)
@@ -352,7 +353,17 @@ def test_ablation_switches_build_and_run(overrides):
     assert model.graph.fixed_identity == (not cfg.cigc)
     assert (model.last_cell_mask is None) == (not cfg.hierarchical)
     (eps.pow(2).mean() + sum(aux.values())).backward()
-    if cfg.tissue_backbone:
+    if cfg.tissue_backbone and cfg.freeze_tissue_backbone:
+        # frozen (the default): no gradient and fixed BatchNorm statistics in training mode
+        backbone = model.tissue_encoder.backbone
+        assert all(p.grad is None for p in backbone.parameters())
+        assert not backbone.training and model.train().tissue_encoder.proj.training
+        assert not model.tissue_encoder.backbone.training
+        trainable = torch.nn.ModuleDict({n: m for n, m in model.named_children()
+                                         if n != "tissue_encoder"})
+        assert_all_grads(trainable)
+        assert model.tissue_encoder.proj.weight.grad.abs().sum() > 0
+    elif cfg.tissue_backbone:
         # timm zero-initialises each residual block's last norm, so the convs inside the blocks
         # get no gradient at step 0; the stem in front of them does
         assert_all_grads(model, may_be_zero="tissue_encoder.backbone.layer")

@@ -90,6 +90,8 @@ class DiffSTConfig:
     tissue_backbone: str | None = None       # timm name (features_only); None: small CNN
     pretrained_checkpoint: str | None = None  # local weights file for the timm tissue backbone
     backbone_stage: int = 2                  # feature stage of the timm backbone
+    freeze_tissue_backbone: bool = True      # frozen (weights and BatchNorm statistics), as the
+    #                                          SR baselines' image branch; False fine-tunes it
     # histology: cell level
     cell_grid: int = 4                       # M = cell_grid ** 2 sub-patches (paper: 16 -> 256)
     cell_patch_px: int = 16                  # each sub-patch is resized to this side to encode
@@ -803,6 +805,8 @@ class DiffST(nn.Module):
             self.tissue_encoder: nn.Module = TimmTissueEncoder(
                 cfg.tissue_backbone, cfg.tissue_channels, cfg.backbone_stage,
                 cfg.pretrained_checkpoint)
+            if cfg.freeze_tissue_backbone:
+                self.tissue_encoder.backbone.requires_grad_(False).eval()
         else:
             self.tissue_encoder = ConvEncoder(cfg.tissue_channels)
         if cfg.hierarchical:
@@ -819,6 +823,12 @@ class DiffST(nn.Module):
         self.register_buffer("keep_fraction", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("entropy_threshold", torch.tensor(0.0, dtype=torch.float64))
         self.last_cell_mask: Tensor | None = None
+
+    def train(self, mode: bool = True) -> DiffST:
+        super().train(mode)
+        if self.cfg.tissue_backbone and self.cfg.freeze_tissue_backbone:
+            self.tissue_encoder.backbone.eval()  # frozen: BatchNorm statistics stay fixed
+        return self
 
     @property
     def config(self) -> dict[str, Any]:
