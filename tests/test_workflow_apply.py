@@ -68,8 +68,10 @@ def test_apply_example_dry_run(workdir):
     assert counts["train_final"] == 1 and counts["apply_dense"] == 2
     assert counts["apply_dense_tables"] == 2 and counts["apply_figure"] == 2
     assert counts["synthetic_he_slide"] == 2 and counts["normalise_st"] == 3
+    assert counts["apply_spatialdata"] == 2
     assert not {"evaluate", "benchmark_tables", "train_pixnet"} & set(counts)
     for sample in ("heA", "heB"):
+        assert f"results/spatialdata/apply/{sample}.zarr" in out
         for name in ("dense.zarr", "spots_55um.h5ad", "spots_16um.h5ad", "bins_16um.h5ad",
                      "map.png"):
             assert f"results/apply/pixnet/{sample}/{name}" in out

@@ -577,9 +577,34 @@ if _spot_bundles and APPLY_SAMPLES and not APPLY_SPOT_LABELS:
     )
 
 
+def apply_spatialdata_file(sample):
+    """One SpatialData per applied sample, every applied bundle in it (rule apply_spatialdata)."""
+    return f"results/spatialdata/apply/{sample}.zarr"
+
+
+def apply_sample_dense(sample):
+    """{bundle name: dense.zarr} of the dense bundles applied to ``sample``."""
+    return {
+        name: f"results/apply/{name}/{sample}/dense.zarr"
+        for name in APPLY_BUNDLES
+        if apply_is_dense(name)
+    }
+
+
+def apply_sample_tables(sample):
+    """{SpatialData element name: table} of every applied bundle's pseudo-spots and bins of
+    ``sample`` (e.g. pixnet_spots_55um)."""
+    return {
+        f"{name}_{Path(path).stem}": path
+        for name in APPLY_BUNDLES
+        for path in apply_tables(name, sample)
+    }
+
+
 def apply_targets():
     """Bundles of `apply.models`, and per applied bundle and sample: the dense map (dense
-    models), the pseudo-spot and bin tables and the figure."""
+    models), the pseudo-spot and bin tables and the figure; per applied sample its SpatialData;
+    the super-resolution applications (apply.superres)."""
     bundles = (
         [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]] if not APPLY["bundle"] else []
     )
@@ -590,7 +615,8 @@ def apply_targets():
             outputs += apply_tables(name, s) + [f"{folder}/map.png"]
             if apply_is_dense(name):
                 outputs.append(f"{folder}/dense.zarr")
-    return bundles + outputs
+    sdata = [apply_spatialdata_file(s) for s in APPLY_SAMPLES] if APPLY_BUNDLES else []
+    return bundles + outputs + sdata
 
 
 # ---- super-resolution (Diff-ST benchmark; rules in superres.smk) ----------------------------
