@@ -371,6 +371,8 @@ rule apply_figure:
         ),
     log:
         "logs/apply/{bundle}/{sample}_figure.log",
+    wildcard_constraints:
+        bundle=APPLY_RUNS,
     conda:
         "../../envs/models.yaml"
     threads: 1
