@@ -152,3 +152,25 @@ def test_lr_inputs_need_spots_and_the_models_genes(trained, tmp_path):
     with pytest.raises(InputError, match="not measured"):
         sr_task.lr_inputs_for_model(trained["model"], path, trained["slide"], tmp_path / "b.zarr")
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_ceil_layout_crops_the_he_to_the_hr_patch(trained, tmp_path):
+    """A model trained with edge="ceil" (fewer HR pixels than LR pixels x factor): the H&E
+    covers the HR patch only, at the model's H&E size, as in training."""
+    spots = ad.read_h5ad(trained["spots"])
+    out = tmp_path / "ceil.zarr"
+    attrs = build_lr_pairs(spots, trained["slide"], trained["genes"], out, factor=2, n_lr=4,
+                           n_hr=7, he_hw=(35, 35), target_sum=1000.0)
+    arrays, back = read_sr_pairs(out)
+    assert attrs["edge"] == "ceil" and back["hr_shape"] == [7, 7]
+    assert arrays["he"].shape[1:] == (3, 35, 35) and arrays["mask"].shape[1:] == (7, 7)
+    assert back["image_mpp"] == pytest.approx(3.5 * back["lr_um"] / 35)
+    full = tmp_path / "full.zarr"
+    build_lr_pairs(spots, trained["slide"], trained["genes"], full, factor=2, n_lr=4,
+                   he_hw=(40, 40), target_sum=1000.0)
+    whole, _ = read_sr_pairs(full)
+    np.testing.assert_array_equal(whole["lr"], arrays["lr"])
+    # the H&E of the 7 x 7 HR pixels: the first 35 of the 4 spots' 40 px, read at one scale
+    np.testing.assert_array_equal(arrays["he"], whole["he"][:, :, :35, :35])
+    item = SRPairDataset(out)[0]
+    assert tuple(item["lr_up"].shape[-2:]) == (7, 7)

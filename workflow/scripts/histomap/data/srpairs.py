@@ -784,7 +784,7 @@ def build_lr_pairs(spots: ad.AnnData, slide_path: str | Path, genes: Sequence[st
     the spot pitch / ``factor``). Patches of ``n_lr x n_lr`` spots tile the lattice; ``n_hr``
     (default ``n_lr * factor``; fewer: the model's ``edge="ceil"`` layout) HR pixels each;
     kept when they hold a measured spot (and >= ``min_measured`` of them are). ``he_hw``: the
-    H&E patch size the model was trained with (the patch's spots read at that size). The LR map
+    H&E patch size the model was trained with, covering the HR patch as in training. The LR map
     is stored in HR units like training pairs', log1p with ``target_sum`` (the model's, from
     its training pairs; never a statistic of this sample, which only falls back to its median
     spot library when None). ``mask``: HR pixels under a measured spot. No ``hr`` array (attr
@@ -823,6 +823,9 @@ def build_lr_pairs(spots: ad.AnnData, slide_path: str | Path, genes: Sequence[st
                     "library", source_name)
     target = float(target_sum) if target_sum is not None else _median_library(grid.library)
     he_hw = (int(he_hw[0]), int(he_hw[1]))
+    # the H&E covers the HR patch, as in training: the patch's n_lr spots are read at the size
+    # that puts its first n_hr / factor spots on he_hw, then cropped to them ("ceil" layout)
+    read_hw = tuple(int(round(v * n_lr * factor / n_hr)) for v in he_hw)
     g = len(grid.genes)
 
     def items() -> Iterator[dict[str, np.ndarray]]:
@@ -833,7 +836,8 @@ def build_lr_pairs(spots: ad.AnnData, slide_path: str | Path, genes: Sequence[st
                 measured = grid.measured[r0:r0 + n_lr, c0:c0 + n_lr]
                 mask = np.repeat(np.repeat(measured, factor, axis=0), factor, axis=1)
                 he = _lattice_he(slide, grid.affine, grid.axes, r0 + grid.r_min,
-                                 c0 + grid.c_min, n_lr, he_hw, grid.stagger)
+                                 c0 + grid.c_min, n_lr, read_hw, grid.stagger)
+                he = np.ascontiguousarray(he[:, :he_hw[0], :he_hw[1]])
                 origin = np.array([1, c0 + grid.c_min - 0.5, r0 + grid.r_min - 0.5]) \
                     @ grid.affine.T
                 yield {**_normalised_lr(normalisation, lr, lr_lib, target, factor),
@@ -855,7 +859,7 @@ def build_lr_pairs(spots: ad.AnnData, slide_path: str | Path, genes: Sequence[st
              "scale": factor, "patch_um": n_lr * pitch_col_um,
              "edge": "floor" if n_hr == n_lr * factor else "ceil",
              "normalisation": normalisation, "hr_target_sum": target, "lr_target_sum": target,
-             "lr_units": "hr", "image_mpp": n_lr * pitch_col_um / he_hw[1],
+             "lr_units": "hr", "image_mpp": n_hr * pitch_col_um / factor / he_hw[1],
              "he_hw": list(he_hw), "hr_shape": list(hr_shape), "lr_shape": list(lr_shape),
              "slide": str(slide_path), "slide_mpp": grid.mpp,
              "min_tissue": float(min_measured), "n_patches": len(kept),
