@@ -50,6 +50,10 @@ scored against: :func:`prediction_denormaliser` uses the LR patch (min-max: the 
 scale^2; log1p: each HR pixel's library estimated as its LR pixel's library / scale^2) and the
 model's training target sum.
 
+LR-only inputs (:func:`build_lr_pairs`, attr ``source = "lr_only"``): a sample with spots and
+H&E but no HR truth; its measured spot map is the LR map and the HR grid is ``scale`` times
+finer; no ``hr`` array (nor ``hr_*`` statistics), everything else as below.
+
 Zarr v3 group written by :func:`build_sr_pairs` and :func:`build_spot_grid_pairs` (one chunk per
 patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he``, ``mask``,
 ``origin_px`` (n, 2) float64 level-0 (x, y) of the patch's top-left corner, ``origin_um``,

@@ -44,6 +44,12 @@ Files:
   predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
   ``pred_std``, ``pred_std_counts``.
 
+Applied to a sample with LR ST and H&E but no HR truth (``apply.superres``):
+:func:`lr_inputs_for_model` makes the sample's measured spots the LR-only inputs of a model
+(:func:`histomap.data.srpairs.build_lr_pairs`, in the model's layout and units), and
+:func:`predict_sr` writes the same maps zarr and HR-bin AnnData without truth layers
+(``uns["superres"]["truth"]`` False).
+
 Units: ``pred`` and layer ``truth`` are in the model's units (attrs ``normalisation``,
 ``target_sum``); ``pred_counts`` come from the prediction and the LR patch alone (no statistic of
 the HR truth), ``truth_counts`` are the measured HR counts.
@@ -543,13 +549,9 @@ def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Seq
     return atomic_save(payload, path)
 
 
-def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
-                  ) -> tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
-    from histomap.train import resolve_device
-
+def _read_sr_payload(path: Path) -> dict:
+    """The checked contents of an SR ``model.pt`` (weights included)."""
     torch = _torch()
-    path = Path(path)
     if not path.is_file():
         raise InputError(path, "model file does not exist (run the train_diffst or train_sr_baseline rule)")
     try:
@@ -558,6 +560,16 @@ def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
         raise InputError(path, f"cannot read as a histomap SR model: {exc}") from exc
     if not isinstance(payload, Mapping) or payload.get("format") != SR_MODEL_FORMAT:
         raise InputError(path, f"not a histomap SR model (expected format {SR_MODEL_FORMAT})")
+    return payload
+
+
+def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
+    from histomap.train import resolve_device
+
+    path = Path(path)
+    payload = _read_sr_payload(path)
     config = dict(payload["model_config"])
     if "pretrained_checkpoint" in config:  # model.pt holds every weight
         config["pretrained_checkpoint"] = None
@@ -1072,13 +1084,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
 def sr_model_meta(model_path: str | Path) -> dict:
     """An SR ``model.pt``'s description (no network built): method, genes, ``pairs`` (factor,
     shapes, normalisation, training target sum, H&E size)."""
-    torch = _torch()
-    path = Path(model_path)
-    if not path.is_file():
-        raise InputError(path, "SR model file does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, Mapping) or payload.get("format") != SR_MODEL_FORMAT:
-        raise InputError(path, f"not a histomap SR model (expected format {SR_MODEL_FORMAT})")
+    payload = _read_sr_payload(Path(model_path))
     return {k: v for k, v in payload.items() if k != "state_dict"}
 
 
