@@ -254,3 +254,72 @@ def test_one_sample_config_trains_and_applies(demo):
     dmap = apply_dense(read_bundle(bundle.path), slide, tiles, root / "one.zarr", device="cpu")
     covered = np.asarray(dmap.mask) > 0
     assert covered.any() and np.isfinite(dmap.read()[:, covered]).all()
+
+
+def test_applied_slide_spatialdata_shares_the_micrometre_system(demo, tmp_path):
+    """The SpatialData of an H&E-only slide a bundle was applied to (rule apply_spatialdata):
+    spatialdata.read_zarr reads it without a warning; the H&E, the dense map (channels named by
+    gene), the pseudo-spot circles and the bin squares lie in `global` (um) and `pixels`, and
+    each table annotates its own shapes."""
+    import warnings
+
+    from spatialdata import get_extent
+    from spatialdata.transformations import get_transformation
+
+    from histomap.data.spatial_data import applied_spatialdata, write_spatialdata
+
+    root = demo["root"]
+    out = root / "ingest" / "synC_sd"
+    ingest_sample(platform="he", sample="synC_sd", path=root / "synthetic" / "synC" / "he.tif",
+                  out_dir=out, spatialdata_mpp=4.0)
+    tiles = root / "tiles" / "synC_sd.parquet"
+    tile_slide(out / "slide.tif", root / "tiles" / "synC_sd.zarr", tiles, **TILING)
+    dense = tmp_path / "dense.zarr"
+    apply_dense(demo["bundle"], out / "slide.tif", tiles, dense, device="cpu")
+    paths = [tmp_path / "spots_55um.h5ad", tmp_path / "bins_16um.h5ad"]
+    dense_tables(demo["bundle"], dense, tiles, out / "spots.h5ad", out / "slide.tif",
+                 mask_mpp=8.0, spot_diameters_um=[55], bin_um=[16], out_spots=paths[:1],
+                 out_bins=paths[1:])
+    tables = {f"pixnet_{p.stem}": ad.read_h5ad(p) for p in paths}
+    sdata = applied_spatialdata(out / "sample.zarr", dense_maps={"pixnet": dense},
+                                tables=tables)
+    path = write_spatialdata(sdata, tmp_path / "synC_sd.zarr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import spatialdata
+
+        back = spatialdata.read_zarr(path)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert set(back.coordinate_systems) == {"global", "pixels"}
+    assert set(back.images) == {"he", "dense_pixnet"}
+    assert set(back.shapes) == {"pixnet_spots_55um", "pixnet_bins_16um"}
+    assert set(back.tables) == {"pixnet_spots_55um_table", "pixnet_bins_16um_table"}
+    mpp = 0.5
+    he = get_extent(back.images["he"], coordinate_system="global")
+    assert he["x"] == pytest.approx((0.0, SIZE_UM[0]), abs=4.0)
+    level0 = back.images["dense_pixnet"]["scale0"]["image"]
+    assert list(level0.coords["c"].values) == demo["genes"]
+    assert len(back.images["dense_pixnet"]) > 1 and level0.data.chunksize[0] == 1
+    dmap = read_dense(dense)
+    affine = get_transformation(level0, to_coordinate_system="global").to_affine_matrix(
+        ("x", "y"), ("x", "y"))
+    assert affine[0, 0] == pytest.approx(dmap.mpp)
+    assert affine[0, 2] == pytest.approx(dmap.origin_px[0] * mpp)
+    for name, shape, size in (("pixnet_spots_55um", "disc", 55.0),
+                              ("pixnet_bins_16um", "square", 16.0)):
+        shapes, table = back.shapes[name], back.tables[f"{name}_table"]
+        source = tables[name]
+        assert table.uns["spatialdata_attrs"]["region"] == name
+        assert list(table.obs["spot_id"]) == list(shapes.index.astype(str))
+        assert list(table.var_names) == demo["genes"] and table.n_obs == source.n_obs
+        centres = np.column_stack([shapes.geometry.centroid.x, shapes.geometry.centroid.y])
+        np.testing.assert_allclose(centres, source.obsm["spatial"] * mpp, atol=1e-6)
+        to_px = get_transformation(shapes, to_coordinate_system="pixels")
+        assert to_px.to_affine_matrix(("x", "y"), ("x", "y"))[0, 0] == pytest.approx(1 / mpp)
+        box = get_extent(shapes, coordinate_system="global")
+        assert he["x"][0] - size <= box["x"][0] and box["x"][1] <= he["x"][1] + size
+        if shape == "disc":
+            np.testing.assert_allclose(shapes["radius"].to_numpy(), size / 2)
+        else:  # squares of the bin side
+            bounds = shapes.geometry.bounds.to_numpy()
+            np.testing.assert_allclose(bounds[:, 2] - bounds[:, 0], size)

@@ -68,8 +68,10 @@ def test_apply_example_dry_run(workdir):
     assert counts["train_final"] == 1 and counts["apply_dense"] == 2
     assert counts["apply_dense_tables"] == 2 and counts["apply_figure"] == 2
     assert counts["synthetic_he_slide"] == 2 and counts["normalise_st"] == 3
+    assert counts["apply_spatialdata"] == 2
     assert not {"evaluate", "benchmark_tables", "train_pixnet"} & set(counts)
     for sample in ("heA", "heB"):
+        assert f"results/spatialdata/apply/{sample}.zarr" in out
         for name in ("dense.zarr", "spots_55um.h5ad", "spots_16um.h5ad", "bins_16um.h5ad",
                      "map.png"):
             assert f"results/apply/pixnet/{sample}/{name}" in out
@@ -143,3 +145,28 @@ def test_apply_target_skips_the_benchmark(workdir):
     assert not {"train_pixnet", "evaluate", "benchmark_tables"} & set(counts)
     code, out = dry_run(workdir, config)
     assert code == 0 and jobs(out)["train_pixnet"] == 3 and jobs(out)["apply_dense"] == 2
+
+
+def test_apply_superres_dry_run(workdir):
+    """apply.superres: an SR bundle trained on every ST sample (fold `final`, pairs of the
+    `final` gene panel) and applied to a sample's measured spots; nothing of the SR benchmark."""
+    config = demo_config(**yaml.safe_load((REPO / "config" / "apply.yaml").read_text()))
+    config["apply"]["superres"] = {"methods": ["unet"], "factor": 5, "samples": ["synC"]}
+    code, out = dry_run(workdir, config)
+    assert code == 0, out[-3000:]
+    counts = jobs(out)
+    assert counts["build_sr_pairs"] == 3 and counts["train_sr_baseline"] == 1
+    assert counts["apply_sr_inputs"] == 1 and counts["apply_sr"] == 1
+    assert counts["apply_sr_figure"] == 1 and counts["train_final"] == 1
+    assert not {"evaluate_sr", "sr_tables", "predict_sr_baseline"} & set(counts)
+    for name in ("lr.zarr", "maps.zarr", "bins.h5ad", "map.png"):
+        assert f"results/apply/superres/unet/x5/synC/{name}" in out
+    assert "results/sr/models/unet/x5/final/model.pt" in out
+    for sample in ("synA", "synB", "synC"):
+        assert f"results/sr/pairs/final/{sample}_x5.zarr" in out
+    config["apply"]["superres"] = {"methods": ["unet"], "factor": 3}
+    code, out = dry_run(workdir, config)
+    assert code != 0 and "apply.superres.factor 3" in out
+    config["apply"]["superres"] = {"methods": ["unet"], "factor": 5, "samples": ["heA"]}
+    code, out = dry_run(workdir, config)
+    assert code != 0 and "H&E-only" in out

@@ -557,6 +557,9 @@ def apply_is_dense(name):
     return APPLY_BUNDLES[name][1] in DENSE_MODELS
 
 
+APPLY_RUNS = _alternation(list(APPLY_BUNDLES))  # apply_figure: never results/apply/superres/
+
+
 def apply_runs(dense):
     """Wildcard regex of the applied bundles that are (not) dense models."""
     return _alternation([b for b in APPLY_BUNDLES if apply_is_dense(b) == dense])
@@ -577,9 +580,34 @@ if _spot_bundles and APPLY_SAMPLES and not APPLY_SPOT_LABELS:
     )
 
 
+def apply_spatialdata_file(sample):
+    """One SpatialData per applied sample, every applied bundle in it (rule apply_spatialdata)."""
+    return f"results/spatialdata/apply/{sample}.zarr"
+
+
+def apply_sample_dense(sample):
+    """{bundle name: dense.zarr} of the dense bundles applied to ``sample``."""
+    return {
+        name: f"results/apply/{name}/{sample}/dense.zarr"
+        for name in APPLY_BUNDLES
+        if apply_is_dense(name)
+    }
+
+
+def apply_sample_tables(sample):
+    """{SpatialData element name: table} of every applied bundle's pseudo-spots and bins of
+    ``sample`` (e.g. pixnet_spots_55um)."""
+    return {
+        f"{name}_{Path(path).stem}": path
+        for name in APPLY_BUNDLES
+        for path in apply_tables(name, sample)
+    }
+
+
 def apply_targets():
     """Bundles of `apply.models`, and per applied bundle and sample: the dense map (dense
-    models), the pseudo-spot and bin tables and the figure."""
+    models), the pseudo-spot and bin tables and the figure; per applied sample its SpatialData;
+    the super-resolution applications (apply.superres)."""
     bundles = (
         [f"{bundle_dir(m)}/bundle.json" for m in APPLY["models"]] if not APPLY["bundle"] else []
     )
@@ -590,7 +618,8 @@ def apply_targets():
             outputs += apply_tables(name, s) + [f"{folder}/map.png"]
             if apply_is_dense(name):
                 outputs.append(f"{folder}/dense.zarr")
-    return bundles + outputs
+    sdata = [apply_spatialdata_file(s) for s in APPLY_SAMPLES] if APPLY_BUNDLES else []
+    return bundles + outputs + sdata + apply_sr_targets()
 
 
 # ---- super-resolution (Diff-ST benchmark; rules in superres.smk) ----------------------------
@@ -650,10 +679,17 @@ def sr_method(name):
     return arch, entry
 
 
+def sr_all_method_names():
+    """SR methods of the benchmark and of `apply.superres` (trained on fold `final`)."""
+    return list(dict.fromkeys([*sr_method_names(), *APPLY_SR["methods"]]))
+
+
 def sr_methods_of(kind):
-    """Wildcard regex of the configured SR methods built on Diff-ST (``kind="diffst"``: Diff-ST
-    and its ablations) or on anything else (``"baseline"``)."""
-    names = [m for m in sr_method_names() if (sr_method(m)[0] == "diffst") == (kind == "diffst")]
+    """Wildcard regex of the configured SR methods (benchmark and apply) built on Diff-ST
+    (``kind="diffst"``: Diff-ST and its ablations) or on anything else (``"baseline"``)."""
+    names = [
+        m for m in sr_all_method_names() if (sr_method(m)[0] == "diffst") == (kind == "diffst")
+    ]
     return _alternation(names)
 
 
@@ -783,6 +819,81 @@ def sr_figure_inputs(wildcards):
         "pairs": sr_pairs_file(fold, sample, scale),
         "maps": f"results/sr/predictions/{method}/x{scale}/{fold}/{sample}/maps.zarr",
     }
+
+
+# ---- super-resolution applied to samples with LR ST and H&E but no HR truth (apply.superres) --
+# An SR bundle per method: trained by train_diffst / train_sr_baseline on fold `final` (every
+# ST sample with `factor` in superres.scales for its platform; validation patches from those),
+# results/sr/models/{method}/x{factor}/final/model.pt (weights, genes of the `final` panel,
+# normalisation and the training pairs' target sum, factor, patch shapes). Applied to each
+# sample's measured spots as the LR map: results/apply/superres/{method}/x{factor}/{sample}/.
+APPLY_SR = {
+    "methods": [],
+    "factor": None,
+    "samples": None,
+    "figure_patches": 2,
+    **(APPLY.get("superres") or {}),
+}
+
+
+def apply_sr_train_samples():
+    factor = int(APPLY_SR["factor"])
+    train = [s for s in ST_SAMPLES if factor in sr_sample_scales(s)]
+    if not train:
+        raise ValueError(
+            f"config apply.superres.factor {factor}: no ST sample of {SAMPLE_SHEET} has it in "
+            "superres.scales for its platform, so no SR bundle can be trained"
+        )
+    return train
+
+
+def apply_sr_samples():
+    """Samples super-resolved from their measured spots (null: every ST sample)."""
+    names = list(APPLY_SR["samples"]) if APPLY_SR["samples"] is not None else list(ST_SAMPLES)
+    for s in names:
+        if s not in samples.index:
+            raise ValueError(
+                f"config: apply.superres.samples names {s!r}, which is not in {SAMPLE_SHEET}"
+            )
+        if samples.loc[s, "platform"] in IMAGE_ONLY_PLATFORMS:
+            raise ValueError(
+                f"config: apply.superres.samples names {s!r}, an H&E-only sample: "
+                "super-resolution needs measured spots as its LR map"
+            )
+    return names
+
+
+if APPLY_SR["methods"]:
+    if APPLY_SR["factor"] is None:
+        raise ValueError("config: apply.superres.methods is set, but apply.superres.factor is not")
+    for _m in APPLY_SR["methods"]:
+        sr_method(_m)  # known method or configured superres.models entry
+    apply_sr_train_samples()
+    apply_sr_samples()
+
+
+def apply_sr_dir(method, sample):
+    return f"results/apply/superres/{method}/x{int(APPLY_SR['factor'])}/{sample}"
+
+
+def apply_sr_targets():
+    """Per apply.superres method: its SR bundle and, per sample, the LR-only inputs' predicted
+    HR maps (maps.zarr, bins.h5ad) and the figure."""
+    if not APPLY_SR["methods"]:
+        return []
+    factor = int(APPLY_SR["factor"])
+    return [
+        path
+        for m in APPLY_SR["methods"]
+        for path in [
+            f"results/sr/models/{m}/x{factor}/{FINAL_FOLD}/model.pt",
+            *[
+                f"{apply_sr_dir(m, s)}/{name}"
+                for s in apply_sr_samples()
+                for name in ("maps.zarr", "bins.h5ad", "map.png")
+            ],
+        ]
+    ]
 
 
 def reader_options(sample):

@@ -371,6 +371,8 @@ rule apply_figure:
         ),
     log:
         "logs/apply/{bundle}/{sample}_figure.log",
+    wildcard_constraints:
+        bundle=APPLY_RUNS,
     conda:
         "../../envs/models.yaml"
     threads: 1
@@ -382,6 +384,30 @@ rule apply_figure:
         mask_mpp=config["tiling"]["mask_mpp"],
     script:
         "../scripts/apply_bundle.py"
+
+
+# One SpatialData per applied sample: the H&E, every applied dense map (gene channels) and
+# every pseudo-spot/bin table with its own shapes, in `global` (um) and `pixels`.
+rule apply_spatialdata:
+    input:
+        sample="results/ingest/{sample}/sample.zarr",
+        dense=lambda wc: list(apply_sample_dense(wc.sample).values()),
+        tables=lambda wc: list(apply_sample_tables(wc.sample).values()),
+    output:
+        directory("results/spatialdata/apply/{sample}.zarr"),
+    params:
+        dense_runs=lambda wc: list(apply_sample_dense(wc.sample)),
+        table_names=lambda wc: list(apply_sample_tables(wc.sample)),
+    log:
+        "logs/apply/spatialdata/{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/sample_spatialdata.py"
 
 
 # The trivial baseline: the per-gene mean of the fold's training spots, constant over space

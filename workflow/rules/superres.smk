@@ -12,7 +12,7 @@ validate(
 
 
 wildcard_constraints:
-    sr_method="|".join(sr_method_names()) or "no_sr_method",
+    sr_method="|".join(sr_all_method_names()) or "no_sr_method",
     sr_scale=r"\d+",
 
 
@@ -181,3 +181,75 @@ rule sr_figure:
         "../../envs/models.yaml"
     script:
         "../scripts/sr_figure.py"
+
+
+# Super-resolution applied to samples with LR ST and H&E but no HR truth (apply.superres): the
+# SR bundle (train_diffst / train_sr_baseline on fold `final`) on the sample's measured spots as
+# the LR map, an output grid `factor` times finer; no truth, so no metrics.
+rule apply_sr_inputs:
+    input:
+        model=f"results/sr/models/{{sr_method}}/x{{sr_scale}}/{FINAL_FOLD}/model.pt",
+        spots="results/ingest/{sample}/spots.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
+    output:
+        directory("results/apply/superres/{sr_method}/x{sr_scale}/{sample}/lr.zarr"),
+    log:
+        "logs/apply/superres/{sr_method}/x{sr_scale}/{sample}_inputs.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/apply_sr.py"
+
+
+rule apply_sr:
+    input:
+        model=f"results/sr/models/{{sr_method}}/x{{sr_scale}}/{FINAL_FOLD}/model.pt",
+        pairs="results/apply/superres/{sr_method}/x{sr_scale}/{sample}/lr.zarr",
+    output:
+        maps=directory("results/apply/superres/{sr_method}/x{sr_scale}/{sample}/maps.zarr"),
+        bins="results/apply/superres/{sr_method}/x{sr_scale}/{sample}/bins.h5ad",
+    params:
+        sampling=config["superres"].get("sampling", {}),
+        device=config["train"].get("device", "auto"),
+        seed=config["seed"],
+    log:
+        "logs/apply/superres/{sr_method}/x{sr_scale}/{sample}_predict.log",
+    threads: config["superres"].get("threads", config["resources"]["threads"].get("predict", 1))
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["train"],
+        runtime=config["resources"]["runtime"]["train"],
+        gpu=config["resources"]["gpu"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/predict_sr.py"
+
+
+rule apply_sr_figure:
+    input:
+        pairs="results/apply/superres/{sr_method}/x{sr_scale}/{sample}/lr.zarr",
+        maps="results/apply/superres/{sr_method}/x{sr_scale}/{sample}/maps.zarr",
+    output:
+        report(
+            "results/apply/superres/{sr_method}/x{sr_scale}/{sample}/map.png",
+            caption="../report/apply_superres.rst",
+            category="Applied models",
+            subcategory="super-resolution",
+        ),
+    params:
+        n_patches=APPLY_SR["figure_patches"],
+        n_genes=APPLY["figure_genes"],
+    log:
+        "logs/apply/superres/{sr_method}/x{sr_scale}/{sample}_figure.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/apply_sr.py"

@@ -11,7 +11,10 @@ Elements (all written with spatialdata's writers)
 * table ``table``: the spots' raw counts annotating ``spots`` (``region`` / ``spot_id``);
 * images ``dense_{run}``: each predicted dense map (channels named by gene; multiscale; chunks of
   one gene), from the OME-Zarr ``dense.zarr`` of :mod:`histomap.tasks.dense_map`;
-* tables ``pred_{run}``: each run's predicted spot table, annotating ``spots``.
+* tables ``pred_{run}``: each run's predicted spot table, annotating ``spots``;
+* applied models (:func:`add_spot_tables`, an H&E-only slide's ``apply`` outputs): per table of
+  pseudo-spots or bins, shapes ``{name}`` (its own discs or squares, micrometres) and table
+  ``{name}_table`` annotating them, e.g. ``pixnet_spots_55um`` / ``pixnet_spots_55um_table``.
 
 Coordinate systems: ``global`` in micrometres on the slide (x right, y down, origin at the
 slide's top-left corner) and ``pixels`` in level-0 slide pixels. spatialdata puts pixel (i, j)
@@ -163,13 +166,42 @@ def add_predictions(sdata, *, dense_maps: Mapping[str, str | Path] = (),
     prediction lacks are simply not annotated)."""
     for run, path in dict(dense_maps).items():
         sdata.images[f"dense_{run}"] = dense_map_image(path)
-    known = set(sdata.shapes[SPOTS].index.astype(str))
-    for run, table in dict(tables).items():
+    tables = dict(tables)
+    if tables and SPOTS not in sdata.shapes:
+        raise ValueError(f"prediction tables {list(tables)} need the sample's spots; this "
+                         "SpatialData has none (an H&E-only slide: use add_spot_tables)")
+    known = set(sdata.shapes[SPOTS].index.astype(str)) if tables else set()
+    for run, table in tables.items():
         extra = [n for n in table.obs_names if str(n) not in known]
         if extra:
             raise ValueError(f"prediction table {run!r} has spots the sample does not have "
                              f"(e.g. {extra[:3]})")
         sdata.tables[f"pred_{run}"] = spot_table(table)
+
+
+def add_spot_tables(sdata, tables: Mapping[str, ad.AnnData]) -> None:
+    """Add tables that bring their own spots or bins (an applied model's pseudo-spots and bins,
+    on a lattice of their own): per ``name``, shapes ``name`` (:func:`spot_shapes`, in
+    micrometres: circles, or squares where ``obs["shape"]`` is ``square``) and table
+    ``{name}_table`` annotating them. The tables' ``uns["histomap"]["mpp"]`` places them."""
+    for name, table in dict(tables).items():
+        if name in sdata.shapes or f"{name}_table" in sdata.tables:
+            raise ValueError(f"SpatialData already has an element {name!r}")
+        mpp = float(table.uns["histomap"]["mpp"])
+        sdata.shapes[name] = spot_shapes(table, mpp)
+        sdata.tables[f"{name}_table"] = spot_table(table, region=name)
+
+
+def applied_spatialdata(sample_zarr: str | Path, *, dense_maps: Mapping[str, str | Path] = (),
+                        tables: Mapping[str, ad.AnnData] = ()):
+    """The SpatialData of a slide that models were applied to (``apply``): the ingest
+    ``sample.zarr`` (the H&E; an ST sample's spots and counts too), each applied dense map as
+    image ``dense_{name}`` and each pseudo-spot or bin table with its own shapes
+    (:func:`add_spot_tables`)."""
+    sdata = read_spatialdata(sample_zarr)
+    add_predictions(sdata, dense_maps=dense_maps)
+    add_spot_tables(sdata, tables)
+    return sdata
 
 
 def write_spatialdata(sdata, path: str | Path) -> Path:

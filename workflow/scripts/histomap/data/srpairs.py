@@ -50,6 +50,10 @@ scored against: :func:`prediction_denormaliser` uses the LR patch (min-max: the 
 scale^2; log1p: each HR pixel's library estimated as its LR pixel's library / scale^2) and the
 model's training target sum.
 
+LR-only inputs (:func:`build_lr_pairs`, attr ``source = "lr_only"``): a sample with spots and
+H&E but no HR truth; its measured spot map is the LR map and the HR grid is ``scale`` times
+finer; no ``hr`` array (nor ``hr_*`` statistics), everything else as below.
+
 Zarr v3 group written by :func:`build_sr_pairs` and :func:`build_spot_grid_pairs` (one chunk per
 patch; written under a temporary name and renamed): arrays ``lr``, ``hr``, ``he``, ``mask``,
 ``origin_px`` (n, 2) float64 level-0 (x, y) of the patch's top-left corner, ``origin_um``,
@@ -248,13 +252,13 @@ def _write_zarr(out_zarr: Path, n: int, specs: dict[str, tuple[tuple[int, ...], 
         remove_path(tmp)
 
 
-def _norm_specs(kind: str, n_genes: int, hr_shape, lr_shape) -> dict:
+def _norm_specs(kind: str, n_genes: int, hr_shape, lr_shape, grids=("hr", "lr")) -> dict:
     if kind == "minmax":
         return {f"{g}_{s}": ((n_genes,), "float32", ("gene",))
-                for g in ("hr", "lr") for s in ("min", "max")}
+                for g in grids for s in ("min", "max")}
     if kind == "log1p":
-        return {"hr_library": (tuple(hr_shape), "float32", ("y", "x")),
-                "lr_library": (tuple(lr_shape), "float32", ("y", "x"))}
+        shapes = {"hr": tuple(hr_shape), "lr": tuple(lr_shape)}
+        return {f"{g}_library": (shapes[g], "float32", ("y", "x")) for g in grids}
     return {}
 
 
@@ -263,18 +267,28 @@ def _normalised(kind: str, hr: np.ndarray, lr: np.ndarray, hr_library: np.ndarra
                 ) -> dict[str, np.ndarray]:
     """Normalised HR and LR maps of one patch; the LR map (sums of scale x scale HR pixels) in
     the HR map's units (module docstring)."""
+    low = _normalised_lr(kind, lr, lr_library, target, scale)
     if kind == "minmax":
         hr_n, hr_lo, hr_hi = minmax(hr)
+        return {"hr": hr_n, "hr_min": hr_lo, "hr_max": hr_hi, **low}
+    if kind == "log1p":
+        return {"hr": log1p_normalise(hr, hr_library, target),
+                "hr_library": hr_library.astype(np.float32), **low}
+    return {"hr": hr.astype(np.float32), **low}
+
+
+def _normalised_lr(kind: str, lr: np.ndarray, lr_library: np.ndarray, target: float,
+                   scale: int) -> dict[str, np.ndarray]:
+    """The LR map of one patch (counts: sums over ``scale x scale`` HR pixels) in the HR map's
+    units, with its de-normalisation arrays (module docstring)."""
+    if kind == "minmax":
         lr_n, lr_lo, lr_hi = minmax(lr)
-        return {"hr": hr_n, "lr": lr_n, "hr_min": hr_lo, "hr_max": hr_hi, "lr_min": lr_lo,
-                "lr_max": lr_hi}
+        return {"lr": lr_n, "lr_min": lr_lo, "lr_max": lr_hi}
     if kind == "log1p":
         # the library fraction of an LR pixel, scaled like an HR pixel's (HR target sum)
-        return {"hr": log1p_normalise(hr, hr_library, target),
-                "lr": log1p_normalise(lr, lr_library, target),
-                "hr_library": hr_library.astype(np.float32),
+        return {"lr": log1p_normalise(lr, lr_library, target),
                 "lr_library": lr_library.astype(np.float32)}
-    return {"hr": hr.astype(np.float32), "lr": (lr / float(scale) ** 2).astype(np.float32)}
+    return {"lr": (lr / float(scale) ** 2).astype(np.float32)}
 
 
 def _check_normalisation(kind: str) -> None:
@@ -612,6 +626,63 @@ def _lattice_he(slide, affine: np.ndarray, axes: tuple[bool, float, float], r0: 
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
+@dataclass
+class SpotGrid:
+    """A spot table as an image on its lattice: ``counts`` (G, n_rows + pad, n_cols + pad) of
+    the chosen genes (0 where no spot), ``library`` (all genes) and ``measured`` on the same
+    grid, lattice (row, col) shifted by (``r_min``, ``c_min``) to start at 0; ``affine`` (2, 3)
+    maps (1, col, row) of the unshifted lattice to level-0 (x, y) px, odd rows shifted by
+    ``stagger`` px; ``axes`` as :func:`_lattice_axes` gives them."""
+    genes: list[str]
+    mpp: float
+    how: str
+    counts: np.ndarray
+    library: np.ndarray
+    measured: np.ndarray
+    affine: np.ndarray
+    stagger: np.ndarray
+    axes: tuple[bool, float, float]
+    r_min: int
+    c_min: int
+    n_rows: int
+    n_cols: int
+
+    @property
+    def pitch_col_um(self) -> float:
+        return abs(self.axes[1]) * self.mpp
+
+    @property
+    def pitch_row_um(self) -> float:
+        return abs(self.axes[2]) * self.mpp
+
+
+def spot_grid(spots: ad.AnnData, slide_path: str | Path, genes: Sequence[str] | None, *,
+              mpp: float | None = None, pad: int = 0, source_name: str = "spots") -> SpotGrid:
+    """The spots' raw counts on their lattice (:class:`SpotGrid`), ``pad`` empty rows and
+    columns appended (patches may run past the last spot)."""
+    genes = _gene_columns(spots, genes, source_name)
+    mpp, _, _ = _slide_geometry(Path(slide_path), mpp)
+    values = _csr(spots.X)
+    _check_values(values, source_name)
+    row, col, how = spot_lattice(spots, source_name)
+    affine, stagger = _lattice_affine(spots, row, col, source_name)
+    axes = _lattice_axes(affine, source_name)
+    r_min, c_min = int(row.min()), int(col.min())
+    row, col = row - r_min, col - c_min
+    if len(set(zip(row.tolist(), col.tolist()))) != len(row):
+        raise InputError(source_name, f"several spots share a lattice position ({how})")
+    n_rows, n_cols = int(row.max()) + 1, int(col.max()) + 1
+    gene_idx = spots.var_names.get_indexer(genes)
+    counts = np.zeros((len(genes), n_rows + pad, n_cols + pad), np.float64)
+    counts[:, row, col] = values[:, gene_idx].toarray().T
+    library = np.zeros(counts.shape[1:], np.float64)
+    library[row, col] = np.asarray(values.sum(axis=1)).ravel()
+    measured = np.zeros(counts.shape[1:], bool)
+    measured[row, col] = True
+    return SpotGrid(genes, float(mpp), how, counts, library, measured, affine, stagger, axes,
+                    r_min, c_min, n_rows, n_cols)
+
+
 def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
                           genes: Sequence[str] | None, out_zarr: str | Path, *,
                           mpp: float | None = None, factor: int = 2, patch_spots: int = 16,
@@ -637,32 +708,18 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
         raise ValueError(f"need factor >= 1, patch_spots >= factor, image_mpp > 0; got {factor}, "
                          f"{patch_spots}, {image_mpp}")
     slide_path = Path(slide_path)
-    genes = _gene_columns(spots, genes, source_name)
-    mpp, _, _ = _slide_geometry(slide_path, mpp)
-    values = _csr(spots.X)
-    _check_values(values, source_name)
-    row, col, how = spot_lattice(spots, source_name)
-    affine, stagger = _lattice_affine(spots, row, col, source_name)
-    axes = _lattice_axes(affine, source_name)
-    pitch_col_um, pitch_row_um = abs(axes[1]) * mpp, abs(axes[2]) * mpp
-    r_min, c_min = int(row.min()), int(col.min())
-    row, col = row - r_min, col - c_min
-    if len(set(zip(row.tolist(), col.tolist()))) != len(row):
-        raise InputError(source_name, f"several spots share a lattice position ({how})")
     n_hr = (patch_spots // factor) * factor
     if n_hr != patch_spots:
         log.warning("patch_spots %d floored to %d, a multiple of factor %d", patch_spots, n_hr,
                     factor)
+    grid = spot_grid(spots, slide_path, genes, mpp=mpp, pad=n_hr, source_name=source_name)
+    genes, mpp, how = grid.genes, grid.mpp, grid.how
+    lattice, library, measured = grid.counts, grid.library, grid.measured
+    affine, axes, stagger = grid.affine, grid.axes, grid.stagger
+    pitch_col_um, pitch_row_um = grid.pitch_col_um, grid.pitch_row_um
+    r_min, c_min, n_rows, n_cols = grid.r_min, grid.c_min, grid.n_rows, grid.n_cols
     n_lr = n_hr // factor
     stride = max(1, (stride_spots or n_hr) // factor) * factor
-    n_rows, n_cols = int(row.max()) + 1, int(col.max()) + 1
-    gene_idx = spots.var_names.get_indexer(genes)
-    lattice = np.zeros((len(genes), n_rows + n_hr, n_cols + n_hr), np.float64)
-    lattice[:, row, col] = values[:, gene_idx].toarray().T
-    library = np.zeros(lattice.shape[1:], np.float64)
-    library[row, col] = np.asarray(values.sum(axis=1)).ravel()
-    measured = np.zeros(lattice.shape[1:], bool)
-    measured[row, col] = True
 
     plan = [(int(r0), int(c0), float(measured[r0:r0 + n_hr, c0:c0 + n_hr].mean()))
             for r0 in patch_starts(n_rows, n_hr, stride)
@@ -717,6 +774,109 @@ def build_spot_grid_pairs(spots: ad.AnnData, slide_path: str | Path,
     return attrs
 
 
+# ============================================================================ LR only
+
+def build_lr_pairs(spots: ad.AnnData, slide_path: str | Path, genes: Sequence[str],
+                   out_zarr: str | Path, *, factor: int, n_lr: int, n_hr: int | None = None,
+                   he_hw: Sequence[int], normalisation: Normalisation = "log1p",
+                   target_sum: float | None = None, min_measured: float = 0.0,
+                   mpp: float | None = None, trained_lr_um: float | None = None,
+                   source_name: str = "spots") -> dict[str, Any]:
+    """LR-only inputs of a sample with spots and H&E but no HR truth: the measured spot map IS
+    the LR map (one LR pixel per spot, its lattice as in :func:`spot_grid`, shared with
+    :func:`build_spot_grid_pairs`), and the output grid is ``factor`` times finer (HR pixel =
+    the spot pitch / ``factor``). Patches of ``n_lr x n_lr`` spots tile the lattice; ``n_hr``
+    (default ``n_lr * factor``; fewer: the model's ``edge="ceil"`` layout) HR pixels each;
+    kept when they hold a measured spot (and >= ``min_measured`` of them are). ``he_hw``: the
+    H&E patch size the model was trained with, covering the HR patch as in training. The LR map
+    is stored in HR units like training pairs', log1p with ``target_sum`` (the model's, from
+    its training pairs; never a statistic of this sample, which only falls back to its median
+    spot library when None). ``mask``: HR pixels under a measured spot. No ``hr`` array (attr
+    ``source`` = ``"lr_only"``, ``truth`` False): nothing to score. ``trained_lr_um``: the
+    model's LR pixel; a spot pitch more than 10% off is logged (the model then upsamples maps
+    of another scale than it learnt)."""
+    _check_normalisation(normalisation)
+    factor, n_lr = int(factor), int(n_lr)
+    n_hr = n_lr * factor if n_hr is None else int(n_hr)
+    if factor < 1 or n_lr < 1 or not (n_lr - 1) * factor < n_hr <= n_lr * factor:
+        raise ValueError(f"need factor >= 1, n_lr >= 1 and (n_lr - 1) * factor < n_hr <= n_lr * "
+                         f"factor; got {factor}, {n_lr}, {n_hr}")
+    if spots.n_obs == 0:
+        raise InputError(source_name, "no spots: super-resolution needs the sample's measured "
+                                      "spots as its LR map (an H&E-only sample has none)")
+    slide_path = Path(slide_path)
+    grid = spot_grid(spots, slide_path, genes, mpp=mpp, pad=n_lr, source_name=source_name)
+    pitch_col_um, pitch_row_um = grid.pitch_col_um, grid.pitch_row_um
+    if trained_lr_um and not math.isclose(pitch_col_um, float(trained_lr_um), rel_tol=0.1):
+        log.warning("%s: spot pitch %.1f um, but the model learnt to upsample %g um LR pixels "
+                    "%dx; its output is on a %.2f um grid", source_name, pitch_col_um,
+                    float(trained_lr_um), factor, pitch_col_um / factor)
+    plan = [(int(r0), int(c0), float(grid.measured[r0:r0 + n_lr, c0:c0 + n_lr].mean()))
+            for r0 in patch_starts(grid.n_rows, n_lr, n_lr)
+            for c0 in patch_starts(grid.n_cols, n_lr, n_lr)]
+    kept = [p for p in plan if p[2] > 0 and p[2] >= min_measured]
+    log.info("%s: lattice %d x %d from %s (pitch %.1f x %.1f um) as the LR map; %d patches of "
+             "%d x %d spots -> %d x %d HR pixels of %.2f um, %d hold measured spots",
+             source_name, grid.n_rows, grid.n_cols, grid.how, pitch_row_um, pitch_col_um,
+             len(plan), n_lr, n_lr, n_hr, n_hr, pitch_col_um / factor, len(kept))
+    if not kept:
+        raise InputError(source_name, f"no patch of {n_lr} x {n_lr} spots has >= "
+                                      f"{min_measured:.0%} measured spots")
+    if normalisation == "log1p" and target_sum is None:
+        log.warning("%s: no training target sum given; log1p with this sample's median spot "
+                    "library", source_name)
+    target = float(target_sum) if target_sum is not None else _median_library(grid.library)
+    he_hw = (int(he_hw[0]), int(he_hw[1]))
+    # the H&E covers the HR patch, as in training: the patch's n_lr spots are read at the size
+    # that puts its first n_hr / factor spots on he_hw, then cropped to them ("ceil" layout)
+    read_hw = tuple(int(round(v * n_lr * factor / n_hr)) for v in he_hw)
+    g = len(grid.genes)
+
+    def items() -> Iterator[dict[str, np.ndarray]]:
+        with open_slide(slide_path) as slide:
+            for r0, c0, fraction in kept:
+                lr = grid.counts[:, r0:r0 + n_lr, c0:c0 + n_lr]
+                lr_lib = grid.library[r0:r0 + n_lr, c0:c0 + n_lr]
+                measured = grid.measured[r0:r0 + n_lr, c0:c0 + n_lr]
+                mask = np.repeat(np.repeat(measured, factor, axis=0), factor, axis=1)
+                he = _lattice_he(slide, grid.affine, grid.axes, r0 + grid.r_min,
+                                 c0 + grid.c_min, n_lr, read_hw, grid.stagger)
+                he = np.ascontiguousarray(he[:, :he_hw[0], :he_hw[1]])
+                origin = np.array([1, c0 + grid.c_min - 0.5, r0 + grid.r_min - 0.5]) \
+                    @ grid.affine.T
+                yield {**_normalised_lr(normalisation, lr, lr_lib, target, factor),
+                       "he": he, "mask": mask[:n_hr, :n_hr], "origin_px": origin,
+                       "origin_um": origin * grid.mpp,
+                       "grid_index": np.array([r0 * factor, c0 * factor]),
+                       "tissue_fraction": np.array(fraction)}
+
+    hr_shape, lr_shape = (n_hr, n_hr), (n_lr, n_lr)
+    specs = {"lr": ((g, *lr_shape), "float32", ("gene", "y", "x")),
+             "he": ((3, *he_hw), "uint8", ("c", "y", "x")),
+             "mask": (hr_shape, "bool", ("y", "x")),
+             "origin_px": ((2,), "float64", ("xy",)), "origin_um": ((2,), "float64", ("xy",)),
+             "grid_index": ((2,), "int64", ("rowcol",)), "tissue_fraction": ((), "float32", ()),
+             **_norm_specs(normalisation, g, hr_shape, lr_shape, grids=("lr",))}
+    attrs = {"format": FORMAT, "source": "lr_only", "truth": False, "lattice": grid.how,
+             "genes": grid.genes, "lr_um": pitch_col_um, "lr_um_row": pitch_row_um,
+             "hr_um": pitch_col_um / factor, "hr_um_row": pitch_row_um / factor,
+             "scale": factor, "patch_um": n_lr * pitch_col_um,
+             "edge": "floor" if n_hr == n_lr * factor else "ceil",
+             "normalisation": normalisation, "hr_target_sum": target, "lr_target_sum": target,
+             "lr_units": "hr", "image_mpp": n_hr * pitch_col_um / factor / he_hw[1],
+             "he_hw": list(he_hw), "hr_shape": list(hr_shape), "lr_shape": list(lr_shape),
+             "slide": str(slide_path), "slide_mpp": grid.mpp,
+             "min_tissue": float(min_measured), "n_patches": len(kept),
+             "n_patches_dropped": len(plan) - len(kept),
+             "lattice_origin": [grid.r_min, grid.c_min],
+             "lattice_affine": grid.affine.tolist(),
+             "stagger_px": [float(v) for v in grid.stagger],
+             "trained_lr_um": None if trained_lr_um is None else float(trained_lr_um)}
+    _write_zarr(Path(out_zarr), len(kept), specs, items(), attrs)
+    log.info("wrote %d LR-only SR inputs (%d genes, x%d) to %s", len(kept), g, factor, out_zarr)
+    return attrs
+
+
 # ============================================================================ reading
 
 def read_sr_pairs(path: str | Path, *, lazy: bool = False) -> tuple[dict[str, Any], dict]:
@@ -730,11 +890,17 @@ def read_sr_pairs(path: str | Path, *, lazy: bool = False) -> tuple[dict[str, An
         arrays = {name: root[name] for name in root.array_keys()}
     except (KeyError, FileNotFoundError, ValueError) as exc:
         raise InputError(path, f"not an SR pairs zarr: {exc}") from exc
-    if attrs.get("format") != FORMAT or not {"lr", "hr", "he", "mask"} <= set(arrays):
+    needed = {"lr", "he", "mask"} | ({"hr"} if has_truth(attrs) else set())
+    if attrs.get("format") != FORMAT or not needed <= set(arrays):
         raise InputError(path, f"not an SR pairs zarr written by histomap ({FORMAT})")
     if not lazy:
         arrays = {name: a[...] for name, a in arrays.items()}
     return arrays, attrs
+
+
+def has_truth(attrs: Mapping) -> bool:
+    """Whether SR pairs hold an HR truth (all but :func:`build_lr_pairs`'s LR-only inputs)."""
+    return attrs.get("source") != "lr_only"
 
 
 class SRPairDataset:
@@ -749,6 +915,8 @@ class SRPairDataset:
     their measured spot pitch). ``target_sum``: log1p pairs are re-expressed with this target
     sum (a model's, from its training pairs: :func:`training_target_sum`); None keeps the
     stored one. ``hr`` and ``lr`` are in the same units (the LR map is stored in HR units).
+    LR-only inputs (:func:`build_lr_pairs`) have no ``hr``; ``lr_up`` is cropped to the
+    pairs' ``hr_shape``.
     """
 
     def __init__(self, path: str | Path, *, upsample: str = "bicubic",
@@ -759,7 +927,7 @@ class SRPairDataset:
             raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
         self.path = Path(path)
         arrays, self.attrs = read_sr_pairs(self.path, lazy=True)
-        n = arrays["hr"].shape[0]
+        n = arrays["lr"].shape[0]
         self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
         self.upsample = upsample
         self.image_hw = tuple(int(v) for v in image_hw) if image_hw is not None else None
@@ -782,23 +950,26 @@ class SRPairDataset:
             self._arrays = read_sr_pairs(self.path, lazy=True)[0]
         i = int(self.indices[item])
         a = self._arrays
-        hr = torch.from_numpy(np.asarray(a["hr"][i], np.float32))
+        hr = (torch.from_numpy(np.asarray(a["hr"][i], np.float32)) if "hr" in a else None)
         lr = torch.from_numpy(np.asarray(a["lr"][i], np.float32))
         if self.target_sum is not None:
             stored = float(self.attrs["hr_target_sum"])
-            hr = retarget_log1p(hr, stored, self.target_sum)
+            hr = retarget_log1p(hr, stored, self.target_sum) if hr is not None else None
             lr = retarget_log1p(lr, stored, self.target_sum)
         scale = int(self.attrs["scale"])
         size = (lr.shape[-2] * scale, lr.shape[-1] * scale)
         kwargs = {} if self.upsample == "nearest" else {"align_corners": False}
         lr_up = F.interpolate(lr[None], size=size, mode=self.upsample, **kwargs)[0]
-        lr_up = lr_up[:, :hr.shape[-2], :hr.shape[-1]].contiguous()
+        h, w = (hr.shape[-2:] if hr is not None
+                else (int(v) for v in self.attrs["hr_shape"]))
+        lr_up = lr_up[:, :h, :w].contiguous()
         image = torch.from_numpy(np.asarray(a["he"][i])).float() / 255.0
         if self.image_hw is not None and tuple(image.shape[-2:]) != self.image_hw:
             image = F.interpolate(image[None], size=self.image_hw, mode="bilinear",
                                   antialias=True, align_corners=False)[0].clamp(0.0, 1.0)
         mask = torch.from_numpy(np.asarray(a["mask"][i], bool))
-        return {"hr": hr, "lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
+        item = {"lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
+        return item if hr is None else {"hr": hr, **item}
 
 
 def training_target_sum(pairs_zarrs: Sequence[str | Path]) -> float | None:

@@ -235,31 +235,36 @@ def plot_sr_panels(panels: Sequence[dict], out_png: str | Path, *, title: str = 
     share one colour scale per row; tissue outside the mask is transparent.
 
     Each panel dict: ``he`` (H, W, 3) uint8, ``lr``, ``hr``, ``pred`` 2D arrays, ``std`` 2D or
-    None, ``mask`` (h, w) bool, ``label`` (e.g. "patch 3, ERBB2").
+    None, ``mask`` (h, w) bool, ``label`` (e.g. "patch 3, ERBB2"). ``hr`` None in every panel
+    (LR-only inputs of an applied sample, no truth): no "HR truth" column.
     """
     plt = _pyplot()
     if not panels:
         raise ValueError("no SR panel to draw")
-    columns = ["H&E", "LR", "HR truth", "prediction", "uncertainty (std)"]
-    fig, axes = plt.subplots(len(panels), 5, figsize=(16, 3.3 * len(panels)), squeeze=False)
+    truth = any(panel.get("hr") is not None for panel in panels)
+    columns = ["H&E", "LR", *(["HR truth"] if truth else []), "prediction", "uncertainty (std)"]
+    n_cols = len(columns)
+    fig, axes = plt.subplots(len(panels), n_cols, figsize=(3.2 * n_cols, 3.3 * len(panels)),
+                             squeeze=False)
     for r, panel in enumerate(panels):
         row = axes[r]
         mask = np.asarray(panel["mask"], bool)
-        hr = np.where(mask, panel["hr"], np.nan)
+        hr = np.where(mask, panel["hr"], np.nan) if truth else None
         pred = np.where(mask, panel["pred"], np.nan)
-        vmin, vmax = shared_colour_range(panel["lr"], hr, pred)
+        vmin, vmax = shared_colour_range(*[m for m in (panel["lr"], hr, pred) if m is not None])
         row[0].imshow(panel["he"])
         row[1].imshow(panel["lr"], cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-        row[2].imshow(hr, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-        shown = row[3].imshow(pred, cmap="viridis", vmin=vmin, vmax=vmax,
-                              interpolation="nearest")
-        fig.colorbar(shown, ax=list(row[1:4]), fraction=0.02, pad=0.01)
+        if truth:
+            row[2].imshow(hr, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        shown = row[n_cols - 2].imshow(pred, cmap="viridis", vmin=vmin, vmax=vmax,
+                                       interpolation="nearest")
+        fig.colorbar(shown, ax=list(row[1:n_cols - 1]), fraction=0.02, pad=0.01)
         if panel.get("std") is not None:
-            std = row[4].imshow(np.where(mask, panel["std"], np.nan), cmap="magma",
-                                interpolation="nearest")
-            fig.colorbar(std, ax=row[4], fraction=0.046, pad=0.02)
+            std = row[-1].imshow(np.where(mask, panel["std"], np.nan), cmap="magma",
+                                 interpolation="nearest")
+            fig.colorbar(std, ax=row[-1], fraction=0.046, pad=0.02)
         else:
-            row[4].text(0.5, 0.5, "deterministic\nmethod", ha="center", va="center")
+            row[-1].text(0.5, 0.5, "deterministic\nmethod", ha="center", va="center")
         row[0].set_ylabel(panel["label"])
         for ax, name in zip(row, columns):
             if r == 0:
@@ -352,27 +357,36 @@ def sr_panels(pairs_zarr: str | Path, maps_zarr: str | Path, *, n_patches: int =
               n_genes: int = 2) -> list[dict]:
     """Panels for :func:`plot_sr_panels` from an SR-pairs zarr and its predicted maps (both in
     the pairs' normalised units): the ``n_patches`` patches with the most tissue, and in each
-    the ``n_genes`` genes whose HR truth varies most over the patch's tissue."""
+    the ``n_genes`` genes whose HR truth varies most over the patch's tissue (LR-only inputs,
+    no truth: whose LR map varies most over its measured spots; ``hr`` None)."""
     from histomap.data.srmaps import read_sr_maps
-    from histomap.data.srpairs import read_sr_pairs
+    from histomap.data.srpairs import has_truth, read_sr_pairs
 
     arrays, attrs = read_sr_pairs(pairs_zarr, lazy=True)
     maps, _ = read_sr_maps(maps_zarr)
     genes = list(attrs["genes"])
+    truth = has_truth(attrs)
     masks = np.asarray(arrays["mask"][...], bool)
     order = np.argsort(-masks.reshape(len(masks), -1).mean(axis=1), kind="stable")[:n_patches]
     panels = []
     for i in order.tolist():
-        hr = np.asarray(arrays["hr"][i], np.float32)
+        hr = np.asarray(arrays["hr"][i], np.float32) if truth else None
         mask = masks[i]
-        spread = np.array([np.nanvar(g[mask]) if mask.any() else 0.0 for g in hr])
+        if truth:
+            spread = np.array([np.nanvar(g[mask]) if mask.any() else 0.0 for g in hr])
+        else:  # the LR pixels under measured HR pixels
+            lr = np.asarray(arrays["lr"][i], np.float32)
+            f = int(attrs["scale"])
+            lr_mask = mask[::f, ::f][:lr.shape[1], :lr.shape[2]]
+            spread = np.array([np.nanvar(g[lr_mask]) if lr_mask.any() else 0.0 for g in lr])
         he = np.asarray(arrays["he"][i])
         he = np.moveaxis(he, 0, -1) if he.shape[0] == 3 else he
         if he.dtype != np.uint8:
             he = np.clip(he * (255.0 if he.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         for g in np.argsort(-spread, kind="stable")[:n_genes].tolist():
             panels.append({
-                "he": he, "lr": np.asarray(arrays["lr"][i, g], np.float32), "hr": hr[g],
+                "he": he, "lr": np.asarray(arrays["lr"][i, g], np.float32),
+                "hr": hr[g] if truth else None,
                 "pred": np.asarray(maps["pred"][i, g], np.float32),
                 "std": np.asarray(maps["pred_std"][i, g], np.float32) if "pred_std" in maps
                 else None,

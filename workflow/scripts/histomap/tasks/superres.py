@@ -44,6 +44,12 @@ Files:
   predicted counts; layers ``pred`` and ``truth`` (normalised), ``truth_counts``, and for diffusion
   ``pred_std``, ``pred_std_counts``.
 
+Applied to a sample with LR ST and H&E but no HR truth (``apply.superres``):
+:func:`lr_inputs_for_model` makes the sample's measured spots the LR-only inputs of a model
+(:func:`histomap.data.srpairs.build_lr_pairs`, in the model's layout and units), and
+:func:`predict_sr` writes the same maps zarr and HR-bin AnnData without truth layers
+(``uns["superres"]["truth"]`` False).
+
 Units: ``pred`` and layer ``truth`` are in the model's units (attrs ``normalisation``,
 ``target_sum``); ``pred_counts`` come from the prediction and the LR patch alone (no statistic of
 the HR truth), ``truth_counts`` are the measured HR counts.
@@ -70,6 +76,8 @@ from histomap.data.scanpy_spatial import add_scanpy_spatial
 from histomap.data.srmaps import MAPS_FORMAT
 from histomap.data.srpairs import (
     SRPairDataset,
+    build_lr_pairs,
+    has_truth,
     pairs_denormaliser,
     prediction_denormaliser,
     read_sr_pairs,
@@ -541,13 +549,9 @@ def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Seq
     return atomic_save(payload, path)
 
 
-def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
-                  ) -> tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
-    from histomap.train import resolve_device
-
+def _read_sr_payload(path: Path) -> dict:
+    """The checked contents of an SR ``model.pt`` (weights included)."""
     torch = _torch()
-    path = Path(path)
     if not path.is_file():
         raise InputError(path, "model file does not exist (run the train_diffst or train_sr_baseline rule)")
     try:
@@ -556,6 +560,16 @@ def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
         raise InputError(path, f"cannot read as a histomap SR model: {exc}") from exc
     if not isinstance(payload, Mapping) or payload.get("format") != SR_MODEL_FORMAT:
         raise InputError(path, f"not a histomap SR model (expected format {SR_MODEL_FORMAT})")
+    return payload
+
+
+def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
+    from histomap.train import resolve_device
+
+    path = Path(path)
+    payload = _read_sr_payload(path)
     config = dict(payload["model_config"])
     if "pretrained_checkpoint" in config:  # model.pt holds every weight
         config["pretrained_checkpoint"] = None
@@ -761,7 +775,7 @@ def predict_chains(model: nn.Module, meta: Mapping, batch: Mapping, *, device: t
     vrange, target = _meta_range(meta), _diffusion_target(meta)
     lr_up = vrange.to_model(batch["lr_up"].float())
     cond: dict[str, Any] = {"lr_map": lr_up, "image": batch["image"]}
-    shape = tuple(batch["hr"].shape)
+    shape = tuple(batch["lr_up"].shape)  # the HR patch's (LR-only inputs have no hr)
     encode = getattr(model, "encode_condition", None)
     if callable(encode):  # encode LR + histology once, reuse at every step of every chain
         with torch.no_grad(), autocast(device, amp_type):
@@ -840,6 +854,20 @@ def hr_pixel_centres(origin_px: np.ndarray, grid_index: np.ndarray, attrs: Mappi
     mpp = float(attrs["slide_mpp"])
     origin_px = np.asarray(origin_px, np.float64).reshape(-1, 2)
     grid_index = np.asarray(grid_index, np.int64).reshape(-1, 2)
+    if attrs.get("source") == "lr_only":  # HR pixels subdivide the spots of a known lattice
+        affine = np.asarray(attrs["lattice_affine"], np.float64)  # (2, 3): 1, col, row
+        f = int(attrs["scale"])
+        r_min, c_min = (int(v) for v in attrs["lattice_origin"])
+        shift = np.asarray(attrs.get("stagger_px") or (0.0, 0.0), np.float64)
+
+        def sub_spot_centres(i: int) -> np.ndarray:
+            rows, cols = grid_index[i, 0] + ii, grid_index[i, 1] + jj  # HR grid, from 0
+            pts = np.stack([np.ones_like(ii, np.float64), c_min + (cols + 0.5) / f - 0.5,
+                            r_min + (rows + 0.5) / f - 0.5], axis=-1)
+            odd = ((r_min + rows // f) % 2)[..., None]
+            return pts @ affine.T + odd * shift
+
+        return sub_spot_centres
     if attrs.get("source") != "spot_grid":
         side = float(attrs["hr_um"]) / mpp
 
@@ -911,7 +939,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
             raise InputError(pairs_zarr, f"{key} {attrs.get(key)!r} differs from the model's "
                                          f"training pairs ({meta['pairs'].get(key)!r})")
     diffusion = is_diffusion(meta["method"])
-    n = int(arrays["hr"].shape[0])
+    truth = has_truth(attrs)  # LR-only inputs (an applied sample): no truth layers
+    n = int(arrays["lr"].shape[0])
     g, (h, w) = len(genes), (int(v) for v in attrs["hr_shape"])
     dataset = _model_dataset(meta, pairs_zarr)
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False)
@@ -920,7 +949,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     batched, amp_type = _sampling_modes(dev, batch_chains, cpu_bf16)
     target_sum = meta["pairs"].get("target_sum")
     to_counts = prediction_denormaliser(arrays, attrs, target_sum)   # LR patch + training stats
-    truth_counts = pairs_denormaliser(arrays, attrs)                  # the measured HR counts
+    truth_counts = pairs_denormaliser(arrays, attrs) if truth else None  # measured HR counts
     origin_px = np.asarray(arrays["origin_px"][...], np.float64)
     grid_index = np.asarray(arrays["grid_index"][...], np.int64)
     centres = hr_pixel_centres(origin_px, grid_index, attrs)
@@ -957,7 +986,8 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
             root.create_array(name, shape=values.shape, dtype=values.dtype,
                               chunks=values.shape, fill_value=0)[...] = values
         layers: dict[str, list[np.ndarray]] = {k: [] for k in
-                                               ("X", "pred", "truth", "truth_counts",
+                                               ("X", "pred",
+                                                *(("truth", "truth_counts") if truth else ()),
                                                 *(("pred_std", "pred_std_counts")
                                                   if diffusion else ()))}
         obs_parts = []
@@ -980,12 +1010,13 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                     maps["pred_std"][i] = norm.std.astype(np.float32)
                     maps["pred_std_counts"][i] = counts.std.astype(np.float32)
                 mask = batch["mask"][b].numpy()
-                truth = batch["hr"][b].numpy().astype(np.float64)
                 layers["X"].append(counts.mean[:, mask].T)
                 layers["pred"].append(norm.mean[:, mask].T)
-                layers["truth"].append(truth[:, mask].T)
-                stored = np.asarray(arrays["hr"][i], np.float64)
-                layers["truth_counts"].append(truth_counts(stored, i)[:, mask].T)
+                if truth:
+                    hr = batch["hr"][b].numpy().astype(np.float64)
+                    layers["truth"].append(hr[:, mask].T)
+                    stored = np.asarray(arrays["hr"][i], np.float64)
+                    layers["truth_counts"].append(truth_counts(stored, i)[:, mask].T)
                 if diffusion:
                     layers["pred_std"].append(norm.std[:, mask].T)
                     layers["pred_std_counts"].append(counts.std[:, mask].T)
@@ -1020,6 +1051,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
         adata.uns["superres"] = _h5ad_value({**{k: v for k, v in geometry.items()
                                                 if k != "genes"}, **info,
                                              "X": "predicted counts (mean over samples)",
+                                             "truth": bool(truth),
                                              "units": "layers pred/truth: normalised maps"})
         slide = attrs.get("slide")
         if slide and Path(slide).is_file() and attrs.get("slide_mpp") and attrs.get("hr_um"):
@@ -1046,6 +1078,39 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
              f", {info['sampler']} sampler, {info['steps']} steps, K={n_samples}"
              if diffusion else "", out_maps_zarr, out_h5ad)
     return {"n_patches": n, "n_bins": int(adata.n_obs), "seconds": seconds, **info}
+
+
+# ============================================================================ apply
+def sr_model_meta(model_path: str | Path) -> dict:
+    """An SR ``model.pt``'s description (no network built): method, genes, ``pairs`` (factor,
+    shapes, normalisation, training target sum, H&E size)."""
+    payload = _read_sr_payload(Path(model_path))
+    return {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def lr_inputs_for_model(model_path: str | Path, spots_h5ad: str | Path, slide: str | Path,
+                        out_zarr: str | Path, *, min_measured: float = 0.0,
+                        sample: str = "") -> dict[str, Any]:
+    """LR-only inputs (:func:`histomap.data.srpairs.build_lr_pairs`) of a sample with spots
+    and H&E but no HR truth, in the layout and units of an SR model trained elsewhere (its
+    factor, patch shapes, H&E size, genes, normalisation and training target sum: nothing of
+    this sample enters the units). ``spots_h5ad``: the sample's raw spots (ingest)."""
+    meta = sr_model_meta(model_path)
+    pairs = meta["pairs"]
+    spots = ad.read_h5ad(spots_h5ad)
+    missing = [g for g in meta["genes"] if g not in spots.var_names]
+    if missing:
+        raise InputError(spots_h5ad, f"{len(missing)} genes of the SR model {model_path} are not "
+                                     f"measured, e.g. {', '.join(missing[:5])}")
+    image_hw = pairs.get("image_hw")
+    if not image_hw:
+        raise InputError(model_path, "the SR model does not record its H&E patch size")
+    return build_lr_pairs(spots, slide, meta["genes"], out_zarr, factor=int(pairs["scale"]),
+                          n_lr=int(pairs["lr_shape"][0]), n_hr=int(pairs["hr_shape"][0]),
+                          he_hw=image_hw, normalisation=pairs["normalisation"],
+                          target_sum=pairs.get("target_sum"), min_measured=min_measured,
+                          trained_lr_um=pairs.get("lr_um"),
+                          source_name=f"{sample or spots_h5ad} spots")
 
 
 # ============================================================================ sampling speed
