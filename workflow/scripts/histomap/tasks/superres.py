@@ -544,18 +544,12 @@ def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Seq
 def load_sr_model(path: str | Path, device: str | torch.device = "cpu"
                   ) -> tuple[nn.Module, dict]:
     """(model in eval mode on ``device``, metadata without the state dict) of a ``model.pt``."""
-    from histomap.train import resolve_device
+    from histomap.train import read_model_payload, resolve_device
 
-    torch = _torch()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "model file does not exist (run the train_diffst or train_sr_baseline rule)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(path, f"cannot read as a histomap SR model: {exc}") from exc
-    if not isinstance(payload, Mapping) or payload.get("format") != SR_MODEL_FORMAT:
-        raise InputError(path, f"not a histomap SR model (expected format {SR_MODEL_FORMAT})")
+    payload = read_model_payload(path, SR_MODEL_FORMAT, "histomap SR model",
+                                 missing="model file does not exist (run the train_diffst or "
+                                         "train_sr_baseline rule)")
     config = dict(payload["model_config"])
     if "pretrained_checkpoint" in config:  # model.pt holds every weight
         config["pretrained_checkpoint"] = None
