@@ -172,10 +172,10 @@ def _reference_tile(slide, x0, y0, size0, out):
 @pytest.mark.parametrize("tile_mpp, compression", [(2.0, "zstd"), (1.5, "none")])
 def test_sharded_tile_store_holds_every_tile(synthetic, tmp_path, monkeypatch, tile_mpp,
                                              compression):
-    """Tiles written a shard at a time by the writer thread (more shards than its two buffers,
-    the last one partial), with either codec, equal exactly the tiles the store wrote before
-    issue 17: at 2 um/px a pyramid level is read as is, at 1.5 um/px level 1 is resampled; the
-    grid's last column and row cross the slide's edge (composited over white)."""
+    """Tiles written a shard at a time (several shards, the last one partial), with either
+    codec, equal exactly the tiles the store wrote before issue 17: at 2 um/px a pyramid level
+    is read as is, at 1.5 um/px level 1 is resampled; the grid's last column and row cross the
+    slide's edge (composited over white)."""
     monkeypatch.setattr(tiling, "SHARD_TILES", 11)
     path, _ = synthetic
     index = tile_slide(path, tmp_path / "t.zarr", tmp_path / "t.parquet", tile_px=64,
@@ -216,8 +216,7 @@ def test_unknown_tile_compression_fails_before_any_work(synthetic, tmp_path):
 
 
 def test_failed_shard_write_leaves_nothing(synthetic, tmp_path, monkeypatch):
-    """An error in the writer thread (the second shard's write) stops tiling and removes the
-    partial outputs."""
+    """An error writing the second shard stops tiling and removes the partial outputs."""
     import zarr
 
     monkeypatch.setattr(tiling, "SHARD_TILES", 7)
