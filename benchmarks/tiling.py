@@ -21,7 +21,7 @@ times, interleaved, and each keeps its fastest run (wall); on a machine shared w
 the CPU ratio is the steadier one. Output: ``<out-dir>/tiling.csv`` and ``tiling.md`` with the
 machine and this command.
 
-    python benchmarks/tiling.py --sizes 10000 20000 40000     # ~10 min on 2 cores, 3 GB of disk
+    python benchmarks/tiling.py --sizes 10000 20000 40000     # ~3 min of CPU a repeat, 3 GB of disk
 """
 from __future__ import annotations
 
