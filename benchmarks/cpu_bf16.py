@@ -49,7 +49,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _machine import cpu_model, load_average  # noqa: E402
 from histomap.compat import torch  # noqa: E402
 
 log = logging.getLogger("cpu_bf16")
@@ -295,15 +297,11 @@ def bench_graph_product(args) -> list[dict]:
 
 # ------------------------------------------------------------------------------- report
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_model() or platform.processor() or "unknown CPU"
     from histomap.train import cpu_has_bf16
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch thread(s), native bf16: {cpu_has_bf16()}, "
-            f"load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+            f"load average {load_average()}")
 
 
 def within_tolerance(rows: pd.DataFrame) -> bool:
@@ -358,7 +356,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    load_before = load_average()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)

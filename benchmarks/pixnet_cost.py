@@ -59,11 +59,13 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "workflow" / "scripts") not in sys.path:
-    sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+for _path in (REPO / "workflow" / "scripts", REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # the memory worker (a fresh process) needs only these; the rest is imported where used
-from histomap.compat import torch  # noqa: E402  (after the sys.path line)
+from _machine import cpu_model  # noqa: E402  (after the sys.path lines)
+from histomap.compat import torch  # noqa: E402
 from histomap.tasks.dense_map import predict_dense_map, read_dense  # noqa: E402
 from histomap.train import amp_dtype, load_model, resolve_device, save_model  # noqa: E402
 
@@ -488,14 +490,7 @@ def dense_rows(args: argparse.Namespace, inputs: Inputs, pixnet_pt: Path, work: 
 
 # --------------------------------------------------------------------------- machine, outputs
 def machine_info(device: torch.device) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _machine import cpu_model, load_average  # noqa: E402
 from histomap.compat import torch  # noqa: E402
 
 log = logging.getLogger("whole_slide")
@@ -207,11 +208,7 @@ def run(work: Path, args) -> tuple[list[dict], dict]:
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_model() or platform.processor() or "unknown CPU"
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
 
@@ -223,7 +220,7 @@ def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.Da
     csv = args.out_dir / "whole_slide.csv"
     table.to_csv(csv.with_name(csv.name + ".partial"), index=False)
     os.replace(csv.with_name(csv.name + ".partial"), csv)
-    load_after = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    load_after = load_average()
     cols = ["stage", "items", "seconds", "mm2_per_s", "peak_rss_mib"]
     if info["device"].startswith("cuda"):
         cols.append("cuda_max_allocated_mib")
@@ -256,7 +253,7 @@ def main(argv=None) -> pd.DataFrame:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    load_before = load_average()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)

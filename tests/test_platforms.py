@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 from conftest import SHARED_DATA
 from histomap.data.ingest import ingest_sample
-from histomap.data.io import read_sample, xenium
+from histomap.data.io import hest, read_sample, visium, visium_hd, xenium
 from histomap.data.sample import UNS_KEY, square_mask
 from histomap.data.write_layouts import main as write_layouts_main
 from histomap.data.write_layouts import write_layout
@@ -347,6 +347,59 @@ def test_hest_metadata_without_pixel_size(layouts, tmp_path):
     message = ingest_error(tmp_path, root, None, platform="hest")
     assert str(path) in message and "no pixel size" in message
     assert read_sample("hest", "S3", root, mpp=0.5).mpp == 0.5
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "HEST metadata file not found"),
+    ("{not json", "cannot read HEST metadata"),
+    ("[1, 2]", "HEST metadata must be a JSON object"),
+])
+def test_hest_metadata_unusable(layouts, tmp_path, content, message):
+    """HEST metadata and Visium HD scale factors go through one JSON-object reader: the error
+    names the user's file and what is wrong with it."""
+    root = tmp_path / "hest"
+    shutil.copytree(layouts / "hest" / "S3", root)
+    path = root / "metadata" / "S3.json"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message) as err:
+        hest.read_metadata(path)
+    assert err.value.path == str(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "scale factors file not found"),
+    ("{not json", "cannot read scale factors"),
+    ('"x"', "scale factors must be a JSON object"),
+])
+def test_visium_hd_scalefactors_unusable(layouts, tmp_path, content, message):
+    folder = copy_hd(layouts, tmp_path)
+    path = folder / "outs" / "binned_outputs" / "square_008um" / "spatial" / \
+        "scalefactors_json.json"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message) as err:
+        visium_hd.read_scalefactors(path, 8.0)
+    assert err.value.path == str(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "scale factors file not found \\(needed for tissue_hires_scalef\\)"),
+    ("{not json", "cannot read scale factors"),
+    ("[0.5]", "scale factors must be a JSON object"),
+    ('{"tissue_lowres_scalef": 0.1}', "no tissue_hires_scalef: the downsampled image"),
+])
+def test_visium_scale_factor_unusable(tmp_path, content, message):
+    path = tmp_path / "scalefactors_json.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message) as err:
+        visium.read_scale_factor(path, "tissue_hires_scalef")
+    assert err.value.path == str(path)
 
 
 # --------------------------------------------------------------------------- Visium as published

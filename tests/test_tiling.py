@@ -154,22 +154,86 @@ def test_index_only_tiling_writes_no_tile_images(synthetic, tiled, tmp_path):
     assert params["tile_px"] == 64 and params["mpp"] == 2.0 and params["n_tiles"] == len(index)
 
 
-def test_sharded_tile_store_holds_every_tile(synthetic, tmp_path, monkeypatch):
-    """Tiles written a shard at a time (a shard smaller than the tile count, so the last shard
-    is partial) equal the slide read tile by tile."""
-    from histomap.data import tiling
-    from histomap.data.slide import read_region
+def _reference_tile(slide, x0, y0, size0, out):
+    """A tile as the tile store wrote it before issue 17 (every region composited over white,
+    then resampled with PIL's bilinear filter): the pixels the store must keep producing."""
+    from PIL import Image
 
-    monkeypatch.setattr(tiling, "SHARD_TILES", 7)
+    level = slide.get_best_level_for_downsample(max(size0 / out, 1.0))
+    side = max(1, round(size0 / slide.level_downsamples[level]))
+    region = slide.read_region((round(x0), round(y0)), level, (side, side))
+    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, region).convert("RGB")
+    if rgb.size != (out, out):
+        rgb = rgb.resize((out, out), Image.BILINEAR)
+    return np.asarray(rgb)
+
+
+@pytest.mark.parametrize("tile_mpp, compression", [(2.0, "zstd"), (1.5, "none")])
+def test_sharded_tile_store_holds_every_tile(synthetic, tmp_path, monkeypatch, tile_mpp,
+                                             compression):
+    """Tiles written a shard at a time (several shards, the last one partial), with either
+    codec, equal exactly the tiles the store wrote before issue 17: at 2 um/px a pyramid level
+    is read as is, at 1.5 um/px level 1 is resampled; the grid's last column and row cross the
+    slide's edge (composited over white)."""
+    monkeypatch.setattr(tiling, "SHARD_TILES", 11)
     path, _ = synthetic
     index = tile_slide(path, tmp_path / "t.zarr", tmp_path / "t.parquet", tile_px=64,
-                       tile_mpp=2.0, min_tissue=0.5)
-    assert len(index) % 7 != 0
+                       tile_mpp=tile_mpp, min_tissue=0.0, compression=compression)
+    assert len(index) % 11 != 0 and len(index) > 3 * 11
+    size0 = float(index["size_px0"].iloc[0])
+    assert (index["x0_px"] + size0 > W).any() and (index["y0_px"] + size0 > H).any()
     tiles, _ = read_tiles(tmp_path / "t.zarr")
+    codecs = [type(c).__name__ for c in tiles.metadata.codecs[0].codecs]
+    assert ("ZstdCodec" in codecs) == (compression == "zstd")
+    stored = tiles[:]
     with open_slide(path) as slide:
         for i, row in index.iterrows():
-            expected = read_region(slide, row.x0_px, row.y0_px, row.size_px0, row.size_px0, 64, 64)
-            np.testing.assert_array_equal(tiles[i], expected)
+            expected = _reference_tile(slide, row.x0_px, row.y0_px, size0, 64)
+            np.testing.assert_array_equal(stored[i], expected)
+
+
+def test_opaque_regions_skip_compositing_exactly():
+    """read_region returns an opaque region's RGB without compositing it over white: PIL's
+    compositing of an opaque pixel returns it unchanged, for every channel value."""
+    from PIL import Image
+
+    values = np.arange(256, dtype=np.uint8)
+    rgba = np.full((256, 256, 4), 255, np.uint8)
+    rgba[..., 0], rgba[..., 1] = np.meshgrid(values, values, indexing="ij")
+    rgba[..., 2] = rgba[..., 0][::-1]
+    region = Image.fromarray(rgba, "RGBA")
+    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+    np.testing.assert_array_equal(
+        np.asarray(Image.alpha_composite(white, region).convert("RGB")), rgba[..., :3])
+
+
+def test_unknown_tile_compression_fails_before_any_work(synthetic, tmp_path):
+    path, _ = synthetic
+    with pytest.raises(ValueError, match="tile_compression"):
+        tile_slide(path, tmp_path / "t.zarr", tmp_path / "t.parquet", compression="gzip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_shard_write_leaves_nothing(synthetic, tmp_path, monkeypatch):
+    """An error writing the second shard stops tiling and removes the partial outputs."""
+    import zarr
+
+    monkeypatch.setattr(tiling, "SHARD_TILES", 7)
+    real_setitem, calls = zarr.Array.__setitem__, []
+
+    def failing_setitem(self, key, value):
+        calls.append(key)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_setitem)
+    path, _ = synthetic
+    with pytest.raises(OSError, match="disk full"):
+        tile_slide(path, tmp_path / "t.zarr", tmp_path / "t.parquet", tile_px=64, tile_mpp=2.0)
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_overlap_shrinks_the_stride(synthetic, tmp_path):

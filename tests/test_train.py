@@ -284,6 +284,27 @@ def test_save_and_load_model_errors(tmp_path):
         load_model(tmp_path / "other.pt")
 
 
+def test_spot_and_sr_model_loaders_share_the_payload_checks(tmp_path):
+    """load_model and load_sr_model read model.pt through one reader: a missing, unreadable or
+    other-format file is an InputError naming it, saying which kind of model was expected."""
+    from histomap.tasks.superres import load_sr_model
+
+    model = _stnet(0)
+    save_model(tmp_path / "spot.pt", model, model_name="stnet", genes=["A", "B", "C"])
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    cases = [(load_sr_model, "missing.pt", "does not exist \\(run the train_diffst"),
+             (load_sr_model, "junk.pt", "cannot read as a histomap SR model"),
+             (load_sr_model, "spot.pt", "not a histomap SR model file \\(expected format "
+                                        "histomap.srmodel/1"),
+             (load_model, "junk.pt", "cannot read as a histomap model")]
+    for load, name, message in cases:
+        with pytest.raises(InputError, match=message) as err:
+            load(tmp_path / name)
+        assert err.value.path == str(tmp_path / name)
+    loaded, meta = load_model(tmp_path / "spot.pt")
+    assert meta["genes"] == ["A", "B", "C"] and "state_dict" not in meta
+
+
 # --------------------------------------------------------------------------- prediction
 
 def test_predict_spots_keeps_order():

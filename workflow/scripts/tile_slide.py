@@ -12,4 +12,5 @@ t = sm.params.tiling
 source = source_image(Path(sm.input.slide).with_name("spots.h5ad"))
 run_step(sm.log[0], tile_slide, sm.input.slide, sm.output.get("zarr"), sm.output.index,
          tile_px=t["tile_px"], tile_mpp=t["tile_mpp"], overlap_px=t["overlap_px"],
-         min_tissue=t["min_tissue"], mask_mpp=t["mask_mpp"], source=source)
+         min_tissue=t["min_tissue"], mask_mpp=t["mask_mpp"], source=source,
+         compression=t.get("tile_compression", "zstd"))

@@ -832,6 +832,22 @@ def save_model(path: str | Path, model: nn.Module, *, model_name: str,
     return atomic_save(payload, path)
 
 
+def read_model_payload(path: Path, model_format: str, kind: str, *,
+                       missing: str = "model file does not exist") -> Mapping:
+    """The saved dict of a model file of ``model_format`` (weights on the CPU), read without
+    unpickling code; InputError naming ``path`` when it is missing (``missing``), unreadable
+    (``"cannot read as a <kind>: ..."``) or of another format (``"not a <kind> file ..."``)."""
+    if not path.is_file():
+        raise InputError(path, missing)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise InputError(path, f"cannot read as a {kind}: {exc}") from exc
+    if not isinstance(payload, Mapping) or payload.get("format") != model_format:
+        raise InputError(path, f"not a {kind} file (expected format {model_format})")
+    return payload
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu"
                ) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by :func:`save_model` through the registry; eval mode on ``device``.
@@ -842,14 +858,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"
     from histomap.models import build_model
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "model file does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(path, f"cannot read as a histomap model: {exc}") from exc
-    if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:
-        raise InputError(path, f"not a histomap model file (expected format {MODEL_FORMAT})")
+    payload = read_model_payload(path, MODEL_FORMAT, "histomap model")
     config = dict(payload["model_config"])
     if "pretrained_checkpoint" in config:
         config["pretrained_checkpoint"] = None

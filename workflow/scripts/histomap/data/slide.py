@@ -186,16 +186,21 @@ def read_region(slide: openslide.OpenSlide, x0: float, y0: float, w0: float, h0:
     """Read the level-0 box (x0, y0, w0, h0) resampled to (out_h, out_w, 3) RGB uint8.
 
     Reads from the coarsest pyramid level that still has at least the output resolution, so
-    cost does not grow with the slide. Outside the slide OpenSlide returns transparent pixels,
-    which come back white.
+    cost does not grow with the slide; a level of exactly the output resolution is returned as
+    read, without resampling. Outside the slide OpenSlide returns transparent pixels, which come
+    back white (composited over white; a fully opaque region, the usual case, skips the
+    compositing, which would return its RGB unchanged).
     """
     downsample = min(w0 / out_w, h0 / out_h)
     level = slide.get_best_level_for_downsample(max(downsample, 1.0))
     ds = slide.level_downsamples[level]
     lw, lh = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
     region = slide.read_region((int(round(x0)), int(round(y0))), level, (lw, lh))
-    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, region).convert("RGB")
+    if region.getchannel("A").getextrema()[0] == 255:
+        rgb = region.convert("RGB")
+    else:
+        white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, region).convert("RGB")
     if rgb.size != (out_w, out_h):
         rgb = rgb.resize((out_w, out_h), Image.BILINEAR)
     return np.asarray(rgb)

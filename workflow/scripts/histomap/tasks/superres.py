@@ -551,16 +551,11 @@ def save_sr_model(path: str | Path, model: nn.Module, *, method: str, genes: Seq
 
 def _read_sr_payload(path: Path) -> dict:
     """The checked contents of an SR ``model.pt`` (weights included)."""
-    torch = _torch()
-    if not path.is_file():
-        raise InputError(path, "model file does not exist (run the train_diffst or train_sr_baseline rule)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(path, f"cannot read as a histomap SR model: {exc}") from exc
-    if not isinstance(payload, Mapping) or payload.get("format") != SR_MODEL_FORMAT:
-        raise InputError(path, f"not a histomap SR model (expected format {SR_MODEL_FORMAT})")
-    return payload
+    from histomap.train import read_model_payload
+
+    return read_model_payload(path, SR_MODEL_FORMAT, "histomap SR model",
+                              missing="model file does not exist (run the train_diffst or "
+                                      "train_sr_baseline rule)")
 
 
 def load_sr_model(path: str | Path, device: str | torch.device = "cpu"

@@ -9,6 +9,7 @@ explicit image path (required for Visium and Visium HD; Visium also takes ``"hir
 from __future__ import annotations
 
 import inspect
+import json
 from importlib import import_module
 from pathlib import Path
 
@@ -26,6 +27,24 @@ READERS = {
     "hest": "hest",
     "he": "he",
 }
+
+
+def read_json_object(path: Path, what: str, *, missing: str | None = None) -> dict:
+    """The JSON object in ``path`` (a platform's metadata or scale-factors file).
+
+    ``what`` names the file in the errors, which name ``path``: missing (``missing``, default
+    ``"<what> file not found"``), unreadable or not JSON (``"cannot read <what>: ..."``), or not
+    an object.
+    """
+    if not path.is_file():
+        raise InputError(path, missing or f"{what} file not found")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read {what}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InputError(path, f"{what} must be a JSON object")
+    return value
 
 
 def read_sample(platform: str, sample: str, path: str | Path, *, mpp: float | None = None,

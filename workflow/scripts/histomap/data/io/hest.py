@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histomap.data.io import read_json_object
 from histomap.data.io.legacy_st import (
     _examples,
     check_count_values,
@@ -100,15 +101,7 @@ def read_transcript_bins(path: Path, mpp: float, image_path: Path) -> ad.AnnData
 
 
 def read_metadata(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(path, "HEST metadata file not found")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read HEST metadata: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise InputError(path, "HEST metadata must be a JSON object")
-    return meta
+    return read_json_object(path, "HEST metadata")
 
 
 def _positive(value) -> float | None:

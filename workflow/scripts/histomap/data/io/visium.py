@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histomap.data.io import read_json_object
 from histomap.data.io.legacy_st import (
     _examples,
     check_count_values,
@@ -281,13 +282,9 @@ def read_spot_diameter_fullres(path: Path) -> float | None:
 
 def read_scale_factor(path: Path, key: str) -> float:
     """A positive scale factor (``tissue_hires_scalef``, ...) of the scale-factors JSON."""
-    if not path.is_file():
-        raise InputError(path, f"scale factors file not found (needed for {key})")
-    try:
-        factors = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read scale factors: {exc}") from exc
-    value = factors.get(key) if isinstance(factors, dict) else None
+    factors = read_json_object(path, "scale factors",
+                               missing=f"scale factors file not found (needed for {key})")
+    value = factors.get(key)
     if value is None:
         raise InputError(path, f"no {key}: the downsampled image cannot be placed")
     return check_positive(value, key, path)

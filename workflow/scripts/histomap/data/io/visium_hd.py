@@ -23,7 +23,6 @@ other sizes are re-measured from.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histomap.data.io import read_json_object
 from histomap.data.io.legacy_st import _examples, check_positive, check_within_image
 from histomap.data.io.visium import read_10x_h5, read_positions
 from histomap.data.sample import Sample, annotate_spots
@@ -80,14 +80,7 @@ def bin_sizes(binned: Path) -> dict[float, Path]:
 
 def read_scalefactors(path: Path, bin_um: float) -> dict:
     """The scale factors of one bin folder; ``bin_size_um`` (when given) must match the folder."""
-    if not path.is_file():
-        raise InputError(path, "scale factors file not found")
-    try:
-        factors = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read scale factors: {exc}") from exc
-    if not isinstance(factors, dict):
-        raise InputError(path, "scale factors must be a JSON object")
+    factors = read_json_object(path, "scale factors")
     if factors.get("bin_size_um") is not None:
         recorded = check_positive(factors["bin_size_um"], "bin_size_um", path)
         if not math.isclose(recorded, bin_um, rel_tol=1e-6):
