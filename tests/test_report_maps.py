@@ -28,7 +28,7 @@ def test_benchmark_tables_as_html():
     assert n_tables > 3 and page.count("<table>") == n_tables
     assert "<h1>histomap benchmark</h1>" in page
     # numbers sit in right-aligned cells, exactly as in the markdown
-    assert '<td class="num">0.4228 ± 0.0247</td>' in page
+    assert '<td class="num">0.6430 ± 0.0360</td>' in page
     assert "<b>signed</b>" in page and "<code>pooled</code>" in page
     assert "|" not in re.sub(r"<[^>]+>", "", page.split("<body>")[1]).replace("±", "")
 
@@ -39,11 +39,11 @@ def test_cross_scale_plot_values_are_the_recorded_table(tmp_path):
     shown = plot_cross_scale(bench, tmp_path / "cross.png")
     assert (tmp_path / "cross.png").stat().st_size > 10_000
     cell = shown[(shown["model"] == "pixnet") & (shown["scale_um"] == 100)].iloc[0]
-    assert cell["mean"] == pytest.approx(0.4230, abs=5e-5)
-    assert cell["std"] == pytest.approx(0.0252, abs=5e-5)
+    assert cell["mean"] == pytest.approx(0.6430, abs=5e-5)
+    assert cell["std"] == pytest.approx(0.0360, abs=5e-5)
     cell = shown[(shown["model"] == "istar") & (shown["scale_um"] == 2)].iloc[0]
-    assert cell["mean"] == pytest.approx(0.2604, abs=5e-5)
-    assert set(shown["model"]) == {"istar", "pixnet"}
+    assert cell["mean"] == pytest.approx(0.0426, abs=5e-5)
+    assert set(shown["model"]) == {"istar", "mean", "pixnet"}
     with pytest.raises(ValueError, match="no cross_scale"):
         plot_cross_scale(bench[bench["task"] == "spot"], tmp_path / "none.png")
 
