@@ -325,11 +325,14 @@ class ConvEncoder(nn.Module):
 
 class TimmTissueEncoder(nn.Module):
     """One feature stage of a timm backbone (``features_only``), 1x1-projected to ``out_ch``;
-    weights from a local checkpoint file when given (never downloaded)."""
+    weights from a local checkpoint file when given (never downloaded). ``frozen``: the
+    backbone gets no gradient and keeps its BatchNorm statistics in training mode (only the
+    projection trains)."""
 
     def __init__(self, name: str, out_ch: int, stage: int = 2,
-                 pretrained_checkpoint: str | None = None) -> None:
+                 pretrained_checkpoint: str | None = None, frozen: bool = False) -> None:
         super().__init__()
+        self.frozen = bool(frozen)
         # imported lazily: timm is slow to import. Any timm name or a named pretrained encoder.
         from histomap.models.encoders import create_encoder, encoder_mean_std, is_pretrained
 
@@ -343,6 +346,14 @@ class TimmTissueEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD))[None, :, None,
                                                                                 None])
         self.proj = nn.Conv2d(self.backbone.feature_info.channels()[-1], out_ch, 1)
+        if self.frozen:
+            self.backbone.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> TimmTissueEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
 
     def forward(self, image: Tensor) -> Tensor:
         return self.proj(self.backbone((image - self.mean) / self.std)[-1])
@@ -804,9 +815,7 @@ class DiffST(nn.Module):
         if cfg.tissue_backbone:
             self.tissue_encoder: nn.Module = TimmTissueEncoder(
                 cfg.tissue_backbone, cfg.tissue_channels, cfg.backbone_stage,
-                cfg.pretrained_checkpoint)
-            if cfg.freeze_tissue_backbone:
-                self.tissue_encoder.backbone.requires_grad_(False).eval()
+                cfg.pretrained_checkpoint, frozen=cfg.freeze_tissue_backbone)
         else:
             self.tissue_encoder = ConvEncoder(cfg.tissue_channels)
         if cfg.hierarchical:
@@ -823,12 +832,6 @@ class DiffST(nn.Module):
         self.register_buffer("keep_fraction", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("entropy_threshold", torch.tensor(0.0, dtype=torch.float64))
         self.last_cell_mask: Tensor | None = None
-
-    def train(self, mode: bool = True) -> DiffST:
-        super().train(mode)
-        if self.cfg.tissue_backbone and self.cfg.freeze_tissue_backbone:
-            self.tissue_encoder.backbone.eval()  # frozen: BatchNorm statistics stay fixed
-        return self
 
     @property
     def config(self) -> dict[str, Any]:

@@ -197,8 +197,7 @@ class _SRCNN(nn.Module):
                                  "image_encoder_stage": int(image_encoder_stage),
                                  "image_channels": int(image_channels)})
             self.image_branch = TimmTissueEncoder(image_encoder, int(image_channels),
-                                                  int(image_encoder_stage))
-            self.image_branch.backbone.requires_grad_(False)
+                                                  int(image_encoder_stage), frozen=True)
             self.in_channels += int(image_channels)
         self.head = nn.Conv2d(self.widths[0], self.n_genes, 1)
         self.image_norm = ImageNormalize()
@@ -207,12 +206,6 @@ class _SRCNN(nn.Module):
     def config(self) -> dict[str, Any]:
         """Keyword configuration: ``type(model)(n_genes, **model.config)`` rebuilds it."""
         return dict(self._config)
-
-    def train(self, mode: bool = True) -> _SRCNN:
-        super().train(mode)
-        if self.image_branch is not None:  # frozen encoder: BatchNorm statistics fixed
-            self.image_branch.backbone.eval()
-        return self
 
     def features(self, x: Tensor) -> Tensor:
         """(B, G + 3, H', W') with H', W' multiples of 2 ** depth -> (B, widths[0], H', W')."""
