@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="scratch (kept when given)")
     p.add_argument("--side-mm", type=float, default=None, help="slide side (6.5; quick 0.6)")
     p.add_argument("--input-mpp", type=float, default=2.0, help="um per PixNet input pixel")
-    p.add_argument("--encoder", default=None, help="timm backbone (resnet10t; quick test_resnet)")
+    p.add_argument("--encoder", default=None,
+                   help="image encoder (efficientnet_lite0_imagenet, the configs'; quick "
+                        "test_resnet)")
     p.add_argument("--decoder-channels", default=None,
                    help="PixNet decoder widths, comma separated (16,32,64,128,128; quick "
                         "16,16,24,32,32)")
@@ -75,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     args.side_mm = args.side_mm or (0.6 if q else 6.5)
-    args.encoder = args.encoder or ("test_resnet" if q else "resnet10t")
+    args.encoder = args.encoder or ("test_resnet" if q else "efficientnet_lite0_imagenet")
     args.decoder_channels = [int(c) for c in (args.decoder_channels or (
         "16,16,24,32,32" if q else "16,32,64,128,128")).split(",")]
     args.n_genes = args.n_genes or (8 if q else 50)
@@ -234,7 +236,7 @@ def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.Da
         "not in the table).\n",
         f"Slide: {args.side_mm:g} x {args.side_mm:g} mm ({info['slide_px']} px at {SLIDE_MPP} "
         f"um/px), {rows[0]['tissue_mm2']:.2f} mm^2 of tissue tiles. PixNet: encoder "
-        f"{args.encoder} (fresh weights, frozen-encoder mode), decoder {args.decoder_channels}, "
+        f"{args.encoder} (frozen-encoder mode, decoder freshly initialised), decoder {args.decoder_channels}, "
         f"{args.n_genes} genes, input {args.input_mpp:g} um/px, {args.tile_px} px tiles "
         f"(overlap {args.tile_px // 4}), map {info['map_px'][1]} x {info['map_px'][0]} px at "
         f"{info['map_mpp']:g} um. Spot grids: pitch max(diameter, {args.min_pitch_um:g} um). "
