@@ -80,7 +80,8 @@ METHODS = ("pixnet", "stnet", "stnet_fixed_px")
 # settings of a full run and of --quick (tiny, for the smoke test); explicit options win
 PROFILES = {
     "full": {"size_um": 1500.0, "spot_spacing_um": 100.0, "scales_um": "100,55,16,8,2",
-             "encoder": "resnet18", "input_mpp": 1.0, "tile_px": 256, "batch_size": 8,
+             "encoder": "efficientnet_lite0_imagenet", "input_mpp": 1.0, "tile_px": 256,
+             "batch_size": 8,
              "n_genes": 250, "repeats": 3, "tiles_tile_px": 224, "tiles_tile_mpp": 1.0,
              "tiles_mask_mpp": 16.0},
     "quick": {"size_um": 400.0, "spot_spacing_um": 100.0, "scales_um": "100,55,16,8,2",
@@ -123,7 +124,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "size and the 1-scale case (full: 100,55,16,8,2)")
     p.add_argument("--encoder", default=None,
                    help="timm backbone of both PixNet's encoder and ST-Net, or 'tiny' "
-                        "(timm test_resnet, narrow decoder) (full: resnet18)")
+                        "(timm test_resnet, narrow decoder) (full: efficientnet_lite0_imagenet)")
     p.add_argument("--input-mpp", type=float, default=None,
                    help="um per model-input pixel for both methods (full: 1.0)")
     p.add_argument("--tile-px", type=int, default=None,
@@ -244,7 +245,7 @@ def save_pixnet(path: Path, args: argparse.Namespace, genes: list[str]) -> Path:
                          f"{model.out_stride}")
     extra = {"input_mpp": args.input_mpp, "window_px": args.tile_px, "loss": "joint",
              "pcc_weight": 0.5, "mse_weight": 1.0, "out_stride": model.out_stride,
-             "benchmark": "untrained weights (seed %d): cost only" % args.seed}
+             "benchmark": "heads untrained (seed %d): cost only" % args.seed}
     return save_model(path, model, model_name="pixnet", model_config=model.config, genes=genes,
                       extra=extra)
 
@@ -274,7 +275,7 @@ def save_stnets(folder: Path, args: argparse.Namespace, genes: list[str]
             path = save_model(folder / f"{method}_{d:g}um.pt", model, model_name="stnet",
                               model_config=model.config, genes=genes,
                               extra={"input_mpp": mpp, "crop_um": crop_um,
-                                     "benchmark": f"untrained weights (seed {args.seed})"})
+                                     "benchmark": f"heads untrained (seed {args.seed}): cost only"})
             out[method][d] = (path, patch_side_px(crop_um, mpp))
     return out
 
@@ -554,8 +555,8 @@ def render_markdown(table: pd.DataFrame, args: argparse.Namespace, inputs: Input
         f"Synthetic slide {args.size_um:g} x {args.size_um:g} um (seed {args.seed}), "
         f"{inputs.n_spots} spots of {args.scales[0]:g} um, {inputs.tissue_mm2:.3f} mm^2 of "
         f"tissue tiles ({inputs.n_spots / inputs.tissue_mm2:.0f} spots per mm^2); encoder "
-        f"`{args.encoder}` for both methods (untrained weights: cost only), {args.n_genes} "
-        f"genes, input {args.input_mpp:g} um/px, PixNet tiles {args.tile_px} px. Times: median "
+        f"`{args.encoder}` for both methods (decoder and head untrained: cost only), "
+        f"{args.n_genes} genes, input {args.input_mpp:g} um/px, PixNet tiles {args.tile_px} px. Times: median "
         f"of {args.repeats} after one warm-up. Benchmark wall time {meta['wall_s']:.0f} s; "
         f"load average {meta['load_start']} at start, {meta['load_end']} at the end.", "",
         "## Machine", "", "| | |", "|---|---|",
