@@ -245,7 +245,7 @@ def save_pixnet(path: Path, args: argparse.Namespace, genes: list[str]) -> Path:
                          f"{model.out_stride}")
     extra = {"input_mpp": args.input_mpp, "window_px": args.tile_px, "loss": "joint",
              "pcc_weight": 0.5, "mse_weight": 1.0, "out_stride": model.out_stride,
-             "benchmark": "heads untrained (seed %d): cost only" % args.seed}
+             "benchmark": f"decoder untrained (seed {args.seed}): cost only"}
     return save_model(path, model, model_name="pixnet", model_config=model.config, genes=genes,
                       extra=extra)
 
@@ -275,7 +275,7 @@ def save_stnets(folder: Path, args: argparse.Namespace, genes: list[str]
             path = save_model(folder / f"{method}_{d:g}um.pt", model, model_name="stnet",
                               model_config=model.config, genes=genes,
                               extra={"input_mpp": mpp, "crop_um": crop_um,
-                                     "benchmark": f"heads untrained (seed {args.seed}): cost only"})
+                                     "benchmark": f"head untrained (seed {args.seed}): cost only"})
             out[method][d] = (path, patch_side_px(crop_um, mpp))
     return out
 
@@ -556,8 +556,8 @@ def render_markdown(table: pd.DataFrame, args: argparse.Namespace, inputs: Input
         f"{inputs.n_spots} spots of {args.scales[0]:g} um, {inputs.tissue_mm2:.3f} mm^2 of "
         f"tissue tiles ({inputs.n_spots / inputs.tissue_mm2:.0f} spots per mm^2); encoder "
         f"`{args.encoder}` for both methods (decoder and head untrained: cost only), "
-        f"{args.n_genes} genes, input {args.input_mpp:g} um/px, PixNet tiles {args.tile_px} px. Times: median "
-        f"of {args.repeats} after one warm-up. Benchmark wall time {meta['wall_s']:.0f} s; "
+        f"{args.n_genes} genes, input {args.input_mpp:g} um/px, PixNet tiles {args.tile_px} px. "
+        f"Times: median of {args.repeats} after one warm-up. Benchmark wall time {meta['wall_s']:.0f} s; "
         f"load average {meta['load_start']} at start, {meta['load_end']} at the end.", "",
         "## Machine", "", "| | |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in machine.items()], "",

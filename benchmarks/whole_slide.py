@@ -236,7 +236,7 @@ def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.Da
         "not in the table).\n",
         f"Slide: {args.side_mm:g} x {args.side_mm:g} mm ({info['slide_px']} px at {SLIDE_MPP} "
         f"um/px), {rows[0]['tissue_mm2']:.2f} mm^2 of tissue tiles. PixNet: encoder "
-        f"{args.encoder} (frozen-encoder mode, decoder freshly initialised), decoder "
+        f"{args.encoder} (frozen-encoder mode), freshly initialised decoder "
         f"{args.decoder_channels}, "
         f"{args.n_genes} genes, input {args.input_mpp:g} um/px, {args.tile_px} px tiles "
         f"(overlap {args.tile_px // 4}), map {info['map_px'][1]} x {info['map_px'][0]} px at "

@@ -326,8 +326,8 @@ class ConvEncoder(nn.Module):
 class TimmTissueEncoder(nn.Module):
     """One feature stage of a timm backbone (``features_only``), 1x1-projected to ``out_ch``;
     weights from a local checkpoint file when given (never downloaded). ``frozen``: the
-    backbone gets no gradient and keeps its BatchNorm statistics in training mode (only the
-    projection trains)."""
+    backbone gets no gradient and stays in eval mode when the model trains (its BatchNorm
+    statistics fixed); only the projection trains."""
 
     def __init__(self, name: str, out_ch: int, stage: int = 2,
                  pretrained_checkpoint: str | None = None, frozen: bool = False) -> None:
