@@ -114,6 +114,9 @@ class DiffSTConfig:
     cigc_topk: int | None = 16               # neighbours kept per gene (None: the dense graph)
     cigc_on: Literal["hr", "lr"] = "hr"
     lr_upsample_mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    lr_input: bool = False                   # also feed the LR map (upsampled to the HR grid) to
+    #                                          the U-Net input beside x_t, as SR3 and the guided
+    #                                          baseline do; False: only through the fused condition
     # ablations
     cam: bool = True
     cigc: bool = True
@@ -783,6 +786,7 @@ class Condition:
     features: Tensor
     aux: dict[str, Tensor] = field(default_factory=dict)
     cell_mask: Tensor | None = None
+    lr_input: Tensor | None = None    # the LR map on the HR grid (``lr_input=True`` only)
 
 
 class DiffST(nn.Module):
@@ -810,6 +814,7 @@ class DiffST(nn.Module):
                                topk=cfg.cigc_topk)
         graph_width = n_genes * gc
         x_ch = graph_width if cfg.cigc_on == "hr" else n_genes
+        unet_in = x_ch + (n_genes if cfg.lr_input else 0)
         y_ch = graph_width if cfg.cigc_on == "lr" else n_genes
         self.lr_encoder = nn.Sequential(nn.Conv2d(y_ch, cf, 3, padding=1), ResBlock(cf, cf))
         if cfg.tissue_backbone:
@@ -826,8 +831,8 @@ class DiffST(nn.Module):
         # without CAM the modulation is the identity; the disentangling network stays
         self.cam = CrossModalModulation(cf, cfg.cam_region, cfg.cam_mode) if cfg.cam else None
         self.disentangle = Disentangler(cf, cf, cfg.dis_normalize)
-        self.unet = UNet(x_ch, n_genes, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
-                         cfg.dropout, cond_ch=cf, bottleneck_attention=cfg.bottleneck_attention,
+        self.unet = UNet(unet_in, n_genes, cfg.base_channels, cfg.channel_mult,
+                         cfg.num_res_blocks, cfg.dropout, cond_ch=cf, bottleneck_attention=cfg.bottleneck_attention,
                          attn_heads=cfg.attn_heads)
         self.register_buffer("keep_fraction", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("entropy_threshold", torch.tensor(0.0, dtype=torch.float64))
@@ -909,7 +914,8 @@ class DiffST(nn.Module):
         if self.cam is not None:
             f_y, f_h = self.cam(f_y, f_h)
         fused, dis = self.disentangle(f_y, f_h)
-        return Condition(fused, {"dis": cfg.dis_weight * dis}, mask)
+        lr_in = _resize(lr_map.float(), hr, cfg.lr_upsample_mode) if cfg.lr_input else None
+        return Condition(fused, {"dis": cfg.dis_weight * dis}, mask, lr_in)
 
     def forward(self, x_t: Tensor, t: Tensor, lr_map: Tensor | None = None,
                 image: Tensor | None = None, cell_entropy: Tensor | None = None,
@@ -921,6 +927,10 @@ class DiffST(nn.Module):
         x_in = x_t
         if self.cfg.cigc_on == "hr":
             x_in = self.graph(x_t).flatten(1, 2)
+        if self.cfg.lr_input:
+            if condition.lr_input is None:
+                raise ValueError("lr_input=True needs a condition encoded with lr_input")
+            x_in = torch.cat([x_in, condition.lr_input.to(x_in.dtype)], dim=1)
         return self.unet(x_in, t, condition.features), condition.aux
 
 
