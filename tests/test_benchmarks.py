@@ -124,3 +124,40 @@ def test_cpu_bf16_quick(tmp_path):
     assert len(dense) == 5 and (dense["max_abs_diff"] > 0).all()   # bf16 really ran
     assert (dense["median_pcc"] > 0.9).all()   # (min over genes is noisy with 3-4 spots)
     assert (table.loc["cigc", "graph_mix_s"] > 0).all()
+
+
+def test_generalisation_ratios_by_hand(tmp_path):
+    """benchmarks/generalisation.py on a two-model, two-fold toy run: PCC@M per fold kind from
+    the held-out section's rows only, cross / within, and val / train loss at the epoch of the
+    lowest validation loss; the `mean` baseline (PCC 0) is left out; a missing run is an error."""
+    gen = _load("generalisation")
+    try:
+        rows = []
+        for model, within, cross in [("a", 0.4, 0.1), ("b", 0.2, 0.2), ("mean", 0.0, 0.0)]:
+            for fold, kind, v in [("C2", "within_patient", within), ("B4", "cross_patient", cross)]:
+                for seed in (0, 1):
+                    rows.append(dict(task="spot", dataset="t", model=model, fold=fold,
+                                     fold_kind=kind, seed=seed, sample=fold, scale_um=100.0,
+                                     gene_set="g", metric="PCC@M", value=v + 0.01 * seed))
+                    # another section's rows and other metrics must not count
+                    rows.append({**rows[-1], "sample": "X", "value": 9.0})
+                    rows.append({**rows[-2], "metric": "MSE", "value": 9.0})
+                    log = tmp_path / "results" / "models" / model / fold / f"seed{seed}"
+                    log.mkdir(parents=True)
+                    pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [2.0, 1.0, 0.5],
+                                  "val_loss": [3.0, 1.5, 2.0]}).to_csv(log / "train_log.csv")
+        (tmp_path / "results" / "report").mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(tmp_path / "results" / "report" / "benchmark.csv", index=False)
+        assert gen.main(["--results", str(tmp_path / "results"), "--out-dir",
+                         str(tmp_path / "out")]) == 0
+        t = pd.read_csv(tmp_path / "out" / "generalisation.csv", index_col=0)
+        assert list(t.index) == ["a", "b"]
+        assert t.loc["a", "within_pcc"] == pytest.approx(0.405)
+        assert t.loc["a", "cross_over_within"] == pytest.approx(0.105 / 0.405)
+        assert t.loc["b", "val_over_train_cross"] == pytest.approx(1.5)   # epoch 2: 1.5 / 1.0
+        assert t.loc["b", "best_epoch_within"] == 2
+        assert "| a |" in (tmp_path / "out" / "generalisation.md").read_text()
+        assert gen.main(["--results", str(tmp_path / "none"), "--out-dir",
+                         str(tmp_path / "o2")]) == 2
+    finally:
+        sys.modules.pop("generalisation", None)

@@ -671,7 +671,8 @@ def test_residual_target_round_trip_and_range():
     torch.testing.assert_close(res.decode(enc, lr_up), hr)
     assert x0.encode(hr, lr_up) is hr and x0.decode(hr, lr_up) is hr
     bounded, unbounded = sr_task.ValueRange(), sr_task.ValueRange(0.0, 5.0, bounded=False)
-    assert res.clip(bounded) == (-1.0, 1.0) and res.clip(unbounded) is None
+    # the residual of two maps inside the training range is in [-1, 1], bounded units or not
+    assert res.clip(bounded) == (-1.0, 1.0) and res.clip(unbounded) == (-1.0, 1.0)
     assert x0.clip(unbounded) == (-1.0, None)
     with pytest.raises(ValueError, match="residual"):
         sr_task.DiffusionTarget("eps")
@@ -727,6 +728,26 @@ def test_x0_prediction_is_kept_with_the_model_and_used_to_sample(pairs, tmp_path
             generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(outs["x0"], 0.5, atol=1e-6)
     assert outs["eps"].std() > 0.1
+
+
+def test_eps_prediction_of_a_residual_stays_in_range_in_unbounded_units(pairs):
+    """log1p units have no upper bound, but a residual does: the sampler clips every x_0
+    estimate of the residual to [-1, 1]. A network answering eps = 0 implies x_0 = x_t /
+    sqrt(alpha_bar_t), about 160 x the starting noise at t = T; unclipped, the chain ends there."""
+    batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
+                                                  batch_size=2)))
+    lo, hi = 0.0, 5.0
+    meta = {"method": "diffst", "value_range": [lo, hi, False],
+            "diffusion": {"T": 1000, "prediction": "eps", "target": "residual"}}
+    (out,) = sr_task.predict_chains(lambda x_t, t, **cond: torch.zeros_like(x_t), meta, batch,
+                                    device=torch.device("cpu"), sampler="respaced", steps=20,
+                                    generator=torch.Generator().manual_seed(0))
+    vrange = sr_task.ValueRange(lo, hi, False)
+    lr_up = vrange.to_model(batch["lr_up"].double()).numpy()
+    # HR = 2 x residual + lr_up with the residual in [-1, 1], then back to the pairs' units
+    assert np.isfinite(out).all()
+    assert out.max() <= vrange.from_model(lr_up + 2.0).max() + 1e-6
+    assert out.min() >= lo - 1e-6
 
 
 @pytest.mark.parametrize("sampler,eta", [("respaced", 0.0), ("ddim", 0.5)])

@@ -229,11 +229,15 @@ class DiffusionTarget:
     def decode(self, x, lr_up):
         return x if self.kind == "x0" else 2.0 * x + lr_up
 
-    def clip(self, vrange: ValueRange) -> tuple[float, float | None] | None:
-        """Range of the sampled x_0 (a residual of unbounded maps has no fixed bound)."""
-        if self.kind == "x0" or vrange.bounded:
+    def clip(self, vrange: ValueRange) -> tuple[float, float | None]:
+        """Range the sampler clips each x_0 estimate to. The HR map: the value range's clip. A
+        residual: [-1, 1], half the difference of two maps inside the training range [-1, 1]
+        (for unbounded units too, where the HR map has no upper clip). Without a clip, the x_0
+        estimates of eps-prediction at large t (the noise divided by sqrt(alpha_bar_t), about
+        0.006 at t = T) are unbounded and the chain diverges."""
+        if self.kind == "x0":
             return vrange.clip
-        return None
+        return (-1.0, 1.0)
 
 
 # ============================================================================ pairs, splits
