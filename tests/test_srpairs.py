@@ -303,6 +303,42 @@ def test_dataset_items_and_loader(raw_pairs, synthetic, tmp_path):
     assert batch["hr"].shape == (2, G, 25, 25) and batch["image"].shape == (2, 3, 250, 250)
 
 
+def test_flip_augmentation_moves_every_map_and_the_he_together(synthetic, tmp_path):
+    """``augment``: an item is its plain self flipped along the same axes in every map, the LR
+    map, the mask and the H&E patch; all four flips occur; the draws follow torch's global RNG
+    (a resumed training repeats them). Pairs whose LR grid overhangs the HR patch are refused."""
+    import torch
+
+    cells, slide, _ = synthetic
+    out = tmp_path / "aug.zarr"
+    build_sr_pairs(cells, slide, None, out, patch_um=500, lr_um=100, scale=5,
+                   normalisation="minmax", min_tissue=0.0)
+    plain, aug = SRPairDataset(out)[2], SRPairDataset(out, augment=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(24):
+        item = aug[2]
+        flips = [dims for dims in ([], [-1], [-2], [-1, -2])
+                 if torch.equal(item["hr"], plain["hr"].flip(dims) if dims else plain["hr"])]
+        assert len(flips) == 1, "hr is not a flip of the plain item"
+        dims = flips[0]
+        seen.add(tuple(dims))
+        for key in ("lr", "lr_up", "image", "mask"):
+            want = plain[key].flip(dims) if dims else plain[key]
+            assert torch.equal(item[key], want), key
+        assert item["index"] == plain["index"]
+    assert len(seen) == 4
+    torch.manual_seed(5)
+    first = [aug[0]["hr"] for _ in range(3)]
+    torch.manual_seed(5)
+    assert all(torch.equal(a, aug[0]["hr"]) for a in first)
+    ceil = tmp_path / "ceil_aug.zarr"
+    build_sr_pairs(cells, slide, None, ceil, patch_um=260, lr_um=100, scale=5, edge="ceil",
+                   normalisation="none", min_tissue=0.0)
+    with pytest.raises(ValueError, match="covers the HR patch exactly"):
+        SRPairDataset(ceil, augment=True)
+
+
 def test_bad_inputs(synthetic, tmp_path):
     cells, slide, mpp = synthetic
     with pytest.raises(InputError, match="not measured"):

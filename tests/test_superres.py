@@ -259,6 +259,22 @@ def test_trainable_baseline_fits_with_masked_mse(pairs, tmp_path):
     assert isinstance(model, FakeConvNet)
 
 
+def test_flip_augmentation_is_a_training_option(pairs, tmp_path):
+    """``train.augment`` flips the training patches (not a TrainConfig field: it is taken out
+    before, saved with the model and part of the fingerprint); off, the run is unchanged."""
+    states = {}
+    for augment in (False, True):
+        out = tmp_path / str(augment)
+        sr_task.train_sr("unet", [pairs], model_cfg={"width": 8},
+                         train_cfg={**TRAIN, "epochs": 2, "augment": augment},
+                         validation=VALIDATION, seed=0, out_model=out / "model.pt",
+                         out_log=out / "log.csv", checkpoint_dir=out / "ckpt")
+        model, meta = sr_task.load_sr_model(out / "model.pt")
+        assert meta["train"]["augment"] is augment
+        states[augment] = model.state_dict()
+    assert any(not torch.equal(states[False][k], states[True][k]) for k in states[False])
+
+
 def test_sections_with_different_he_sizes_train_together(synthetic, pairs, tmp_path):
     """Spot-grid sections differ by a pixel in H&E patch size; batches mix sections, so every
     patch is resized to the most common size, which prediction reuses."""

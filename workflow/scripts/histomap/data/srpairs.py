@@ -916,18 +916,30 @@ class SRPairDataset:
     sum (a model's, from its training pairs: :func:`training_target_sum`); None keeps the
     stored one. ``hr`` and ``lr`` are in the same units (the LR map is stored in HR units).
     LR-only inputs (:func:`build_lr_pairs`) have no ``hr``; ``lr_up`` is cropped to the
-    pairs' ``hr_shape``.
+    pairs' ``hr_shape``. ``augment`` (training only): each item is flipped left-right and/or
+    up-down at random (torch's global RNG, so a resumed training draws the same flips), every
+    map and the H&E patch alike; it needs pairs whose LR grid covers the HR patch exactly
+    (``scale`` x the LR shape = the HR shape), so the LR map flips onto the same ground.
     """
 
     def __init__(self, path: str | Path, *, upsample: str = "bicubic",
                  indices: Sequence[int] | None = None,
                  image_hw: tuple[int, int] | None = None,
-                 target_sum: float | None = None) -> None:
+                 target_sum: float | None = None, augment: bool = False) -> None:
         if upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
         self.path = Path(path)
         arrays, self.attrs = read_sr_pairs(self.path, lazy=True)
         n = arrays["lr"].shape[0]
+        self.augment = bool(augment)
+        if self.augment:
+            lr_hw = tuple(int(v) * int(self.attrs["scale"]) for v in arrays["lr"].shape[-2:])
+            hr_hw = tuple(int(v) for v in self.attrs["hr_shape"])
+            if lr_hw != hr_hw:
+                raise ValueError(f"{self.path}: flip augmentation needs an LR grid that covers "
+                                 f"the HR patch exactly; {self.attrs['scale']} x the LR shape "
+                                 f"is {lr_hw}, the HR patch {hr_hw} (edge: "
+                                 f"{self.attrs.get('edge')})")
         self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
         self.upsample = upsample
         self.image_hw = tuple(int(v) for v in image_hw) if image_hw is not None else None
@@ -969,7 +981,14 @@ class SRPairDataset:
                                   antialias=True, align_corners=False)[0].clamp(0.0, 1.0)
         mask = torch.from_numpy(np.asarray(a["mask"][i], bool))
         item = {"lr": lr, "lr_up": lr_up, "image": image, "mask": mask, "index": i}
-        return item if hr is None else {"hr": hr, **item}
+        if hr is not None:
+            item = {"hr": hr, **item}
+        if self.augment:
+            dims = [d for d, flip in zip((-1, -2), torch.randint(0, 2, (2,)).tolist()) if flip]
+            if dims:
+                item = {k: v.flip(dims) if isinstance(v, torch.Tensor) else v
+                        for k, v in item.items()}
+        return item
 
 
 def training_target_sum(pairs_zarrs: Sequence[str | Path]) -> float | None:

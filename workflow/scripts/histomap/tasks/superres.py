@@ -304,11 +304,12 @@ def common_image_hw(pairs_zarrs: Sequence[str | Path]) -> tuple[int, int]:
 
 
 def _datasets(pairs_zarrs, splits, upsample: str, image_hw: tuple[int, int],
-              target_sum: float | None = None) -> tuple[Dataset, Dataset | None]:
+              target_sum: float | None = None,
+              augment: bool = False) -> tuple[Dataset, Dataset | None]:
     from torch.utils.data import ConcatDataset
 
     train = [SRPairDataset(p, upsample=upsample, indices=tr, image_hw=image_hw,
-                           target_sum=target_sum)
+                           target_sum=target_sum, augment=augment)
              for p, (tr, _) in zip(pairs_zarrs, splits) if len(tr)]
     val = [SRPairDataset(p, upsample=upsample, indices=va, image_hw=image_hw,
                          target_sum=target_sum)
@@ -593,7 +594,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
 
     ``model_cfg``: network keyword arguments plus task options (``curriculum``, ``upsample``,
     ``adjacency_max_pixels``, ``adjacency_binarize``); ``train_cfg``: :class:`TrainConfig`
-    fields; ``validation``: dict(fraction, block_um) of the training patches held out for early
+    fields plus ``augment`` (random flips of the training patches, default off); ``validation``: dict(fraction, block_um) of the training patches held out for early
     stopping; ``diffusion``: dict(T, schedule, loss, prediction, target) for diffusion methods
     (missing keys from :data:`DEFAULT_DIFFUSION`); ``variant``: the configured name (e.g.
     ``diffst_no_cam``). Resumes from ``checkpoint_dir/last.pt``. The log has fit's columns plus
@@ -635,14 +636,16 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     splits = split_patches(pairs_zarrs, fraction=float(validation.get("fraction", 0.15)),
                            block_um=float(validation.get("block_um", 0.0)), seed=seed)
     train_idx = [tr for tr, _ in splits]
+    train_cfg = dict(train_cfg)
+    augment = bool(train_cfg.pop("augment", False))
     train_ds, val_ds = _datasets(pairs_zarrs, splits, task["upsample"],
-                                 tuple(pairs_meta["image_hw"]), target_sum)
-    cfg = TrainConfig.from_dict({**dict(train_cfg), "seed": seed})
+                                 tuple(pairs_meta["image_hw"]), target_sum, augment)
+    cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     extra_meta: dict[str, Any] = {"diffusion": {}, "value_range": []}
     extras_path = checkpoint_dir / "sr_epochs.csv"
     fingerprint = training_fingerprint(pairs_zarrs, method=method, variant=variant,
                                        model_cfg=model_cfg, diffusion=diffusion,
-                                       validation=validation, seed=seed)
+                                       validation=validation, seed=seed, augment=augment)
     if is_diffusion(method):
         diff_cfg = {**DEFAULT_DIFFUSION, **dict(diffusion or {})}
         vrange = value_range(attrs["normalisation"], pairs_zarrs, train_idx, target_sum)
@@ -685,7 +688,7 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                  float(model.keep_fraction), float(model.entropy_threshold))
         model.set_curriculum(keep_fraction=1.0, entropy_threshold=0.0)
     save_sr_model(out_model, model, method=method, genes=genes, trainable=True,
-                  train=cfg.to_dict(), validation=dict(validation),
+                  train={**cfg.to_dict(), "augment": augment}, validation=dict(validation),
                   summary={k: summary[k] for k in ("best_epoch", "best_val_loss",
                                                    "epochs_done", "stopped_early")},
                   **extra_meta, **meta)
