@@ -338,7 +338,7 @@ def test_entropy_threshold_curriculum():
 @pytest.mark.parametrize("overrides", [
     {}, {"cam": False}, {"cigc": False}, {"hierarchical": False},
     {"cam_mode": "spatial", "cam_region": 4}, {"cigc_on": "lr"}, {"fusion_downsample": 2},
-    {"keep": "low", "cross_attn_heads": 2}, {"lr_input": True},
+    {"keep": "low", "cross_attn_heads": 2}, {"lr_input": True, "rgb_input": True},
     {"tissue_backbone": "resnet10t", "tissue_px": 32},
     {"tissue_backbone": "resnet10t", "tissue_px": 32, "freeze_tissue_backbone": False},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "full")
@@ -407,28 +407,33 @@ def test_conditional_unet_baseline_uses_lr_and_image():
         assert not torch.allclose(model(x_t, t, b["lr_map"], 1 - b["image"]), eps)
 
 
-def test_lr_input_feeds_the_lr_map_to_the_unet_input():
-    """``lr_input``: the LR map, upsampled to the HR grid, is a U-Net input channel block beside
-    x_t; with the fused condition held fixed, the output still follows the LR map."""
+@pytest.mark.parametrize("lr_input,rgb_input", [(True, False), (False, True), (True, True)])
+def test_direct_inputs_reach_the_unet_input(lr_input, rgb_input):
+    """``lr_input`` / ``rgb_input``: the LR map (upsampled) and/or the H&E patch (resized) on the
+    HR grid are U-Net input channels beside x_t; with the fused condition held fixed, the output
+    still follows them."""
     torch.manual_seed(0)
-    cfg = tiny_cfg(lr_input=True)
+    cfg = tiny_cfg(lr_input=lr_input, rgb_input=rgb_input)
     model = DiffST(G, cfg).eval()
     plain = DiffST(G, tiny_cfg()).eval()
     widths = [m.in_channels for m in (model.unet, plain.unet)
               for m in [next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d))]]
-    assert widths == [G * cfg.gene_node_channels + G, G * cfg.gene_node_channels]
+    extra = (G if lr_input else 0) + (3 if rgb_input else 0)
+    assert widths == [G * cfg.gene_node_channels + extra, G * cfg.gene_node_channels]
     b = batch()
     x_t, t = torch.randn(2, G, HR, HR), torch.tensor([5, 50])
     with torch.no_grad():
         cond = model.encode_condition(b["lr_map"], b["image"], hr_shape=(HR, HR))
-        assert torch.allclose(cond.lr_input, F.interpolate(b["lr_map"], (HR, HR),
-                                                           mode="bilinear", align_corners=False))
+        want = ([F.interpolate(b["lr_map"], (HR, HR), mode="bilinear", align_corners=False)]
+                if lr_input else []) + ([F.adaptive_avg_pool2d(b["image"], (HR, HR))]
+                                        if rgb_input else [])
+        assert torch.allclose(cond.unet_input, torch.cat(want, dim=1))
         out = model(x_t, t, condition=cond)[0]
         assert torch.equal(out, model(x_t, t, **b)[0])
-        moved = dataclasses.replace(cond, lr_input=cond.lr_input + 1)
+        moved = dataclasses.replace(cond, unet_input=cond.unet_input + 1)
         assert not torch.allclose(model(x_t, t, condition=moved)[0], out)
-        with pytest.raises(ValueError, match="lr_input"):
-            model(x_t, t, condition=dataclasses.replace(cond, lr_input=None))
+        with pytest.raises(ValueError, match="rgb_input"):
+            model(x_t, t, condition=dataclasses.replace(cond, unet_input=None))
 
 
 def test_sampling_encodes_the_condition_once():

@@ -114,9 +114,10 @@ class DiffSTConfig:
     cigc_topk: int | None = 16               # neighbours kept per gene (None: the dense graph)
     cigc_on: Literal["hr", "lr"] = "hr"
     lr_upsample_mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
-    lr_input: bool = False                   # also feed the LR map (upsampled to the HR grid) to
-    #                                          the U-Net input beside x_t, as SR3 and the guided
-    #                                          baseline do; False: only through the fused condition
+    # maps also fed to the U-Net input beside x_t, as the guided baseline does (False: they
+    # reach the denoiser only through the fused condition)
+    lr_input: bool = False                   # the LR map upsampled to the HR grid (as SR3)
+    rgb_input: bool = False                  # the H&E patch resized to the HR grid
     # ablations
     cam: bool = True
     cigc: bool = True
@@ -786,7 +787,7 @@ class Condition:
     features: Tensor
     aux: dict[str, Tensor] = field(default_factory=dict)
     cell_mask: Tensor | None = None
-    lr_input: Tensor | None = None    # the LR map on the HR grid (``lr_input=True`` only)
+    unet_input: Tensor | None = None  # LR map and/or H&E on the HR grid (lr_/rgb_input)
 
 
 class DiffST(nn.Module):
@@ -814,7 +815,7 @@ class DiffST(nn.Module):
                                topk=cfg.cigc_topk)
         graph_width = n_genes * gc
         x_ch = graph_width if cfg.cigc_on == "hr" else n_genes
-        unet_in = x_ch + (n_genes if cfg.lr_input else 0)
+        unet_in = x_ch + (n_genes if cfg.lr_input else 0) + (3 if cfg.rgb_input else 0)
         y_ch = graph_width if cfg.cigc_on == "lr" else n_genes
         self.lr_encoder = nn.Sequential(nn.Conv2d(y_ch, cf, 3, padding=1), ResBlock(cf, cf))
         if cfg.tissue_backbone:
@@ -914,8 +915,10 @@ class DiffST(nn.Module):
         if self.cam is not None:
             f_y, f_h = self.cam(f_y, f_h)
         fused, dis = self.disentangle(f_y, f_h)
-        lr_in = _resize(lr_map.float(), hr, cfg.lr_upsample_mode) if cfg.lr_input else None
-        return Condition(fused, {"dis": cfg.dis_weight * dis}, mask, lr_in)
+        direct = ([_resize(lr_map.float(), hr, cfg.lr_upsample_mode)] if cfg.lr_input else []) \
+            + ([_resize(_as_float_image(image), hr)] if cfg.rgb_input else [])
+        return Condition(fused, {"dis": cfg.dis_weight * dis}, mask,
+                         torch.cat(direct, dim=1) if direct else None)
 
     def forward(self, x_t: Tensor, t: Tensor, lr_map: Tensor | None = None,
                 image: Tensor | None = None, cell_entropy: Tensor | None = None,
@@ -927,10 +930,10 @@ class DiffST(nn.Module):
         x_in = x_t
         if self.cfg.cigc_on == "hr":
             x_in = self.graph(x_t).flatten(1, 2)
-        if self.cfg.lr_input:
-            if condition.lr_input is None:
-                raise ValueError("lr_input=True needs a condition encoded with lr_input")
-            x_in = torch.cat([x_in, condition.lr_input.to(x_in.dtype)], dim=1)
+        if self.cfg.lr_input or self.cfg.rgb_input:
+            if condition.unet_input is None:
+                raise ValueError("lr_input / rgb_input need a condition encoded with them")
+            x_in = torch.cat([x_in, condition.unet_input.to(x_in.dtype)], dim=1)
         return self.unet(x_in, t, condition.features), condition.aux
 
 
