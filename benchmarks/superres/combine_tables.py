@@ -20,8 +20,6 @@ from histomap.evaluation.report import SR_TABLE_COLUMNS, SR_UNITS, sr_markdown  
 
 DEFAULT_ORDER = ["bicubic", "tesla", "unet", "unetpp", "attention_unet", "histogene_sr",
                  "guided", "diffst"]
-DEFAULT_ABLATIONS = ["diffst_no_cam", "diffst_no_cigc", "diffst_no_hierarchical", "diffst_eps",
-                     "diffst_x0"]
 
 
 def _read(path: str) -> pd.DataFrame:
@@ -43,11 +41,15 @@ def main(argv=None) -> None:
     parser.add_argument("tables", nargs="+", help="superres.csv files of pipeline runs")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="Table-1 rows in order (default: the usual order, then others)")
-    parser.add_argument("--ablations", nargs="+", default=DEFAULT_ABLATIONS)
+    parser.add_argument("--ablations", nargs="+", default=None,
+                        help="ablation rows in order (default: every diffst_* method, in the "
+                             "order the runs list them)")
     parser.add_argument("--out", required=True, help="output prefix (writes .csv and .md)")
     args = parser.parse_args(argv)
     table = pd.concat([_read(p) for p in args.tables], ignore_index=True)[SR_TABLE_COLUMNS]
     present = list(dict.fromkeys(table["method"]))
+    if args.ablations is None:
+        args.ablations = [m for m in present if m.startswith("diffst_")]
     methods = args.methods or [m for m in DEFAULT_ORDER if m in present] + [
         m for m in present if m not in DEFAULT_ORDER and m not in args.ablations]
     out = Path(args.out)
