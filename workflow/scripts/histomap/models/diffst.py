@@ -833,8 +833,8 @@ class DiffST(nn.Module):
         self.cam = CrossModalModulation(cf, cfg.cam_region, cfg.cam_mode) if cfg.cam else None
         self.disentangle = Disentangler(cf, cf, cfg.dis_normalize)
         self.unet = UNet(unet_in, n_genes, cfg.base_channels, cfg.channel_mult,
-                         cfg.num_res_blocks, cfg.dropout, cond_ch=cf, bottleneck_attention=cfg.bottleneck_attention,
-                         attn_heads=cfg.attn_heads)
+                         cfg.num_res_blocks, cfg.dropout, cond_ch=cf,
+                         bottleneck_attention=cfg.bottleneck_attention, attn_heads=cfg.attn_heads)
         self.register_buffer("keep_fraction", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("entropy_threshold", torch.tensor(0.0, dtype=torch.float64))
         self.last_cell_mask: Tensor | None = None

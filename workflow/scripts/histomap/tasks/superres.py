@@ -594,7 +594,8 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
 
     ``model_cfg``: network keyword arguments plus task options (``curriculum``, ``upsample``,
     ``adjacency_max_pixels``, ``adjacency_binarize``); ``train_cfg``: :class:`TrainConfig`
-    fields plus ``augment`` (random flips of the training patches, default off); ``validation``: dict(fraction, block_um) of the training patches held out for early
+    fields plus ``augment`` (random flips of the training patches, default off);
+    ``validation``: dict(fraction, block_um) of the training patches held out for early
     stopping; ``diffusion``: dict(T, schedule, loss, prediction, target) for diffusion methods
     (missing keys from :data:`DEFAULT_DIFFUSION`); ``variant``: the configured name (e.g.
     ``diffst_no_cam``). Resumes from ``checkpoint_dir/last.pt``. The log has fit's columns plus
