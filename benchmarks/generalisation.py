@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     for model, row in shown.iterrows():
         lines.append(f"| {model} | " + " | ".join(f"{v:.3g}" if pd.notna(v) else "-"
                                                   for v in row) + " |")
-    lines += ["", f"`python benchmarks/generalisation.py --results {args.results} "
-              f"--out-dir {args.out_dir}`", ""]
+    command = (f"python benchmarks/generalisation.py --results {args.results} "
+               f"--out-dir {args.out_dir}")
+    lines += ["", f"`{command}`", ""]
     (args.out_dir / "generalisation.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -801,7 +801,8 @@ class DiffST(nn.Module):
 
     The curriculum state (``keep_fraction`` / ``entropy_threshold``) and the gene graph live in
     buffers, so they are saved with the state dict; the curriculum selects sub-patches in training
-    mode only (eval mode, used for validation and inference, sees every sub-patch). The trainer sets the curriculum each epoch with :meth:`set_curriculum` or
+    mode only (eval mode, used for validation and inference, sees every sub-patch). The trainer
+    sets the curriculum each epoch with :meth:`set_curriculum` or
     :meth:`CurriculumSchedule.apply`, and the graph once with :meth:`set_adjacency`.
     """
 
