@@ -557,7 +557,8 @@ def render_markdown(table: pd.DataFrame, args: argparse.Namespace, inputs: Input
         f"tissue tiles ({inputs.n_spots / inputs.tissue_mm2:.0f} spots per mm^2); encoder "
         f"`{args.encoder}` for both methods (decoder and head untrained: cost only), "
         f"{args.n_genes} genes, input {args.input_mpp:g} um/px, PixNet tiles {args.tile_px} px. "
-        f"Times: median of {args.repeats} after one warm-up. Benchmark wall time {meta['wall_s']:.0f} s; "
+        f"Times: median of {args.repeats} after one warm-up. "
+        f"Benchmark wall time {meta['wall_s']:.0f} s; "
         f"load average {meta['load_start']} at start, {meta['load_end']} at the end.", "",
         "## Machine", "", "| | |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in machine.items()], "",

@@ -233,8 +233,8 @@ class DiffusionTarget:
         """Range the sampler clips each x_0 estimate to. The HR map: the value range's clip. A
         residual: [-1, 1], half the difference of two maps inside the training range [-1, 1]
         (for unbounded units too, where the HR map has no upper clip). Without a clip, the x_0
-        estimates of eps-prediction at large t (the noise divided by sqrt(alpha_bar_t), about
-        0.006 at t = T) are unbounded and the chain diverges."""
+        estimates of eps-prediction at large t (the noise divided by sqrt(alpha_bar_t), which
+        is about 0.006 at t = T) are unbounded and the chain diverges."""
         if self.kind == "x0":
             return vrange.clip
         return (-1.0, 1.0)
