@@ -161,3 +161,35 @@ def test_generalisation_ratios_by_hand(tmp_path):
                          str(tmp_path / "o2")]) == 2
     finally:
         sys.modules.pop("generalisation", None)
+
+
+def test_feature_shift_by_hand():
+    """benchmarks/feature_shift.py: the standardised mean difference of two tiny samples, a spot
+    square averaged on a level's grid, and the between / within-patient table."""
+    fs = _load("feature_shift")
+    try:
+        a = np.array([[0.0, 1.0, 5.0], [2.0, 3.0, 5.0]])    # channel 3 constant in both
+        b = np.array([[4.0, 1.0, 5.0], [6.0, 3.0, 5.0]])
+        # channel 1: |1 - 5| / sqrt((2 + 2) / 2) = 2.83; channel 2: 0; channel 3 left out
+        assert fs.shift(a, b) == pytest.approx((4 / np.sqrt(2) + 0) / 2)
+
+        class Cache:                                       # one level, stride 2, 1 um/px
+            path, mpp, strides, origin = "c", 1.0, [2], np.array([0, 0])
+            levels = [np.arange(100, dtype=np.float16).reshape(1, 10, 10)]
+        # a 4 um spot at slide pixel (9, 9) of a 0.5 um/px slide -> input (4.5, 4.5) -> cell
+        # (2, 2); half-side round(2 / 2) = 1 cell: rows and columns 1..3
+        (m,) = fs.spot_level_means(Cache(), np.array([[9.0, 9.0]]), 0.5, 4.0)
+        assert m.shape == (1, 1) and m[0, 0] == pytest.approx(np.mean(
+            [r * 10 + c for r in (1, 2, 3) for c in (1, 2, 3)]))
+        with pytest.raises(ValueError, match="outside"):
+            fs.spot_level_means(Cache(), np.array([[-40.0, 9.0]]), 0.5, 4.0)
+
+        feats = {"B1": [a], "C1": [b], "C2": [b + 1.0]}
+        t = fs.shift_table(feats, {"B1": "B", "C1": "C", "C2": "C"}, ["x"])
+        within = fs.shift(b, b + 1.0)
+        between = (fs.shift(a, b) + fs.shift(a, b + 1.0)) / 2
+        assert t.loc["x", "within_patient"] == pytest.approx(within)
+        assert t.loc["x", "between_patients"] == pytest.approx(between)
+        assert t.loc["x", "ratio"] == pytest.approx(between / within)
+    finally:
+        sys.modules.pop("feature_shift", None)
