@@ -1,8 +1,8 @@
 """How far apart sections lie in the frozen encoder's features, level by level (input side only).
 
 For every section of a finished run, each encoder level of its feature cache (``encode_slide``) is
-averaged over every spot's square (side: the spot diameter), and the probe's pooled crop
-features are taken as they are. Between two sections A and B, a level's shift is the
+averaged over every spot's disc (area-weighted, as spot predictions are read out of a dense map),
+and the probe's pooled crop features are taken as they are. Between two sections A and B, a level's shift is the
 standardised mean difference averaged over its channels, mean_c |mu_A - mu_B| / sqrt((var_A +
 var_B) / 2) over the spots of each. The table gives it for pairs of sections of different
 patients and of the same patient, and their ratio: a level whose ratio is high separates the
@@ -23,27 +23,28 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+from histomap.data.sample import geometry  # noqa: E402
+from histomap.tasks.dense_map import DenseMap, spots_from_dense  # noqa: E402
 from histomap.tasks.feature_cache import FeaturePyramid  # noqa: E402
 
 
 def spot_level_means(cache: FeaturePyramid, centres_px: np.ndarray, slide_mpp: float,
-                     diameter_um: float) -> list[np.ndarray]:
-    """Per level, (n_spots, C) means of the level's map over each spot's square (slide pixels
-    ``centres_px`` -> the cache's input pixels -> the level's grid; at least one cell)."""
+                     diameter_um: float | np.ndarray, square: bool = False) -> list[np.ndarray]:
+    """Per level, (n_spots, C) area-weighted means of the level's map over each spot's disc (or
+    square) at level-0 slide pixels ``centres_px``: each level is read as a dense map and the
+    spots out of it by :func:`histomap.tasks.dense_map.spots_from_dense`, as spot predictions
+    are read out of a model's map."""
+    origin = tuple(float(o) * cache.mpp / slide_mpp for o in cache.origin)  # level-0 px
     out = []
-    centres_in = centres_px * slide_mpp / cache.mpp - cache.origin
     for arr, stride in zip(cache.levels, cache.strides):
-        half = max(round(diameter_um / 2 / cache.mpp / stride), 0)
-        rows = []
-        for cx, cy in centres_in / stride:
-            x, y = int(np.floor(cx)), int(np.floor(cy))
-            x0, x1 = max(x - half, 0), min(x + half + 1, arr.shape[2])
-            y0, y1 = max(y - half, 0), min(y + half + 1, arr.shape[1])
-            if x1 <= x0 or y1 <= y0:
-                raise ValueError(f"{cache.path}: a spot at input pixel ({cx * stride:.0f}, "
-                                 f"{cy * stride:.0f}) lies outside the cached level")
-            rows.append(np.asarray(arr[:, y0:y1, x0:x1], dtype=np.float32).mean(axis=(1, 2)))
-        out.append(np.stack(rows))
+        level = DenseMap(path=cache.path, dense=arr, mask=np.ones(arr.shape[1:], dtype=bool),
+                         genes=[str(c) for c in range(arr.shape[0])], mpp=cache.mpp * stride,
+                         origin_px=origin, slide_mpp=slide_mpp, attrs={})
+        values = spots_from_dense(level, centres_px, diameter_um, square=square)
+        if np.isnan(values).any():
+            raise ValueError(f"{cache.path}: {int(np.isnan(values[:, 0]).sum())} spots lie "
+                             f"outside the cached stride-{stride} level")
+        out.append(values)
     return out
 
 
@@ -90,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {zpath} or {st} not found: run the benchmark first", file=sys.stderr)
             return 2
         cache, spots = FeaturePyramid(zpath), ad.read_h5ad(st)
-        geo = spots.uns["histomap"]
+        geo = geometry(spots)
         levels = spot_level_means(cache, np.asarray(spots.obsm["spatial"], dtype=np.float64),
-                                  float(geo["mpp"]), float(geo["spot_diameter_um"]))
+                                  float(geo["mpp"]), spots.obs["diameter_um"].to_numpy(float),
+                                  square=geo.get("spot_shape") == "square")
         features[sample] = levels + [cache.spot_features(list(spots.obs_names))]
         names = [f"level {i} (stride {s}, {a.shape[1]} ch)"
                  for i, (s, a) in enumerate(zip(cache.strides, levels))] + [

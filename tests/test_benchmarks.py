@@ -165,7 +165,7 @@ def test_generalisation_ratios_by_hand(tmp_path):
 
 def test_feature_shift_by_hand():
     """benchmarks/feature_shift.py: the standardised mean difference of two tiny samples, a spot
-    square averaged on a level's grid, and the between / within-patient table."""
+    square and a disc averaged on a level's grid, and the between / within-patient table."""
     fs = _load("feature_shift")
     try:
         a = np.array([[0.0, 1.0, 5.0], [2.0, 3.0, 5.0]])    # channel 3 constant in both
@@ -176,11 +176,15 @@ def test_feature_shift_by_hand():
         class Cache:                                       # one level, stride 2, 1 um/px
             path, mpp, strides, origin = "c", 1.0, [2], np.array([0, 0])
             levels = [np.arange(100, dtype=np.float16).reshape(1, 10, 10)]
-        # a 4 um spot at slide pixel (9, 9) of a 0.5 um/px slide -> input (4.5, 4.5) -> cell
-        # (2, 2); half-side round(2 / 2) = 1 cell: rows and columns 1..3
-        (m,) = fs.spot_level_means(Cache(), np.array([[9.0, 9.0]]), 0.5, 4.0)
-        assert m.shape == (1, 1) and m[0, 0] == pytest.approx(np.mean(
-            [r * 10 + c for r in (1, 2, 3) for c in (1, 2, 3)]))
+        # a 4 um square at slide pixel (9, 9) of a 0.5 um/px slide: centre 2.25, half-side 1 in
+        # level cells (2 um), so [1.25, 3.25] on both axes; cells 1, 2, 3 overlap it by 0.75,
+        # 1 and 0.25: mean index 1.75, and a cell holds 10 x row + column
+        (m,) = fs.spot_level_means(Cache(), np.array([[9.0, 9.0]]), 0.5, 4.0, square=True)
+        assert m.shape == (1, 1) and m[0, 0] == pytest.approx(17.5 + 1.75, abs=1e-4)
+        # a disc of radius 1 cell centred on the corner shared by cells (1, 1), (1, 2), (2, 1)
+        # and (2, 2) (slide pixel 8 -> 2.0) puts a quarter of its area in each
+        (d,) = fs.spot_level_means(Cache(), np.array([[8.0, 8.0]]), 0.5, 4.0)
+        assert d[0, 0] == pytest.approx((11 + 12 + 21 + 22) / 4, abs=1e-3)
         with pytest.raises(ValueError, match="outside"):
             fs.spot_level_means(Cache(), np.array([[-40.0, 9.0]]), 0.5, 4.0)
 
