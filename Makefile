@@ -12,11 +12,14 @@ venv: $(STAMP)
 
 # torch first (the local CPU build), then everything else constrained to it, so that no
 # dependency can pull the multi-GB CUDA torch/torchvision wheels.
-$(STAMP): requirements.txt constraints.txt
+# The histomap package itself is installed in editable mode (`pip install -e .`): the Snakefile,
+# rule scripts, tests, benchmarks and the `histomap` command all import the installed package.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/pip install --quiet -e . -c constraints.txt
 	$(BIN)/pip check
 	touch $@
 

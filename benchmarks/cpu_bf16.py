@@ -48,10 +48,8 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _machine import cpu_model, load_average  # noqa: E402
+from histomap.machine import cpu_model, load_average  # noqa: E402
 from histomap.compat import torch  # noqa: E402
 
 log = logging.getLogger("cpu_bf16")

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
 from histomap.compat import torch  # noqa: E402
 from histomap.data.io import legacy_st  # noqa: E402

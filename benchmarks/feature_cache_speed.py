@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
 from histomap.compat import torch  # noqa: E402
 from histomap.data.io import legacy_st  # noqa: E402

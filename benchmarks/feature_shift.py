@@ -22,7 +22,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 from histomap.data.sample import geometry  # noqa: E402
 from histomap.tasks.dense_map import DenseMap, spots_from_dense  # noqa: E402
 from histomap.tasks.feature_cache import FeaturePyramid  # noqa: E402

@@ -59,12 +59,8 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO / "workflow" / "scripts", REPO / "benchmarks"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
 # the memory worker (a fresh process) needs only these; the rest is imported where used
-from _machine import cpu_model  # noqa: E402  (after the sys.path lines)
+from histomap.machine import cpu_model  # noqa: E402
 from histomap.compat import torch  # noqa: E402
 from histomap.tasks.dense_map import predict_dense_map, read_dense  # noqa: E402
 from histomap.train import amp_dtype, load_model, resolve_device, save_model  # noqa: E402

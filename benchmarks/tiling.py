@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 
 MPP = 0.5
 TILE = 512  # TIFF tile of the written slide

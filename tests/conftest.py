@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the package path and the real data shipped beside the checkout."""
+"""Shared pytest fixtures: the repository root and the real data shipped beside the checkout."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 HER2ST = SHARED_DATA / "her2st"

@@ -76,7 +76,12 @@ def test_pixnet_cost_rejects_bad_options(pixnet_cost):
 
 
 def _load(name: str):
+    """Import a benchmark script as its own command line would: with benchmarks/ importable, as
+    it is for ``python benchmarks/NAME.py`` (the scripts share helpers such as tiling's
+    ``write_slide``)."""
     path = SCRIPT.with_name(f"{name}.py")
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.append(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

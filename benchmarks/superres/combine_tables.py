@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
 from histomap.evaluation.report import SR_TABLE_COLUMNS, SR_UNITS, sr_markdown  # noqa: E402
 

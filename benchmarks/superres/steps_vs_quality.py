@@ -19,7 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
 from histomap.logs import setup_logging  # noqa: E402
 from histomap.tasks.superres import time_sampling  # noqa: E402

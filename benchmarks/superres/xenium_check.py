@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow" / "scripts"))
 
 from histomap.data.io import read_sample  # noqa: E402
 from histomap.data.slide import prepare_slide  # noqa: E402

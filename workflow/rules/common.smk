@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
+
 from histomap.data.sheet import check_distinct_samples, validate_sample_sheet  # noqa: E402
 from histomap.evaluation.folds import fold_kinds, make_folds  # noqa: E402
 
