@@ -1,0 +1,46 @@
+"""Torch CPU threads: one setting, one owner.
+
+CPU kernels sum in an order that depends on the number of intra-op threads, so a training's
+weights and a prediction's values could change with the cores a job is given. Every torch job of
+histomap (training, dense maps, sampling, apply) therefore runs with one fixed count, the
+config's ``torch_threads`` (default :data:`DEFAULT_TORCH_THREADS`), never with Snakemake's
+``--cores``: the numbers do not depend on the machine's core count.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+DEFAULT_TORCH_THREADS = 1
+
+
+def torch_threads_of(config: Mapping[str, Any] | None) -> int:
+    """The fixed thread count of a workflow config (top-level ``torch_threads``)."""
+    n = int((config or {}).get("torch_threads", DEFAULT_TORCH_THREADS))
+    if n < 1:
+        raise ValueError(f"torch_threads must be >= 1, got {n}")
+    return n
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads for this process to ``n`` (default the fixed count)."""
+    import torch
+
+    n = DEFAULT_TORCH_THREADS if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"torch threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None = None) -> Iterator[int]:
+    """Run a block with ``n`` intra-op threads, restoring the previous count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield set_threads(n)
+    finally:
+        torch.set_num_threads(before)
