@@ -10,11 +10,14 @@ One mechanism for every writer of the package::
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from histomap.errors import InputError
 
 
 def partial_path(path: Path) -> Path:
@@ -48,7 +51,12 @@ def atomic_output(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
     remove_path(tmp)
     old = path.with_name(path.name + ".old")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise disk_full(path) from exc
+            raise
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: nothing was written under {tmp.name}")
         if tmp.is_file():
@@ -59,6 +67,14 @@ def atomic_output(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
     finally:
         remove_path(tmp)
         remove_path(old)
+
+
+def disk_full(path: Path) -> InputError:
+    """The error of a write that ran out of space: the path, the space left, what to do."""
+    free = shutil.disk_usage(next(p for p in Path(path).absolute().parents if p.exists())).free
+    return InputError(path, f"no space left on the device while writing it ({free / 2**20:.0f} "
+                            "MiB free there); nothing partial was kept: free space or move "
+                            "results/ to a larger disk, then rerun")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
