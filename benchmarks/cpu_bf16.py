@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from histomap.machine import cpu_model, load_average  # noqa: E402
 from histomap.compat import torch  # noqa: E402
+from histomap.outputs import atomic_output, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("cpu_bf16")
 SCALES = (100.0, 55.0, 16.0, 8.0, 2.0)
@@ -310,9 +311,8 @@ def within_tolerance(rows: pd.DataFrame) -> bool:
 def write_report(rows: list[dict], args, argv, seconds: float, load_before: str) -> None:
     table = pd.DataFrame(rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv = args.out_dir / "cpu_bf16.csv"
-    table.to_csv(csv.with_suffix(".csv.partial"), index=False)
-    os.replace(csv.with_suffix(".csv.partial"), csv)
+    with atomic_output(args.out_dir / "cpu_bf16.csv") as tmp:
+        table.to_csv(tmp, index=False)
     dense = table[table["benchmark"] == "dense"]
     sr = table[table["benchmark"] == "sr"]
     verdict = [
@@ -343,9 +343,7 @@ def write_report(rows: list[dict], args, argv, seconds: float, load_before: str)
                          "min over interleaved runs")):
         sub = table[table["benchmark"] == name][cols[name]]
         parts.append(f"## {title}\n\n" + sub.to_markdown(index=False, floatfmt=".4g") + "\n")
-    md = args.out_dir / "cpu_bf16.md"
-    md.with_suffix(".md.partial").write_text("\n".join(parts))
-    os.replace(md.with_suffix(".md.partial"), md)
+    write_text_atomic(args.out_dir / "cpu_bf16.md", "\n".join(parts))
     print("\n".join(parts))
 
 

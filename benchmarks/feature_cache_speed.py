@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from histomap.data.io import legacy_st  # noqa: E402
 from histomap.data.preprocess import normalise_spots, select_genes  # noqa: E402
 from histomap.data.slide import prepare_slide  # noqa: E402
 from histomap.models import build_model  # noqa: E402
-from histomap.tasks.dense import pixnet_batch_loss, slide_spots, WindowDataset  # noqa: E402
+from histomap.tasks.dense import slide_spots  # noqa: E402
+from histomap.tasks.dense_windows import WindowDataset, pixnet_batch_loss  # noqa: E402
 from histomap.tasks.feature_cache import (  # noqa: E402
     CachedWindowDataset,
     FeaturePyramid,

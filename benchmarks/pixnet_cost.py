@@ -61,6 +61,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 # the memory worker (a fresh process) needs only these; the rest is imported where used
 from histomap.machine import cpu_model  # noqa: E402
+from histomap.outputs import write_text_atomic  # noqa: E402
 from histomap.compat import torch  # noqa: E402
 from histomap.tasks.dense_map import predict_dense_map, read_dense  # noqa: E402
 from histomap.train import amp_dtype, load_model, resolve_device, save_model  # noqa: E402
@@ -511,21 +512,6 @@ def machine_info(device: torch.device) -> dict[str, str]:
     return info
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, (float, np.floating)):
         return "" if not np.isfinite(value) else f"{value:.{digits}g}"
@@ -599,8 +585,8 @@ def render_markdown(table: pd.DataFrame, args: argparse.Namespace, inputs: Input
 def write_outputs(rows: list[dict], out_dir: Path, markdown: str) -> tuple[Path, Path]:
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     csv_path, md_path = out_dir / CSV_NAME, out_dir / MD_NAME
-    _atomic_write(csv_path, table.to_csv(index=False, float_format="%.6g"))
-    _atomic_write(md_path, markdown)
+    write_text_atomic(csv_path, table.to_csv(index=False, float_format="%.6g"))
+    write_text_atomic(md_path, markdown)
     return csv_path, md_path
 
 

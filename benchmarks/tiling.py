@@ -64,11 +64,12 @@ def write_slide(path: Path, side: int, seed: int = 0) -> Path:
     tile by tile (levels 1, 4, 16, 64 downsample)."""
     import tifffile
 
+    from histomap.outputs import atomic_output
+
     rng = np.random.default_rng(seed)
     textures = [_texture(rng) for _ in range(8)]
     white = np.full((TILE, TILE, 3), 245, np.uint8)
-    tmp = path.with_name(path.name + ".partial")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for level, down in enumerate((1, 4, 16, 64)):
             n = -(-side // down)
             if n < TILE and level > 0:
@@ -94,7 +95,6 @@ def write_slide(path: Path, side: int, seed: int = 0) -> Path:
                      photometric="rgb", compression="jpeg", compressionargs={"level": 85},
                      resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
                      subfiletype=0 if level == 0 else 1, metadata=None)
-    os.replace(tmp, path)
     return path
 
 

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from histomap.machine import cpu_model, load_average  # noqa: E402
 from histomap.compat import torch  # noqa: E402
+from histomap.outputs import atomic_output, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("whole_slide")
 SCALES = (100.0, 55.0, 16.0, 8.0, 2.0)
@@ -217,9 +218,8 @@ def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.Da
     table = pd.DataFrame(rows)
     table["items"] = table["items"].astype("Int64")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv = args.out_dir / "whole_slide.csv"
-    table.to_csv(csv.with_name(csv.name + ".partial"), index=False)
-    os.replace(csv.with_name(csv.name + ".partial"), csv)
+    with atomic_output(args.out_dir / "whole_slide.csv") as tmp:
+        table.to_csv(tmp, index=False)
     load_after = load_average()
     cols = ["stage", "items", "seconds", "mm2_per_s", "peak_rss_mib"]
     if info["device"].startswith("cuda"):
@@ -241,9 +241,7 @@ def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.Da
         f"{info['map_mpp']:g} um. Spot grids: pitch max(diameter, {args.min_pitch_um:g} um). "
         f"{args.note}\n",
         table[cols].to_markdown(index=False, floatfmt=".4g") + "\n"])
-    md = args.out_dir / "whole_slide.md"
-    md.with_name(md.name + ".partial").write_text(text)
-    os.replace(md.with_name(md.name + ".partial"), md)
+    write_text_atomic(args.out_dir / "whole_slide.md", text)
     print(text)
     return table
 

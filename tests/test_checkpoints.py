@@ -23,7 +23,7 @@ from histomap.data.spot_patches import SpotDataset
 from histomap.data.synthetic import simulate_sample
 from histomap.errors import InputError
 from histomap.models import STNet
-from histomap.tasks.spot import train_histogene
+from histomap.tasks.histogene import train_histogene
 from histomap.train import (
     CheckpointLock,
     TrainConfig,

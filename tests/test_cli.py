@@ -174,3 +174,50 @@ def test_apply_equals_the_workflows_apply(trained, tmp_path):
     # the same function, called from a notebook
     done = apply_to_slide(trained["bundle"], slide, tmp_path / "nb", settings=settings)
     np.testing.assert_array_equal(read_dense(done.dense).read(), a.read())
+
+
+def test_validate_gives_the_workflows_messages(tmp_path, capsys):
+    """A recorded config plans (exit 0, a summary); a typo in a key and a sheet naming an unknown
+    platform fail with the workflow's start-up messages (exit 1, no traceback)."""
+    demo = REPO / "config" / "config.yaml"
+    assert main(["validate", "-d", str(REPO), str(REPO / "config" / "apply.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "sample sheet" in out and "apply: pixnet" in out
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trian: {epochs: 3}\n")
+    assert main(["validate", "-d", str(REPO), str(typo)]) == 1
+    err = capsys.readouterr().err
+    assert "trian" in err and "Traceback" not in err
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("sample\tpatient\tplatform\tpath\nS1\tP1\tvisum\tdata/S1\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"samples": str(sheet)}))
+    assert main(["validate", "-d", str(REPO), "--no-defaults", str(demo), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(sheet) in err and "visum" in err
+
+
+def test_wheel_ships_the_package_schemas_and_command(tmp_path):
+    """`pip wheel .` builds a wheel with every module, the config schemas `histomap validate`
+    reads, and the `histomap` console script."""
+    import zipfile
+
+    project = tmp_path / "project"  # a copy: the build leaves build/ and egg-info beside it
+    shutil.copytree(REPO / "workflow" / "scripts" / "histomap",
+                    project / "workflow" / "scripts" / "histomap",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, project / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                          "--no-build-isolation", "-w", str(tmp_path / "dist"), str(project)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("histomap-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    source = REPO / "workflow" / "scripts"
+    modules = {str(p.relative_to(source)) for p in (source / "histomap").rglob("*.py")}
+    assert modules <= set(names)
+    assert {"histomap/plan/schemas/config.schema.yaml",
+            "histomap/plan/schemas/samples.schema.yaml"} <= set(names)
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "histomap = histomap.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -14,7 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 HER2ST = REPO.parent / "shared" / "data" / "her2st"
 
-# (config layers, target) as written in README.md and benchmarks/superres/README.md
+# (config layers, target) as written in docs/benchmarks.md and benchmarks/superres/README.md
 COMMANDS = [
     (["config/her2st.yaml"], "results/report/benchmark.md"),
     (["config/her2st.yaml"], "results/report/superres.md"),
@@ -32,10 +32,28 @@ COMMANDS = [
 ]
 
 
+IDS = [" + ".join(Path(f).stem for f in c[0]) + (" sr" if c[1] and "superres" in c[1] else "")
+       for c in COMMANDS]
+
+
+@pytest.mark.parametrize("layers,target", COMMANDS, ids=IDS)
+def test_recorded_command_validates_with_the_package(layers, target):
+    """The same layers through histomap.plan alone (what `histomap validate` runs, no
+    Snakemake): the config validates, the plan resolves, and the target is one it lists."""
+    from histomap.plan import load_config, validate_config
+
+    config = load_config([REPO / f for f in layers], defaults=REPO / "config" / "config.yaml")
+    if config.get("data_dir") == "../shared/data/her2st" and not HER2ST.is_dir():
+        pytest.skip(f"HER2ST sections not found at {HER2ST} (the shared data folder)")
+    plan = validate_config(config, REPO)
+    targets = plan.all_targets()
+    assert target is None or target in targets
+    assert all(plan.models.family(m) in ("mean", "stnet", "histogene", "probe", "pixnet",
+                                         "istar") for m in plan.models.names)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layers,target", COMMANDS,
-                         ids=[" + ".join(Path(f).stem for f in c[0]) + (" sr" if c[1] and
-                              "superres" in c[1] else "") for c in COMMANDS])
+@pytest.mark.parametrize("layers,target", COMMANDS, ids=IDS)
 def test_recorded_command_plans(tmp_path, layers, target):
     configs = [REPO / f for f in layers]
     data_dir = None

@@ -12,7 +12,8 @@ from torch import nn
 from histomap.data.slide import open_slide, read_region, write_pyramid
 from histomap.errors import InputError
 from histomap.models.roi import discs_from_spots, roi_aggregate
-from histomap.tasks.dense_map import blend_weights, predict_dense_map, read_dense, spots_from_dense
+from histomap.tasks.dense_grid import blend_weights
+from histomap.tasks.dense_map import predict_dense_map, read_dense, spots_from_dense
 
 MPP = 1.0            # slide um/px; the models read at the same mpp, so tiles are exact crops
 STRIDE = 4

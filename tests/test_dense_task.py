@@ -16,16 +16,15 @@ from histomap.data.spot_patches import dihedral
 from histomap.data.synthetic import simulate_sample
 from histomap.data.tiling import tile_slide
 from histomap.models.pixnet import PixNet
-from histomap.tasks.dense import (
+from histomap.tasks.dense import predict_pixnet, train_pixnet
+from histomap.tasks.dense_map import read_dense, spots_from_dense
+from histomap.tasks.dense_windows import (
     SlideSpots,
     WindowDataset,
     dihedral_points,
     make_loss_fn,
     pixnet_batch_loss,
-    predict_pixnet,
-    train_pixnet,
 )
-from histomap.tasks.dense_map import read_dense, spots_from_dense
 from histomap.train import load_model
 
 SLIDE_MPP = 0.5
@@ -311,7 +310,7 @@ def _outside_tiles_brute_force(centres, tiles):
 def test_outside_tiles_grid_lookup_equals_the_full_scan():
     """Grid tiles, overlapping tiles of mixed sizes (spot boxes) and centres on tile edges give
     exactly the answer of the full scan."""
-    from histomap.tasks.dense import _outside_tiles
+    from histomap.tasks.dense import outside_tiles
 
     rng = np.random.default_rng(0)
     grid = [(x, y, 448.0) for x in range(0, 4480, 448) for y in range(0, 2688, 448)
@@ -322,7 +321,7 @@ def test_outside_tiles_grid_lookup_equals_the_full_scan():
     centres = np.concatenate([rng.uniform(-100, 4600, (5000, 2)) * [1, 0.6],
                               tiles[["x0_px", "y0_px"]].to_numpy(),            # on a corner
                               tiles[["x0_px", "y0_px"]].to_numpy() + tiles[["size_px0"]].to_numpy()])
-    fast = _outside_tiles(centres, tiles)
+    fast = outside_tiles(centres, tiles)
     np.testing.assert_array_equal(fast, _outside_tiles_brute_force(centres, tiles))
     assert 0 < fast.sum() < len(fast)
-    assert _outside_tiles(np.zeros((0, 2)), tiles).shape == (0,)
+    assert outside_tiles(np.zeros((0, 2)), tiles).shape == (0,)

@@ -145,7 +145,7 @@ def test_coexpression_adjacency_hand_example(caplog):
     assert np.allclose(binary, np.where(np.eye(3, dtype=bool), 1.0, 2 / 3))
     import scipy.sparse as sp
     assert np.allclose(coexpression_adjacency(sp.csr_matrix(x)), expected)
-    with caplog.at_level(logging.WARNING, logger="histomap.models.diffst"):
+    with caplog.at_level(logging.WARNING, logger="histomap.models.diffst_graph"):
         silent = coexpression_adjacency(np.c_[x, np.zeros(4)])
     assert "never expressed" in caplog.text
     assert silent[3, 3] == 1 and (silent[3, :3] == 0).all()

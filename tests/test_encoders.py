@@ -134,7 +134,7 @@ def test_crop_models_see_the_encoders_colour_statistics():
 
 
 def test_diffst_tissue_encoder_takes_the_named_encoder(packaged_state):
-    from histomap.models.diffst import TimmTissueEncoder
+    from histomap.models.diffst_hierarchy import TimmTissueEncoder
 
     enc = TimmTissueEncoder(NAME, 8, stage=2)
     torch.testing.assert_close(enc.backbone.conv_stem.weight, packaged_state["_conv_stem.weight"])

@@ -13,7 +13,7 @@ from histomap.data.slide import open_slide, read_region, write_pyramid
 from histomap.errors import InputError
 from histomap.models import build_model
 from histomap.models.encoders import create_encoder, encoder_mean_std
-from histomap.tasks.dense import SlideSpots, WindowDataset, pixnet_batch_loss
+from histomap.tasks.dense_windows import SlideSpots, WindowDataset, pixnet_batch_loss
 from histomap.tasks.feature_cache import (
     CachedWindowDataset,
     FeaturePyramid,

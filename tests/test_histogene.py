@@ -16,7 +16,7 @@ from histomap.data.preprocess import normalise_spots
 from histomap.data.spot_patches import dihedral
 from histomap.data.synthetic import SyntheticConfig, simulate_sample, spot_grid
 from histomap.models.histogene import HistoGene
-from histomap.tasks.spot import (
+from histomap.tasks.histogene import (
     SlideSequence,
     SpotSequenceDataset,
     covering_windows,
@@ -160,7 +160,7 @@ def test_spot_positions_from_lattice_quantised_and_clipped(caplog):
                     np.array([[0, 0], [290, 0], [580, 290], [2030, 5800]]))
     np.testing.assert_array_equal(spot_positions(legacy, n_pos=64),
                                   [[0, 0], [1, 0], [2, 1], [7, 20]])
-    with caplog.at_level(logging.WARNING, logger="histomap.tasks.spot"):
+    with caplog.at_level(logging.WARNING, logger="histomap.tasks.histogene"):
         clipped = spot_positions(legacy, n_pos=8)
     assert "1 of 4 spots" in caplog.text and "clipped" in caplog.text
     np.testing.assert_array_equal(clipped[-1], [7, 7])

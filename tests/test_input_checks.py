@@ -18,6 +18,7 @@ from histomap.data.ingest import ingest_sample
 from histomap.data.sample import UNS_KEY
 from histomap.data.sheet import check_distinct_samples, validate_sample_sheet
 from histomap.errors import InputError
+from histomap.plan import SCHEMAS
 
 NO_TISSUE_CHECK = {"min_spots_on_tissue": 0.0, "spatialdata_mpp": None}
 
@@ -128,7 +129,7 @@ def test_her2st_mirrored_image_fails(her2st_dir, tmp_path):
 # --------------------------------------------------------------------------- the sample sheet
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "workflow" / "schemas" / "samples.schema.yaml"
+SCHEMA = SCHEMAS["samples"]  # the package's copy: an installed histomap validates alone
 
 
 def _sheet(rows):
@@ -215,7 +216,7 @@ def test_schema_limits_of_synthetic_agree_with_the_code():
 
     from histomap.data.synthetic import SyntheticConfig
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load(SCHEMAS["config"].read_text())
     props = schema["properties"]["synthetic"]["properties"]
     least_genes = props["n_genes"]["minimum"]
     SyntheticConfig(n_genes=least_genes)

@@ -18,7 +18,7 @@ from histomap.models.istar import FilterBank, IStar, gaussian_kernels, pyramid_f
 from histomap.models.pixnet import loss_terms
 from histomap.models.roi import roi_aggregate
 from histomap.tasks import dense as pixnet_task
-from histomap.tasks.dense import SlideSpots, WindowDataset, make_loss_fn, pixnet_batch_loss
+from histomap.tasks.dense_windows import SlideSpots, WindowDataset, make_loss_fn, pixnet_batch_loss
 from histomap.tasks.dense_map import read_dense
 from histomap.train import load_model, save_model
 

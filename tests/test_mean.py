@@ -56,3 +56,46 @@ def test_mean_rejects_missing_panel_gene(tmp_path):
     with pytest.raises(InputError, match="a.h5ad.*g9"):
         train_mean([tmp_path / "a.h5ad"], ["g1", "g9"], tmp_path / "m.tsv")
     assert not (tmp_path / "m.tsv").exists()
+
+
+def test_mean_predictions_open_in_scanpy(tmp_path):
+    """The mean model's tables, built as the workflow does (ingest -> normalise_st ->
+    train_mean -> predict_mean at the sample's spots and at a cross-scale truth's discs), carry
+    the H&E in ``uns["spatial"]`` with their own spot diameter, so ``sc.pl.spatial`` draws them
+    like every other model's predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    from histomap.data.ingest import ingest_sample
+    from histomap.data.preprocess import normalise_spots
+    from histomap.data.synthetic import simulate_sample
+    from histomap.evaluation.scales import truth_at_scale
+
+    simulate_sample(tmp_path / "syn", seed=4, size_um=(300.0, 300.0), n_genes=40)
+    ingest_sample(platform="synthetic", sample="synM", path=tmp_path / "syn",
+                  out_dir=tmp_path / "ingest", spot_diameter_um=55.0, spatialdata_mpp=8.0)
+    st = normalise_spots(ad.read_h5ad(tmp_path / "ingest" / "spots.h5ad"), min_counts=1,
+                         min_genes=1, target_sum=1e4)
+    st.write_h5ad(tmp_path / "st.h5ad")
+    truth = truth_at_scale(ad.read_h5ad(tmp_path / "ingest" / "highres.h5ad"), st, 20.0,
+                           min_spacing_um=20.0, preprocess={"min_counts": 1, "min_genes": 1})
+    truth.write_h5ad(tmp_path / "truth_20um.h5ad")
+    genes = list(st.var_names[:3])
+    train_mean([tmp_path / "st.h5ad"], genes, tmp_path / "means.tsv")
+    mpp = st.uns["histomap"]["mpp"]
+    for source, diameter in (("st.h5ad", 55.0), ("truth_20um.h5ad", 20.0)):
+        out = tmp_path / f"pred_{diameter:g}um.h5ad"
+        predict_mean(tmp_path / "means.tsv", tmp_path / source, out, diameter_um=diameter)
+        adata = ad.read_h5ad(out)
+        assert "spatial" in adata.uns, f"{source}: mean predictions have no uns['spatial']"
+        library = adata.uns["spatial"]["synM"]
+        image = library["images"]["hires"]
+        np.testing.assert_array_equal(image, st.uns["spatial"]["synM"]["images"]["hires"])
+        assert library["scalefactors"]["spot_diameter_fullres"] == pytest.approx(diameter / mpp)
+        axes = sc.pl.spatial(adata, color=genes[0], show=False)
+        ax = axes[0] if isinstance(axes, list) else axes
+        assert ax.images and ax.images[0].get_array().shape[:2] == image.shape[:2]
+        plt.close("all")

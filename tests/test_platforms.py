@@ -500,7 +500,7 @@ def test_write_layouts_command(tmp_path, capsys):
 def test_square_bins_read_out_of_a_dense_map():
     """16 um bins on a 4 um/px map aligned with it: the read-out is the plain mean of the 4 x 4
     map pixels under each bin (a disc of the same size would mix in partial pixels)."""
-    from histomap.tasks.dense import SlideSpots
+    from histomap.tasks.dense_windows import SlideSpots
     from histomap.tasks.dense_map import DenseMap, spots_from_dense
 
     rng = np.random.default_rng(2)

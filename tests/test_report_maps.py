@@ -162,3 +162,118 @@ def test_progress_logs_counts_rate_and_time_left_every_few_seconds(caplog):
     assert len(lines) == 5 + 1, lines
     assert lines[0] == "dense map: 20/100 tiles (20%), 4 tiles/s, 5 s, ~20 s left"
     assert lines[-1].startswith("dense map: 100/100 tiles (100%)") and lines[-1].endswith("(done)")
+
+
+# --------------------------------------------------------------------------- maps on tissue
+SLIDE_PX, SLIDE_MPP = 1024, 1.0
+TISSUE_CENTRE, TISSUE_RADII = (512.0, 400.0), (300.0, 250.0)  # ellipse (y, x), level-0 px
+
+
+def _ellipse_radius(y, x):
+    """The ellipse's normalised radius at level-0 (y, x): <= 1 on the tissue."""
+    return np.sqrt(((y - TISSUE_CENTRE[0]) / TISSUE_RADII[0]) ** 2
+                   + ((x - TISSUE_CENTRE[1]) / TISSUE_RADII[1]) ** 2)
+
+
+@pytest.fixture(scope="module")
+def map_on_glass(tmp_path_factory):
+    """A slide with an H&E-coloured ellipse of tissue on glass, and a dense map predicted over the
+    whole slide (so the map's own mask covers the glass too) whose values are non-zero
+    everywhere."""
+    import torch
+    import torch.nn.functional as F
+    from scipy import ndimage
+    from torch import nn
+
+    from histomap.data.slide import write_pyramid
+    from histomap.tasks.dense_map import predict_dense_map
+
+    class ColourPlusOne(nn.Module):
+        out_stride = 4
+
+        def forward(self, images):
+            pooled = F.avg_pool2d(images, 4).mean(dim=1, keepdim=True) + 1.0
+            return torch.cat([pooled, 2.0 * pooled], dim=1)
+
+    root = tmp_path_factory.mktemp("glass")
+    rng = np.random.default_rng(0)
+    img = rng.integers(240, 249, size=(SLIDE_PX, SLIDE_PX, 3), dtype=np.uint8)
+    coarse = ndimage.gaussian_filter(rng.standard_normal((SLIDE_PX // 4,) * 2), 2)
+    texture = ndimage.zoom(coarse / coarse.std(), 4, order=1)
+    yy, xx = np.mgrid[:SLIDE_PX, :SLIDE_PX] + 0.5
+    tissue = _ellipse_radius(yy, xx) <= 1
+    blob = np.array([175, 95, 165], np.float32) + 40 * texture[tissue][:, None] * np.array(
+        [1.0, 0.6, 0.5], np.float32)
+    img[tissue] = np.clip(blob, 0, 255).astype(np.uint8)
+    slide = write_pyramid(img, root / "slide.tif", SLIDE_MPP)
+    dmap = predict_dense_map(ColourPlusOne(), slide, (0, 0, SLIDE_PX, SLIDE_PX), input_mpp=4.0,
+                             tile_px=64, overlap_px=16, out_zarr=root / "dense.zarr",
+                             device="cpu", genes=["GA", "GB"])
+    assert (np.asarray(dmap.mask[...]) > 0).all() and (dmap.read() > 0.5).all()
+    return root, slide, dmap
+
+
+def _map_centres_radius(dmap, shape, step=1):
+    s0 = dmap.mpp / dmap.slide_mpp
+    iy, ix = np.mgrid[:shape[0], :shape[1]] * step + 0.5
+    return _ellipse_radius(dmap.origin_px[1] + iy * s0, dmap.origin_px[0] + ix * s0)
+
+
+def test_dense_map_figure_draws_the_map_on_tissue_only(map_on_glass, tmp_path, monkeypatch):
+    """The report's dense-map figure (the rule's script, run as Snakemake runs it) draws the map
+    where the slide has tissue, unchanged, and nothing over the glass the tissue tiles hold."""
+    import runpy
+    from types import SimpleNamespace
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    root, slide, dmap = map_on_glass
+    spots = _spots(n=8, mpp=SLIDE_MPP)
+    spots.obsm["spatial"] = np.column_stack([np.linspace(300, 500, 8), np.full(8, 512.0)])
+    spots.write_h5ad(tmp_path / "truth.h5ad")
+    pd.DataFrame({"sample": "S1", "metric": "pcc", "gene": ["GA", "GB"], "value": [0.4, 0.2]}
+                 ).to_parquet(tmp_path / "metrics.parquet")
+    drawn = []
+    imshow = Axes.imshow
+
+    def record(self, X, *args, **kwargs):
+        if kwargs.get("cmap") == "viridis":  # the map panels (the H&E has no colour map)
+            drawn.append(np.ma.filled(np.ma.asarray(X, float), np.nan))
+        return imshow(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", record)
+    sm = SimpleNamespace(
+        input=SimpleNamespace(dense=str(root / "dense.zarr"), truth=str(tmp_path / "truth.h5ad"),
+                              slide=str(slide), metrics=str(tmp_path / "metrics.parquet")),
+        output=[str(tmp_path / "dense.png")], params=SimpleNamespace(n_genes=2, mask_mpp=16.0),
+        wildcards=SimpleNamespace(sample="S1", model="pixnet", fold="F1"),
+        log=[str(tmp_path / "figure.log")], threads=1)
+    runpy.run_path(str(REPO / "workflow" / "scripts" / "dense_map_figure.py"),
+                   init_globals={"snakemake": sm})
+    assert (tmp_path / "dense.png").stat().st_size > 10_000
+    assert len(drawn) == 2
+    level0 = dmap.read()
+    radius = _map_centres_radius(dmap, level0.shape[1:])
+    inside, outside = radius < 0.85, radius > 1.15
+    assert inside.sum() > 100 and outside.sum() > 100
+    for shown, values in zip(drawn, level0):  # GA, GB: the order of their PCC
+        assert shown.shape == values.shape
+        np.testing.assert_array_equal(shown[inside], values[inside])  # unchanged on tissue
+        assert np.isnan(shown[outside]).all(), \
+            f"{np.isfinite(shown[outside]).sum()} map pixels drawn on glass"
+
+
+def test_map_on_tissue_is_one_mask_at_every_stride(map_on_glass):
+    """The one mask every dense-map figure uses (the report's, the applied slides'): the map's
+    mask and the slide's tissue, at any stride (pyramid level)."""
+    from histomap.tasks.apply import map_on_tissue
+
+    _, slide, dmap = map_on_glass
+    full = map_on_tissue(dmap, slide)
+    assert full.shape == tuple(dmap.mask.shape) and full.dtype == bool
+    radius = _map_centres_radius(dmap, full.shape)
+    assert full[radius < 0.85].all() and not full[radius > 1.15].any()
+    np.testing.assert_array_equal(map_on_tissue(dmap, slide, step=2), full[::2, ::2])

@@ -11,18 +11,14 @@ import pytest
 import scipy.sparse as sp
 
 from histomap.data.slide import write_pyramid
-from histomap.data.srpairs import (
-    SRPairDataset,
-    block_sum,
-    build_spot_grid_pairs,
-    build_sr_pairs,
-    denormalise,
-    log1p_normalise,
-    minmax,
-    pair_geometry,
-    read_sr_pairs,
-)
-from histomap.data.synthetic import aggregate_bins, simulate_sample
+from histomap.data.srpairs.dataset import SRPairDataset
+from histomap.data.srpairs.grid import block_sum, pair_geometry
+from histomap.data.srpairs.normalisation import denormalise, log1p_normalise, minmax
+from histomap.data.srpairs.points import build_sr_pairs
+from histomap.data.srpairs.spot_grid import build_spot_grid_pairs
+from histomap.data.srpairs.store import read_sr_pairs
+from histomap.data.aggregate import aggregate_bins
+from histomap.data.synthetic import simulate_sample
 from histomap.errors import InputError
 
 SIZE_UM = 600.0

@@ -16,19 +16,37 @@ from torch import nn
 
 from histomap.data import srmaps
 from histomap.data.slide import write_pyramid
-from histomap.data.srpairs import (
-    SRPairDataset,
-    build_spot_grid_pairs,
-    build_sr_pairs,
-    denormalise,
-    read_sr_pairs,
-)
+from histomap.data.srpairs.dataset import SRPairDataset
+from histomap.data.srpairs.normalisation import denormalise
+from histomap.data.srpairs.points import build_sr_pairs
+from histomap.data.srpairs.spot_grid import build_spot_grid_pairs
+from histomap.data.srpairs.store import read_sr_pairs
 from histomap.data.synthetic import simulate_sample
 from histomap.evaluation import metrics as sr_metrics
 from histomap.evaluation import report as sr_report
 from histomap.models.diffst import DiffST, normalize_adjacency
 from histomap.models.diffusion import GaussianDiffusion
-from histomap.tasks import superres as sr_task
+from histomap.tasks.superres import methods as sr_methods
+from histomap.tasks.superres import prediction as sr_prediction
+from histomap.tasks.superres.bin_centres import hr_pixel_centres
+from histomap.tasks.superres.methods import build_sr_model, is_trainable
+from histomap.tasks.superres.model_file import load_sr_model
+from histomap.tasks.superres.objectives import (
+    DiffusionObjective,
+    DiffusionTarget,
+    ValueRange,
+    masked_mse,
+)
+from histomap.tasks.superres.prediction import predict_sr
+from histomap.tasks.superres.sampling import (
+    SR_BATCH_CHAINS_CPU,
+    SR_CPU_BF16_DEFAULT,
+    predict_chains,
+    sampling_modes,
+)
+from histomap.tasks.superres.sampling_speed import time_sampling
+from histomap.tasks.superres.training import train_sr
+from histomap.tasks.superres.training_data import split_patches, training_adjacency
 
 N_GENES = 5
 DIFFST_CFG = dict(base_channels=8, channel_mult=[1, 2], tissue_channels=8, cell_channels=8,
@@ -91,7 +109,7 @@ def fake_baselines(monkeypatch):
     """The baselines module is written separately; these stand-ins follow its interface."""
     fake = SimpleNamespace(SR_BASELINES=FAKES,
                            build_sr_baseline=lambda name, n, **cfg: FAKES[name](n, **cfg))
-    monkeypatch.setattr(sr_task, "_baselines", lambda: fake)
+    monkeypatch.setattr(sr_methods, "_baselines", lambda: fake)
 
 
 # --------------------------------------------------------------------------- data
@@ -139,7 +157,7 @@ def trained_diffst(pairs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffst")
     torch.set_num_threads(1)
     epochs = []
-    summary = sr_task.train_sr(
+    summary = train_sr(
         "diffst", [pairs], model_cfg={**DIFFST_CFG, "curriculum": {"values": [0.25, 0.5, 1.0]}},
         train_cfg=TRAIN, validation=VALIDATION, seed=0, out_model=folder / "model.pt",
         out_log=folder / "train_log.csv", checkpoint_dir=folder / "ckpt", diffusion=DIFFUSION,
@@ -162,10 +180,10 @@ def test_curriculum_takes_effect_and_is_logged(trained_diffst):
 
 
 def test_adjacency_comes_from_training_patches_only(trained_diffst, pairs, other_pairs):
-    model, meta = sr_task.load_sr_model(trained_diffst.model)
+    model, meta = load_sr_model(trained_diffst.model)
     assert isinstance(model, DiffST) and meta["train_pairs"] == [str(pairs)]
-    train_idx = [tr for tr, _ in sr_task.split_patches([pairs], seed=0, **VALIDATION)]
-    expected = sr_task.training_adjacency([pairs], train_idx, seed=0)
+    train_idx = [tr for tr, _ in split_patches([pairs], seed=0, **VALIDATION)]
+    expected = training_adjacency([pairs], train_idx, seed=0)
     np.testing.assert_allclose(meta["adjacency"].numpy(), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(model.graph.adjacency.numpy(),
                                normalize_adjacency(torch.as_tensor(expected,
@@ -173,15 +191,15 @@ def test_adjacency_comes_from_training_patches_only(trained_diffst, pairs, other
                                rtol=1e-5, atol=1e-6)
     assert bool(model.graph.adjacency_set)
     # with validation patches or another section's patches the graph would differ
-    everything = sr_task.training_adjacency([pairs], [np.arange(len(read_sr_pairs(pairs)[0]
+    everything = training_adjacency([pairs], [np.arange(len(read_sr_pairs(pairs)[0]
                                                                     ["hr"]))], seed=0)
-    other = sr_task.training_adjacency([pairs, other_pairs],
+    other = training_adjacency([pairs, other_pairs],
                                        [train_idx[0], np.arange(4)], seed=0)
     assert not np.allclose(everything, expected) and not np.allclose(other, expected)
 
 
 def test_validation_patches_are_spatially_separate(pairs):
-    (train, val), = sr_task.split_patches([pairs], seed=0, **VALIDATION)
+    (train, val), = split_patches([pairs], seed=0, **VALIDATION)
     arrays, attrs = read_sr_pairs(pairs)
     assert len(val) and len(train) and not set(train) & set(val)
     origin = arrays["origin_um"]
@@ -195,9 +213,9 @@ def test_one_batch_overfit_diffst(pairs):
     batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
                                                   batch_size=2)))
     model = DiffST(N_GENES, **{**DIFFST_CFG, "base_channels": 16})
-    model.set_adjacency(sr_task.training_adjacency([pairs], [np.array([0, 1])]))
-    objective = sr_task.DiffusionObjective(
-        GaussianDiffusion(T=100), sr_task.ValueRange(), schedule=None, seed=0)
+    model.set_adjacency(training_adjacency([pairs], [np.array([0, 1])]))
+    objective = DiffusionObjective(
+        GaussianDiffusion(T=100), ValueRange(), schedule=None, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     fixed = torch.Generator().manual_seed(3)
     state = fixed.get_state()
@@ -228,8 +246,8 @@ def test_validation_loss_uses_every_subpatch_at_every_stage(pairs, trained_diffs
     batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
                                                   batch_size=2)))
     model = DiffST(N_GENES, **DIFFST_CFG)
-    objective = sr_task.DiffusionObjective(
-        GaussianDiffusion(T=100), sr_task.ValueRange(),
+    objective = DiffusionObjective(
+        GaussianDiffusion(T=100), ValueRange(),
         schedule=CurriculumSchedule.over_training(3), seed=0)
     losses = []
     for stage in (0, 1, 2):
@@ -242,19 +260,19 @@ def test_validation_loss_uses_every_subpatch_at_every_stage(pairs, trained_diffs
         objective(model, batch, torch.device("cpu"))
         assert model.last_cell_mask.float().mean().item() == [0.25, 0.5, 1.0][stage]
     assert losses[0] == losses[1] == losses[2]  # same weights, same t and noise: same loss
-    loaded, _ = sr_task.load_sr_model(trained_diffst.model)
+    loaded, _ = load_sr_model(trained_diffst.model)
     assert float(loaded.keep_fraction) == 1.0
 
 
 def test_trainable_baseline_fits_with_masked_mse(pairs, tmp_path):
-    summary = sr_task.train_sr(
+    summary = train_sr(
         "unet", [pairs], model_cfg={"width": 8}, train_cfg={**TRAIN, "epochs": 4},
         validation=VALIDATION, seed=0, out_model=tmp_path / "model.pt",
         out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt")
     log_df = pd.read_csv(tmp_path / "log.csv")
     assert summary["trainable"] and len(log_df) == 4
     assert log_df["train_loss"].iloc[-1] < log_df["train_loss"].iloc[0]
-    model, meta = sr_task.load_sr_model(tmp_path / "model.pt")
+    model, meta = load_sr_model(tmp_path / "model.pt")
     assert meta["trainable"] and meta["model_config"] == {"width": 8}
     assert isinstance(model, FakeConvNet)
 
@@ -265,11 +283,11 @@ def test_flip_augmentation_is_a_training_option(pairs, tmp_path):
     states = {}
     for augment in (False, True):
         out = tmp_path / str(augment)
-        sr_task.train_sr("unet", [pairs], model_cfg={"width": 8},
+        train_sr("unet", [pairs], model_cfg={"width": 8},
                          train_cfg={**TRAIN, "epochs": 2, "augment": augment},
                          validation=VALIDATION, seed=0, out_model=out / "model.pt",
                          out_log=out / "log.csv", checkpoint_dir=out / "ckpt")
-        model, meta = sr_task.load_sr_model(out / "model.pt")
+        model, meta = load_sr_model(out / "model.pt")
         assert meta["train"]["augment"] is augment
         states[augment] = model.state_dict()
     assert any(not torch.equal(states[False][k], states[True][k]) for k in states[False])
@@ -283,11 +301,11 @@ def test_sections_with_different_he_sizes_train_together(synthetic, pairs, tmp_p
              (pairs, other)]
     assert sizes[0] != sizes[1]
     train = {**TRAIN, "epochs": 1, "batch_size": 64}  # one batch holds patches of both
-    sr_task.train_sr("unet", [pairs, pairs, other], model_cfg={"width": 8}, train_cfg=train,
+    train_sr("unet", [pairs, pairs, other], model_cfg={"width": 8}, train_cfg=train,
                      validation={"fraction": 0.0, "block_um": 80}, seed=0,
                      out_model=tmp_path / "model.pt", out_log=tmp_path / "log.csv",
                      checkpoint_dir=tmp_path / "ckpt")
-    _, meta = sr_task.load_sr_model(tmp_path / "model.pt")
+    _, meta = load_sr_model(tmp_path / "model.pt")
     assert tuple(meta["pairs"]["image_hw"]) == sizes[0]
     item = SRPairDataset(other, image_hw=sizes[0])[0]
     assert tuple(item["image"].shape) == (3, *sizes[0])
@@ -300,13 +318,13 @@ def test_masked_mse_ignores_pixels_outside_the_mask():
     pred[..., 0, 0] = 100.0  # wrong only outside the mask
     mask = torch.ones(1, 4, 4, dtype=torch.bool)
     mask[0, 0, 0] = False
-    assert sr_task.masked_mse(pred, target, mask).item() == 0.0
+    assert masked_mse(pred, target, mask).item() == 0.0
     mask[0, 0, 0] = True
-    assert sr_task.masked_mse(pred, target, mask).item() == pytest.approx(2 * 100.0 ** 2 / 32)
+    assert masked_mse(pred, target, mask).item() == pytest.approx(2 * 100.0 ** 2 / 32)
 
 
 def test_untrainable_method_saves_config_only(pairs, tmp_path):
-    summary = sr_task.train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN,
+    summary = train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN,
                                validation=VALIDATION, seed=0, out_model=tmp_path / "m.pt",
                                out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt")
     assert summary == {"trainable": False}
@@ -327,10 +345,10 @@ def test_resumed_training_continues_the_curriculum(pairs, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sr_task.train_sr("diffst", [pairs], on_epoch_end=killed, **kwargs)
+        train_sr("diffst", [pairs], on_epoch_end=killed, **kwargs)
     assert not (tmp_path / "m.pt").exists()
     seen = []
-    sr_task.train_sr("diffst", [pairs], on_epoch_end=seen.append, **kwargs)
+    train_sr("diffst", [pairs], on_epoch_end=seen.append, **kwargs)
     assert [r["epoch"] for r in seen] == [3] and seen[0]["kept_observed"] == 1.0
     log_df = pd.read_csv(tmp_path / "log.csv")
     assert list(log_df["keep_fraction"]) == [0.25, 0.5, 1.0]
@@ -339,7 +357,7 @@ def test_resumed_training_continues_the_curriculum(pairs, tmp_path):
 # --------------------------------------------------------------------------- prediction
 def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, caplog):
     maps, bins = tmp_path / "maps.zarr", tmp_path / "bins.h5ad"
-    info = sr_task.predict_sr(trained_diffst.model, pairs, maps, bins, sampler="respaced",
+    info = predict_sr(trained_diffst.model, pairs, maps, bins, sampler="respaced",
                               steps=4, n_samples=2, batch_size=3, device="cpu", seed=1,
                               sample="S1")
     arrays, attrs = read_sr_pairs(pairs)
@@ -348,7 +366,7 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     assert info["n_patches"] == n and m_attrs["steps"] == 4 and m_attrs["n_samples"] == 2
     assert m_attrs["hr_um"] == attrs["hr_um"] and m_attrs["genes"] == attrs["genes"]
     # how it was computed: chains batched by default, fp32 on the CPU, the torch threads
-    assert m_attrs["batch_chains"] is sr_task.SR_BATCH_CHAINS_CPU and m_attrs["device"] == "cpu"
+    assert m_attrs["batch_chains"] is SR_BATCH_CHAINS_CPU and m_attrs["device"] == "cpu"
     assert m_attrs["autocast"] is None and m_attrs["threads"] == torch.get_num_threads()
     pred, std = out["pred"][...], out["pred_std"][...]
     assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
@@ -396,10 +414,10 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
 
 
 def test_baseline_predict_is_lr_up_and_scores_by_hand(synthetic, pairs, tmp_path):
-    sr_task.train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
+    train_sr("bicubic", [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
                      seed=0, out_model=tmp_path / "m.pt", out_log=tmp_path / "l.csv",
                      checkpoint_dir=tmp_path / "ckpt")
-    sr_task.predict_sr(tmp_path / "m.pt", pairs, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
+    predict_sr(tmp_path / "m.pt", pairs, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
                        device="cpu")
     out, attrs = srmaps.read_sr_maps(tmp_path / "maps.zarr")
     assert "pred_std" not in out and attrs["sampler"] is None
@@ -425,7 +443,7 @@ def test_baseline_predict_is_lr_up_and_scores_by_hand(synthetic, pairs, tmp_path
 
 
 def _bicubic_model(pairs_zarr, folder):
-    sr_task.train_sr("bicubic", [pairs_zarr], model_cfg={}, train_cfg=TRAIN,
+    train_sr("bicubic", [pairs_zarr], model_cfg={}, train_cfg=TRAIN,
                      validation=VALIDATION, seed=0, out_model=folder / "m.pt",
                      out_log=folder / "l.csv", checkpoint_dir=folder / "ckpt")
     return folder / "m.pt"
@@ -442,7 +460,7 @@ def test_predictions_never_use_the_truth(synthetic, tmp_path, normalisation):
 
     pairs_zarr = _pairs(synthetic, tmp_path / "p.zarr", normalisation=normalisation)
     model = _bicubic_model(pairs_zarr, tmp_path)
-    sr_task.predict_sr(model, pairs_zarr, tmp_path / "a.zarr", tmp_path / "a.h5ad", device="cpu")
+    predict_sr(model, pairs_zarr, tmp_path / "a.zarr", tmp_path / "a.h5ad", device="cpu")
     changed = tmp_path / "changed.zarr"
     shutil.copytree(pairs_zarr, changed)
     root = zarr.open_group(changed, mode="r+")
@@ -450,7 +468,7 @@ def test_predictions_never_use_the_truth(synthetic, tmp_path, normalisation):
     for name in ("hr_min", "hr_max", "hr_library"):
         if name in root:
             root[name][...] = np.asarray(root[name][...]) * 3.0 + 1.0
-    sr_task.predict_sr(model, changed, tmp_path / "b.zarr", tmp_path / "b.h5ad", device="cpu")
+    predict_sr(model, changed, tmp_path / "b.zarr", tmp_path / "b.h5ad", device="cpu")
     a, _ = srmaps.read_sr_maps(tmp_path / "a.zarr")
     b, _ = srmaps.read_sr_maps(tmp_path / "b.zarr")
     np.testing.assert_array_equal(a["pred"][...], b["pred"][...])
@@ -471,13 +489,13 @@ def test_log1p_units_come_from_the_training_sections(synthetic, tmp_path):
     _, deep_attrs = read_sr_pairs(test_deep)
     assert deep_attrs["hr_target_sum"] == pytest.approx(2 * attrs["hr_target_sum"])
     model = _bicubic_model(train, tmp_path)
-    _, meta = sr_task.load_sr_model(model)
+    _, meta = load_sr_model(model)
     want = float(np.median(arrays["hr_library"][arrays["mask"] & (arrays["hr_library"] > 0)]))
     assert meta["pairs"]["target_sum"] == pytest.approx(want)
     tables = []
     for name, pairs_zarr in (("same", test), ("deep", test_deep)):
         maps = tmp_path / f"{name}.maps.zarr"
-        sr_task.predict_sr(model, pairs_zarr, maps, tmp_path / f"{name}.h5ad", device="cpu")
+        predict_sr(model, pairs_zarr, maps, tmp_path / f"{name}.h5ad", device="cpu")
         assert srmaps.read_sr_maps(maps)[1]["target_sum"] == pytest.approx(want)
         tables.append(sr_metrics.evaluate_maps(pairs_zarr, maps))
     np.testing.assert_allclose(tables[0]["rmse"], tables[1]["rmse"], rtol=1e-3, atol=1e-5)
@@ -503,10 +521,10 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
     summaries = {}
     for method in ("bicubic", "negated", "constant"):
         folder = tmp_path / method
-        sr_task.train_sr(method, [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
+        train_sr(method, [pairs], model_cfg={}, train_cfg=TRAIN, validation=VALIDATION,
                          seed=0, out_model=folder / "m.pt", out_log=folder / "l.csv",
                          checkpoint_dir=folder / "ckpt")
-        sr_task.predict_sr(folder / "m.pt", pairs, folder / "maps.zarr", folder / "b.h5ad",
+        predict_sr(folder / "m.pt", pairs, folder / "maps.zarr", folder / "b.h5ad",
                            device="cpu")
         with caplog.at_level(logging.WARNING, logger="histomap.tasks.superres"):
             summaries[method] = sr_metrics.evaluate_sr(
@@ -556,7 +574,7 @@ def test_sr_table_names_its_unit_and_counts_dropped_and_nan_patches(synthetic, t
     _, attrs = read_sr_pairs(pairs_zarr)
     assert attrs["n_patches_dropped"] > 0
     model = _bicubic_model(pairs_zarr, tmp_path)
-    sr_task.predict_sr(model, pairs_zarr, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
+    predict_sr(model, pairs_zarr, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
                        device="cpu")
     sr_metrics.evaluate_sr([pairs_zarr, pairs_zarr], [tmp_path / "maps.zarr"] * 2,
                            tmp_path / "m.parquet", tmp_path / "m.csv", method="bicubic", scale=4,
@@ -577,7 +595,7 @@ def test_sr_table_names_its_unit_and_counts_dropped_and_nan_patches(synthetic, t
 
 def test_failed_prediction_leaves_no_files(trained_diffst, pairs, synthetic, tmp_path,
                                           monkeypatch):
-    real = sr_task.predict_chains
+    real = predict_chains
     calls = []
 
     def failing(*args, **kwargs):
@@ -586,23 +604,23 @@ def test_failed_prediction_leaves_no_files(trained_diffst, pairs, synthetic, tmp
             raise RuntimeError("simulated failure in the second batch")
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(sr_task, "predict_chains", failing)
+    monkeypatch.setattr(sr_prediction, "predict_chains", failing)
     maps, bins = tmp_path / "out" / "maps.zarr", tmp_path / "out" / "bins.h5ad"
     with pytest.raises(RuntimeError, match="second batch"):
-        sr_task.predict_sr(trained_diffst.model, pairs, maps, bins, steps=2, n_samples=1,
+        predict_sr(trained_diffst.model, pairs, maps, bins, steps=2, n_samples=1,
                            batch_size=2, device="cpu")
     assert list((tmp_path / "out").iterdir()) == []
-    monkeypatch.setattr(sr_task, "predict_chains", real)
+    monkeypatch.setattr(sr_prediction, "predict_chains", real)
     cells, _, genes = synthetic
     other = next(str(g) for g in cells.var_names if g not in genes)
     wrong = _pairs((cells, synthetic[1], [*genes[:-1], other]), tmp_path / "wrong.zarr")
     with pytest.raises(Exception, match="genes differ"):
-        sr_task.predict_sr(trained_diffst.model, wrong, maps, bins, device="cpu")
+        predict_sr(trained_diffst.model, wrong, maps, bins, device="cpu")
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_time_sampling_table(trained_diffst, pairs):
-    table = sr_task.time_sampling(trained_diffst.model, pairs, steps=(100, 10, 2), n_samples=1,
+    table = time_sampling(trained_diffst.model, pairs, steps=(100, 10, 2), n_samples=1,
                                   max_patches=2, device="cpu")
     assert list(table["steps"]) == [100, 10, 2]
     assert list(table["sampler"]) == ["ddpm", "respaced", "respaced"]
@@ -633,7 +651,7 @@ def test_spot_grid_bin_centres_are_the_spot_centres(tmp_path, flip_y, transpose,
     build_spot_grid_pairs(spots, slide, None, tmp_path / "g.zarr", factor=2, patch_spots=4,
                           stride_spots=2, min_measured=0.0, normalisation="none", image_mpp=1.0)
     arrays, attrs = read_sr_pairs(tmp_path / "g.zarr")
-    centres = sr_task.hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], attrs)
+    centres = hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], attrs)
     position = {(r - 1, c): p for r, c, p in zip(rows, cols, xy)}  # lattice from row 1
     for k, (r0, c0) in enumerate(arrays["grid_index"]):
         got = centres(k)
@@ -656,11 +674,11 @@ def test_light_steps_do_not_import_torch():
 # --------------------------------------------------------------------------- real baselines
 def test_real_bicubic_baseline_if_available(monkeypatch, pairs):
     srnets = pytest.importorskip("histomap.models.srnets")
-    monkeypatch.setattr(sr_task, "_baselines", lambda: srnets)
-    model = sr_task.build_sr_model("bicubic", N_GENES, {})
-    assert not sr_task.is_trainable("bicubic", model)
+    monkeypatch.setattr(sr_methods, "_baselines", lambda: srnets)
+    model = build_sr_model("bicubic", N_GENES, {})
+    assert not is_trainable("bicubic", model)
     batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs), batch_size=2)))
-    out = next(sr_task.predict_chains(model, {"method": "bicubic"}, batch, device="cpu"))
+    out = next(predict_chains(model, {"method": "bicubic"}, batch, device="cpu"))
     np.testing.assert_allclose(out, batch["lr_up"].numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -678,18 +696,18 @@ def test_xenium_options_pass_through_read_sample(xenium_crop_dir):
 
 # --------------------------------------------------------------------------- diffusion target
 def test_residual_target_round_trip_and_range():
-    x0, res = sr_task.DiffusionTarget("x0"), sr_task.DiffusionTarget("residual")
+    x0, res = DiffusionTarget("x0"), DiffusionTarget("residual")
     hr, lr_up = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 4, 4) * 2 - 1
     enc = res.encode(hr, lr_up)
     assert enc.abs().max() <= 1.0  # half the difference of two [-1, 1] maps
     torch.testing.assert_close(res.decode(enc, lr_up), hr)
     assert x0.encode(hr, lr_up) is hr and x0.decode(hr, lr_up) is hr
-    bounded, unbounded = sr_task.ValueRange(), sr_task.ValueRange(0.0, 5.0, bounded=False)
+    bounded, unbounded = ValueRange(), ValueRange(0.0, 5.0, bounded=False)
     # the residual of two maps inside the training range is in [-1, 1], bounded units or not
     assert res.clip(bounded) == (-1.0, 1.0) and res.clip(unbounded) == (-1.0, 1.0)
     assert x0.clip(unbounded) == (-1.0, None)
     with pytest.raises(ValueError, match="residual"):
-        sr_task.DiffusionTarget("eps")
+        DiffusionTarget("eps")
 
 
 class ZeroX0(nn.Module):
@@ -713,7 +731,7 @@ def test_residual_target_adds_the_upsampled_lr_map(pairs, target):
     diffusion = GaussianDiffusion(T=100, clip_x0=(-1.0, 1.0))
     meta = {"method": "diffst", "value_range": [0.0, 1.0, True],
             "diffusion": {"T": 100, "target": target}}
-    (out,) = sr_task.predict_chains(ZeroX0(diffusion), meta, batch, device=torch.device("cpu"),
+    (out,) = predict_chains(ZeroX0(diffusion), meta, batch, device=torch.device("cpu"),
                                     sampler="ddpm", steps=None, diffusion=diffusion)
     expected = np.clip(batch["lr_up"].double().numpy(), 0, 1) if target == "residual" else 0.5
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
@@ -724,11 +742,11 @@ def test_x0_prediction_is_kept_with_the_model_and_used_to_sample(pairs, tmp_path
     network answering 0 means x_0 = 0 (the range's midpoint) under x0-prediction and "no noise
     left" under eps-prediction, whose chain then keeps its starting noise."""
     torch.set_num_threads(1)
-    sr_task.train_sr("diffst", [pairs], model_cfg=DIFFST_CFG, train_cfg={**TRAIN, "epochs": 1},
+    train_sr("diffst", [pairs], model_cfg=DIFFST_CFG, train_cfg={**TRAIN, "epochs": 1},
                      validation=VALIDATION, seed=0, out_model=tmp_path / "model.pt",
                      out_log=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt",
                      diffusion={**DIFFUSION, "prediction": "x0"})
-    _, meta = sr_task.load_sr_model(tmp_path / "model.pt")
+    _, meta = load_sr_model(tmp_path / "model.pt")
     assert meta["diffusion"]["prediction"] == "x0"
     batch = next(iter(torch.utils.data.DataLoader(SRPairDataset(pairs, indices=[0, 1]),
                                                   batch_size=2)))
@@ -736,7 +754,7 @@ def test_x0_prediction_is_kept_with_the_model_and_used_to_sample(pairs, tmp_path
     for prediction in ("x0", "eps"):
         meta = {"method": "diffst", "value_range": [0.0, 1.0, True],
                 "diffusion": {"T": 100, "prediction": prediction}}
-        (outs[prediction],) = sr_task.predict_chains(
+        (outs[prediction],) = predict_chains(
             lambda x_t, t, **cond: torch.zeros_like(x_t), meta, batch,
             device=torch.device("cpu"), sampler="respaced", steps=10,
             generator=torch.Generator().manual_seed(0))
@@ -753,10 +771,10 @@ def test_eps_prediction_of_a_residual_stays_in_range_in_unbounded_units(pairs):
     lo, hi = 0.0, 5.0
     meta = {"method": "diffst", "value_range": [lo, hi, False],
             "diffusion": {"T": 1000, "prediction": "eps", "target": "residual"}}
-    (out,) = sr_task.predict_chains(lambda x_t, t, **cond: torch.zeros_like(x_t), meta, batch,
+    (out,) = predict_chains(lambda x_t, t, **cond: torch.zeros_like(x_t), meta, batch,
                                     device=torch.device("cpu"), sampler="respaced", steps=20,
                                     generator=torch.Generator().manual_seed(0))
-    vrange = sr_task.ValueRange(lo, hi, False)
+    vrange = ValueRange(lo, hi, False)
     lr_up = vrange.to_model(batch["lr_up"].double()).numpy()
     # HR = 2 x residual + lr_up with the residual in [-1, 1], then back to the pairs' units
     assert np.isfinite(out).all()
@@ -781,7 +799,7 @@ def test_batched_chains_equal_the_sequential_chains(pairs, sampler, eta):
     outs, gens = {}, {}
     for batched in (False, True):
         gens[batched] = torch.Generator().manual_seed(3)
-        outs[batched] = list(sr_task.predict_chains(
+        outs[batched] = list(predict_chains(
             model, meta, batch, device=torch.device("cpu"), sampler=sampler, steps=6, eta=eta,
             n_samples=3, generator=gens[batched], diffusion=diffusion, batch_chains=batched))
     assert len(outs[True]) == len(outs[False]) == 3
@@ -797,10 +815,10 @@ def test_batched_chains_equal_the_sequential_chains(pairs, sampler, eta):
 
 def test_sampling_modes_from_config_values():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert sr_task._sampling_modes(cpu, "auto", False) == (sr_task.SR_BATCH_CHAINS_CPU, None)
-    assert sr_task._sampling_modes(cuda, "auto", True)[0] is True
-    assert sr_task._sampling_modes(cpu, "false", "true") == (False, torch.bfloat16)
-    assert sr_task._sampling_modes(cpu, True, "auto")[1] == (
-        torch.bfloat16 if sr_task.SR_CPU_BF16_DEFAULT else None)
+    assert sampling_modes(cpu, "auto", False) == (SR_BATCH_CHAINS_CPU, None)
+    assert sampling_modes(cuda, "auto", True)[0] is True
+    assert sampling_modes(cpu, "false", "true") == (False, torch.bfloat16)
+    assert sampling_modes(cpu, True, "auto")[1] == (
+        torch.bfloat16 if SR_CPU_BF16_DEFAULT else None)
     with pytest.raises(ValueError, match="batch_chains"):
-        sr_task._sampling_modes(cpu, "sometimes", False)
+        sampling_modes(cpu, "sometimes", False)

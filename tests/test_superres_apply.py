@@ -10,18 +10,19 @@ import pytest
 
 from histomap.data.ingest import ingest_sample
 from histomap.data.srmaps import MAPS_FORMAT, read_sr_maps
-from histomap.data.srpairs import (
-    SRPairDataset,
-    build_lr_pairs,
-    build_sr_pairs,
-    has_truth,
-    read_sr_pairs,
-    spot_lattice,
-)
+from histomap.data.srpairs.dataset import SRPairDataset
+from histomap.data.srpairs.lr_only import build_lr_pairs
+from histomap.data.srpairs.points import build_sr_pairs
+from histomap.data.srpairs.spot_grid import spot_lattice
+from histomap.data.srpairs.store import has_truth, read_sr_pairs
 from histomap.data.synthetic import simulate_sample
 from histomap.errors import InputError
 from histomap.evaluation.figures import plot_sr_panels, sr_panels
-from histomap.tasks import superres as sr_task
+from histomap.tasks.superres.apply import lr_inputs_for_model
+from histomap.tasks.superres.bin_centres import hr_pixel_centres
+from histomap.tasks.superres.model_file import sr_model_meta
+from histomap.tasks.superres.prediction import predict_sr
+from histomap.tasks.superres.training import train_sr
 
 SIZE_UM = (400.0, 400.0)
 PITCH_UM = 50.0  # spot spacing of the applied sections = the model's LR pixel
@@ -58,7 +59,7 @@ def trained(tmp_path_factory):
                        image_mpp=5.0, edge="floor")
         pairs.append(root / f"{name}.zarr")
     model = root / "model.pt"
-    sr_task.train_sr("unet", pairs, model_cfg={"base_channels": 4, "depth": 1},
+    train_sr("unet", pairs, model_cfg={"base_channels": 4, "depth": 1},
                      train_cfg=TRAIN, validation={"fraction": 0.25, "block_um": 100}, seed=0,
                      out_model=model, out_log=root / "train_log.csv",
                      checkpoint_dir=root / "checkpoints")
@@ -68,9 +69,9 @@ def trained(tmp_path_factory):
 
 
 def test_lr_inputs_are_the_measured_spots_on_a_finer_grid(trained, tmp_path):
-    meta = sr_task.sr_model_meta(trained["model"])
+    meta = sr_model_meta(trained["model"])
     out = tmp_path / "lr.zarr"
-    attrs = sr_task.lr_inputs_for_model(trained["model"], trained["spots"], trained["slide"],
+    attrs = lr_inputs_for_model(trained["model"], trained["spots"], trained["slide"],
                                         out, sample="appC")
     arrays, back = read_sr_pairs(out)
     assert not has_truth(back) and "hr" not in arrays and back["truth"] is False
@@ -90,7 +91,7 @@ def test_lr_inputs_are_the_measured_spots_on_a_finer_grid(trained, tmp_path):
     r_min, c_min = back["lattice_origin"]
     n_lr = back["lr_shape"][0]
     target = back["hr_target_sum"]
-    centres = sr_task.hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], back)
+    centres = hr_pixel_centres(arrays["origin_px"], arrays["grid_index"], back)
     gene_idx = spots.var_names.get_indexer(trained["genes"])
     seen = 0
     xy = np.asarray(spots.obsm["spatial"])
@@ -118,10 +119,10 @@ def test_lr_inputs_are_the_measured_spots_on_a_finer_grid(trained, tmp_path):
 
 def test_apply_sr_end_to_end_without_truth(trained, tmp_path):
     lr = tmp_path / "lr.zarr"
-    sr_task.lr_inputs_for_model(trained["model"], trained["spots"], trained["slide"], lr,
+    lr_inputs_for_model(trained["model"], trained["spots"], trained["slide"], lr,
                                 sample="appC")
     maps_zarr, bins = tmp_path / "maps.zarr", tmp_path / "bins.h5ad"
-    info = sr_task.predict_sr(trained["model"], lr, maps_zarr, bins, device="cpu",
+    info = predict_sr(trained["model"], lr, maps_zarr, bins, device="cpu",
                               sample="appC")
     maps, attrs = read_sr_maps(maps_zarr)
     arrays, pairs_attrs = read_sr_pairs(lr)
@@ -150,7 +151,7 @@ def test_lr_inputs_need_spots_and_the_models_genes(trained, tmp_path):
     path = tmp_path / "fewer.h5ad"
     spots[:, [g for g in spots.var_names if g != trained["genes"][0]]].copy().write_h5ad(path)
     with pytest.raises(InputError, match="not measured"):
-        sr_task.lr_inputs_for_model(trained["model"], path, trained["slide"], tmp_path / "b.zarr")
+        lr_inputs_for_model(trained["model"], path, trained["slide"], tmp_path / "b.zarr")
     assert not (tmp_path / "b.zarr").exists()
 
 

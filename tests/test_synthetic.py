@@ -12,9 +12,11 @@ import scipy.sparse as sp
 import tifffile
 
 from histomap.data import synthetic
+from histomap.data.aggregate import aggregate_bins, aggregate_discs
 from histomap.data.io import read_sample
 from histomap.data.io.synthetic import read
-from histomap.data.synthetic import CELL_TYPES, aggregate_bins, aggregate_discs, simulate_sample
+from histomap.data.synthetic import CELL_TYPES, simulate_sample
+from histomap.data.synthetic_config import INDUCTIONS
 from histomap.errors import InputError
 
 SIZE_UM = (500.0, 500.0)   # small: ~1k cells, < 1 s to generate
@@ -94,7 +96,7 @@ def test_sections_of_a_dataset_share_one_biology():
     cfg = synthetic.SyntheticConfig(seed=11, dataset_seed=0, size_um=size)
     other = synthetic.SyntheticConfig(seed=12, dataset_seed=0, size_um=size)
     b1, b2 = synthetic.dataset_biology(cfg), synthetic.dataset_biology(other)
-    for programme in synthetic.INDUCTIONS:
+    for programme in INDUCTIONS:
         np.testing.assert_array_equal(b1.induction[programme], b2.induction[programme])
     # ... and they are different sections
     assert one.cells.n_obs != two.cells.n_obs or not np.array_equal(

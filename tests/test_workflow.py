@@ -65,7 +65,7 @@ def test_sr_method_diffusion_overrides_are_validated(workdir):
     sr = config["superres"]
     sr["diffusion"]["prediction"] = "x0"
     sr["ablations"] = ["diffst_eps"]
-    sr["models"]["diffst_eps"] = {"based_on": "diffst", "diffusion": {"prediction": "eps"}}
+    sr["models"]["diffst_eps"] = {"base": "diffst", "diffusion": {"prediction": "eps"}}
     cfg = workdir / "sr_config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     res = run_snakemake(workdir, "-n", "--configfile", str(cfg), "--", "results/report/superres.md")

@@ -4,7 +4,8 @@
 For each number of reverse steps (T = the full ancestral DDPM; fewer: respaced or DDIM) it
 samples the first ``--max-patches`` patches of an SR-pairs zarr and reports seconds per patch and
 RMSE / signed PCC per gene per patch (normalised units), through
-:func:`histomap.tasks.superres.time_sampling` (the same sampling code as the ``predict_sr`` rule).
+:func:`histomap.tasks.superres.sampling_speed.time_sampling` (the same sampling code as the
+``predict_sr`` rule).
 
 Example (a model trained by the pipeline, its fold's held-out pairs)::
 
@@ -16,12 +17,11 @@ Example (a model trained by the pipeline, its fold's held-out pairs)::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 from histomap.logs import setup_logging  # noqa: E402
-from histomap.tasks.superres import time_sampling  # noqa: E402
+from histomap.tasks.superres.sampling_speed import time_sampling  # noqa: E402
 
 
 def markdown(table) -> str:

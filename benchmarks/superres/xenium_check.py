@@ -15,7 +15,6 @@ counts) and TESLA's colour term sees grey levels.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,11 +24,12 @@ import pandas as pd
 
 from histomap.data.io import read_sample  # noqa: E402
 from histomap.data.slide import prepare_slide  # noqa: E402
-from histomap.data.srpairs import build_sr_pairs  # noqa: E402
+from histomap.data.srpairs.points import build_sr_pairs  # noqa: E402
 from histomap.evaluation import metrics as sr_metrics
 from histomap.evaluation import report as sr_report
 from histomap.logs import setup_logging  # noqa: E402
-from histomap.tasks import superres as sr_task  # noqa: E402
+from histomap.tasks.superres.prediction import predict_sr  # noqa: E402
+from histomap.tasks.superres.training import train_sr  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -62,11 +62,11 @@ def main(argv=None) -> None:
         metrics = []
         for method in args.methods:
             run = tmp / method
-            sr_task.train_sr(method, [pairs], model_cfg={}, train_cfg={}, validation={},
-                             seed=0, out_model=run / "model.pt", out_log=run / "log.csv",
-                             checkpoint_dir=run / "ckpt")
-            sr_task.predict_sr(run / "model.pt", pairs, run / "maps.zarr", run / "bins.h5ad",
-                               device="cpu", sample="xenium_crop")
+            train_sr(method, [pairs], model_cfg={}, train_cfg={}, validation={}, seed=0,
+                     out_model=run / "model.pt", out_log=run / "log.csv",
+                     checkpoint_dir=run / "ckpt")
+            predict_sr(run / "model.pt", pairs, run / "maps.zarr", run / "bins.h5ad",
+                       device="cpu", sample="xenium_crop")
             sr_metrics.evaluate_sr([pairs], [run / "maps.zarr"], run / "m.parquet",
                                 run / "m.csv", method=method, scale=args.scale,
                                 dataset="xenium_crop", samples=["xenium_crop"],

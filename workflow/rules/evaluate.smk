@@ -176,6 +176,7 @@ rule dense_map_figure:
         model=DENSE_RUNS,
     params:
         n_genes=config["report"]["figure_genes"],
+        mask_mpp=config["tiling"]["mask_mpp"],
     log:
         "logs/figures/dense/{model}/{fold}_{sample}.log",
     threads: 1

@@ -102,10 +102,11 @@ rule encode_slide:
         encoder=r"[A-Za-z0-9_.-]+",
         mpp=r"[0-9.]+",
     params:
+        torch_threads=TORCH_THREADS,
         features=config.get("features", {}),
     log:
         "logs/encode_slide/{encoder}/{mpp}/{sample}.log",
-    threads: config["resources"]["threads"]["train"]
+    threads: TORCH_THREADS
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],

@@ -24,7 +24,7 @@ rule train_stnet:
         checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, wc.fold, wc.tseed)}/checkpoints",
     log:
         "logs/train/{model}/{fold}/seed{tseed}.log",
-    threads: config["resources"]["threads"]["train"]
+    threads: model_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
@@ -58,7 +58,7 @@ rule train_pixnet:
         checkpoint_dir=lambda wc: f"{run_dir('models', wc.model, wc.fold, wc.tseed)}/checkpoints",
     log:
         "logs/train/{model}/{fold}/seed{tseed}.log",
-    threads: config["resources"]["threads"]["train"]
+    threads: model_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
@@ -80,12 +80,13 @@ rule train_probe:
     wildcard_constraints:
         model=model_runs("probe"),
     params:
+        torch_threads=model_threads,
         model=lambda wc: model_params(wc.model),
         validation=config["validation"],
         seed=lambda wc: int(wc.tseed),
     log:
         "logs/train/{model}/{fold}/seed{tseed}.log",
-    threads: config["resources"]["threads"]["train"]
+    threads: model_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["light"],
@@ -110,11 +111,12 @@ rule predict_stnet:
     wildcard_constraints:
         model=model_runs("stnet"),
     params:
+        torch_threads=model_threads,
         base=lambda wc: base_model(wc.model),
         train=lambda wc: model_train(wc.model),
     log:
         "logs/predict/{model}/{fold}/seed{tseed}/{sample}_{um}um.log",
-    threads: config["resources"]["threads"].get("predict", 1)
+    threads: model_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["light"],
@@ -147,6 +149,7 @@ rule predict_pixnet:
     wildcard_constraints:
         model=model_runs("pixnet"),
     params:
+        torch_threads=model_threads,
         train=lambda wc: model_train(wc.model),
         cover_diameters_um=lambda wc: cross_scale_diameters(wc.model, wc.fold),
         cover_um=lambda wc: max(
@@ -158,7 +161,7 @@ rule predict_pixnet:
         cpu_bf16=config.get("predict", {}).get("cpu_bf16", "auto"),
     log:
         "logs/predict/{model}/{fold}/seed{tseed}/{sample}_dense.log",
-    threads: config["resources"]["threads"].get("predict", 1)
+    threads: model_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
@@ -247,7 +250,7 @@ rule train_final:
         "logs/train_final/{model}.log",
     conda:
         "../../envs/models.yaml"
-    threads: config["resources"]["threads"]["train"]
+    threads: model_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
@@ -278,12 +281,13 @@ rule apply_dense:
         bundle=apply_runs(dense=True),
     conda:
         "../../envs/models.yaml"
-    threads: config["resources"]["threads"]["train"]
+    threads: TORCH_THREADS
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
         gpu=config["resources"]["gpu"],
     params:
+        torch_threads=TORCH_THREADS,
         device=config["train"].get("device", "auto"),
     script:
         "../scripts/apply_bundle.py"
@@ -339,12 +343,13 @@ rule apply_spot_tables:
         bundle=apply_runs(dense=False),
     conda:
         "../../envs/models.yaml"
-    threads: config["resources"]["threads"]["train"]
+    threads: TORCH_THREADS
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["light"],
         gpu=config["resources"]["gpu"],
     params:
+        torch_threads=TORCH_THREADS,
         spot_diameters_um=APPLY["spot_diameters_um"],
         spot_spacing_um=APPLY["spot_spacing_um"],
         mask_mpp=config["tiling"]["mask_mpp"],

@@ -3,12 +3,10 @@
 # (validation patches are carved out of those) and predict its test samples (train_diffst /
 # predict_diffst for Diff-ST and its ablations, train_sr_baseline / predict_sr_baseline for the
 # baselines: same code, same inputs); per method and factor: score every fold's test samples;
-# then the Table-1-shaped report. Target and input functions: common.smk, "super-resolution".
+# then the Table-1-shaped report. Target and input functions: histomap.plan.superres.
 
-validate(
-    config.setdefault("superres", {"enabled": False}),
-    schema="../schemas/superres.schema.yaml",
-)
+# The `superres` block is validated with the config at start-up (common.smk: validate_config,
+# histomap/plan/schemas/superres.schema.yaml).
 
 
 wildcard_constraints:
@@ -57,7 +55,7 @@ rule train_diffst:
         ),
     log:
         "logs/train_sr/{sr_method}/x{sr_scale}/{fold}.log",
-    threads: config["superres"].get("threads", config["resources"]["threads"]["train"])
+    threads: sr_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
@@ -83,12 +81,13 @@ rule predict_diffst:
     wildcard_constraints:
         sr_method=sr_methods_of("diffst"),
     params:
+        torch_threads=sr_threads,
         sampling=config["superres"].get("sampling", {}),
         device=config["train"].get("device", "auto"),
         seed=config["seed"],
     log:
         "logs/predict_sr/{sr_method}/x{sr_scale}/{fold}/{sample}.log",
-    threads: config["superres"].get("threads", config["resources"]["threads"].get("predict", 1))
+    threads: sr_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],
@@ -213,12 +212,13 @@ rule apply_sr:
         maps=directory("results/apply/superres/{sr_method}/x{sr_scale}/{sample}/maps.zarr"),
         bins="results/apply/superres/{sr_method}/x{sr_scale}/{sample}/bins.h5ad",
     params:
+        torch_threads=sr_threads,
         sampling=config["superres"].get("sampling", {}),
         device=config["train"].get("device", "auto"),
         seed=config["seed"],
     log:
         "logs/apply/superres/{sr_method}/x{sr_scale}/{sample}_predict.log",
-    threads: config["superres"].get("threads", config["resources"]["threads"].get("predict", 1))
+    threads: sr_threads
     resources:
         mem_mb=config["resources"]["mem_mb"]["train"],
         runtime=config["resources"]["runtime"]["train"],

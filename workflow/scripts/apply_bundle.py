@@ -2,15 +2,14 @@
 apply_spot_tables, apply_figure)."""
 from pathlib import Path
 
-import torch
-
 from histomap.logs import run_step
+from histomap.threads import set_threads
 from histomap.tasks import apply
 from histomap.tasks.bundle import read_bundle
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
+    set_threads(sm.params.torch_threads)
     bundle = read_bundle(Path(sm.input.bundle).parent)
     p, i = sm.params, sm.input
     if sm.rule == "apply_dense":

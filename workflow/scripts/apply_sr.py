@@ -7,7 +7,7 @@ from histomap.logs import run_step
 def main(sm):
     w = sm.wildcards
     if sm.rule == "apply_sr_inputs":
-        from histomap.tasks.superres import lr_inputs_for_model
+        from histomap.tasks.superres.apply import lr_inputs_for_model
 
         lr_inputs_for_model(sm.input.model, sm.input.spots, sm.input.slide, sm.output[0],
                             sample=w.sample)

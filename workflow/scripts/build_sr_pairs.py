@@ -1,6 +1,6 @@
 """Snakemake adapter: super-resolution pairs (LR, HR, H&E, mask) of one sample at one factor."""
 from histomap.data.preprocess import read_gene_panel
-from histomap.data.srpairs import build_sample_pairs
+from histomap.data.srpairs.sample import build_sample_pairs
 from histomap.logs import run_step
 
 

@@ -1,5 +1,5 @@
-"""Snakemake adapter: a dense map's best-predicted genes over the H&E, beside the measured spots
-on the same colour scale."""
+"""Snakemake adapter: a dense map's best-predicted genes over the H&E (on tissue only), beside the
+measured spots on the same colour scale."""
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -7,6 +7,7 @@ import pandas as pd
 from histomap.data.slide import open_slide
 from histomap.evaluation.figures import plot_dense_maps
 from histomap.logs import run_step
+from histomap.tasks.apply import map_on_tissue
 from histomap.tasks.dense_map import read_dense
 
 THUMB_PX = 1024
@@ -24,8 +25,9 @@ def main(sm):
     array = dmap.level(level)
     index = {g: i for i, g in enumerate(dmap.genes)}
     maps = {g: np.asarray(array[index[g]], np.float32) for g in genes}
-    import zarr
-    mask = np.asarray(zarr.open_group(dmap.path, mode="r")[f"labels/mask/{level}"][...])
+    # drawn on tissue only: the map's mask at that level and the slide's tissue mask
+    mask = map_on_tissue(dmap, sm.input.slide, step=2 ** level,
+                         mask_mpp=float(sm.params.mask_mpp))
     h0, w0 = dmap.mask.shape
     px0 = dmap.mpp / dmap.slide_mpp
     box = (*dmap.origin_px, w0 * px0, h0 * px0)

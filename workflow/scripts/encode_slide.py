@@ -1,12 +1,11 @@
 """Snakemake adapter: the frozen encoder's feature cache of one sample (encode_slide)."""
-import torch
-
 from histomap.logs import run_step
+from histomap.threads import set_threads
 from histomap.tasks.feature_cache import encode_slide
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
+    set_threads(sm.params.torch_threads)
     f = dict(sm.params.features)
     checkpoint = (f.get("checkpoints") or {}).get(sm.wildcards.encoder)
     encode_slide(sm.input.slide, sm.input.st, sm.output[0], encoder=sm.wildcards.encoder,

@@ -1,12 +1,11 @@
 """Snakemake adapter: whole-slide dense map (dense.zarr) of one held-out sample."""
-import torch
-
 from histomap.logs import run_step
+from histomap.threads import set_threads
 from histomap.tasks.dense import predict_dense
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
+    set_threads(sm.params.torch_threads)
     predict_dense(sm.input.model, sm.input.slide, sm.input.tiles, sm.input.st, sm.output[0],
                   device=sm.params.train.get("device", "auto"), cover_um=sm.params.cover_um,
                   cover=list(zip(sm.input.cover, sm.params.cover_diameters_um, strict=True)),

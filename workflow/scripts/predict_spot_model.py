@@ -1,14 +1,13 @@
 """Snakemake adapter: spot-model predictions for the spots of one held-out sample."""
-import torch
-
 from histomap.logs import run_step
+from histomap.threads import set_threads
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
+    set_threads(sm.params.torch_threads)
     device = sm.params.train.get("device", "auto")
     if sm.params.base == "histogene":
-        from histomap.tasks.spot import predict_histogene
+        from histomap.tasks.histogene import predict_histogene
         predict_histogene(sm.input.model, sm.input.st, sm.input.slide, sm.output[0],
                           device=device)
         return

@@ -1,12 +1,11 @@
 """Snakemake adapter: HR maps (zarr) and HR-bin AnnData of one held-out sample's SR pairs."""
-import torch
-
 from histomap.logs import run_step
-from histomap.tasks.superres import predict_sr
+from histomap.threads import set_threads
+from histomap.tasks.superres.prediction import predict_sr
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
+    set_threads(sm.params.torch_threads)
     s = sm.params.sampling
     predict_sr(sm.input.model, sm.input.pairs, sm.output.maps, sm.output.bins,
                sampler=s.get("sampler", "respaced"), steps=s.get("steps", 20),

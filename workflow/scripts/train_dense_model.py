@@ -1,16 +1,11 @@
 """Snakemake adapter: train a dense model (PixNet or iStar-style) of one fold and seed."""
-import torch
-
 from histomap.data.preprocess import read_gene_panel
 from histomap.logs import run_step
 from histomap.tasks.dense import train_pixnet
-from histomap.train import training_threads
 
 
 def main(sm):
     p = sm.params
-    # a fixed thread count (train.torch_threads), not sm.threads: weights independent of --cores
-    torch.set_num_threads(training_threads(p.train))
     train_pixnet(sm.input.st, sm.input.slides, read_gene_panel(sm.input.genes),
                  model_cfg=p.model, train_cfg=p.train, validation=p.validation, seed=p.seed,
                  out_model=sm.output.model, out_log=sm.output.log_csv,

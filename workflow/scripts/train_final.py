@@ -1,15 +1,12 @@
 """Snakemake adapter: train a deployable bundle of one model on every ST sample (train_final)."""
 from pathlib import Path
 
-import torch
-
 from histomap.data.preprocess import read_gene_panel
 from histomap.logs import run_step
 from histomap.tasks.bundle import train_bundle
 
 
 def main(sm):
-    torch.set_num_threads(sm.threads)
     p = sm.params
     train_bundle(p.base, sm.input.st, sm.input.slides, read_gene_panel(sm.input.genes),
                  name=sm.wildcards.model, model_cfg=p.model, train_cfg=p.train,

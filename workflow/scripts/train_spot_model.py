@@ -1,17 +1,12 @@
 """Snakemake adapter: train a spot model (ST-Net-style or HistoGene-style) of one fold and seed."""
-import torch
-
 from histomap.data.preprocess import read_gene_panel
 from histomap.logs import run_step
-from histomap.train import training_threads
 
 
 def main(sm):
     p = sm.params
-    # a fixed thread count (train.torch_threads), not sm.threads: weights independent of --cores
-    torch.set_num_threads(training_threads(p.train))
     if p.base == "histogene":
-        from histomap.tasks.spot import train_histogene as train
+        from histomap.tasks.histogene import train_histogene as train
         kwargs = {}
     else:
         from histomap.tasks.spot import train_spot_model as train

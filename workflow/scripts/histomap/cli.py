@@ -93,11 +93,15 @@ def _validate(args: argparse.Namespace) -> int:
 
     workdir = Path(args.directory)
     defaults = workdir / "config" / "config.yaml"
-    config = load_config([Path(p) for p in args.configs],
-                         defaults=defaults if defaults.is_file() and not args.no_defaults
-                         else None)
-    plan = validate_config(config, workdir)
-    print(plan.describe() if hasattr(plan, "describe") else "config and sample sheet are valid")
+    try:
+        config = load_config([Path(p) for p in args.configs],
+                             defaults=defaults if defaults.is_file() and not args.no_defaults
+                             else None)
+        plan = validate_config(config, workdir)
+    except Exception as exc:  # noqa: BLE001 - the workflow's start-up message, without a traceback
+        log.error("invalid: %s", exc)
+        return 1
+    print(plan.describe())
     return 0
 
 

@@ -1,6 +1,6 @@
 """The sample sheet, checked before anything runs (arrow: raw sample -> ingest, at start-up).
 
-* :func:`validate_sample_sheet`: every row against ``workflow/schemas/samples.schema.yaml``;
+* :func:`validate_sample_sheet`: every row against ``histomap/plan/schemas/samples.schema.yaml``;
   problems are reported by sample name and sheet, not as "row 0 of data frame".
 * :func:`check_distinct_samples`: two samples whose count files or images are byte-identical
   (the same section under two names, so a fold would test on its own training section) are an

@@ -18,6 +18,7 @@ import tifffile
 from PIL import Image
 
 from histomap.errors import InputError
+from histomap.outputs import atomic_output
 
 TILE = 256
 # A HER2ST JPEG has ~92 Mpx, above PIL's default decompression-bomb limit (89 Mpx).
@@ -50,19 +51,13 @@ def write_pyramid(image: np.ndarray, dst: str | Path, mpp: float, *, tile: int =
     if not mpp or mpp <= 0:
         raise ValueError(f"mpp must be positive, got {mpp!r}")
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-            for i, level in enumerate(_levels(image, tile)):
-                px_per_cm = 1e4 / (mpp * image.shape[1] / level.shape[1])
-                tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
-                         compressionargs={"level": quality}, resolution=(px_per_cm, px_per_cm),
-                         resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
-                         metadata=None)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(dst) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for i, level in enumerate(_levels(image, tile)):
+            px_per_cm = 1e4 / (mpp * image.shape[1] / level.shape[1])
+            tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": quality}, resolution=(px_per_cm, px_per_cm),
+                     resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
+                     metadata=None)
     return dst
 
 

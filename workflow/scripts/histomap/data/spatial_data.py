@@ -25,7 +25,6 @@ same times ``mpp`` to ``global``.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ import anndata as ad
 import numpy as np
 
 from histomap.data.slide import open_slide, read_region
-from histomap.outputs import partial_path, remove_path
+from histomap.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -207,20 +206,14 @@ def applied_spatialdata(sample_zarr: str | Path, *, dense_maps: Mapping[str, str
 def write_spatialdata(sdata, path: str | Path) -> Path:
     """Write ``sdata`` with spatialdata's writer under a temporary name, then rename."""
     path = Path(path)
-    tmp = partial_path(path)
-    remove_path(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
     previous = ad.settings.auto_shard_zarr_v3
     try:
         ad.settings.auto_shard_zarr_v3 = False  # explicit: no sharding (and no warning)
-        with warnings.catch_warnings():
+        with atomic_output(path) as tmp, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*autosharding.*")
             sdata.write(tmp, overwrite=True)
-        remove_path(path)
-        os.replace(tmp, path)
     finally:
         ad.settings.auto_shard_zarr_v3 = previous
-        remove_path(tmp)
     log.info("wrote SpatialData %s: images %s, shapes %s, tables %s", path,
              list(sdata.images), list(sdata.shapes), list(sdata.tables))
     return path

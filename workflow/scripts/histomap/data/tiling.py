@@ -28,10 +28,10 @@ threshold, so sparse nuclei still mark tissue. The mask is then closed (3x3), ho
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from zarr.codecs import ZstdCodec
 from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.errors import InputError
 from histomap.logs import Progress
-from histomap.outputs import partial_path, remove_path
+from histomap.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -317,26 +317,14 @@ def plan_tiles(slide: openslide.OpenSlide, slide_path: Path, *, tile_px: int, ti
 
 def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict,
                    out_zarr: Path | None, out_parquet: Path, compression: str = "zstd") -> None:
-    """Write the outputs under ``.partial`` names, then rename; on error remove them all."""
-    outputs = [p for p in (out_zarr, out_parquet) if p is not None]
-    temps = [partial_path(p) for p in outputs]
-    for path in outputs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    moved: list[Path] = []
-    try:
-        for tmp in temps:
-            remove_path(tmp)
+    """Write the outputs under ``.partial`` names, both renamed only once both are complete;
+    on an error while writing, both temporaries are removed and the old outputs kept."""
+    with contextlib.ExitStack() as stack:
+        tmp_index = stack.enter_context(atomic_output(out_parquet))
         if out_zarr is not None:
-            _write_tiles(slide, index, temps[0], attrs["tile_px"], attrs, compression)
-        _write_index(index, attrs, temps[-1])
-        for tmp, final in zip(temps, outputs):
-            remove_path(final)
-            os.replace(tmp, final)
-            moved.append(final)
-    except BaseException:
-        for path in (*temps, *moved):
-            remove_path(path)
-        raise
+            tmp_tiles = stack.enter_context(atomic_output(out_zarr))
+            _write_tiles(slide, index, tmp_tiles, attrs["tile_px"], attrs, compression)
+        _write_index(index, attrs, tmp_index)
 
 
 def tile_slide(slide_path: str | Path, out_zarr: str | Path | None, out_parquet: str | Path, *,

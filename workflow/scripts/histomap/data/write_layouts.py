@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -47,13 +45,11 @@ import pandas as pd
 import scipy.sparse as sp
 from PIL import Image
 
+from histomap.data.aggregate import aggregate_bins
 from histomap.data.slide import write_pyramid
-from histomap.data.synthetic import (
-    SyntheticConfig,
-    SyntheticData,
-    aggregate_bins,
-    simulate,
-)
+from histomap.data.synthetic import SyntheticData, simulate
+from histomap.data.synthetic_config import SyntheticConfig
+from histomap.outputs import atomic_output
 
 LAYOUTS = ("visium_hd", "visium", "hest", "xenium")
 HD_BIN_SIZES_UM = (2, 8, 16)
@@ -302,10 +298,7 @@ def write_layout(layout: str, out_dir: str | Path, *, seed: int, name: str | Non
     out_dir = Path(out_dir)
     name = name or out_dir.name
     data = simulate(SyntheticConfig(seed=seed, **params))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(out_dir) as tmp:
         if layout == "visium_hd":
             write_visium_hd(data, tmp)
         elif layout == "visium":
@@ -315,11 +308,6 @@ def write_layout(layout: str, out_dir: str | Path, *, seed: int, name: str | Non
         else:
             write_xenium(data, tmp, name)
         data.cells.write_h5ad(tmp / "cells_truth.h5ad")  # the ground truth, for checks
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -5,8 +5,6 @@ Arrow: metrics / predictions -> **figures** (the ``figures`` and ``benchmark_tab
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,23 +13,16 @@ import numpy as np
 import pandas as pd
 
 from histomap.evaluation.metrics import POOLED, pearson_per_gene
-from histomap.evaluation.report import _fmt
+from histomap.evaluation.report import format_metric
+from histomap.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
 
-def _atomic_savefig(fig, out_png: str | Path) -> None:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+def save_png(fig, out_png: str | Path) -> None:
+    """Save a matplotlib figure as ``out_png`` (120 dpi, tight), atomically."""
+    with atomic_output(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- figures
@@ -109,9 +100,9 @@ def plot_expression_maps(spots_truth: ad.AnnData, spots_pred: ad.AnnData, genes:
             ax.set_ylim(*y_lim)
             ax.set_title(f"{gene} {kind}")
             ax.set_axis_off()
-        row[0].annotate(f"{gene}: PCC = {_fmt(r, digits=3)}", xy=(0, 1.12),
+        row[0].annotate(f"{gene}: PCC = {format_metric(r, digits=3)}", xy=(0, 1.12),
                         xycoords="axes fraction", fontsize=11, fontweight="bold")
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)
 
 
@@ -147,7 +138,7 @@ def plot_pcc_distribution(per_gene_df: pd.DataFrame, out_png: str | Path,
         ax.set_ylabel("per-gene PCC")
         ax.set_title(f"{task} — {dataset} — {scale:g} µm — {gene_set}")
     fig.tight_layout()
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)
 
 
@@ -215,7 +206,7 @@ def plot_dense_maps(maps: dict[str, np.ndarray], map_box_px: Sequence[float],
         limits[gene] = (shown.get_clim(), discs.get_clim())
         fig.colorbar(shown, ax=list(row), fraction=0.03, pad=0.02, label="log-normalised")
         pcc = "" if not gene_pcc or gene not in gene_pcc else \
-            f" (spot PCC {_fmt(gene_pcc[gene], digits=3)})"
+            f" (spot PCC {format_metric(gene_pcc[gene], digits=3)})"
         row[0].set_title(f"{gene}: predicted dense map{pcc}")
         row[1].set_title(f"{gene}: measured spots")
         for ax in row:
@@ -224,7 +215,7 @@ def plot_dense_maps(maps: dict[str, np.ndarray], map_box_px: Sequence[float],
             ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)
     return limits
 
@@ -273,7 +264,7 @@ def plot_sr_panels(panels: Sequence[dict], out_png: str | Path, *, title: str = 
             ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)
 
 
@@ -315,7 +306,7 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], out_png: str | Path) -> 
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
     fig.tight_layout()
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)
 
 
@@ -348,7 +339,7 @@ def plot_cross_scale(long_df: pd.DataFrame, out_png: str | Path, *, metric: str 
     ax.set_title("Cross-scale: trained at one spot size, scored at every size")
     ax.legend()
     fig.tight_layout()
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)
     return agg[["model", "scale_um", "mean", "std"]].reset_index(drop=True)
 

@@ -10,6 +10,8 @@ import html
 import re
 from pathlib import Path
 
+from histomap.outputs import write_text_atomic
+
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.8em 0 1.6em; font-size: 0.9em; }
@@ -86,8 +88,6 @@ def markdown_html(markdown: str, title: str) -> str:
 
 def write_html(markdown_path: str | Path, out_html: str | Path, title: str) -> Path:
     """The HTML page of a markdown table file (atomically written)."""
-    from histomap.evaluation.report import _atomic_write_text
-
     text = Path(markdown_path).read_text(encoding="utf-8")
-    _atomic_write_text(out_html, markdown_html(text, title))
+    write_text_atomic(out_html, markdown_html(text, title))
     return Path(out_html)

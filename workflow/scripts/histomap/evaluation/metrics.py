@@ -21,7 +21,6 @@ per-slide summaries ("computed per slide and averaged").
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from histomap.data.sample import UNS_KEY
 from histomap.data.srmaps import read_sr_maps
 from histomap.data.srpairs import pairs_denormaliser, read_sr_pairs, retarget_log1p
 from histomap.errors import InputError
-from histomap.outputs import partial_path
+from histomap.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -396,14 +395,10 @@ def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Pa
     summary = pd.concat([summarise_sr(per_gene, [*keys, "fold"]),
                          summarise_sr(per_gene.assign(fold="all"), [*keys, "fold"])],
                         ignore_index=True)
-    for path in (out_parquet, out_summary):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(Path(out_parquet))
-    per_gene.to_parquet(tmp, index=False)
-    os.replace(tmp, out_parquet)
-    tmp = partial_path(Path(out_summary))
-    summary.to_csv(tmp, index=False)
-    os.replace(tmp, out_summary)
+    with atomic_output(out_parquet) as tmp:
+        per_gene.to_parquet(tmp, index=False)
+    with atomic_output(out_summary) as tmp:
+        summary.to_csv(tmp, index=False)
     for row in summary[summary["metric"].isin(["RMSE", "PCC"])].itertuples(index=False):
         log.info("%s %dx fold %s: %s %.4f over %d patches", method, int(scale), row.fold,
                  row.metric, row.value, row.n_patches)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from histomap.evaluation.metrics import (
     summarise,
     summarise_sr,
 )
-from histomap.outputs import partial_path
+from histomap.outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +207,8 @@ def _row_groups(agg: pd.DataFrame):
 
 
 # --------------------------------------------------------------------------- markdown
-def _fmt(value: float, metric: str = "", digits: int = 4) -> str:
+def format_metric(value: float, metric: str = "", digits: int = 4) -> str:
+    """A metric value for a table: ``digits`` decimals, counts as integers, NaN as "nan"."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "nan"
     if metric in (*COUNT_METRICS, "n_genes"):
@@ -224,8 +223,8 @@ def _n_spread(cell: pd.Series) -> int:
 
 def _fmt_mean_std(mean: float, std: float, n: int, metric: str) -> str:
     if n <= 1:
-        return _fmt(mean, metric)
-    return f"{_fmt(mean, metric)} ± {_fmt(std, metric)}"
+        return format_metric(mean, metric)
+    return f"{format_metric(mean, metric)} ± {format_metric(std, metric)}"
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
@@ -271,7 +270,7 @@ def _detail_table(part: pd.DataFrame) -> str:
     rank = {MEAN_OVER_SLIDES: 1, POOLED: 2}
     wide["_rank"] = wide["sample"].map(rank).fillna(0)
     wide = wide.sort_values(index[:-1] + ["_rank", "sample"])
-    rows = [[str(r[c]) for c in index] + [_fmt(r.get(m, np.nan), m) for m in metrics]
+    rows = [[str(r[c]) for c in index] + [format_metric(r.get(m, np.nan), m) for m in metrics]
             for _, r in wide.iterrows()]
     return _markdown_table(index + metrics, rows, n_labels=len(index))
 
@@ -371,26 +370,12 @@ def benchmark_markdown(long_df: pd.DataFrame) -> str:
 
 
 # --------------------------------------------------------------------------- writing
-def _atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(long_df: pd.DataFrame, out_csv: str | Path, out_md: str | Path,
                  extra_md: str = "") -> None:
     """Write the long table (CSV) and the markdown tables (then ``extra_md``), each atomically."""
-    _atomic_write_text(out_csv, long_df.to_csv(index=False))
+    write_text_atomic(out_csv, long_df.to_csv(index=False))
     md = benchmark_markdown(long_df)
-    _atomic_write_text(out_md, md + ("\n" + extra_md if extra_md else ""))
+    write_text_atomic(out_md, md + ("\n" + extra_md if extra_md else ""))
     log.info("wrote %s (%d rows) and %s", out_csv, len(long_df), out_md)
 
 
@@ -573,10 +558,6 @@ def sr_tables(metric_files: Sequence[str | Path], out_csv: str | Path, out_md: s
     for path, text in ((out_csv, table.to_csv(index=False)),
                        (out_md, sr_markdown(table, methods=methods, ablations=ablations,
                                             reference=reference))):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial_path(path)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     log.info("wrote %s (%d rows) and %s", out_csv, len(table), out_md)
     return table

@@ -7,7 +7,7 @@ A sample whose ``highres.h5ad`` holds point-like measurements (synthetic cells, 
 transcript bins) can be re-measured with discs of any diameter: the discs sit on a square
 lattice over the measured area (spacing ``max(diameter, min_spacing_um)``, so small discs are
 not tens of thousands), each disc sums the counts of the points inside it
-(:func:`histomap.data.synthetic.aggregate_discs`, exact).
+(:func:`histomap.data.aggregate.aggregate_discs`, exact).
 
 **Every lattice disc whose centre lies in the H&E tissue mask is scored**, low-count and empty
 ones included (a 2 um disc between cells, in adipose tissue or a lumen measures nothing, and a
@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histomap.data.aggregate import aggregate_discs
 from histomap.data.sample import UNS_KEY, annotate_spots, geometry
 from histomap.data.scanpy_spatial import carry_scanpy_spatial
-from histomap.data.synthetic import aggregate_discs
 from histomap.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histomap.imagenorm import ImageNormalize
-from histomap.models.diffst import _as_float_image, _resize
+from histomap.models.unet import as_float_image, resize
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _check_inputs(n_genes: int, lr_up: Tensor, image: Tensor, lr: Tensor | None)
 def hr_image(image: Tensor, hw: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
     """The H&E patch (B, 3, Hi, Wi) resized onto an (H, W) grid: area mean when shrinking,
     bilinear when enlarging; float RGB in [0, 1]."""
-    return _resize(_as_float_image(image).to(dtype), hw)
+    return resize(as_float_image(image).to(dtype), hw)
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -191,7 +191,7 @@ class _SRCNN(nn.Module):
         self.in_channels = self.n_genes + 3
         self.image_branch = None
         if image_encoder is not None:
-            from histomap.models.diffst import TimmTissueEncoder  # frozen encoder + projection
+            from histomap.models.diffst_hierarchy import TimmTissueEncoder  # encoder + projection
 
             self._config.update({"image_encoder": image_encoder,
                                  "image_encoder_stage": int(image_encoder_stage),
@@ -218,8 +218,8 @@ class _SRCNN(nn.Module):
         img = self.image_norm(hr_image(image, (H, W), lr_up.dtype))
         parts = [lr_up, img]
         if self.image_branch is not None:
-            feats = self.image_branch(_as_float_image(image).to(lr_up.dtype))
-            parts.append(_resize(feats, (H, W)))
+            feats = self.image_branch(as_float_image(image).to(lr_up.dtype))
+            parts.append(resize(feats, (H, W)))
         x = _pad_to_multiple(torch.cat(parts, dim=1), 2 ** self.depth)
         out = self.head(self.features(x))[..., :H, :W]
         if self._config["residual"]:

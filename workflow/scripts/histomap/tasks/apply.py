@@ -97,6 +97,22 @@ def on_tissue(slide_path: str | Path, centres_px: np.ndarray, mask_mpp: float = 
     return tissue_lookup(slide_path, mask_mpp)(centres_px)
 
 
+def map_on_tissue(dmap: DenseMap, slide_path: str | Path, *, step: int = 1,
+                  mask_mpp: float = 16.0) -> np.ndarray:
+    """Which pixels of a dense map, sampled every ``step`` map pixels (``[::step, ::step]``;
+    pyramid level k's label image for ``step = 2**k``), to draw: those in the map's mask (the
+    tissue tiles it was predicted on, which also hold glass at the tissue's edge) whose centre
+    lies on tissue in the slide's tissue mask at ``mask_mpp`` (:func:`on_tissue`). bool (h, w).
+    Every figure of a dense map masks with it."""
+    step = int(step)
+    mask = np.asarray(dmap.mask[::step, ::step]) > 0
+    s0 = dmap.mpp / dmap.slide_mpp
+    ox, oy = dmap.origin_px
+    iy, ix = np.mgrid[:mask.shape[0], :mask.shape[1]] * step + 0.5
+    centres = np.column_stack([ox + ix.ravel() * s0, oy + iy.ravel() * s0])
+    return mask & on_tissue(slide_path, centres, mask_mpp).reshape(mask.shape)
+
+
 def hex_lattice(tiles: pd.DataFrame, mpp: float, spacing_um: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-spot centres over tissue: a hexagonal lattice (centre-to-centre ``spacing_um``;
@@ -352,7 +368,7 @@ def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,
         if lattice.n_obs == 0:
             raise InputError(tiles_parquet, f"no {size:g} um pseudo-spot centre lies in tissue")
         if bundle.architecture == "histogene":
-            from histomap.tasks.spot import predict_histogene
+            from histomap.tasks.histogene import predict_histogene
 
             pred = predict_histogene(bundle.model_path, lattice, slide_path, None,
                                      device=device)
@@ -380,7 +396,7 @@ def plot_applied(slide_path: str | Path, genes: Sequence[str], out_png: str | Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from histomap.evaluation.figures import _atomic_savefig
+    from histomap.evaluation.figures import save_png
 
     with open_slide(slide_path) as slide:
         mpp0 = slide_mpp(slide, slide_path)
@@ -406,10 +422,7 @@ def plot_applied(slide_path: str | Path, genes: Sequence[str], out_png: str | Pa
     axes[0].set_title("H&E")
     if dense_zarr is not None:
         step = max(1, int(math.ceil(max(dmap.mask.shape) / max_px)))
-        mask = np.asarray(dmap.mask[::step, ::step]) > 0
-        iy, ix = np.mgrid[:mask.shape[0], :mask.shape[1]] * step + 0.5
-        centres = np.column_stack([ox + ix.ravel() * s0, oy + iy.ravel() * s0])
-        mask &= on_tissue(slide_path, centres, mask_mpp).reshape(mask.shape)
+        mask = map_on_tissue(dmap, slide_path, step=step, mask_mpp=mask_mpp)
         for ax, gene in zip(axes[1:], genes):
             values = np.asarray(dmap.dense[dmap.genes.index(gene), ::step, ::step], np.float32)
             shown = np.ma.masked_where(~mask, values)
@@ -430,5 +443,5 @@ def plot_applied(slide_path: str | Path, genes: Sequence[str], out_png: str | Pa
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title or Path(slide_path).parent.name)
-    _atomic_savefig(fig, out_png)
+    save_png(fig, out_png)
     plt.close(fig)

@@ -40,15 +40,16 @@ from histomap import __version__
 from histomap.compat import timm, torch
 from histomap.data.sample import geometry
 from histomap.errors import InputError
-from histomap.outputs import partial_path
+from histomap.models import DENSE_MODELS
+from histomap.outputs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "histomap.bundle/1"
 MODEL_FILE = "model.pt"
 META_FILE = "bundle.json"
-DENSE_ARCHITECTURES = ("pixnet", "istar")
-SPOT_ARCHITECTURES = ("stnet", "histogene")
+DENSE_ARCHITECTURES = DENSE_MODELS
+SPOT_ARCHITECTURES = ("stnet", "histogene")  # the spot models a bundle holds (not the probe)
 ENCODER_KEYS = ("encoder", "backbone", "features", "encoder_cfg", "tap_blocks")
 
 
@@ -188,11 +189,8 @@ def describe(model_path: str | Path, *, name: str, st_paths: Sequence[str | Path
 
 
 def write_meta(out_dir: str | Path, meta: Mapping) -> Path:
-    path = Path(out_dir) / META_FILE
-    tmp = partial_path(path)
-    tmp.write_text(json.dumps(meta, indent=2, allow_nan=True) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(Path(out_dir) / META_FILE,
+                             json.dumps(meta, indent=2, allow_nan=True) + "\n")
 
 
 def train_bundle(architecture: str, st_paths: Sequence[str | Path],
@@ -215,7 +213,7 @@ def train_bundle(architecture: str, st_paths: Sequence[str | Path],
         train_pixnet(st_paths, slide_paths, genes, model_name=architecture,
                      extra_st_paths=extra_st_paths, **common)
     elif architecture == "histogene":
-        from histomap.tasks.spot import train_histogene
+        from histomap.tasks.histogene import train_histogene
 
         train_histogene(st_paths, slide_paths, genes, **common)
     elif architecture == "stnet":

@@ -17,8 +17,8 @@ SpatialData) with
   nearest-neighbour downsampling): 1 where the map pixel's centre lies in a tissue tile (or
   requested region), 0 elsewhere; level 0 of the map is 0 where the mask is 0.
 
-Group attrs (under ``ome``, NGFF 0.5): ``multiscales`` (axes c, y, x; per level a scale and a translation in
-micrometres on the slide, the translation putting pixel centres at
+Group attrs (under ``ome``, NGFF 0.5): ``multiscales`` (axes c, y, x; per level a scale and a
+translation in micrometres on the slide, the translation putting pixel centres at
 ``origin_um + (index + 0.5) * mpp_k``), ``omero`` (one channel per gene, labelled with the gene
 name); beside them ``histomap``: ``format``, ``mpp`` (um per level-0 map pixel = input_mpp x
 out_stride), ``origin_px`` (level-0 slide x, y of the map's top-left corner: map pixel (i, j)
@@ -48,12 +48,15 @@ most the band's size), written to zarr and dropped. Add one batch of input tiles
 20 mm wide slide (5000 map px): ~280 MB for the band (~2x at a flush), whatever the slide's
 height. The whole-slide map itself is never held in memory: the pyramid levels are computed
 afterwards from the written level below, one block of chunks at a time (dask).
+
+Modules: this one predicts level 0 and reads maps back; :mod:`histomap.tasks.dense_grid` plans
+the grid, blends tiles and accumulates bands; :mod:`histomap.tasks.dense_zarr` writes the
+OME-Zarr pyramid, metadata and mask.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,198 +74,20 @@ from histomap.data.slide import open_slide, read_region, slide_mpp
 from histomap.errors import InputError
 from histomap.logs import Progress
 from histomap.models.roi import discs_from_spots, roi_aggregate
-from histomap.outputs import partial_path, remove_path
-from histomap.train import amp_dtype, autocast, resolve_device
+from histomap.outputs import atomic_output
+from histomap.tasks.dense_grid import (BandAccumulator, DenseGrid, blend_weights, coverage_mask,
+                                       plan_grid, tiles_to_run, tissue_boxes)
+from histomap.tasks.dense_zarr import (PYRAMID_MIN_PX, chunk_side, write_mask_labels,
+                                       write_ome_metadata, write_pyramid_levels)
+from histomap.training.device import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
 FORMAT = "histomap.tasks.dense_map/1"
-TILE_COLUMNS = ("x0_px", "y0_px", "size_px0")
 DTYPES = ("float32", "float16")
 # ``cpu_bf16: auto`` leaves CPU dense maps in fp32: benchmarks/cpu_bf16.py measured bf16 1.57x
 # faster but its spot read-outs 0.02-0.04 off fp32 (tolerance 1e-2; benchmarks/results/cpu_bf16.md)
 CPU_BF16_DEFAULT = False
-
-
-# --------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class DenseGrid:
-    """Where a dense map lies on the slide and how the prediction tiles cover it.
-
-    ``origin_px``: level-0 (x, y) of the map's top-left corner; ``height``/``width``: map size
-    (map pixels); ``tile``/``step``: prediction tile side and grid step (map pixels).
-    """
-
-    origin_px: tuple[float, float]
-    slide_mpp: float
-    input_mpp: float
-    out_stride: int
-    height: int
-    width: int
-    tile: int
-    step: int
-
-    @property
-    def mpp(self) -> float:
-        """Micrometres per map pixel."""
-        return self.input_mpp * self.out_stride
-
-    @property
-    def px0_per_input(self) -> float:
-        """Level-0 pixels per model-input pixel."""
-        return self.input_mpp / self.slide_mpp
-
-    @property
-    def px0_per_map(self) -> float:
-        """Level-0 pixels per map pixel."""
-        return self.mpp / self.slide_mpp
-
-    @property
-    def n_rows(self) -> int:
-        return 1 + max(0, math.ceil((self.height - self.tile) / self.step))
-
-    @property
-    def n_cols(self) -> int:
-        return 1 + max(0, math.ceil((self.width - self.tile) / self.step))
-
-
-def tissue_boxes(tiles: pd.DataFrame | Sequence[float]) -> np.ndarray:
-    """(k, 4) level-0 boxes (x0, y0, w, h) from a tiling index or one region (x0, y0, w, h)."""
-    if isinstance(tiles, pd.DataFrame):
-        missing = [c for c in TILE_COLUMNS if c not in tiles.columns]
-        if missing:
-            raise ValueError(f"tile index lacks column(s) {missing} (expected the tile_slide "
-                             f"parquet: {list(TILE_COLUMNS)})")
-        if tiles.empty:
-            raise ValueError("the tile index is empty: no tissue tile to predict")
-        size = tiles["size_px0"].to_numpy(dtype=np.float64)
-        return np.column_stack([tiles["x0_px"].to_numpy(dtype=np.float64),
-                                tiles["y0_px"].to_numpy(dtype=np.float64), size, size])
-    box = np.asarray(tiles, dtype=np.float64).reshape(-1)
-    if box.shape != (4,) or box[2] <= 0 or box[3] <= 0:
-        raise ValueError(f"region must be (x0, y0, width, height) level-0 px with positive size, "
-                         f"got {tiles!r}")
-    return box[None, :]
-
-
-def plan_grid(boxes: np.ndarray, *, slide_mpp: float, input_mpp: float, out_stride: int,
-              tile_px: int, overlap_px: int) -> DenseGrid:
-    """The map covering the bounding box of ``boxes`` (level-0 x0, y0, w, h) and its tile grid."""
-    if tile_px % out_stride or overlap_px % out_stride:
-        raise ValueError(f"tile_px ({tile_px}) and overlap_px ({overlap_px}) must be multiples "
-                         f"of the model's out_stride ({out_stride})")
-    if not 0 <= 2 * overlap_px <= tile_px:
-        raise ValueError(f"need 0 <= overlap_px <= tile_px / 2, got {overlap_px} for {tile_px}")
-    if input_mpp <= 0 or slide_mpp <= 0:
-        raise ValueError(f"mpp must be positive (input {input_mpp}, slide {slide_mpp})")
-    ox, oy = np.floor(boxes[:, 0].min()), np.floor(boxes[:, 1].min())
-    span_x = (boxes[:, 0] + boxes[:, 2]).max() - ox
-    span_y = (boxes[:, 1] + boxes[:, 3]).max() - oy
-    px0_per_map = input_mpp * out_stride / slide_mpp
-    return DenseGrid(origin_px=(float(ox), float(oy)), slide_mpp=float(slide_mpp),
-                     input_mpp=float(input_mpp), out_stride=int(out_stride),
-                     height=max(1, math.ceil(span_y / px0_per_map - 1e-9)),
-                     width=max(1, math.ceil(span_x / px0_per_map - 1e-9)),
-                     tile=tile_px // out_stride, step=(tile_px - overlap_px) // out_stride)
-
-
-def coverage_mask(grid: DenseGrid, boxes: np.ndarray) -> np.ndarray:
-    """(H, W) bool: map pixels whose centre lies inside any box (level-0 x0, y0, w, h)."""
-    mask = np.zeros((grid.height, grid.width), dtype=bool)
-    s = grid.px0_per_map
-    ox, oy = grid.origin_px
-    # pixel j is inside [a, b) when a <= ox + (j + 0.5) s < b
-    c0 = np.ceil((boxes[:, 0] - ox) / s - 0.5).astype(np.int64)
-    c1 = np.ceil((boxes[:, 0] + boxes[:, 2] - ox) / s - 0.5).astype(np.int64)
-    r0 = np.ceil((boxes[:, 1] - oy) / s - 0.5).astype(np.int64)
-    r1 = np.ceil((boxes[:, 3] + boxes[:, 1] - oy) / s - 0.5).astype(np.int64)
-    for a, b, c, d in zip(np.clip(r0, 0, grid.height), np.clip(r1, 0, grid.height),
-                          np.clip(c0, 0, grid.width), np.clip(c1, 0, grid.width)):
-        mask[a:b, c:d] = True
-    return mask
-
-
-def tiles_to_run(grid: DenseGrid, mask: np.ndarray) -> list[tuple[int, int]]:
-    """Grid tiles (row, col) whose map footprint touches the coverage mask, row-major."""
-    keep = []
-    for r in range(grid.n_rows):
-        y = r * grid.step
-        for c in range(grid.n_cols):
-            x = c * grid.step
-            if mask[y:y + grid.tile, x:x + grid.tile].any():
-                keep.append((r, c))
-    return keep
-
-
-def blend_weights(tile: int, overlap: int) -> np.ndarray:
-    """(tile, tile) float32 separable weight: sin^2 ramps over ``overlap`` px at each edge.
-
-    The rising ramp of one tile and the falling ramp of its neighbour (``tile - overlap`` px
-    further) sum to 1 pixel by pixel; every weight is > 0.
-    """
-    w = np.ones(tile, dtype=np.float64)
-    if overlap > 0:
-        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
-        w[:overlap] = ramp
-        w[tile - overlap:] = np.minimum(w[tile - overlap:], ramp[::-1])
-    return np.outer(w, w).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- band accumulator
-class BandAccumulator:
-    """Weighted sums of tile outputs for a band of map rows; finished rows go to a writer.
-
-    ``add`` places a (genes, t, t) tile at map (row, col); ``flush(end)`` normalises rows
-    [top, end) by the accumulated weights, zeroes pixels outside ``mask``, hands them to
-    ``write(top, rows)`` and shifts the band so that ``end`` becomes its top.
-    """
-
-    def __init__(self, n_genes: int, rows: int, width: int, mask: np.ndarray,
-                 write: Callable[[int, np.ndarray], None]):
-        if rows < 1 or width < mask.shape[1]:
-            raise ValueError(f"band of {rows} x {width} px cannot hold map rows {mask.shape}")
-        self.num = np.zeros((n_genes, rows, width), dtype=np.float32)
-        self.den = np.zeros((rows, width), dtype=np.float32)
-        self.top = 0
-        self.mask = mask
-        self.write = write
-        self.n_uncovered = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.num.nbytes + self.den.nbytes
-
-    def add(self, values: np.ndarray, weights: np.ndarray, row: int, col: int) -> None:
-        t_h, t_w = weights.shape
-        y = row - self.top
-        if y < 0 or y + t_h > self.den.shape[0]:
-            raise RuntimeError(f"tile rows {row}..{row + t_h} fall outside the band "
-                               f"{self.top}..{self.top + self.den.shape[0]}")
-        self.num[:, y:y + t_h, col:col + t_w] += values * weights
-        self.den[y:y + t_h, col:col + t_w] += weights
-
-    def flush(self, end: int) -> None:
-        n = end - self.top
-        if n <= 0:
-            return
-        height, width = self.mask.shape
-        n_out = min(n, height - self.top)
-        if n_out > 0:
-            mask = self.mask[self.top:self.top + n_out]
-            den = self.den[:n_out, :width]
-            self.n_uncovered += int((mask & (den <= 0)).sum())
-            covered = mask & (den > 0)
-            scale = np.zeros(den.shape, dtype=np.float32)
-            np.divide(1.0, den, out=scale, where=covered)
-            self.write(self.top, self.num[:, :n_out, :width] * scale)
-        keep = self.den.shape[0] - n  # rows still open (the overlap with the next band)
-        if keep > 0:
-            self.num[:, :keep] = self.num[:, n:]
-            self.den[:keep] = self.den[n:]
-        self.num[:, max(keep, 0):] = 0.0
-        self.den[max(keep, 0):] = 0.0
-        self.top = end
-
 
 # --------------------------------------------------------------------------- prediction
 def _prefetch(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
@@ -291,6 +116,21 @@ def _model_genes(model: nn.Module, genes: Sequence[str] | None) -> list[str]:
     return genes
 
 
+def _check_options(model: nn.Module, dtype: str, batch_size: int,
+                   band_tile_rows: int | None) -> int:
+    """Refuse bad prediction options; returns the model's ``out_stride``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size < 1 or (band_tile_rows is not None and band_tile_rows < 1):
+        raise ValueError(f"batch_size and band_tile_rows must be >= 1, got {batch_size}, "
+                         f"{band_tile_rows}")
+    out_stride = int(getattr(model, "out_stride", 0))
+    if out_stride < 1:
+        raise ValueError("the model needs an integer `out_stride` attribute (map pixel size in "
+                         "input pixels)")
+    return out_stride
+
+
 def predict_dense_map(model: nn.Module, slide_path: str | Path,
                       tiles: pd.DataFrame | Sequence[float], *, input_mpp: float,
                       tile_px: int, overlap_px: int, out_zarr: str | Path,
@@ -314,22 +154,14 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
             every row at once (one-shot).
         dtype: "float32" or "float16" for the stored ``dense`` array (blending is float32).
         amp, cpu_bf16: autocast on CUDA (``amp``), and on the CPU too with ``cpu_bf16`` (bf16;
-            see :func:`histomap.train.cpu_bf16_enabled`). The autocast dtype and the torch
-            thread count are recorded in the attrs (``autocast``, ``threads``).
+            see :func:`histomap.training.device.cpu_bf16_enabled`). The autocast dtype and the
+            torch thread count are recorded in the attrs (``autocast``, ``threads``).
         extra_attrs: JSON-able values stored in the group attrs (e.g. the model's provenance).
 
     Returns the written map opened read-only (:func:`read_dense`). The file is written under a
     temporary name and renamed at the end, so a failure leaves nothing.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if batch_size < 1 or (band_tile_rows is not None and band_tile_rows < 1):
-        raise ValueError(f"batch_size and band_tile_rows must be >= 1, got {batch_size}, "
-                         f"{band_tile_rows}")
-    out_stride = int(getattr(model, "out_stride", 0))
-    if out_stride < 1:
-        raise ValueError("the model needs an integer `out_stride` attribute (map pixel size in "
-                         "input pixels)")
+    out_stride = _check_options(model, dtype, batch_size, band_tile_rows)
     genes = _model_genes(model, genes)
     slide_path, out_zarr = Path(slide_path), Path(out_zarr)
     boxes = tissue_boxes(tiles)
@@ -348,24 +180,14 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                  slide_path.name, grid.height, grid.width, grid.mpp, grid.origin_px,
                  len(genes), len(todo), grid.n_rows * grid.n_cols, tile_px, overlap_px,
                  len(boxes))
-        tmp = partial_path(out_zarr)
-        remove_path(tmp)
-        out_zarr.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        attrs = {"slide": str(slide_path), "tile_px": int(tile_px),
+                 "overlap_px": int(overlap_px), "device": str(device),
+                 "autocast": None if amp_type is None else str(amp_type).removeprefix("torch."),
+                 "threads": int(torch.get_num_threads()), **(extra_attrs or {})}
+        with atomic_output(out_zarr) as tmp:
             _write_dense(model, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
                          batch_size=batch_size, band_tile_rows=band_tile_rows, device=device,
-                         amp_type=amp_type, attrs={"slide": str(slide_path),
-                                                   "tile_px": int(tile_px),
-                                                   "overlap_px": int(overlap_px),
-                                                   "device": str(device),
-                                                   "autocast": None if amp_type is None
-                                                   else str(amp_type).removeprefix("torch."),
-                                                   "threads": int(torch.get_num_threads()),
-                                                   **(extra_attrs or {})})
-            remove_path(out_zarr)
-            os.replace(tmp, out_zarr)
-        finally:
-            remove_path(tmp)
+                         amp_type=amp_type, attrs=attrs)
     elapsed = time.perf_counter() - start
     log.info("%s: wrote %s in %.1f s (%.2f tiles/s)", slide_path.name, out_zarr, elapsed,
              len(todo) / max(elapsed, 1e-9))
@@ -433,118 +255,6 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                               "input_mpp": grid.input_mpp, "out_stride": grid.out_stride,
                               "genes": genes, "n_tiles": len(todo), **attrs}
     log.info("OME-Zarr: %d pyramid level(s), chunks %s (one gene each)", n_levels, dense.chunks)
-
-
-# --------------------------------------------------------------------------- OME-Zarr layout
-PYRAMID_MIN_PX = 64   # the pyramid stops at the first level whose longer side is <= this
-CHUNK_TARGET_PX = 256
-
-
-def chunk_side(step: int) -> int:
-    """Spatial chunk side (map px): a multiple of the grid step near CHUNK_TARGET_PX, so that
-    band flushes mostly fill whole chunks."""
-    step = max(1, int(step))
-    return step * max(1, round(CHUNK_TARGET_PX / step))
-
-
-def n_pyramid_levels(height: int, width: int, min_px: int = PYRAMID_MIN_PX) -> int:
-    """Levels 0..n-1 halving the size until the longer side is <= ``min_px``."""
-    n, h, w = 1, height, width
-    while max(h, w) > min_px:
-        h, w, n = (h + 1) // 2, (w + 1) // 2, n + 1
-    return n
-
-
-def _halve(level, mode: str):
-    """Dask array of one level down: 2x2 block mean (``"mean"``) or the top-left pixel of each
-    block (``"nearest"``, for labels); odd edges padded by repetition."""
-    import dask.array as da
-
-    pad = [(0, 0)] * (level.ndim - 2) + [(0, level.shape[-2] % 2), (0, level.shape[-1] % 2)]
-    if any(p[1] for p in pad):
-        level = da.pad(level, pad, mode="edge")
-    if mode == "nearest":
-        return level[..., ::2, ::2]
-    axes = {level.ndim - 2: 2, level.ndim - 1: 2}
-    return da.coarsen(np.mean, level.astype(np.float32), axes).astype(level.dtype)
-
-
-def write_pyramid_levels(group: zarr.Group, min_px: int = PYRAMID_MIN_PX,
-                         mode: str = "mean") -> int:
-    """Add levels ``1``, ``2``, ... to ``group`` from its written level ``0``, each computed
-    chunk-wise from the level below (never the whole map in memory); returns the level count."""
-    import dask.array as da
-
-    base = group["0"]
-    n_levels = n_pyramid_levels(*base.shape[-2:], min_px=min_px)
-    for k in range(1, n_levels):
-        below = group[str(k - 1)]
-        src = da.from_zarr(below)
-        out = _halve(src, mode)
-        chunks = tuple(min(c, s) for c, s in zip(base.chunks, out.shape))
-        target = group.create_array(str(k), shape=out.shape, dtype=base.dtype, chunks=chunks,
-                                    fill_value=0, dimension_names=base.metadata.dimension_names)
-        da.store(out.rechunk(chunks), target, lock=False, scheduler="synchronous")
-    return n_levels
-
-
-def _level_transforms(grid: DenseGrid, n_levels: int, spatial_ndim_prefix: int) -> list[dict]:
-    ox_um, oy_um = grid.origin_px[0] * grid.slide_mpp, grid.origin_px[1] * grid.slide_mpp
-    datasets = []
-    for k in range(n_levels):
-        mpp = grid.mpp * 2 ** k
-        lead = [1.0] * spatial_ndim_prefix
-        datasets.append({"path": str(k), "coordinateTransformations": [
-            {"type": "scale", "scale": [*lead, mpp, mpp]},
-            {"type": "translation",
-             "translation": [*([0.0] * spatial_ndim_prefix), oy_um + 0.5 * mpp,
-                             ox_um + 0.5 * mpp]}]})
-    return datasets
-
-
-SPACE_AXES = [{"name": "y", "type": "space", "unit": "micrometer"},
-              {"name": "x", "type": "space", "unit": "micrometer"}]
-
-
-def write_ome_metadata(group: zarr.Group, grid: DenseGrid, genes: list[str], n_levels: int,
-                       name: str) -> None:
-    """NGFF 0.5 ``multiscales`` (micrometre scale and translation per level) and ``omero``
-    channel labels (the gene names), written by ome-zarr-py."""
-    from ome_zarr.format import FormatV05
-    from ome_zarr.writer import write_multiscales_metadata
-
-    omero = {"channels": [{"label": g, "active": i < 3, "color": "FFFFFF",
-                           "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}}
-                          for i, g in enumerate(genes)]}
-    write_multiscales_metadata(group, _level_transforms(grid, n_levels, 1), fmt=FormatV05(),
-                               axes=[{"name": "c", "type": "channel"}, *SPACE_AXES], name=name,
-                               metadata={"omero": omero, "method": "2x2 block mean"})
-
-
-def write_mask_labels(group: zarr.Group, grid: DenseGrid, mask: np.ndarray,
-                      n_levels: int) -> None:
-    """The tissue mask as the OME-Zarr label image ``labels/mask`` with the map's pyramid."""
-    from ome_zarr.format import FormatV05
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
-
-    labels = group.require_group("labels")
-    label = labels.require_group("mask")
-    chunk = chunk_side(grid.step)
-    label.create_array("0", data=mask.astype(np.uint8),
-                       chunks=(min(chunk, grid.height), min(chunk, grid.width)),
-                       dimension_names=("y", "x"))
-    n = write_pyramid_levels(label, min_px=PYRAMID_MIN_PX, mode="nearest")
-    if n != n_levels:
-        raise RuntimeError(f"mask pyramid has {n} levels, the map {n_levels}")
-    write_multiscales_metadata(label, _level_transforms(grid, n_levels, 0), fmt=FormatV05(),
-                               axes=SPACE_AXES, name="mask")
-    write_label_metadata(group["labels"], "mask", fmt=FormatV05(),
-                         colors=[{"label-value": 1, "rgba": [255, 255, 255, 128]}],
-                         properties=[{"label-value": 1, "name": "tissue"}],
-                         source={"image": "../../"})
-    # ome-zarr-py 0.15 leaves the `labels` group's NGFF 0.5 version out; validators need it
-    labels = group["labels"]
-    labels.attrs["ome"] = {**labels.attrs["ome"], "version": FormatV05().version}
 
 
 def _band_batches(todo: list[tuple[int, int]], n_rows: int, rows_per_band: int,

@@ -22,7 +22,7 @@ float16 rounding and the context a window border cuts off). Only an encoder with
 is cached (a named pretrained encoder, or a timm name with a checkpoint): a random timm network
 differs in every model.
 
-Consumers: :class:`CachedWindowDataset` serves :class:`histomap.tasks.dense.WindowDataset`'s
+Consumers: :class:`CachedWindowDataset` serves :class:`histomap.tasks.dense_windows.WindowDataset`'s
 training windows as crops of the cached pyramid instead of images (PixNet with a frozen encoder,
 the iStar-style MLP on encoder features; :func:`cached_datasets`, batch loss
 :func:`cached_dense_batch_loss`). Window origins snap to the coarsest stride, jitter moves in
@@ -52,9 +52,9 @@ from histomap.data.spot_patches import dihedral
 from histomap.errors import InputError
 from histomap.models.encoders import create_encoder, encoder_mean_std, is_pretrained
 from histomap.models.roi import roi_aggregate
-from histomap.outputs import partial_path, remove_path
-from histomap.tasks.dense import SlideSpots, WindowDataset, make_loss_fn
-from histomap.train import to_device
+from histomap.outputs import atomic_output
+from histomap.tasks.dense_windows import SlideSpots, WindowDataset, make_loss_fn
+from histomap.training.device import to_device
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,7 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
     crop_um = float(crop_um or geometry(spots)["spot_diameter_um"])
     tissue = pd.read_parquet(tiles_parquet) if tiles_parquet else None
     t0 = time.time()
-    tmp = partial_path(out_zarr)
-    remove_path(tmp)
-    try:
+    with atomic_output(out_zarr) as tmp:
         with open_slide(slide_path) as slide:
             mpp0 = slide_mpp(slide, slide_path)
             recorded = float(geometry(spots)["mpp"])
@@ -153,30 +151,8 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
             want = _tiles_to_encode(width_in, height_in, tile_px, s0, tissue, centres,
                                     context_um / mpp0)
             root = zarr.open_group(str(tmp), mode="w")
-            arrays = []
-            for i, (stride, ch) in enumerate(zip(enc.strides, enc.channels)):
-                shape = (ch, height_in // stride, width_in // stride)
-                chunk = max(tile_px // stride, 1)
-                arrays.append(root.create_array(f"level{i}", shape=shape, dtype="float16",
-                                                chunks=(ch, chunk, chunk), fill_value=0))
-            for r, c in tqdm(np.argwhere(want), desc="encode tiles", unit="tile",
-                             disable=None, leave=False):
-                x0, y0 = int(c) * tile_px - margin_px, int(r) * tile_px - margin_px
-                side = tile_px + 2 * margin_px
-                rgb = read_region(slide, x0 * s0, y0 * s0, side * s0, side * s0, side, side)
-                for arr, stride, level in zip(arrays, enc.strides, enc.levels(_to_tensor(rgb))):
-                    m, t = margin_px // stride, tile_px // stride
-                    block = level[0, :, m:m + t, m:m + t].half().numpy()
-                    r0, c0 = int(r) * t, int(c) * t
-                    h = min(t, arr.shape[1] - r0)
-                    w = min(t, arr.shape[2] - c0)
-                    arr[:, r0:r0 + h, c0:c0 + w] = block[:, :h, :w]
-            pooled = np.zeros((len(centres), int(enc.pooled.num_features)), np.float16)
-            for i in range(0, len(centres), batch_size):
-                crops = np.stack([read_patch(slide, cx, cy, crop_um, mpp0, float(mpp))
-                                  for cx, cy in centres[i:i + batch_size]])
-                x = torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2).float() / 255.0
-                pooled[i:i + batch_size] = enc.pool(x).half().numpy()
+            _encode_tiles(slide, enc, root, want, (height_in, width_in), s0, tile_px, margin_px)
+            pooled = _pool_spot_crops(slide, enc, centres, crop_um, mpp0, float(mpp), batch_size)
         root.create_array("spots", data=pooled, chunks=pooled.shape or (1, 1))
         names = root.create_array("spot_names", shape=(len(centres),), dtype=str)
         names[:] = np.asarray(spots.obs_names, dtype=object)
@@ -187,15 +163,48 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
             "slide": str(slide_path), "strides": enc.strides, "channels": enc.channels,
             "origin_px": [0, 0], "tile_px": int(tile_px), "margin_px": int(margin_px),
             "crop_um": crop_um, "context_um": float(context_um)})
-        remove_path(out_zarr)
-        tmp.rename(out_zarr)
-    except BaseException:
-        remove_path(tmp)
-        raise
     log.info("%s: %s features at %g um/px, %d of %d tiles encoded, %d spot crops, %.1f s",
              slide_path, encoder, mpp, int(want.sum()), want.size, len(centres),
              time.time() - t0)
     return out_zarr
+
+
+def _encode_tiles(slide, enc: SlideEncoder, root: zarr.Group, want: np.ndarray,
+                  size_in: tuple[int, int], s0: float, tile_px: int, margin_px: int) -> None:
+    """One float16 array per feature level in ``root`` (``level{i}``), filled tile by tile for
+    the tiles of ``want``; each tile is encoded with a ``margin_px`` context border that is
+    cut off. ``size_in``: (height, width) in input pixels; ``s0``: level-0 px per input px."""
+    height_in, width_in = size_in
+    arrays = []
+    for i, (stride, ch) in enumerate(zip(enc.strides, enc.channels)):
+        shape = (ch, height_in // stride, width_in // stride)
+        chunk = max(tile_px // stride, 1)
+        arrays.append(root.create_array(f"level{i}", shape=shape, dtype="float16",
+                                        chunks=(ch, chunk, chunk), fill_value=0))
+    for r, c in tqdm(np.argwhere(want), desc="encode tiles", unit="tile",
+                     disable=None, leave=False):
+        x0, y0 = int(c) * tile_px - margin_px, int(r) * tile_px - margin_px
+        side = tile_px + 2 * margin_px
+        rgb = read_region(slide, x0 * s0, y0 * s0, side * s0, side * s0, side, side)
+        for arr, stride, level in zip(arrays, enc.strides, enc.levels(_to_tensor(rgb))):
+            m, t = margin_px // stride, tile_px // stride
+            block = level[0, :, m:m + t, m:m + t].half().numpy()
+            r0, c0 = int(r) * t, int(c) * t
+            h = min(t, arr.shape[1] - r0)
+            w = min(t, arr.shape[2] - c0)
+            arr[:, r0:r0 + h, c0:c0 + w] = block[:, :h, :w]
+
+
+def _pool_spot_crops(slide, enc: SlideEncoder, centres: np.ndarray, crop_um: float, mpp0: float,
+                     mpp: float, batch_size: int) -> np.ndarray:
+    """(spots, features) float16: the encoder's pooled features of each spot's crop."""
+    pooled = np.zeros((len(centres), int(enc.pooled.num_features)), np.float16)
+    for i in range(0, len(centres), batch_size):
+        crops = np.stack([read_patch(slide, cx, cy, crop_um, mpp0, mpp)
+                          for cx, cy in centres[i:i + batch_size]])
+        x = torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2).float() / 255.0
+        pooled[i:i + batch_size] = enc.pool(x).half().numpy()
+    return pooled
 
 
 class FeaturePyramid:

@@ -26,7 +26,7 @@ import pandas as pd
 from histomap.data.preprocess import expression_matrix
 from histomap.data.sample import geometry
 from histomap.errors import InputError
-from histomap.outputs import partial_path
+from histomap.outputs import atomic_output
 from histomap.tasks.predict import spots_prediction_anndata
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,10 @@ def train_mean(st_paths: Sequence[str | Path], genes: Sequence[str], out_tsv: st
         raise InputError(", ".join(map(str, st_paths)) or "<no training samples>",
                          "no training spots to average")
     means = pd.Series(total / n_spots, index=pd.Index(genes, name="gene"), name="mean")
-    out_tsv = Path(out_tsv)
-    out_tsv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(out_tsv)
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_output(out_tsv) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(f"# per-gene mean of {n_spots} log-normalised training spots of "
                  f"{', '.join(names)}\n")
         means.reset_index().to_csv(fh, sep="\t", index=False, float_format="%.9g")
-    tmp.replace(out_tsv)
     log.info("mean model: %d genes averaged over %d spots of %s", len(genes), n_spots,
              ", ".join(names))
     return means
@@ -88,7 +84,8 @@ def predict_mean(means_tsv: str | Path, spots_h5ad: str | Path, out_h5ad: str | 
     pred = np.broadcast_to(means.to_numpy(np.float32), (spots.n_obs, len(means)))
     out = spots_prediction_anndata(
         pred, spots.obs_names, means.index, spots.obsm["spatial"], geo, diameter,
-        model_info={"model": MODEL_NAME, "path": str(means_tsv)})
+        model_info={"model": MODEL_NAME, "path": str(means_tsv)},
+        scanpy_uns=spots.uns.get("spatial"))
     out_h5ad = Path(out_h5ad)
     out_h5ad.parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(out_h5ad)

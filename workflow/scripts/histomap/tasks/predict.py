@@ -22,7 +22,7 @@ from histomap.compat import torch
 from histomap.data.sample import UNS_KEY
 from histomap.data.scanpy_spatial import carry_scanpy_spatial
 from histomap.logs import progress
-from histomap.train import amp_dtype, autocast, resolve_device
+from histomap.training.device import amp_dtype, autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,14 @@ def predict_spots(model: nn.Module, dataset: Dataset, *, batch_size: int = 64,
     return pred
 
 
-def _h5ad_value(value):
+def h5ad_value(value):
     """Make a metadata value writable to h5ad (which has no None): None -> "" ."""
     if value is None:
         return ""
     if isinstance(value, Mapping):
-        return {str(k): _h5ad_value(v) for k, v in value.items()}
+        return {str(k): h5ad_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_h5ad_value(v) for v in value]
+        return [h5ad_value(v) for v in value]
     return value
 
 
@@ -103,8 +103,12 @@ def spots_prediction_anndata(pred: np.ndarray, obs_names: Sequence[str], genes: 
         log.info("per-spot diameters: uns spot_diameter_um is their median")
     if model_info is not None:
         uns["model"] = dict(model_info)
-    adata.uns[UNS_KEY] = _h5ad_value(uns)
-    if scanpy_uns is not None:
+    adata.uns[UNS_KEY] = h5ad_value(uns)
+    if scanpy_uns:
         carry_scanpy_spatial(adata, scanpy_uns, spot_diameter_um=uns["spot_diameter_um"],
                              mpp=float(geometry["mpp"]))
+    else:  # every prediction table is made here: one without the H&E says so in the log
+        log.warning("%s predictions have no source uns['spatial']: no H&E for scanpy "
+                    "(pass the source table's uns['spatial'] as scanpy_uns)",
+                    uns.get("sample", "the"))
     return adata

@@ -30,6 +30,7 @@ from PIL import Image
 
 from histomap.data.sample import Sample, annotate_spots
 from histomap.errors import InputError
+from histomap.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,14 @@ def write_he_only(src: str | Path, dst: str | Path) -> Path:
     import shutil
 
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
-        if dst.suffix.lower() in TIFF_SUFFIXES:
+    suffix = dst.suffix.lower()
+    if suffix not in (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg"):
+        raise ValueError(f"{dst}: write .tif, .png or .jpg")
+    with atomic_output(dst) as tmp:
+        if suffix in TIFF_SUFFIXES:
             shutil.copyfile(src, tmp)
-        elif dst.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        else:
             level0 = tifffile.imread(src, key=0)
             Image.fromarray(np.ascontiguousarray(level0[..., :3])).save(
-                tmp, format="PNG" if dst.suffix.lower() == ".png" else "JPEG", quality=95)
-        else:
-            raise ValueError(f"{dst}: write .tif, .png or .jpg")
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+                tmp, format="PNG" if suffix == ".png" else "JPEG", quality=95)
     return dst

@@ -29,11 +29,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histomap.data.io import read_json_object
-from histomap.data.io.legacy_st import (
-    _examples,
+from histomap.data.io._checks import (
     check_count_values,
     check_positive,
     check_within_image,
+    examples,
     to_csr_counts,
 )
 from histomap.data.sample import Sample, annotate_spots
@@ -68,7 +68,7 @@ def read_transcript_bins(path: Path, mpp: float, image_path: Path) -> ad.AnnData
     import pyarrow.parquet as pq
 
     from histomap.data.io import xenium
-    from histomap.data.io.legacy_st import image_size
+    from histomap.data.io._checks import image_size
 
     try:
         columns = list(pq.ParquetFile(path).schema_arrow.names)
@@ -171,7 +171,7 @@ def read_st(path: Path) -> tuple[ad.AnnData, np.ndarray]:
         duplicated = counts.var_names[counts.var_names.duplicated()]
         counts.var_names_make_unique()
         log.warning("%s: %d duplicate gene names renamed to be unique (e.g. %s)", path,
-                    len(duplicated), _examples(duplicated, 3))
+                    len(duplicated), examples(duplicated, 3))
     if counts.n_obs == 0:
         raise InputError(path, "no spot under tissue")
     return counts, xy

@@ -32,12 +32,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histomap.data.io import read_json_object
-from histomap.data.io.legacy_st import (
-    _examples,
+from histomap.data.io._checks import (
     check_count_values,
     check_positive,
     check_unique,
     check_within_image,
+    examples,
     to_csr_counts,
 )
 from histomap.data.sample import UNS_KEY, Sample, annotate_spots, dropped_entry
@@ -169,7 +169,7 @@ def read_10x_h5(path: Path) -> ad.AnnData:
     if duplicated.any():  # same renaming as AnnData.var_names_make_unique: GA, GA-1, ...
         symbols = ad.utils.make_index_unique(symbols)
         log.warning("%s: %d duplicate gene symbols renamed to be unique (e.g. %s)", path.name,
-                    int(duplicated.sum()), _examples(symbols[duplicated], 3))
+                    int(duplicated.sum()), examples(symbols[duplicated], 3))
     return ad.AnnData(X=to_csr_counts(matrix), obs=pd.DataFrame(index=pd.Index(barcodes)),
                       var=pd.DataFrame({"gene_ids": ids[keep]}, index=symbols))
 
@@ -236,7 +236,7 @@ def match_barcodes(counts: ad.AnnData, positions: pd.DataFrame, matrix_path: Pat
     if (~known).any():
         log.warning("%s: %d barcodes have no row in %s and are dropped: %s", matrix_path.name,
                     int((~known).sum()), positions_path.name,
-                    _examples(counts.obs_names[~known]))
+                    examples(counts.obs_names[~known]))
         dropped[f"matrix barcodes without a position in {positions_path.name}"] = dropped_entry(
             positions_path, int((~known).sum()), counts.n_obs, counts.obs_names[~known])
     tissue_barcodes = positions.index[in_tissue]
@@ -253,7 +253,7 @@ def match_barcodes(counts: ad.AnnData, positions: pd.DataFrame, matrix_path: Pat
     if missing.any():
         log.warning("%s: %d in-tissue spots have no column in %s and are dropped: %s",
                     positions_path.name, int(missing.sum()), matrix_path.name,
-                    _examples(tissue_barcodes[missing]))
+                    examples(tissue_barcodes[missing]))
         dropped[f"in-tissue spots of {positions_path.name} without counts in "
                 f"{matrix_path.name}"] = dropped_entry(matrix_path, int(missing.sum()),
                                                        len(tissue_barcodes),

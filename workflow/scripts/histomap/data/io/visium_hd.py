@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histomap.data.io import read_json_object
-from histomap.data.io.legacy_st import _examples, check_positive, check_within_image
+from histomap.data.io._checks import check_positive, check_within_image, examples
 from histomap.data.io.visium import read_10x_h5, read_positions
 from histomap.data.sample import Sample, annotate_spots
 from histomap.errors import InputError
@@ -123,7 +123,7 @@ def read_bins(folder: Path, bin_um: float) -> ad.AnnData:
         raise InputError(positions_path, f"positions do not match the matrix barcodes: "
                                          f"{int(unknown.sum())} of {counts.n_obs} barcodes of "
                                          f"{matrix_path.name} have no row here (e.g. "
-                                         f"{_examples(counts.obs_names[unknown], 3)})")
+                                         f"{examples(counts.obs_names[unknown], 3)})")
     positions = positions.loc[counts.obs_names]
     in_tissue = positions["in_tissue"].to_numpy() == 1
     if not in_tissue.all():
@@ -147,7 +147,7 @@ def pseudo_spots(bins: ad.AnnData, mpp: float, image_size: tuple[int, int], diam
     """Discs of ``diameter_um`` on a hex lattice (every disc on the image) summing the bins
     whose centre lies inside; spots holding no bin are dropped (logged)."""
     from histomap.data.io.xenium import hex_grid
-    from histomap.data.synthetic import disc_membership
+    from histomap.data.aggregate import disc_membership
 
     width, height = image_size
     radius = diameter_um / 2 / mpp
@@ -213,7 +213,7 @@ def read(sample: str, path: str | Path, *, mpp: float | None = None,
     else:
         pitch = check_positive(spot_pitch_um, "spot_pitch_um", binned,
                                default=diameter * VISIUM_PITCH_PER_DIAMETER)
-        from histomap.data.io.legacy_st import image_size
+        from histomap.data.io._checks import image_size
 
         spots = pseudo_spots(tables[min(tables)], mpp, image_size(image_path), diameter, pitch,
                              image_path)

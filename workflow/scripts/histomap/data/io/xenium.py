@@ -37,8 +37,8 @@ Outputs (the :class:`~histomap.data.sample.Sample` contract):
 * ``highres``: transcripts summed into ``highres_bin_um`` (2 um) square bins on a grid starting
   at image pixel (0, 0), non-empty bins only: X raw counts (CSR), obs ``row, col, n_points,
   diameter_um``, obsm["spatial"] bin centres (level-0 px), obs_names ``bin_{row}x{col}``,
-  uns["bins"] (as :func:`histomap.data.synthetic.aggregate_bins`) and uns["xenium"] (origin, filters,
-  transcript counts);
+  uns["bins"] (as :func:`histomap.data.aggregate.aggregate_bins`) and uns["xenium"] (origin,
+  filters, transcript counts);
 * ``spots``: a Visium-like pseudo-spot grid (discs of ``spot_diameter_um``, default 55 um, on a
   hexagonal lattice with ``spot_pitch_um`` = 100 um centre spacing, every disc inside the image)
   summing the transcripts whose position lies in each disc; spots holding no transcript are
@@ -60,7 +60,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from histomap.data.io.legacy_st import check_positive, image_size
+from histomap.data.io._checks import check_positive, image_size
 from histomap.data.sample import Sample, annotate_spots
 from histomap.errors import InputError
 
@@ -523,7 +523,7 @@ def _counts(rows: np.ndarray, gene_code: np.ndarray, n_rows: int, n_genes: int) 
 def bin_transcripts(xy_px: np.ndarray, gene_code: np.ndarray, genes: pd.Index, bin_um: float,
                     mpp: float, image_shape: tuple[int, int]) -> ad.AnnData:
     """Transcripts summed into square bins of ``bin_um`` covering the image from pixel (0, 0);
-    non-empty bins only, in the layout of :func:`histomap.data.synthetic.aggregate_bins`."""
+    non-empty bins only, in the layout of :func:`histomap.data.aggregate.aggregate_bins`."""
     side = bin_um / mpp
     n_rows = int(math.ceil(image_shape[0] / side))
     n_cols = int(math.ceil(image_shape[1] / side))
@@ -575,7 +575,7 @@ def pseudo_spots(xy_px: np.ndarray, gene_code: np.ndarray, genes: pd.Index, mpp:
         inside = np.isfinite(dist) & (dist <= radius)
         X = _counts(nearest[inside], gene_code[inside], len(centres), len(genes))
     else:
-        from histomap.data.synthetic import disc_membership
+        from histomap.data.aggregate import disc_membership
 
         member = disc_membership(xy_px, centres, radius).astype(np.int32)
         X = (member @ _counts(np.arange(len(xy_px)), gene_code, len(xy_px), len(genes))).tocsr()

@@ -1,0 +1,112 @@
+"""What a synthetic sample is made of (simulate_sample, the embedded demo's first step): the cell
+types, the named gene programmes and how the neighbourhood induces them, and every parameter of
+a sample (:class:`SyntheticConfig`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from histomap.errors import InputError
+
+CELL_TYPES = ("tumour", "stroma", "lymphocyte", "adipocyte", "normal_duct")
+TUMOUR, STROMA, LYMPHOCYTE, ADIPOCYTE, DUCT = range(len(CELL_TYPES))
+GLASS = -1
+
+# Named gene programmes (the rest of the panel are background genes GENE###).
+GENE_PROGRAMMES: dict[str, tuple[str, ...]] = {
+    "housekeeping": ("ACTB", "GAPDH", "B2M", "RPLP0", "EEF1A1", "TPT1"),
+    "tumour": ("ERBB2", "GRB7", "MKI67", "TOP2A", "CCND1", "MUC1"),
+    "epithelial": ("KRT8", "KRT18", "KRT19", "EPCAM"),
+    "normal_duct": ("KRT5", "KRT14", "PIP", "SCGB2A2"),
+    "stroma": ("COL1A1", "COL1A2", "COL3A1", "DCN", "LUM"),
+    "lymphocyte": ("PTPRC", "CD3E", "CD2", "MS4A1", "CD79A"),
+    "adipocyte": ("ADIPOQ", "PLIN1", "FABP4", "LEP"),
+    "induced_by_lymphocyte": ("CXCL9", "CXCL10", "IDO1"),
+    "induced_by_tumour": ("POSTN", "MMP11"),
+}
+# Programme -> cell types expressing it highly.
+PROGRAMME_TYPES: dict[str, tuple[int, ...]] = {
+    "tumour": (TUMOUR,),
+    "epithelial": (TUMOUR, DUCT),
+    "normal_duct": (DUCT,),
+    "stroma": (STROMA,),
+    "lymphocyte": (LYMPHOCYTE,),
+    "adipocyte": (ADIPOCYTE,),
+}
+# Induced programme -> (source type whose neighbour fraction induces it, responding types).
+INDUCTIONS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "induced_by_lymphocyte": (LYMPHOCYTE, (TUMOUR, STROMA, ADIPOCYTE, DUCT)),
+    "induced_by_tumour": (TUMOUR, (STROMA,)),
+}
+N_NAMED_GENES = sum(len(g) for g in GENE_PROGRAMMES.values())
+
+
+def _default_region_bias() -> dict[str, float]:
+    return {"tumour": 0.5, "stroma": 0.45, "lymphocyte": -0.3, "adipocyte": -0.1,
+            "normal_duct": 0.25}
+
+
+def _default_cell_spacing() -> dict[str, float]:
+    return {"tumour": 8.5, "stroma": 13.0, "lymphocyte": 5.5, "adipocyte": 46.0}
+
+
+def _default_library_size() -> dict[str, float]:
+    return {"tumour": 110.0, "stroma": 70.0, "lymphocyte": 40.0, "adipocyte": 220.0,
+            "normal_duct": 90.0}
+
+
+@dataclass
+class SyntheticConfig:
+    """Every parameter of a synthetic sample; lengths in um unless named ``_px``."""
+    seed: int = 0
+    size_um: tuple[float, float] = (1500.0, 1500.0)     # (width, height)
+    mpp: float = 0.5                                      # um per level-0 pixel of he.tif
+    n_genes: int = 60
+    spot_diameter_um: float = 55.0
+    spot_spacing_um: float = 100.0                        # centre-to-centre
+    spot_grid: str = "hex"                                # "hex" (Visium-like) or "square"
+    tissue_margin_um: float = 60.0                        # glass at least this wide at borders
+    tissue_roughness: float = 0.18                        # blob outline wobble
+    region_scale_um: float = 45.0                         # smoothing sigma of the type fields
+    region_bias: dict[str, float] = field(default_factory=_default_region_bias)
+    cell_spacing_um: dict[str, float] = field(default_factory=_default_cell_spacing)
+    gland_spacing_um: float = 60.0
+    lumen_radius_um: tuple[float, float] = (7.0, 14.0)
+    gland_epithelium_um: float = 9.0
+    lymphocyte_infiltration: float = 0.06                 # fraction of lattice sites in stroma
+    library_size: dict[str, float] = field(default_factory=_default_library_size)
+    library_log_sd: float = 0.25
+    neighbourhood_um: float = 40.0
+    induction_strength: float = 0.04                      # fraction of library per gene at 100%
+    grid_um: float = 2.0                                  # resolution of the layout fields
+    dataset_seed: int | None = None                       # the biology (None: the section seed)
+    composition_sd: float = 0.15                          # per-section shift of region biases
+    stain_sd: float = 0.05                                # per-section stain (log OD scale) sd
+    depth_log_sd: float = 0.2                             # per-section library-size factor sd
+    batch_effect_sd: float = 0.0                          # per-section profile noise (log), off
+
+    def __post_init__(self):
+        self.size_um = (float(self.size_um[0]), float(self.size_um[1]))
+        self.lumen_radius_um = (float(self.lumen_radius_um[0]), float(self.lumen_radius_um[1]))
+        problems = []
+        if self.mpp <= 0:
+            problems.append(f"mpp must be positive, got {self.mpp}")
+        if min(self.size_um) <= 2 * self.tissue_margin_um + 50:
+            problems.append(f"size_um {self.size_um} too small for margin "
+                            f"{self.tissue_margin_um} um")
+        if self.n_genes < N_NAMED_GENES:
+            problems.append(f"n_genes must be >= {N_NAMED_GENES} (the named programmes)")
+        if self.spot_grid not in ("hex", "square"):
+            problems.append(f"spot_grid must be 'hex' or 'square', got {self.spot_grid!r}")
+        if self.spot_diameter_um <= 0 or self.spot_spacing_um <= 0:
+            problems.append("spot_diameter_um and spot_spacing_um must be positive")
+        for name in ("composition_sd", "stain_sd", "depth_log_sd", "batch_effect_sd"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if problems:  # config `synthetic` (histomap/plan/schemas/config.schema.yaml has the limits)
+            raise InputError("config `synthetic`", "; ".join(problems))
+
+    @property
+    def shape_px(self) -> tuple[int, int]:
+        """(height, width) of the level-0 image in pixels."""
+        return (int(round(self.size_um[1] / self.mpp)), int(round(self.size_um[0] / self.mpp)))

@@ -1,0 +1,283 @@
+"""Predicting the HR maps of SR pairs: the predict_diffst / predict_sr_baseline / apply_sr rules.
+
+Arrow: SR model + pairs -> **HR maps** (maps zarr, format
+:data:`histomap.data.srmaps.MAPS_FORMAT`) and the **HR-bin AnnData**, both written atomically:
+both appear only when both are complete.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+
+from histomap.data.scanpy_spatial import add_scanpy_spatial
+from histomap.data.srmaps import MAPS_FORMAT
+from histomap.data.srpairs.normalisation import pairs_denormaliser, prediction_denormaliser
+from histomap.data.srpairs.store import has_truth, read_sr_pairs
+from histomap.errors import InputError
+from histomap.logs import Progress
+from histomap.outputs import atomic_output, remove_path
+from histomap.tasks.superres.bin_centres import hr_pixel_centres
+from histomap.tasks.superres.methods import is_diffusion
+from histomap.tasks.superres.model_file import load_sr_model
+from histomap.tasks.superres.sampling import (
+    Welford,
+    meta_diffusion,
+    model_dataset,
+    predict_chains,
+    sampling_modes,
+)
+
+log = logging.getLogger(__name__)
+
+
+# pair attrs copied into the maps' attrs and uns["superres"]
+GEOMETRY_KEYS = ("genes", "scale", "lr_um", "hr_um", "hr_um_row", "patch_um", "edge",
+                 "normalisation", "source", "slide", "slide_mpp", "image_mpp", "hr_shape",
+                 "lr_shape", "hr_target_sum")
+
+
+def _check_pairs_fit_model(pairs_zarr: str | Path, attrs: Mapping, meta: Mapping,
+                           model_path: str | Path) -> None:
+    """Raise an input error unless the pairs have the model's genes, factor, HR patch shape
+    and normalisation."""
+    genes = list(attrs["genes"])
+    if genes != list(meta["genes"]):
+        raise InputError(pairs_zarr, f"genes differ from those the model {model_path} was "
+                                     f"trained on ({len(genes)} vs {len(meta['genes'])})")
+    for key in ("scale", "hr_shape", "normalisation"):
+        if attrs.get(key) != meta["pairs"].get(key):
+            raise InputError(pairs_zarr, f"{key} {attrs.get(key)!r} differs from the model's "
+                                         f"training pairs ({meta['pairs'].get(key)!r})")
+
+
+def _prediction_info(model, meta: Mapping, *, model_path, pairs_zarr, sample, sampler, steps,
+                     n_samples, eta, seed, device, batched: bool, amp_type) -> dict[str, Any]:
+    """How the maps were predicted (maps attrs, ``uns["superres"]``, the return value)."""
+    from histomap.compat import torch
+
+    diffusion = is_diffusion(meta["method"])
+    return {"method": meta["method"], "variant": meta.get("variant", meta["method"]),
+            "model": str(model_path), "pairs": str(pairs_zarr), "sample": sample,
+            "sampler": sampler if diffusion else None,
+            "steps": (steps if sampler != "ddpm" else int(meta["diffusion"]["T"]))
+            if diffusion else None, "n_samples": int(n_samples) if diffusion else 1,
+            "eta": float(eta) if diffusion else None, "seed": int(seed),
+            "target_sum": meta["pairs"].get("target_sum"),
+            "uses_lr_map": bool(getattr(model, "uses_lr_map", True)),
+            "device": str(device), "batch_chains": bool(batched and diffusion),
+            "autocast": None if amp_type is None else str(amp_type).removeprefix("torch."),
+            "threads": int(torch.get_num_threads())}
+
+
+def _create_maps(root: zarr.Group, arrays: Mapping, attrs: Mapping, diffusion: bool
+                 ) -> dict[str, zarr.Array]:
+    """The per-patch map arrays of the maps zarr (written as patches are predicted), and the
+    pairs' mask and placement arrays copied."""
+    n, g = int(arrays["lr"].shape[0]), len(attrs["genes"])
+    h, w = (int(v) for v in attrs["hr_shape"])
+    names = ["pred", "pred_counts"] + (["pred_std", "pred_std_counts"] if diffusion else [])
+    maps = {name: root.create_array(name, shape=(n, g, h, w), dtype="float32",
+                                    chunks=(1, g, h, w), fill_value=0,
+                                    dimension_names=("patch", "gene", "y", "x"))
+            for name in names}
+    for name in ("mask", "origin_px", "origin_um", "grid_index"):
+        values = np.asarray(arrays[name][...])
+        root.create_array(name, shape=values.shape, dtype=values.dtype,
+                          chunks=values.shape, fill_value=0)[...] = values
+    return maps
+
+
+def _write_patch_maps(maps: Mapping[str, zarr.Array], i: int, norm: Welford,
+                      counts: Welford) -> None:
+    """Patch ``i``'s mean (and, for diffusion methods, std) maps, normalised and in counts."""
+    maps["pred"][i] = norm.mean.astype(np.float32)
+    maps["pred_counts"][i] = counts.mean.astype(np.float32)
+    if "pred_std" in maps:
+        maps["pred_std"][i] = norm.std.astype(np.float32)
+        maps["pred_std_counts"][i] = counts.std.astype(np.float32)
+
+
+class _BinTable:
+    """The HR bins in the mask of every predicted patch, collected as rows of the HR-bin
+    AnnData: X = predicted counts, layers ``pred`` (and ``truth``, ``truth_counts`` with a
+    truth, ``pred_std``, ``pred_std_counts`` for diffusion methods), positions in level-0 px."""
+
+    def __init__(self, arrays: Mapping, attrs: Mapping, *, diffusion: bool) -> None:
+        self.arrays, self.truth = arrays, has_truth(attrs)
+        self.n_genes = len(attrs["genes"])
+        # measured HR counts, with the truth's own statistics (for the truth only)
+        self.truth_counts = pairs_denormaliser(arrays, attrs) if self.truth else None
+        self.grid_index = np.asarray(arrays["grid_index"][...], np.int64)
+        self.centres = hr_pixel_centres(np.asarray(arrays["origin_px"][...], np.float64),
+                                        self.grid_index, attrs)
+        self.layers: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("X", "pred", *(("truth", "truth_counts") if self.truth else ()),
+                            *(("pred_std", "pred_std_counts") if diffusion else ()))}
+        self.obs_parts: list[pd.DataFrame] = []
+
+    def add(self, i: int, norm: Welford, counts: Welford, mask: np.ndarray, hr=None) -> None:
+        """Patch ``i``'s bins inside ``mask``; ``hr``: its truth as the model saw it."""
+        self.layers["X"].append(counts.mean[:, mask].T)
+        self.layers["pred"].append(norm.mean[:, mask].T)
+        if self.truth:
+            hr = hr.numpy().astype(np.float64)
+            self.layers["truth"].append(hr[:, mask].T)
+            stored = np.asarray(self.arrays["hr"][i], np.float64)
+            self.layers["truth_counts"].append(self.truth_counts(stored, i)[:, mask].T)
+        if "pred_std" in self.layers:
+            self.layers["pred_std"].append(norm.std[:, mask].T)
+            self.layers["pred_std_counts"].append(counts.std[:, mask].T)
+        ii, jj = np.nonzero(mask)
+        centres = self.centres(i)
+        self.obs_parts.append(pd.DataFrame({
+            "patch": i, "i": ii, "j": jj, "row": self.grid_index[i, 0] + ii,
+            "col": self.grid_index[i, 1] + jj,
+            "x_px": centres[ii, jj, 0], "y_px": centres[ii, jj, 1]}))
+
+    def _stack(self, key: str) -> np.ndarray:
+        parts = self.layers[key]
+        return (np.concatenate(parts) if parts else np.zeros((0, self.n_genes))
+                ).astype(np.float32)
+
+    def anndata(self, genes: Sequence[str], sample: str | None) -> ad.AnnData:
+        """One row per HR bin added (overlapping patches give one row each)."""
+        obs = pd.concat(self.obs_parts, ignore_index=True) if self.obs_parts else pd.DataFrame(
+            {c: [] for c in ("patch", "i", "j", "row", "col", "x_px", "y_px")})
+        obs.index = [f"p{p}_{a}_{b}" for p, a, b in zip(obs["patch"], obs["i"], obs["j"])]
+        if sample is not None:
+            obs["sample"] = pd.Categorical([sample] * len(obs))
+        adata = ad.AnnData(X=self._stack("X"), obs=obs.drop(columns=["x_px", "y_px"]),
+                           var=pd.DataFrame(index=pd.Index(genes)))
+        adata.obsm["spatial"] = obs[["x_px", "y_px"]].to_numpy(np.float64)
+        for key in self.layers:
+            if key != "X":
+                adata.layers[key] = self._stack(key)
+        return adata
+
+
+def _describe_bins(adata: ad.AnnData, attrs: Mapping, geometry: Mapping, info: Mapping,
+                   sample: str | None, truth: bool) -> None:
+    """The HR-bin AnnData's ``uns``: histomap's geometry, how it was predicted and, when the
+    slide is at hand, scanpy's ``uns["spatial"]``."""
+    from histomap.tasks.predict import h5ad_value  # imports torch: not at module level
+
+    adata.uns["histomap"] = h5ad_value({"sample": sample, "mpp": attrs.get("slide_mpp"),
+                                        "image": attrs.get("slide"),
+                                        "bin_um": attrs.get("hr_um")})
+    adata.uns["superres"] = h5ad_value({**{k: v for k, v in geometry.items() if k != "genes"},
+                                        **info, "X": "predicted counts (mean over samples)",
+                                        "truth": bool(truth),
+                                        "units": "layers pred/truth: normalised maps"})
+    slide = attrs.get("slide")
+    if slide and Path(slide).is_file() and attrs.get("slide_mpp") and attrs.get("hr_um"):
+        add_scanpy_spatial(adata, slide, library_id=str(sample or Path(slide).stem),
+                           spot_diameter_um=float(attrs["hr_um"]),
+                           mpp=float(attrs["slide_mpp"]))
+
+
+def _batch_stats(model, meta: Mapping, batch: Mapping, to_counts, chains: Mapping
+                 ) -> list[tuple[Welford, Welford]]:
+    """(normalised, counts) running mean and std over the reverse chains of each patch of a
+    batch (one chain for a baseline)."""
+    stats = [(Welford(), Welford()) for _ in range(len(batch["index"]))]
+    for chain in predict_chains(model, meta, batch, **chains):
+        for b, i in enumerate(batch["index"].tolist()):
+            stats[b][0].add(chain[b])
+            stats[b][1].add(to_counts(chain[b], i))
+    return stats
+
+
+def _predict_patches(model, meta: Mapping, loader, to_counts, chains: Mapping,
+                     maps: Mapping[str, zarr.Array], bins: _BinTable, *, n: int, name: str
+                     ) -> float:
+    """Predict every patch of ``loader`` into ``maps`` and ``bins``; the seconds it took."""
+    start = time.perf_counter()
+    bar = Progress(n, f"SR prediction {name}", "patches", logger=log)
+    for batch in loader:
+        stats = _batch_stats(model, meta, batch, to_counts, chains)
+        for b, i in enumerate(batch["index"].tolist()):
+            norm, counts = stats[b]
+            _write_patch_maps(maps, i, norm, counts)
+            bins.add(i, norm, counts, batch["mask"][b].numpy(),
+                     batch["hr"][b] if bins.truth else None)
+        bar.update(len(batch["index"]))
+    bar.close()
+    return time.perf_counter() - start
+
+
+def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: str | Path,
+               out_h5ad: str | Path, *, sampler: str = "respaced", steps: int | None = 20,
+               n_samples: int = 4, batch_size: int = 4, device: str = "auto", seed: int = 0,
+               eta: float = 0.0, sample: str | None = None, batch_chains: bool | str = "auto",
+               cpu_bf16: bool | str = False) -> dict[str, Any]:
+    """Predict the HR map of every patch of ``pairs_zarr``; write the maps zarr and the HR-bin
+    AnnData (:mod:`histomap.tasks.superres` docstring) atomically: both appear only when both
+    are complete.
+
+    Diffusion methods draw ``n_samples`` reverse chains per patch with ``sampler`` ("ddpm": all
+    T steps; "respaced" / "ddim": ``steps`` steps) from a CPU generator seeded with ``seed``
+    (the same numbers on CPU and GPU); the maps hold their mean and per-pixel std.
+    ``batch_chains``: the chains of a batch as one batch (same numbers,
+    :func:`.sampling.predict_chains`; "auto": on CUDA, and on the CPU where measured faster);
+    ``cpu_bf16``: bf16 autocast on the CPU (true / false / "auto",
+    :func:`histomap.train.cpu_bf16_enabled`). Both, and the torch thread count, are recorded in the
+    maps' attrs and ``uns["superres"]``.
+    """
+    from torch.utils.data import DataLoader
+
+    from histomap.compat import torch
+    from histomap.train import resolve_device
+
+    out_maps_zarr, out_h5ad = Path(out_maps_zarr), Path(out_h5ad)
+    dev = resolve_device(device)
+    model, meta = load_sr_model(model_path, dev)
+    arrays, attrs = read_sr_pairs(pairs_zarr, lazy=True)
+    _check_pairs_fit_model(pairs_zarr, attrs, meta, model_path)
+    diffusion = is_diffusion(meta["method"])
+    n = int(arrays["lr"].shape[0])
+    loader = DataLoader(model_dataset(meta, pairs_zarr), batch_size=int(batch_size),
+                        shuffle=False)
+    generator = torch.Generator().manual_seed(int(seed))
+    batched, amp_type = sampling_modes(dev, batch_chains, cpu_bf16)
+    chains = {"device": dev, "sampler": sampler, "steps": steps, "n_samples": n_samples,
+              "eta": eta, "generator": generator, "diffusion": meta_diffusion(meta),
+              "batch_chains": batched, "amp_type": amp_type}
+    # counts of a prediction: the LR patch and the model's training statistics only
+    to_counts = prediction_denormaliser(arrays, attrs, meta["pairs"].get("target_sum"))
+    info = _prediction_info(model, meta, model_path=model_path, pairs_zarr=pairs_zarr,
+                            sample=sample, sampler=sampler, steps=steps, n_samples=n_samples,
+                            eta=eta, seed=seed, device=dev, batched=batched, amp_type=amp_type)
+    geometry = {k: attrs.get(k) for k in GEOMETRY_KEYS}
+    renamed: list[Path] = []
+    try:
+        with atomic_output(out_maps_zarr) as tmp_zarr:
+            with atomic_output(out_h5ad) as tmp_h5ad:
+                root = zarr.open_group(tmp_zarr, mode="w")
+                root.attrs.update({"format": MAPS_FORMAT, **geometry, **info, "n_patches": n})
+                maps = _create_maps(root, arrays, attrs, diffusion)
+                bins = _BinTable(arrays, attrs, diffusion=diffusion)
+                seconds = _predict_patches(model, meta, loader, to_counts, chains, maps, bins,
+                                           n=n, name=Path(pairs_zarr).name)
+                root.attrs["seconds"] = seconds
+                adata = bins.anndata(list(attrs["genes"]), sample)
+                _describe_bins(adata, attrs, geometry, info, sample, bins.truth)
+                adata.write_h5ad(tmp_h5ad)
+            renamed.append(out_h5ad)
+    except BaseException:  # both appear, or neither
+        for path in renamed:
+            remove_path(path)
+        raise
+    log.info("%s: %d patches (%d HR bins in tissue) predicted by %s in %.1f s (%.3g s per "
+             "patch)%s -> %s, %s", Path(pairs_zarr).name, n, adata.n_obs, info["variant"],
+             seconds, seconds / max(n, 1),
+             f", {info['sampler']} sampler, {info['steps']} steps, K={n_samples}"
+             if diffusion else "", out_maps_zarr, out_h5ad)
+    return {"n_patches": n, "n_bins": int(adata.n_obs), "seconds": seconds, **info}
