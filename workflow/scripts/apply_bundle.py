@@ -9,9 +9,10 @@ from histomap.tasks.bundle import read_bundle
 
 
 def main(sm):
-    set_threads(sm.params.torch_threads)
     bundle = read_bundle(Path(sm.input.bundle).parent)
     p, i = sm.params, sm.input
+    if sm.rule in ("apply_dense", "apply_spot_tables"):  # the torch steps
+        set_threads(p.torch_threads)
     if sm.rule == "apply_dense":
         apply.apply_dense(bundle, i.slide, i.tiles, sm.output[0], device=p.device)
     elif sm.rule == "apply_dense_tables":
