@@ -6,7 +6,7 @@ CORES  ?= all
 CONFIG ?= config/config.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-cluster venv lint format her2st report clean
+.PHONY: demo test test-fast test-full test-cluster venv lint format her2st report clean gpu-check
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# Every GPU / full-size config executed on the CPU through tests/shrink.yaml (sizes only):
+# 20-45 minutes on 2 cores and ~20 GB of temporary files, so not part of `make test`.
+test-full: $(STAMP)
+	$(BIN)/python -m pytest -m full tests/test_full_configs.py
+
 # The demo workflow on a real one-node SLURM cluster on this machine (root; installs SLURM from the
 # Debian packages if missing, starts and stops its daemons): cluster/README.md.
 test-cluster: $(STAMP)
@@ -49,6 +54,13 @@ format: $(STAMP)
 
 her2st: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/her2st.yaml
+
+# On a machine with a CUDA GPU (and the CUDA build of torch, docs/gpu.md): the paper-sized
+# workloads (PixNet on the four HER2ST sections, Diff-ST, a Visium HD-sized dense map, respaced
+# sampling), under 8 min on one H100 -> benchmarks/results/gpu/gpu_check.{csv,md}. No $(STAMP):
+# `make venv` would install the CPU torch; the GPU environment is made as docs/gpu.md says.
+gpu-check:
+	$(BIN)/python benchmarks/gpu_check.py
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores 1 --configfile $(CONFIG) --report results/report/report.html

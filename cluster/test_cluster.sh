@@ -7,10 +7,13 @@
 #   3. GPU resources (config gpu + the profile's gpu_model example) reach sbatch as
 #      --gpus=<model>:<n>;
 #   4. a job that fails inside SLURM (corrupt input) is reported as FAILED and Snakemake exits
-#      non-zero, leaving no output behind.
+#      non-zero, leaving no output behind;
+#   5. a training whose SLURM time limit is shorter than the training is killed by the limit
+#      (SIGTERM: it saves last.pt at the next batch and exits), resubmitted by Snakemake's
+#      --retries, resumes, and its model.pt is bit-identical to an uninterrupted local run.
 # It installs SLURM from the Debian packages if missing, starts the daemons and stops them on
 # exit (also on failure). Must run as root, on a machine with >= 2 cores (CI: Debian 12, 2 cores,
-# 6-8 minutes). Run with: make test-cluster
+# about 15 minutes). Run with: make test-cluster
 # Environment: HISTOMAP_PYTHON (default .venv/bin/python), KEEP_WORK=1 keeps the temporary folder.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -179,9 +182,11 @@ calls = re.findall(r"sbatch call: (sbatch .*?) --wrap=", text)
 assert len(calls) == n_planned, f"{len(calls)} sbatch calls logged"
 for call in calls:
     assert f"-p {partition}" in call and "--gpus" not in call and "--gres" not in call, call
+    assert "--requeue" in call, f"the profile's slurm-requeue did not reach sbatch: {call}"
 train = [c for c in calls if "rule_train_" in c]
 assert len(train) == planned["train_stnet"] + planned["train_pixnet"]
-threads = yaml.safe_load(open(config_yaml))["resources"]["threads"]["train"]
+# training jobs ask for the fixed torch thread count (train.torch_threads, histomap.threads)
+threads = int((yaml.safe_load(open(config_yaml)).get("train") or {}).get("torch_threads", 1))
 assert all(f"--cpus-per-task={threads}" in c and "--mem 2500" in c for c in train), train[0]
 
 bench = work / "results" / "report" / "benchmark.csv"
@@ -377,6 +382,92 @@ leftovers = [p for p in ("spots.h5ad", "slide.tif", "highres.h5ad")
 assert not leftovers, f"partial outputs left: {leftovers}"
 print(f"  SLURM job {ids[0]}: JobState=FAILED ExitCode={record[0]['ExitCode']}, reported by "
       "Snakemake, rule log names S1.tsv, no partial output")
+PY
+
+# ---- 5. a time limit shorter than the training: killed, retried, resumed, identical ---------
+# train_stnet of fold P1 with enough epochs to last at least TL_TARGET_S seconds (from its epoch time
+# in the local demo run; the GPU check above removed the SLURM run's P1 model), submitted with a 1-minute limit: SLURM sends SIGTERM at the limit (SIGKILL
+# KillWait=5 s later), the job writes last.pt at the next batch and exits; Snakemake resubmits it
+# (--retries) and the next attempt resumes. The same training runs uninterrupted locally.
+log "time-limit check: train_stnet P1 under a 1-minute SLURM limit"
+# > the 60 s limit + SLURM's up to 30 s check delay - the job's start-up: the first attempt is
+# always stopped by the limit, the second usually finishes (measured: 200 s gave 4 TIMEOUTs)
+TL_TARGET_S=${TL_TARGET_S:-110}
+EPOCHS=$("$PY" - "$WORK/local/results/models/stnet/P1/seed0/train_log.csv" "$TL_TARGET_S" <<'PY'
+import math, sys
+import pandas as pd
+per_epoch = float(pd.read_csv(sys.argv[1])["seconds"].min())  # the local run shared the CPUs
+print(min(400, max(8, math.ceil(float(sys.argv[2]) / max(per_epoch, 0.05)))))
+PY
+)
+for dir in "$WORK/slurm" "$WORK/local"; do
+  printf 'train: {epochs: %s, patience: %s}\n' "$EPOCHS" "$EPOCHS" > "$dir/timelimit.yaml"
+done
+TL_TARGET=results/models/stnet/P1/seed0/model.pt
+(cd "$WORK/local" && exec timeout 1800 "$PY" -m snakemake -s "$REPO/Snakefile" --cores 2 \
+    "$TL_TARGET" --configfile test_overrides.yaml timelimit.yaml > timelimit_run.log 2>&1) &
+LOCAL_PID=$!
+if ! snakemake_in "$WORK/slurm" timelimit_run.log 1800 "$TL_TARGET" "${SLURM_ARGS[@]}" \
+       --retries 6 --configfile test_overrides.yaml timelimit.yaml \
+       --set-resources train_stnet:runtime=1 --verbose; then
+  show_tail "$WORK/slurm/timelimit_run.log" 60
+  fail "the time-limited training did not finish through retries"
+fi
+if ! wait "$LOCAL_PID"; then
+  LOCAL_PID=
+  show_tail "$WORK/local/timelimit_run.log" 60
+  fail "the local uninterrupted training"
+fi
+LOCAL_PID=
+tl_checks() { show_tail "$WORK/slurm/timelimit_run.log" 60; fail "time-limit checks"; }
+"$PY" - "$WORK/slurm" "$WORK/local" "$JOBCOMP" "$EPOCHS" <<'PY' || tl_checks
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+slurm, local, jobcomp, epochs = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+text = (slurm / "timelimit_run.log").read_text()
+submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.",
+                       text)
+ids = [sid for _, sid, _ in submitted]
+assert len(ids) >= 2, f"expected the training to be resubmitted after its time limit: {ids}"
+calls = re.findall(r"sbatch call: (sbatch .*?) --wrap=", text)
+assert calls and all(re.search(r" -t '?1'? ", c + " ") for c in calls), calls[:1]
+states = {}
+for line in jobcomp.read_text().splitlines():
+    fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+    if fields.get("JobId") in ids:
+        states[fields["JobId"]] = fields["JobState"]
+assert states.get(ids[0]) == "TIMEOUT", f"first attempt: {states}"
+assert states.get(ids[-1]) == "COMPLETED", f"last attempt: {states}"
+first_log = Path(submitted[0][2]).read_text()
+assert "stopped by SIGTERM" in first_log and "last.pt" in first_log, first_log[-2000:]
+rule_log = (slurm / "logs/train/stnet/P1/seed0.log").read_text()
+assert "resuming" in rule_log, rule_log[-2000:]
+
+
+def tensors(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}/{i}")
+    elif isinstance(obj, torch.Tensor):
+        yield prefix, obj
+
+
+rel = "results/models/stnet/P1/seed0/model.pt"
+a = dict(tensors(torch.load(slurm / rel, map_location="cpu", weights_only=True)))
+b = dict(tensors(torch.load(local / rel, map_location="cpu", weights_only=True)))
+assert a and a.keys() == b.keys()
+differ = [k for k in a if not torch.equal(a[k], b[k])]
+assert not differ, f"model.pt differs from the uninterrupted run: {differ[:5]}"
+print(f"  train_stnet P1 ({epochs} epochs, 1-minute limit): SLURM jobs "
+      f"{', '.join(f'{i} {states.get(i)}' for i in ids)}; resumed from last.pt; model.pt "
+      f"({len(a)} tensors) bit-identical to the uninterrupted local run")
 PY
 
 log "PASSED: SLURM run ${SLURM_S}s, local run ${LOCAL_S}s, total $(( $(date +%s) - T0 ))s"

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import reordering_atol
 
 from histomap import models
 from histomap.data.io.synthetic import read as read_synthetic
@@ -82,9 +83,13 @@ def test_padding_does_not_affect_real_spots_but_context_does():
         unmasked = model(padded_p, padded_pos)
         other = model(torch.cat([patches, 1 - pad_p], 1),
                       torch.cat([positions, pad_pos.flip(1)], 1), mask)
-    torch.testing.assert_close(masked[:, :6], base, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(other[:, :6], base, atol=1e-5, rtol=1e-5)  # padding content
-    assert not torch.allclose(unmasked[:, :6], base, atol=1e-4)  # unmasked extra spots matter
+    # 10 padded spots (4 masked out) against 6: attention sums over another length, which the
+    # CPU kernels may order differently; bound from the network's longest reduction
+    # (tests/tolerances.py), far below what an unmasked padding spot changes (checked next)
+    atol = reordering_atol(model, scale=max(1.0, float(base.detach().abs().max())))
+    torch.testing.assert_close(masked[:, :6], base, atol=atol, rtol=0)
+    torch.testing.assert_close(other[:, :6], base, atol=atol, rtol=0)  # padding content
+    assert not torch.allclose(unmasked[:, :6], base, atol=10 * atol)  # unmasked spots matter
     # attention: changing one real spot changes the prediction of another
     changed = patches.clone()
     changed[0, 5] = 1 - changed[0, 5]

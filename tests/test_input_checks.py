@@ -116,6 +116,24 @@ def test_spots_must_lie_on_tissue(tmp_path, mirrored):
     ingest_sample(**{**kwargs, "min_spots_on_tissue": 0.0})  # the check can be turned off
 
 
+def test_transposed_image_fails(tmp_path):
+    """The image saved transposed (x and y swapped, as a reader that confuses rows and columns
+    writes it): the spots at x 420..660, y 30..190 px then fall on the glass."""
+    folder = write_legacy(tmp_path / "S1", image=False, pixel_offset=(420.0, 30.0))
+    rng = np.random.default_rng(0)
+    image = np.full((800, 900, 3), 245, dtype=np.uint8)  # 900 x 800 px, tissue around the spots
+    image[:300, 380:720] = rng.normal((170, 90, 160), 12, size=(300, 340, 3)).clip(0, 255)
+    kwargs = dict(platform="legacy_st", sample="S1", path=folder, out_dir=tmp_path / "o",
+                  spatialdata_mpp=None)
+    Image.fromarray(image).save(folder / "he.png")
+    ingest_sample(**kwargs)  # the right orientation ingests
+    shutil.rmtree(tmp_path / "o")
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 0, 2))).save(folder / "he.png")
+    message = error_of(ingest_sample, **kwargs)
+    assert "he.png" in message and "fall on background" in message and "transposed" in message
+    assert not (tmp_path / "o" / "slide.tif").exists()  # nothing partial left
+
+
 def test_her2st_mirrored_image_fails(her2st_dir, tmp_path):
     folder = tmp_path / "C2"
     shutil.copytree(her2st_dir / "C2", folder)

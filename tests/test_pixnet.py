@@ -1,7 +1,6 @@
 """PixNet: SAFB, encoders (timm CNN, tiny ViT), weight loading, joint loss, one-batch overfit."""
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
@@ -133,18 +132,19 @@ def test_missing_or_wrong_checkpoint_is_input_error(tmp_path):
         _tiny_vit_model(0, pretrained_checkpoint=missing)
     wrong = tmp_path / "wrong.pt"
     torch.save({"foo.weight": torch.zeros(2)}, wrong)
-    with pytest.raises(InputError, match="no key matches"):
+    with pytest.raises(InputError, match=r"wrong.pt.*missing.*no place.*foo.weight"):
         _tiny_vit_model(0, pretrained_checkpoint=wrong)
 
 
-def test_cnn_checkpoint_logs_unused_keys(tmp_path, caplog):
+def test_cnn_checkpoint_with_its_classifier_loads_strictly(tmp_path):
+    """A full classifier's file fills the features_only pyramid (its head left out); the same
+    file into a module it does not fit names the tensors."""
     full = timm.create_model(CNN, pretrained=False)
     path = tmp_path / "cnn.pt"
     torch.save(full.state_dict(), path)
-    model = PixNet(3, encoder=CNN, decoder_channels=SMALL_DECODER)
-    with caplog.at_level(logging.WARNING, logger="histomap.models.pixnet"):
-        load_encoder_weights(model.encoder.backbone, path)
-    assert "not used by the encoder" in caplog.text and "fc." in caplog.text
+    model = PixNet(3, encoder=CNN, decoder_channels=SMALL_DECODER, pretrained_checkpoint=path)
+    with pytest.raises(InputError, match=r"cnn.pt.*no place.*fc\."):
+        load_encoder_weights(model.encoder.backbone, path)  # no architecture keys: fc unmapped
     own = model.encoder.backbone.state_dict()
     for key, value in full.state_dict().items():
         if key in own:

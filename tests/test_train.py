@@ -314,7 +314,13 @@ def test_predict_spots_keeps_order():
     assert pred.shape == (7, 3) and pred.dtype == np.float32
     with torch.no_grad():
         expected = model(torch.stack([ds[i][0] for i in range(7)])).numpy()
-    np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-5)
+    # batches of 3 against one batch of 7: the CPU kernels may order their sums differently by
+    # batch shape, so the bound is the network's reordering bound (tests/tolerances.py) for
+    # outputs of this magnitude; a mixed-up order of spots is off by O(1)
+    from tolerances import reordering_atol
+
+    atol = reordering_atol(model, scale=max(1.0, float(np.abs(expected).max())))
+    np.testing.assert_allclose(pred, expected, rtol=0, atol=atol)
 
 
 def test_spots_prediction_anndata_contract(tmp_path):

@@ -2,6 +2,8 @@
 end-to-end run of the demo configuration (small settings) through every rule."""
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -300,6 +302,15 @@ def test_demo_end_to_end(workdir):
     print("superres.csv:\n" + sr.to_string())
     assert not failures, "\n".join(failures)
     _check_ecosystem_outputs(workdir, models)
+    # the run manifest: every output with its hash; `histomap verify` agrees with the folder
+    manifest = json.loads((workdir / "results" / "manifest.json").read_text())
+    entry = manifest["outputs"]["report/benchmark.csv"]
+    assert entry["sha256"] == hashlib.sha256(
+        (workdir / "results" / "report" / "benchmark.csv").read_bytes()).hexdigest()
+    assert manifest["config"]["models"] == models and manifest["code"]["source_sha256"]
+    verify = subprocess.run([sys.executable, "-m", "histomap.cli", "verify", "results"],
+                            cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
     # the report: run description, the tables as HTML, dense maps, SR panels, curves, cross-scale
     report = workdir / "results" / "report" / "report.html"
     res = run_snakemake(workdir, "--configfile", str(cfg), "--report", str(report), timeout=600)

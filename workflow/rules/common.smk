@@ -133,8 +133,25 @@ def sr_figure_inputs(wildcards):
     return PLAN.sr.figure_inputs(wildcards.sr_method, wildcards.sr_scale)
 
 
-# ---- the default target (Snakefile) -----------------------------------------------------------------
-all_targets = PLAN.all_targets
+# ---- the default target (Snakefile): every output, then the run manifest (evaluate.smk) -------------
+MANIFEST = "results/manifest.json"
+
+
+def all_targets():
+    return [*PLAN.all_targets(), MANIFEST]
+
+
+def manifest_input_files():
+    """What the manifest records as the run's inputs: the sample sheet and each sample's files
+    (generated synthetic sources are outputs, recorded with them)."""
+    files = [str(SAMPLE_SHEET)]
+    for sample in PLAN.sheet.names:
+        files += [
+            str(p)
+            for p in PLAN.sheet.ingest_inputs(sample).values()
+            if not str(p).startswith("results/")
+        ]
+    return files
 
 
 # ---- torch threads: one setting, `train.torch_threads` (histomap.threads) ----------------------

@@ -231,3 +231,28 @@ rule cross_scale_figure:
         "../../envs/report.yaml"
     script:
         "../scripts/cross_scale_figure.py"
+
+
+# The run manifest (histomap.manifest): every file under results/ with its size and SHA-256, the
+# inputs' hashes, the merged config, package versions and the code version; checked later with
+# `histomap verify results`. The last target of `rule all`.
+rule manifest:
+    input:
+        PLAN.all_targets(),
+    output:
+        MANIFEST,
+    params:
+        config=config,
+        configfiles=[str(p) for p in workflow.configfiles],
+        inputs=manifest_input_files(),
+        repo=workflow.basedir,
+    log:
+        "logs/manifest.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["light"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/write_manifest.py"

@@ -159,6 +159,7 @@ rule predict_pixnet:
             ]
         ),
         cpu_bf16=config.get("predict", {}).get("cpu_bf16", "auto"),
+        dense_dtype=config.get("predict", {}).get("dense_dtype", "float32"),
     log:
         "logs/predict/{model}/{fold}/seed{tseed}/{sample}_dense.log",
     threads: model_threads

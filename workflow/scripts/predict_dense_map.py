@@ -9,7 +9,7 @@ def main(sm):
     predict_dense(sm.input.model, sm.input.slide, sm.input.tiles, sm.input.st, sm.output[0],
                   device=sm.params.train.get("device", "auto"), cover_um=sm.params.cover_um,
                   cover=list(zip(sm.input.cover, sm.params.cover_diameters_um, strict=True)),
-                  cpu_bf16=sm.params.cpu_bf16)
+                  cpu_bf16=sm.params.cpu_bf16, dtype=sm.params.dense_dtype)
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

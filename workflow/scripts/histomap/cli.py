@@ -3,6 +3,7 @@
     histomap apply BUNDLE SLIDE... --out DIR   dense map, pseudo-spots, bins, SpatialData, map.png
     histomap info BUNDLE                       what a bundle is, was trained on and predicts
     histomap validate CONFIG...                the workflow's config and sample-sheet checks
+    histomap verify [RESULTS_DIR]              a results folder against its manifest.json
 
 Progress goes to stderr. Exit codes are the workflow's steps' own: 0 done, 1 bad input (one
 line naming the file and the problem) or a failed step, 2 a bad command line.
@@ -105,6 +106,24 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- verify
+def _verify(args: argparse.Namespace) -> int:
+    from histomap.manifest import NAME, verify
+
+    found = verify(args.results, args.manifest, inputs=args.inputs)
+    for line in found.lines():
+        print(line)
+    where = args.manifest or Path(args.results) / NAME
+    if found.ok:
+        print(f"OK: {found.checked} files match {where}"
+              + (f" ({len(found.extra)} files not in it)" if found.extra else ""))
+        return 0
+    bad = (len(found.changed) + len(found.missing) + len(found.inputs_changed)
+           + len(found.inputs_missing))
+    print(f"FAILED: {bad} of {found.checked} files differ from {where}", file=sys.stderr)
+    return 1
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -155,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--no-defaults", action="store_true",
                      help="do not layer DIR/config/config.yaml first")
     val.set_defaults(run=_validate)
+
+    ver = verbs.add_parser("verify", help="check a results folder against its manifest",
+                           description="Check every file recorded in RESULTS_DIR/manifest.json "
+                           "(written at the end of a workflow run) by size and SHA-256: exit 0 "
+                           "when all match, 1 naming each changed or missing file. Files the "
+                           "manifest lacks are listed, not counted as failures.")
+    ver.add_argument("results", nargs="?", default="results", metavar="RESULTS_DIR",
+                     help="the results folder (default: results)")
+    ver.add_argument("--manifest", help="the manifest (default: RESULTS_DIR/manifest.json)")
+    ver.add_argument("--inputs", action="store_true",
+                     help="also check the recorded input files (sample files, configs; paths "
+                          "as recorded, relative to the workflow's directory)")
+    ver.set_defaults(run=_verify)
     return parser
 
 

@@ -3,6 +3,11 @@
 Rule adapters call :func:`run_step`: log records go to the rule's log file and stderr, bad input
 (:class:`histomap.errors.InputError`) ends the step with its one-line message and exit code 1,
 and Snakemake then removes the step's outputs, so nothing partial is left behind.
+
+SIGTERM / SIGINT (a cluster's time limit, ``scancel``, Ctrl-C) are handled by
+:mod:`histomap.interrupt` while the step runs: long loops record their progress at the next batch
+and stop, others stop at once; either way the step exits with ``128 + signal`` (143 for SIGTERM)
+and a log line saying what the rerun will resume from.
 """
 from __future__ import annotations
 
@@ -27,11 +32,19 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
 
 
 def run_step(log_file: str | Path | None, fn: Callable, *args, **kwargs):
-    """Run ``fn`` with logging to ``log_file``; exit 1 with a clear message on bad input."""
+    """Run ``fn`` with logging to ``log_file``; exit 1 with a clear message on bad input, and
+    ``128 + signal`` when stopped by SIGTERM / SIGINT (:mod:`histomap.interrupt`)."""
+    from histomap import interrupt
+
     setup_logging(log_file)
     log = logging.getLogger("histomap")
     try:
-        return fn(*args, **kwargs)
+        with interrupt.handling():
+            return fn(*args, **kwargs)
+    except interrupt.Interrupted as exc:
+        log.warning("stopped by %s (exit %d); what was recorded (checkpoints, written tiles or "
+                    "patches) is resumed by the rerun", exc, exc.exit_code)
+        sys.exit(exc.exit_code)
     except InputError as exc:
         log.error("bad input: %s", exc)
         sys.exit(1)

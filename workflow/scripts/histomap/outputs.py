@@ -37,22 +37,32 @@ def remove_path(path: Path) -> None:
 
 
 @contextmanager
-def atomic_output(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, mode: int = 0o644,
+                  keep_partial_on: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling path to write ``path`` under; rename it onto ``path`` when the
     block ends without an exception, remove it otherwise.
 
     Works for files and folders (zarr stores): an existing folder at ``path`` is moved aside
     and deleted only after the new one is in place. The parent folder is created; the written
     file gets ``mode`` (outputs are meant to be shared, not the 0600 of a private temp file).
+
+    ``keep_partial_on`` (resumable writers, :func:`histomap.interrupt.resumable_output`): a
+    partial folder left by an earlier run is not removed but handed to the writer to resume,
+    and an exception of these types keeps the partial output for the next run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    remove_path(tmp)
+    if not (keep_partial_on and tmp.is_dir()):
+        remove_path(tmp)
     old = path.with_name(path.name + ".old")
+    keep = False
     try:
         try:
             yield tmp
+        except keep_partial_on:
+            keep = True
+            raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise disk_full(path) from exc
@@ -65,7 +75,8 @@ def atomic_output(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
             os.replace(path, old)  # a folder cannot be renamed onto a non-empty folder
         os.replace(tmp, path)
     finally:
-        remove_path(tmp)
+        if not keep:
+            remove_path(tmp)
         remove_path(old)
 
 

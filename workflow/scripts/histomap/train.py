@@ -25,6 +25,15 @@ checkpoint with the same fingerprint; any other checkpoint folder content is dis
 log line naming what changed, and training starts over. So changing ``lr`` or the gene panel and
 rerunning retrains, while a killed run rerun unchanged resumes.
 
+SIGTERM (a cluster's time limit; :mod:`histomap.interrupt`, installed by the rule steps): the
+loop finishes the batch it is in, writes ``last.pt`` with the position inside the epoch
+(``in_epoch``: batches done, the epoch's running loss sums, the objective's own per-epoch state
+where it has ``state_dict``/``load_state_dict``, the RNG states at that boundary) and raises
+:class:`~histomap.interrupt.Interrupted`; the rerun skips the epoch's batches already done
+(the epoch's shuffle is regenerated, skipped batches are not loaded) and ends with the weights
+of an uninterrupted run. With ``num_workers > 0`` the workers' RNG cannot be put back mid-epoch:
+the interrupted epoch is dropped and the rerun repeats it from ``last.pt`` of the epoch before.
+
 Validation data must come from the TRAINING samples only (e.g. held-out spots or sections of
 the training fold); the caller guarantees it. The loop never sees the test fold, so early
 stopping cannot leak test information.
@@ -52,9 +61,9 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from histomap import __version__
+from histomap import __version__, interrupt
 from histomap.compat import torch
 from histomap.errors import InputError
 from histomap.logs import Progress
@@ -62,6 +71,7 @@ from histomap.training.checkpoints import (CheckpointLock, atomic_save, discard_
                                            write_log)
 from histomap.training.config import TrainConfig
 from histomap.training.device import (amp_dtype, autocast, cpu_bf16_enabled, cpu_has_bf16,
+                                      grad_scaler,
                                       resolve_device, to_device)
 from histomap.training.fingerprint import file_identity, fit_parts, training_fingerprint
 from histomap.training.model_file import (MODEL_FORMAT, cpu_state_dict, load_model,
@@ -73,11 +83,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     # the loop (this module)
-    "BatchToLoss", "LossFn", "batch_len", "evaluate_loss", "fit",
+    "BatchToLoss", "LossFn", "batch_len", "evaluate_loss", "fit", "optimiser_step",
     "spot_batch_loss",
     # its parts (histomap.training), one import for the tasks and rule scripts
     "MODEL_FORMAT", "CheckpointLock", "TrainConfig", "amp_dtype", "atomic_save", "autocast",
     "cpu_bf16_enabled", "cpu_has_bf16", "discard_stale_checkpoints", "file_identity",
+    "grad_scaler",
     "load_model", "read_model_payload", "resolve_device", "save_model", "to_device",
     "training_fingerprint",
 ]
@@ -111,6 +122,30 @@ def spot_batch_loss(model: nn.Module, batch: Any, device: torch.device,
     return loss_fn(model(inputs), targets)
 
 
+def optimiser_step(loss: torch.Tensor, model: nn.Module, optimiser: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, grad_clip: float | None = None) -> bool:
+    """Backward and one optimiser step through ``scaler`` (:func:`grad_scaler`); returns whether
+    the step was taken.
+
+    fp16 (scaler enabled): the loss is multiplied by the scale before backward, the gradients
+    are divided by it again (``unscale_``, before clipping so the clip sees true gradients),
+    and a step whose gradients hold an inf or NaN is skipped while the scale is halved; the
+    scale doubles after 2000 clean steps. bf16 and fp32 (scaler disabled): a plain backward,
+    clip and step.
+    """
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimiser)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not scaler.is_enabled():
+        optimiser.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimiser)
+    scaler.update()
+    return scaler.get_scale() >= scale  # update() lowers the scale only after an overflow
+
+
 # --------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -121,6 +156,26 @@ class _State:
     bad_epochs: int = 0
     stopped_early: bool = False
     history: list = dataclasses.field(default_factory=list)
+    in_epoch: dict | None = None   # position inside epoch ``epochs_done`` (a SIGTERM checkpoint)
+
+
+class _SkipSampler(Sampler):
+    """The default shuffle (``RandomSampler`` on the epoch's generator, drawn exactly as
+    ``DataLoader(shuffle=True)`` draws it) without its first ``skip`` indices: a resumed epoch
+    goes on where the interrupted one stopped, without loading the batches it had done."""
+
+    def __init__(self, dataset: Dataset, generator: torch.Generator, skip: int = 0):
+        self.inner = RandomSampler(dataset, generator=generator)
+        self.skip = int(skip)
+
+    def __iter__(self):
+        it = iter(self.inner)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
 
 
 def fit(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None, *,
@@ -165,10 +220,10 @@ def _fit(model, train_ds, val_ds, *, loss_fn, out_dir: Path, cfg: TrainConfig, b
     seed_everything(cfg.seed)
     model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = grad_scaler(device, dtype)  # fp16 only (CUDA without native bf16)
     state = _State()
     if last_path.exists():
-        state = _resume(last_path, model, optimiser, scaler, cfg)
+        state = _resume(last_path, model, optimiser, scaler, cfg, batch_to_loss)
     else:  # a fresh run: weights of an earlier, unrelated run must not come back
         best_path.unlink(missing_ok=True)
     resumed_from = state.epochs_done
@@ -179,47 +234,75 @@ def _fit(model, train_ds, val_ds, *, loss_fn, out_dir: Path, cfg: TrainConfig, b
     drop_last, steps_per_epoch = _batches_per_epoch(len(train_ds), cfg.batch_size)
     lr_at = _lr_schedule(cfg, steps_per_epoch)
 
-    while state.epochs_done < cfg.epochs and not state.stopped_early:
-        epoch = state.epochs_done  # 0-based index of the epoch being run
-        start = time.perf_counter()
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                            drop_last=drop_last, num_workers=cfg.num_workers,
-                            generator=epoch_generator(cfg.seed, epoch),
-                            pin_memory=device.type == "cuda")
-        train_loss = _train_epoch(model, loader, optimiser, scaler, device, dtype, loss_fn,
-                                  batch_to_loss, cfg, epoch, lr_at)
-        val_loss = (evaluate_loss(model, val_ds, loss_fn=loss_fn, batch_to_loss=batch_to_loss,
-                                  batch_size=cfg.batch_size, device=device, dtype=dtype,
-                                  num_workers=cfg.num_workers)
-                    if val_ds is not None else math.nan)
-        state.epochs_done = epoch + 1
-        if val_ds is None or val_loss < state.best_val_loss - cfg.min_delta:
-            state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch + 1, 0
-            atomic_save({"state_dict": cpu_state_dict(model), "epoch": epoch + 1,
-                         "val_loss": val_loss}, best_path)
-        else:
-            state.bad_epochs += 1
-        if cfg.patience is not None and val_ds is not None and state.bad_epochs >= cfg.patience:
-            state.stopped_early = True
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-               "lr": lr_at(epoch * steps_per_epoch), "seconds": time.perf_counter() - start}
-        state.history.append(row)
-        write_log(state.history, out_dir / "train_log.csv")
+    def save_last() -> None:
         atomic_save({**_checkpoint(model, optimiser, scaler, state, cfg),
                      "fingerprint": digest, "fingerprint_parts": parts_json}, last_path)
-        log.info("epoch %d/%d: train_loss %.5g, val_loss %.5g, lr %.3g, %.1f s", epoch + 1,
-                 cfg.epochs, train_loss, val_loss, row["lr"], row["seconds"])
-        if state.stopped_early:
-            log.info("early stopping after epoch %d: no val-loss improvement for %d epochs "
-                     "(best %.5g at epoch %d)", epoch + 1, cfg.patience, state.best_val_loss,
-                     state.best_epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(dict(row))
+
+    with interrupt.deferred("training"):
+        while state.epochs_done < cfg.epochs and not state.stopped_early:
+            _run_epoch(model, train_ds, val_ds, optimiser, scaler, device, dtype, loss_fn,
+                       batch_to_loss, cfg, state, drop_last, steps_per_epoch, lr_at, save_last,
+                       best_path, out_dir, on_epoch_end)
+            interrupt.check("training")  # last.pt of the finished epoch is written
 
     _keep_best_weights(model, best_path, out_dir, model_meta)
     return {"best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
             "epochs_done": state.epochs_done, "stopped_early": state.stopped_early,
             "resumed_from": resumed_from, "history": list(state.history), "device": str(device)}
+
+
+def _run_epoch(model, train_ds, val_ds, optimiser, scaler, device, dtype, loss_fn, batch_to_loss,
+               cfg: TrainConfig, state: _State, drop_last: bool, steps_per_epoch: int, lr_at,
+               save_last: Callable[[], None], best_path: Path, out_dir: Path,
+               on_epoch_end) -> None:
+    """One epoch (or its rest, after a SIGTERM checkpoint): train, validate, checkpoint, log."""
+    epoch = state.epochs_done  # 0-based index of the epoch being run
+    start = time.perf_counter()
+    position, state.in_epoch = state.in_epoch or {}, None
+    generator = epoch_generator(cfg.seed, epoch)  # one object, as DataLoader(shuffle=True)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size,
+                        sampler=_SkipSampler(train_ds, generator,
+                                             position.get("batches", 0) * cfg.batch_size),
+                        drop_last=drop_last, num_workers=cfg.num_workers, generator=generator,
+                        pin_memory=device.type == "cuda")
+
+    def save_position(progress: dict) -> None:  # a SIGTERM at a batch boundary
+        state.in_epoch = progress
+        save_last()
+        log.warning("epoch %d: stopped after batch %d of %d; %s records the position, the "
+                    "rerun goes on from there", epoch + 1, progress["batches"],
+                    steps_per_epoch, out_dir / "last.pt")
+
+    train_loss = _train_epoch(model, loader, optimiser, scaler, device, dtype, loss_fn,
+                              batch_to_loss, cfg, epoch, lr_at, steps=steps_per_epoch,
+                              position=position,
+                              on_interrupt=save_position if cfg.num_workers == 0 else None)
+    val_loss = (evaluate_loss(model, val_ds, loss_fn=loss_fn, batch_to_loss=batch_to_loss,
+                              batch_size=cfg.batch_size, device=device, dtype=dtype,
+                              num_workers=cfg.num_workers)
+                if val_ds is not None else math.nan)
+    state.epochs_done = epoch + 1
+    if val_ds is None or val_loss < state.best_val_loss - cfg.min_delta:
+        state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch + 1, 0
+        atomic_save({"state_dict": cpu_state_dict(model), "epoch": epoch + 1,
+                     "val_loss": val_loss}, best_path)
+    else:
+        state.bad_epochs += 1
+    if cfg.patience is not None and val_ds is not None and state.bad_epochs >= cfg.patience:
+        state.stopped_early = True
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+           "lr": lr_at(epoch * steps_per_epoch), "seconds": time.perf_counter() - start}
+    state.history.append(row)
+    write_log(state.history, out_dir / "train_log.csv")
+    save_last()
+    log.info("epoch %d/%d: train_loss %.5g, val_loss %.5g, lr %.3g, %.1f s", epoch + 1,
+             cfg.epochs, train_loss, val_loss, row["lr"], row["seconds"])
+    if state.stopped_early:
+        log.info("early stopping after epoch %d: no val-loss improvement for %d epochs "
+                 "(best %.5g at epoch %d)", epoch + 1, cfg.patience, state.best_val_loss,
+                 state.best_epoch)
+    if on_epoch_end is not None:
+        on_epoch_end(dict(row))
 
 
 def _check_inputs(train_ds, val_ds, loss_fn, batch_to_loss) -> None:
@@ -266,12 +349,35 @@ def _lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
 
 
 def _train_epoch(model, loader, optimiser, scaler, device, dtype, loss_fn, batch_to_loss,
-                 cfg: TrainConfig, epoch: int, lr_at) -> float:
+                 cfg: TrainConfig, epoch: int, lr_at, *, steps: int,
+                 position: Mapping | None = None,
+                 on_interrupt: Callable[[dict], None] | None = None) -> float:
+    """Train one epoch (from batch ``position["batches"]`` of a resumed one); returns its mean
+    loss. A SIGTERM stops it at the next batch boundary: ``on_interrupt(position)`` records
+    where (None: the epoch is dropped), then :class:`~histomap.interrupt.Interrupted`."""
     model.train()
-    total, count, skipped = 0.0, 0, 0
-    steps = len(loader)
-    bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", "batches", logger=log)
-    for i, batch in enumerate(loader):
+    position = position or {}
+    first = int(position.get("batches", 0))
+    total, count = float(position.get("total", 0.0)), int(position.get("count", 0))
+    skipped = int(position.get("skipped", 0))
+    if first and position.get("objective") is not None:
+        batch_to_loss.load_state_dict(position["objective"])
+    if first:
+        log.info("epoch %d: resuming after batch %d of %d", epoch + 1, first, steps)
+    bar = Progress(steps - first, f"epoch {epoch + 1}/{cfg.epochs}", "batches", logger=log)
+
+    def stop_here(done: int) -> None:
+        if not interrupt.requested():
+            return
+        if on_interrupt is not None:
+            on_interrupt({"batches": done, "total": total, "count": count, "skipped": skipped,
+                          "objective": _objective_state(batch_to_loss)})
+        else:
+            log.warning("epoch %d: stopped after batch %d; with num_workers > 0 the epoch "
+                        "cannot be resumed mid-way, the rerun repeats it", epoch + 1, done)
+        interrupt.check("training")
+
+    for i, batch in enumerate(loader, start=first):
         lr = lr_at(epoch * steps + i)
         for group in optimiser.param_groups:
             group["lr"] = lr
@@ -282,19 +388,18 @@ def _train_epoch(model, loader, optimiser, scaler, device, dtype, loss_fn, batch
             skipped += 1
             log.warning("epoch %d step %d: non-finite loss %s, step skipped", epoch + 1, i + 1,
                         loss.item())
+            stop_here(i + 1)
             continue
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimiser)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimiser)
-        scaler.update()
+        if not optimiser_step(loss, model, optimiser, scaler, cfg.grad_clip):
+            log.info("epoch %d step %d: fp16 gradients overflowed, step skipped, loss scale "
+                     "now %g", epoch + 1, i + 1, scaler.get_scale())
         n = batch_len(batch)
         total += loss.item() * n
         count += n
         bar.update(1, extra=f"loss {total / count:.4g}, lr {lr:.2g}")
         if cfg.log_every and (i + 1) % cfg.log_every == 0:
             log.debug("epoch %d step %d/%d: loss %.5g", epoch + 1, i + 1, steps, total / count)
+        stop_here(i + 1)
     if skipped == steps:
         raise FloatingPointError(f"epoch {epoch + 1}: every training loss was non-finite "
                                  "(NaN targets or a diverged model?)")
@@ -323,16 +428,23 @@ def evaluate_loss(model: nn.Module, dataset: Dataset, *, loss_fn: LossFn | None,
     return total / count
 
 
+def _objective_state(batch_to_loss) -> dict | None:
+    """The per-epoch state of a stateful objective (e.g. Diff-ST's loss-term sums), if any."""
+    getter = getattr(batch_to_loss, "state_dict", None)
+    return getter() if callable(getter) and not isinstance(batch_to_loss, nn.Module) else None
+
+
 def _checkpoint(model, optimiser, scaler, state: _State, cfg: TrainConfig) -> dict:
-    return {"model": cpu_state_dict(model), "optimiser": optimiser.state_dict(),
-            "scaler": scaler.state_dict(), "epochs_done": state.epochs_done,
+    return {"in_epoch": state.in_epoch, "model": cpu_state_dict(model),
+            "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "epochs_done": state.epochs_done,
             "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
             "bad_epochs": state.bad_epochs, "stopped_early": state.stopped_early,
             "history": state.history, "rng": rng_states(), "config": cfg.to_dict(),
             "histomap_version": __version__}
 
 
-def _resume(path: Path, model, optimiser, scaler, cfg: TrainConfig) -> _State:
+def _resume(path: Path, model, optimiser, scaler, cfg: TrainConfig, batch_to_loss=None
+            ) -> _State:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -349,6 +461,16 @@ def _resume(path: Path, model, optimiser, scaler, cfg: TrainConfig) -> _State:
         log.info("%s: resuming with (now, before): %s", path, changed)
     log.info("%s: resuming after epoch %d (best val loss %.5g at epoch %d)", path,
              ckpt["epochs_done"], ckpt["best_val_loss"], ckpt["best_epoch"])
+    in_epoch = ckpt.get("in_epoch")
+    if in_epoch:
+        if in_epoch.get("objective") is not None and not callable(
+                getattr(batch_to_loss, "load_state_dict", None)):
+            raise InputError(path, "the checkpoint holds an objective's state but this "
+                                   "training's objective takes none; delete it to train from "
+                                   "scratch")
+        log.info("%s: epoch %d was stopped after batch %d; going on from there", path,
+                 ckpt["epochs_done"] + 1, in_epoch["batches"])
     return _State(epochs_done=ckpt["epochs_done"], best_val_loss=ckpt["best_val_loss"],
                   best_epoch=ckpt["best_epoch"], bad_epochs=ckpt["bad_epochs"],
-                  stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]))
+                  stopped_early=ckpt["stopped_early"], history=list(ckpt["history"]),
+                  in_epoch=in_epoch)

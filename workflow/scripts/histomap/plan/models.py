@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from histomap.models import BASELINE_MODELS, DENSE_MODELS, MODEL_FAMILIES, SPOT_MODELS
+from histomap.models.encoder_specs import flatten_encoder
 from histomap.plan.inherit import Resolved, resolve_base
 
 # keys of a model block the pipeline reads; the rest configures the network (model_params)
-PIPELINE_KEYS = ("train", "predict_spot_diameters_um", "train_diameters_um", "feature_cache")
+# (`pretrained: false` only tells the start-up checks that a random encoder is meant)
+PIPELINE_KEYS = ("train", "predict_spot_diameters_um", "train_diameters_um", "feature_cache",
+                 "pretrained")
 VARIANT_ROOTS = SPOT_MODELS + DENSE_MODELS  # what a variant may be built on (no baseline)
 
 
@@ -53,13 +56,16 @@ class ModelSet:
         return self.family(model) in DENSE_MODELS
 
     def block(self, model: str) -> dict:
-        """The config block of a model or variant (variant keys override the base block)."""
+        """The config block of a model or variant (variant keys override the base block); an
+        encoder given as a mapping (``encoder: {name, checkpoint}``) is written as ``encoder:
+        name`` with ``checkpoint`` and ``pretrained`` keys
+        (:func:`histomap.models.encoder_specs.flatten_encoder`)."""
         family = self.family(model)
         if family in BASELINE_MODELS and family not in self.config:
             return {}  # nothing to configure
         if family not in self.config:
             raise ValueError(f"config: model {model!r} needs a `{family}:` block")
-        return self.resolve(model).settings
+        return flatten_encoder(self.resolve(model).settings, where=model)
 
     def params(self, model: str) -> dict:
         """A model's config block without the pipeline-only keys (train overrides, scales)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from histomap.plan.apply import ApplyPlan, ApplySuperRes, apply_sr_settings
 from histomap.plan.crossscale import CrossScale
+from histomap.plan.encoders import check_encoders
 from histomap.plan.folds import Folds
 from histomap.plan.models import ModelSet
 from histomap.plan.samples import SampleSheet
@@ -58,6 +59,7 @@ class Plan:
                       apply_methods=apply_sr_settings(config)["methods"])
         apply_sr = ApplySuperRes(config, sheet, sr)
         sr.check_methods()
+        check_encoders(config, models, sr, workdir)
         return cls(config, sheet, folds, models, cross_scale, sr, apply, apply_sr, benchmark,
                    train_seeds, config["genes"]["name"])
 

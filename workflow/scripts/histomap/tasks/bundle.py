@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 
 from histomap import __version__
+from histomap.checked_io import load_torch_checked, read_h5ad_checked
 from histomap.compat import timm, torch
 from histomap.data.sample import geometry
 from histomap.errors import InputError
@@ -123,7 +123,7 @@ def _training_spots(st_paths: Sequence[str | Path]) -> tuple[list[str], list[flo
     """Sample names, distinct spot diameters and the normalisation recorded in the spot tables."""
     names, diameters, normalisation = [], set(), None
     for path in st_paths:
-        spots = ad.read_h5ad(path, backed="r")
+        spots = read_h5ad_checked(path, backed="r", what="normalised spot table")
         geo = geometry(spots)
         names.append(str(geo.get("sample") or Path(path).stem))
         if "diameter_um" in spots.obs:
@@ -144,7 +144,7 @@ def _training_spots(st_paths: Sequence[str | Path]) -> tuple[list[str], list[flo
 def describe(model_path: str | Path, *, name: str, st_paths: Sequence[str | Path],
              model_cfg: Mapping, seed: int) -> dict:
     """The ``bundle.json`` contents of a trained ``model.pt`` (see the module docstring)."""
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    payload = load_torch_checked(model_path, what="histomap model")
     architecture = str(payload["model_name"])
     config = dict(payload["model_config"])
     extra = dict(payload.get("extra", {}))
@@ -252,11 +252,15 @@ def read_bundle(path: str | Path, *, check_weights: bool = True) -> Bundle:
         raise InputError(meta_path, f"bundle description lacks {', '.join(missing)}")
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
-        raise InputError(model_path, "the bundle's model file is missing")
+        raise InputError(model_path, f"the bundle's model file is missing: a bundle folder "
+                                     f"holds {META_FILE} and {MODEL_FILE}; copy the bundle "
+                                     "folder as a whole (or rerun train_final)")
     recorded = meta.get("model_file", {}).get("sha256")
     if check_weights and recorded and sha256(model_path) != recorded:
         raise InputError(model_path, f"weights differ from those {META_FILE} describes "
-                                     "(SHA-256 mismatch); copy the bundle folder as a whole")
+                                     "(SHA-256 mismatch: a corrupt, truncated or replaced "
+                                     "copy); copy the bundle folder as a whole again (or "
+                                     "delete it and rerun train_final)")
     return Bundle(folder, meta)
 
 

@@ -33,6 +33,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from histomap.checked_io import read_h5ad_checked, read_parquet_checked
 from histomap.compat import torch
 from histomap.data.preprocess import expression_matrix
 from histomap.data.sample import geometry, square_mask
@@ -89,7 +90,7 @@ def _check_mpp(spots: ad.AnnData, slide_path: Path, st_path: str | Path) -> floa
 def slide_spots(st_path: str | Path, slide_path: str | Path, genes: Sequence[str]
                 ) -> tuple[SlideSpots, ad.AnnData]:
     """Spots of one normalised sample (``results/st/{sample}.h5ad``) with their targets."""
-    spots = ad.read_h5ad(st_path)
+    spots = read_h5ad_checked(st_path, what="spot table")
     _check_mpp(spots, Path(slide_path), st_path)
     diameter = (spots.obs["diameter_um"].to_numpy(dtype=np.float64)
                 if "diameter_um" in spots.obs else geometry(spots)["spot_diameter_um"])
@@ -282,19 +283,19 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
     if overlap_px is None:
         overlap_px = (tile_px // 4) // out_stride * out_stride
     slide_path = Path(slide_path)
-    tiles = pd.read_parquet(tiles_parquet)
+    tiles = read_parquet_checked(tiles_parquet, what="tile index")
     if tiles.empty:
         raise InputError(tiles_parquet, "tile index has no tissue tile")
     to_cover = []
     if spots_h5ad is not None:
-        spots = ad.read_h5ad(spots_h5ad)
+        spots = read_h5ad_checked(spots_h5ad, what="spot table")
         mpp0 = _check_mpp(spots, slide_path, spots_h5ad)
         xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
         to_cover = [(spots_h5ad, xy, float(cover_um))] if cover_um else []
     else:
         with open_slide(slide_path) as slide:
             mpp0 = slide_mpp(slide, slide_path)
-    to_cover += [(path, np.asarray(ad.read_h5ad(path).obsm["spatial"], np.float64), float(um))
+    to_cover += [(path, np.asarray(read_h5ad_checked(path).obsm["spatial"], np.float64), float(um))
                  for path, um in cover]
     boxes = [tiles[["x0_px", "y0_px", "size_px0"]]]
     for path, centres, um in to_cover:
@@ -318,7 +319,7 @@ def dense_spot_table(dense_map, spots_h5ad: str | Path, diameter_um: float,
     """Spots of ``spots_h5ad`` (centres, names, geometry) read out of a dense map as discs of
     ``diameter_um`` (area-weighted mean of G); written to ``out_h5ad`` when given."""
     dmap = dense_map if isinstance(dense_map, DenseMap) else read_dense(dense_map)
-    spots = ad.read_h5ad(spots_h5ad)
+    spots = read_h5ad_checked(spots_h5ad, what="spot table")
     xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
     pred = spots_from_dense(dmap, xy, float(diameter_um), geometry(spots)["mpp"], mode="mean",
                             square=square_mask(spots))

@@ -145,6 +145,11 @@ class BandAccumulator:
     ``add`` places a (genes, t, t) tile at map (row, col); ``flush(end)`` normalises rows
     [top, end) by the accumulated weights, zeroes pixels outside ``mask``, hands them to
     ``write(top, rows)`` and shifts the band so that ``end`` becomes its top.
+
+    Resuming (an interrupted dense map): :meth:`resume_at` puts the band's top at the last
+    written band's first row and marks rows below ``written`` as already written; the caller
+    re-adds that band's tiles (the only ones reaching into the open rows), and its flush then
+    writes and counts only the rows from ``written`` on.
     """
 
     def __init__(self, n_genes: int, rows: int, width: int, mask: np.ndarray,
@@ -157,6 +162,10 @@ class BandAccumulator:
         self.mask = mask
         self.write = write
         self.n_uncovered = 0
+        self.written = 0   # rows below this were written by an earlier, interrupted run
+
+    def resume_at(self, top: int, written: int, n_uncovered: int) -> None:
+        self.top, self.written, self.n_uncovered = int(top), int(written), int(n_uncovered)
 
     @property
     def nbytes(self) -> int:
@@ -177,14 +186,15 @@ class BandAccumulator:
             return
         height, width = self.mask.shape
         n_out = min(n, height - self.top)
-        if n_out > 0:
-            mask = self.mask[self.top:self.top + n_out]
-            den = self.den[:n_out, :width]
+        skip = max(0, self.written - self.top)
+        if n_out > skip:
+            mask = self.mask[self.top + skip:self.top + n_out]
+            den = self.den[skip:n_out, :width]
             self.n_uncovered += int((mask & (den <= 0)).sum())
             covered = mask & (den > 0)
             scale = np.zeros(den.shape, dtype=np.float32)
             np.divide(1.0, den, out=scale, where=covered)
-            self.write(self.top, self.num[:, :n_out, :width] * scale)
+            self.write(self.top + skip, self.num[:, skip:n_out, :width] * scale)
         keep = self.den.shape[0] - n  # rows still open (the overlap with the next band)
         if keep > 0:
             self.num[:, :keep] = self.num[:, n:]

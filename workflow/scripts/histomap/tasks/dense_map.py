@@ -49,12 +49,24 @@ most the band's size), written to zarr and dropped. Add one batch of input tiles
 height. The whole-slide map itself is never held in memory: the pyramid levels are computed
 afterwards from the written level below, one block of chunks at a time (dask).
 
+Interruption and resume
+-----------------------
+The map is written under ``dense.zarr.partial``; after each band's rows are written,
+``_resume/state.json`` in it records the bands done (and the key of the prediction: model
+weights, slide, grid, genes, dtype, batch size, band rows, device, autocast, threads, code). A
+SIGTERM (:mod:`histomap.interrupt`) stops the tile loop at the next batch and keeps the partial
+store; the rerun with the same key re-runs the last written band's tiles (the only ones that
+reach into the rows still open), skips every earlier tile, and ends with the bytes of an
+uninterrupted run; the pyramid, metadata and mask are written after the last tile, and the
+store is renamed to ``dense.zarr`` only then. A store of another prediction is discarded.
+
 Modules: this one predicts level 0 and reads maps back; :mod:`histomap.tasks.dense_grid` plans
 the grid, blends tiles and accumulates bands; :mod:`histomap.tasks.dense_zarr` writes the
 OME-Zarr pyramid, metadata and mask.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -69,12 +81,15 @@ import pandas as pd
 import zarr
 from torch import nn
 
+from histomap.checked_io import check_dense_store, checked_array
 from histomap.compat import torch
 from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.disk_space import check_dense_map_space
 from histomap.errors import InputError
+from histomap.interrupt import check, deferred, requested, resumable_output
 from histomap.logs import Progress
 from histomap.models.roi import discs_from_spots, roi_aggregate
-from histomap.outputs import atomic_output
+from histomap.outputs import remove_path, write_text_atomic
 from histomap.tasks.dense_grid import (BandAccumulator, DenseGrid, blend_weights, coverage_mask,
                                        plan_grid, tiles_to_run, tissue_boxes)
 from histomap.tasks.dense_zarr import (PYRAMID_MIN_PX, chunk_side, write_mask_labels,
@@ -159,7 +174,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
         extra_attrs: JSON-able values stored in the group attrs (e.g. the model's provenance).
 
     Returns the written map opened read-only (:func:`read_dense`). The file is written under a
-    temporary name and renamed at the end, so a failure leaves nothing.
+    temporary name and renamed at the end, so a failure leaves nothing; a SIGTERM leaves the
+    partial store with the bands written, which the rerun resumes (module docstring).
     """
     out_stride = _check_options(model, dtype, batch_size, band_tile_rows)
     genes = _model_genes(model, genes)
@@ -184,25 +200,95 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                  "overlap_px": int(overlap_px), "device": str(device),
                  "autocast": None if amp_type is None else str(amp_type).removeprefix("torch."),
                  "threads": int(torch.get_num_threads()), **(extra_attrs or {})}
-        with atomic_output(out_zarr) as tmp:
+        check_dense_map_space(out_zarr, len(genes), grid.height, grid.width, dtype)
+        key = _resume_key(model, slide_path, grid, boxes, genes=genes, dtype=dtype,
+                          batch_size=batch_size, band_tile_rows=band_tile_rows, attrs=attrs)
+        with resumable_output(out_zarr) as (tmp, existed):
+            resume = _read_progress(tmp, key) if existed else None
             _write_dense(model, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
                          batch_size=batch_size, band_tile_rows=band_tile_rows, device=device,
-                         amp_type=amp_type, attrs=attrs)
+                         amp_type=amp_type, attrs=attrs, key=key, resume=resume)
     elapsed = time.perf_counter() - start
     log.info("%s: wrote %s in %.1f s (%.2f tiles/s)", slide_path.name, out_zarr, elapsed,
              len(todo) / max(elapsed, 1e-9))
     return read_dense(out_zarr)
 
 
+# --------------------------------------------------------------------------- resume
+RESUME_DIR = "_resume"
+
+
+def _resume_key(model: nn.Module, slide_path: Path, grid: DenseGrid, boxes: np.ndarray, *,
+                genes: list[str], dtype: str, batch_size: int, band_tile_rows: int | None,
+                attrs: dict) -> str:
+    """What decides the map's bytes: an interrupted store resumes only with the same key."""
+    import dataclasses
+    import hashlib
+
+    from histomap.training.fingerprint import file_identity, fingerprint, source_identity
+
+    weights = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        weights.update(name.encode() + b"\0" + str(value.dtype).encode() + b"\0")
+        weights.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                       .tobytes() if value.numel() else b"")
+    return fingerprint({"format": FORMAT, "model": [type(model).__name__, weights.hexdigest()],
+                        "slide": file_identity(slide_path),
+                        "grid": dataclasses.asdict(grid),
+                        "boxes": hashlib.sha256(np.ascontiguousarray(boxes).tobytes())
+                        .hexdigest(), "genes": genes, "dtype": dtype,
+                        "batch_size": int(batch_size), "band_tile_rows": band_tile_rows,
+                        "attrs": attrs, "code": source_identity()})
+
+
+def _read_progress(path: Path, key: str) -> dict | None:
+    """The record of an interrupted earlier run in the partial store, if it is this map's."""
+    try:
+        state = json.loads((path / RESUME_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("key") != key:
+        log.warning("%s: the interrupted map there has another model, slide or settings; "
+                    "starting over", path)
+        return None
+    return state
+
+
+def _write_progress(path: Path, state: dict) -> None:
+    write_text_atomic(path / RESUME_DIR / "state.json", json.dumps(state))
+
+
+def _open_level0(path: Path, shape: tuple, chunks: tuple, dtype: str, resume: dict | None):
+    """(root, level-0 array, bands done): the interrupted store's, emptied of everything but
+    its written level 0, or a new one."""
+    if resume is not None and resume.get("bands_done", 0) > 0:
+        try:
+            for entry in path.iterdir():  # pyramid levels, labels of a run stopped after them
+                if entry.name not in ("0", "zarr.json", RESUME_DIR):
+                    remove_path(entry)
+            root = zarr.open_group(path, mode="r+", zarr_format=3)
+            dense = root["0"]
+            if dense.shape == shape and dense.chunks == chunks and str(dense.dtype) == dtype:
+                root.attrs.clear()
+                return root, dense, int(resume["bands_done"])
+        except (KeyError, ValueError, OSError) as exc:
+            log.warning("%s: cannot resume the interrupted map (%s); starting over", path, exc)
+    remove_path(path)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    dense = root.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0.0,
+                              dimension_names=("c", "y", "x"))
+    return root, dense, 0
+
+
 def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                  todo: list[tuple[int, int]], path: Path, *, genes: list[str], dtype: str,
                  batch_size: int, band_tile_rows: int | None, device: torch.device,
-                 amp_type: torch.dtype | None, attrs: dict) -> None:
-    root = zarr.open_group(path, mode="w", zarr_format=3)
+                 amp_type: torch.dtype | None, attrs: dict, key: str = "",
+                 resume: dict | None = None) -> None:
     chunk = chunk_side(grid.step)
-    dense = root.create_array("0", shape=(len(genes), grid.height, grid.width), dtype=dtype,
-                              chunks=(1, min(chunk, grid.height), min(chunk, grid.width)),
-                              fill_value=0.0, dimension_names=("c", "y", "x"))
+    root, dense, bands_done = _open_level0(
+        path, (len(genes), grid.height, grid.width),
+        (1, min(chunk, grid.height), min(chunk, grid.width)), dtype, resume)
 
     def write(top: int, rows: np.ndarray) -> None:
         dense[:, top:top + rows.shape[1], :] = rows.astype(dtype, copy=False)
@@ -215,6 +301,52 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
              band_rows, width, acc.nbytes / 1e6)
     weights = blend_weights(grid.tile, grid.tile - grid.step)
     batches = _band_batches(todo, grid.n_rows, rows_per_band, batch_size)
+    n_bands = math.ceil(grid.n_rows / rows_per_band)
+    progress = {"key": key, "bands_done": bands_done, "n_uncovered": 0, "complete": False}
+    if bands_done:
+        progress.update(resume)
+        band = bands_done - 1  # re-add its tiles: they reach into the rows still open
+        acc.resume_at(band * rows_per_band * grid.step,
+                      min(bands_done * rows_per_band, grid.n_rows) * grid.step,
+                      int(resume.get("n_uncovered", 0)))
+        batches = [] if resume.get("complete") else [(b, items) for b, items in batches
+                                                     if b >= band]
+        log.info("%s: resuming an interrupted map: %d of %d bands written; %d tile(s) to run",
+                 path, bands_done, n_bands, sum(len(items) for _, items in batches))
+
+    def flushed(n_done: int, complete: bool = False) -> None:
+        progress.update(bands_done=max(n_done, progress["bands_done"]),
+                        n_uncovered=acc.n_uncovered, complete=complete)
+        _write_progress(path, progress)
+
+    if not progress["complete"]:
+        with deferred("dense map"):
+            band = _predict_bands(model, slide, grid, acc, batches, weights, path,
+                                  rows_per_band=rows_per_band, device=device, amp_type=amp_type,
+                                  n_genes=len(genes), band=max(bands_done - 1, 0),
+                                  flushed=flushed)
+            if requested():
+                log.warning("%s: stopped after %d of %d bands; the rerun goes on from there",
+                            path, progress["bands_done"], n_bands)
+                check("dense map")
+            while band + 1 < n_bands:  # bands after the last one with tiles: zeros
+                band += 1
+                acc.flush(band * rows_per_band * grid.step)
+                flushed(band)
+            acc.flush(max(grid.height, acc.top))
+            flushed(n_bands, complete=True)
+    if progress["n_uncovered"]:
+        log.warning("%d covered map pixels received no tile prediction; set to 0",
+                    progress["n_uncovered"])
+    remove_path(path / RESUME_DIR)
+    _finish_store(root, dense, grid, mask, genes, path, attrs, len(todo))
+
+
+def _predict_bands(model, slide, grid: DenseGrid, acc: BandAccumulator, batches, weights,
+                   path: Path, *, rows_per_band: int, device, amp_type, n_genes: int, band: int,
+                   flushed) -> int:
+    """Run ``batches`` into ``acc``, flushing each band as the next begins (``flushed(bands
+    done)`` records it); stops early after a SIGTERM. Returns the band last accumulated."""
     s0 = grid.px0_per_input
     side0 = grid.tile * grid.out_stride * s0
     ox, oy = grid.origin_px
@@ -225,27 +357,27 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                                      grid.tile * grid.out_stride, grid.tile * grid.out_stride)
                          for r, c in batch[1]])
 
-    bar = Progress(len(todo), f"dense map {path.name.removesuffix('.partial')}", "tiles",
-                   logger=log)
-    band = 0
+    bar = Progress(sum(len(items) for _, items in batches),
+                   f"dense map {path.name.removesuffix('.partial')}", "tiles", logger=log)
     with torch.no_grad():
         for (b, items), images in _prefetch(read, batches):
             while b > band:  # every tile of earlier bands is in: those rows are final
                 band += 1
                 acc.flush(min(band * rows_per_band, grid.n_rows) * grid.step)
-            out = _run_model(model, images, device, amp_type, grid.tile, len(genes))
+                flushed(band)
+            out = _run_model(model, images, device, amp_type, grid.tile, n_genes)
             for (r, c), values in zip(items, out):
                 acc.add(values, weights, r * grid.step, c * grid.step)
             bar.update(len(items))
+            if requested():
+                return band
     bar.close()
-    n_bands = math.ceil(grid.n_rows / rows_per_band)
-    while band + 1 < n_bands:  # bands after the last one with tiles: zeros
-        band += 1
-        acc.flush(band * rows_per_band * grid.step)
-    acc.flush(max(grid.height, acc.top))
-    if acc.n_uncovered:
-        log.warning("%d covered map pixels received no tile prediction; set to 0",
-                    acc.n_uncovered)
+    return band
+
+
+def _finish_store(root, dense, grid: DenseGrid, mask: np.ndarray, genes: list[str], path: Path,
+                  attrs: dict, n_tiles: int) -> None:
+    """The pyramid from the written level 0, the NGFF metadata, the mask labels, the attrs."""
     name = path.name.removesuffix(".partial")
     n_levels = write_pyramid_levels(root, min_px=PYRAMID_MIN_PX)
     write_ome_metadata(root, grid, genes, n_levels, name)
@@ -253,7 +385,7 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
     root.attrs["histomap"] = {"format": FORMAT, "mpp": grid.mpp,
                               "origin_px": list(grid.origin_px), "slide_mpp": grid.slide_mpp,
                               "input_mpp": grid.input_mpp, "out_stride": grid.out_stride,
-                              "genes": genes, "n_tiles": len(todo), **attrs}
+                              "genes": genes, "n_tiles": n_tiles, **attrs}
     log.info("OME-Zarr: %d pyramid level(s), chunks %s (one gene each)", n_levels, dense.chunks)
 
 
@@ -312,7 +444,7 @@ class DenseMap:
         """Pyramid level ``k`` (genes, H_k, W_k): 2^k x 2^k block means of level 0."""
         if not 0 <= k < self.n_levels:
             raise ValueError(f"{self.path}: pyramid level {k} not in 0..{self.n_levels - 1}")
-        return zarr.open_group(self.path, mode="r")[str(k)]
+        return checked_array(zarr.open_group(self.path, mode="r")[str(k)], self.path, "dense map")
 
     def level_for(self, max_px: int) -> int:
         """The finest pyramid level whose longer side is <= ``max_px`` (else the coarsest)."""
@@ -323,17 +455,20 @@ class DenseMap:
 
 
 def read_dense(path: str | Path) -> DenseMap:
-    """Open a dense map written by :func:`predict_dense_map`."""
+    """Open a dense map written by :func:`predict_dense_map` (structure checked on open, a chunk
+    that fails to decode is an InputError naming the store: :mod:`histomap.checked_io`)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(path, "dense map zarr does not exist")
+    check_dense_store(path)
     try:
         root = zarr.open_group(path, mode="r")
         ome = dict(root.attrs["ome"])
         attrs = {**dict(root.attrs["histomap"]), "multiscales": ome["multiscales"],
                  "omero": ome.get("omero", {})}
         paths = [d["path"] for d in ome["multiscales"][0]["datasets"]]
-        dense, mask = root[paths[0]], root["labels/mask/0"]
+        dense, mask = (checked_array(root[paths[0]], path, "dense map"),
+                       checked_array(root["labels/mask/0"], path, "dense map"))
         geometry = (list(attrs["genes"]), float(attrs["mpp"]),
                     tuple(float(v) for v in attrs["origin_px"]), float(attrs["slide_mpp"]))
     except (KeyError, IndexError, FileNotFoundError, ValueError, TypeError) as exc:

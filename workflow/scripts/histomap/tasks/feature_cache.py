@@ -4,7 +4,8 @@
 ``results/features/{encoder}/{mpp}/{sample}.zarr``:
 
 * ``level{i}``: float16 (C_i, H_i, W_i), the encoder's ``features_only`` pyramid (all levels,
-  finest first) on the slide's global input grid at ``mpp`` um/px, input pixel (r, c) covering
+  finest first; for a ViT encoder such as UNI2-h, the token maps of its tapped blocks, one level
+  per tap, all at its token stride) on the slide's global input grid at ``mpp`` um/px, input pixel (r, c) covering
   level-0 [c s, (c + 1) s) x [r s, (r + 1) s), s = mpp / slide mpp; level pixel (r, c) covers
   input pixels [c t_i, (c + 1) t_i) x ..., t_i the level's stride. Attributes: ``encoder``,
   ``mpp``, ``slide_mpp``, ``strides``, ``channels``, ``origin_px`` (input-pixel (x, y) of
@@ -18,9 +19,11 @@
 
 The same frozen encoder with the same standardisation (:func:`encoder_mean_std`) as the models
 use, so training from the cache equals training with the frozen encoder run on the fly (up to
-float16 rounding and the context a window border cuts off). Only an encoder with fixed weights
-is cached (a named pretrained encoder, or a timm name with a checkpoint): a random timm network
-differs in every model.
+float16 rounding and the context a window border cuts off; a ViT's tokens also attend over the
+whole cache tile rather than the window). Only an encoder with fixed weights is cached (a named
+pretrained encoder, or a timm / ViT name with a local checkpoint): a random network differs in
+every model. Attributes ``encoder_cfg`` record a ViT's taps, token stride and architecture
+overrides; a model trains from the cache only with the same.
 
 Consumers: :class:`CachedWindowDataset` serves :class:`histomap.tasks.dense_windows.WindowDataset`'s
 training windows as crops of the cached pyramid instead of images (PixNet with a frozen encoder,
@@ -46,10 +49,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from histomap.checked_io import (check_feature_cache, checked_array, read_h5ad_checked,
+                                 read_parquet_checked)
 from histomap.compat import torch
 from histomap.data.slide import open_slide, read_patch, read_region, slide_mpp
 from histomap.data.spot_patches import dihedral
 from histomap.errors import InputError
+from histomap.models.encoder_specs import frozen_encoder_config, is_vit_name
 from histomap.models.encoders import create_encoder, encoder_mean_std, is_pretrained
 from histomap.models.roi import roi_aggregate
 from histomap.outputs import atomic_output
@@ -64,29 +70,73 @@ DEFAULT_MARGIN_PX = 64
 
 
 class SlideEncoder(nn.Module):
-    """Frozen encoder for the cache: [0, 1] RGB -> (pyramid levels, pooled vector)."""
+    """Frozen encoder for the cache: [0, 1] RGB -> (frozen maps, pooled vector).
 
-    def __init__(self, encoder: str, checkpoint: str | Path | None = None):
+    A CNN gives its ``features_only`` pyramid and its pooled features; a ViT (``uni2-h``, a timm
+    ``vit_*``) the token maps of its tapped blocks (all at ``token_stride``, one level per tap:
+    PixNet's neck turns them into its pyramid, iStar resamples them) and its pooled embedding,
+    both from one copy of the network. ``encoder_cfg``: a ViT's ``tap_blocks``,
+    ``token_stride`` and architecture overrides (:func:`frozen_encoder_config`).
+    """
+
+    def __init__(self, encoder: str, checkpoint: str | Path | None = None,
+                 encoder_cfg: dict | None = None):
         super().__init__()
         if checkpoint is None and not is_pretrained(encoder):
-            raise ValueError(f"encoder {encoder!r} has no weights to cache (a random timm "
-                             "network differs in every model): name a pretrained encoder or "
-                             "give its checkpoint (features.checkpoints)")
-        self.pyramid = create_encoder(encoder, checkpoint=checkpoint, features_only=True)
-        self.pooled = create_encoder(encoder, checkpoint=checkpoint, num_classes=0)
+            raise ValueError(f"encoder {encoder!r} has no weights to cache (a random network "
+                             "differs in every model): name a pretrained encoder or give its "
+                             "local weights file (the model's `checkpoint`, or "
+                             "features.checkpoints)")
+        self.frozen_cfg = frozen_encoder_config(encoder, encoder_cfg)
+        if is_vit_name(encoder):
+            from histomap.models.foundation import resize_to_tokens
+
+            cfg = self.frozen_cfg
+            self.pyramid = create_encoder(encoder, checkpoint=checkpoint, features_only=True,
+                                          tap_blocks=cfg["tap_blocks"],
+                                          token_stride=cfg["token_stride"],
+                                          vit_kwargs=cfg["vit_kwargs"])
+            self.frozen_cfg = {**cfg, "tap_blocks": list(self.pyramid.tap_blocks)}
+            vit, patch, stride = self.pyramid.vit, self.pyramid.patch_size, cfg["token_stride"]
+            self.pooled = None
+            self._pool = lambda x: vit(resize_to_tokens(x, patch, stride))
+            self.num_features = int(vit.num_features)
+            self.strides = [int(s) for s in self.pyramid.strides]
+            self.channels = [int(c) for c in self.pyramid.channels]
+        else:
+            if encoder_cfg:
+                raise ValueError(f"the feature cache holds every level of the plain encoder "
+                                 f"{encoder!r}; it takes no encoder_cfg {encoder_cfg}")
+            self.pyramid = create_encoder(encoder, checkpoint=checkpoint, features_only=True)
+            self.pooled = create_encoder(encoder, checkpoint=checkpoint, num_classes=0)
+            self._pool = self.pooled
+            self.num_features = int(self.pooled.num_features)
+            self.strides = [int(r) for r in self.pyramid.feature_info.reduction()]
+            self.channels = [int(c) for c in self.pyramid.feature_info.channels()]
         mean, std = encoder_mean_std(encoder)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.strides = [int(r) for r in self.pyramid.feature_info.reduction()]
-        self.channels = [int(c) for c in self.pyramid.feature_info.channels()]
         self.requires_grad_(False)
         self.eval()
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
     def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.pyramid((images - self.mean) / self.std))
+        x = images.to(self.device)
+        return [m.float().cpu() for m in self.pyramid((x - self.mean) / self.std)]
 
     def pool(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pooled((images - self.mean) / self.std)
+        x = images.to(self.device)
+        return self._pool((x - self.mean) / self.std).float().cpu()
+
+
+def _encode_device(device: str | None) -> torch.device:
+    """``auto`` (or None): the GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -118,25 +168,27 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
                  encoder: str, mpp: float, tiles_parquet: str | Path | None = None,
                  checkpoint: str | Path | None = None, crop_um: float | None = None,
                  tile_px: int = DEFAULT_TILE_PX, margin_px: int = DEFAULT_MARGIN_PX,
-                 context_um: float = 300.0, batch_size: int = 32) -> Path:
+                 context_um: float = 300.0, batch_size: int = 32,
+                 encoder_cfg: dict | None = None, device: str | None = "auto") -> Path:
     """Write the feature cache of one slide (module docstring); returns the zarr path.
 
     ``crop_um``: side of the spot crops pooled into ``spots`` (default: the spot diameter).
+    ``encoder_cfg``: a ViT's taps, token stride and architecture overrides (recorded; a model
+    trains from the cache only with the same). ``device``: ``auto`` (the GPU when present),
+    ``cpu`` or ``cuda[:i]``; the encoder runs in float32 either way.
     """
-    import anndata as ad
-
     from histomap.data.sample import geometry
 
     out_zarr = Path(out_zarr)
-    enc = SlideEncoder(encoder, checkpoint)
+    enc = SlideEncoder(encoder, checkpoint, encoder_cfg).to(_encode_device(device))
     coarse = max(enc.strides)
     if tile_px % coarse or margin_px % coarse:
         raise ValueError(f"tile_px ({tile_px}) and margin_px ({margin_px}) must be multiples of "
                          f"the coarsest stride {coarse}")
-    spots = ad.read_h5ad(st_path)
+    spots = read_h5ad_checked(st_path, what="spot table")
     centres = np.asarray(spots.obsm["spatial"], dtype=np.float64)
     crop_um = float(crop_um or geometry(spots)["spot_diameter_um"])
-    tissue = pd.read_parquet(tiles_parquet) if tiles_parquet else None
+    tissue = read_parquet_checked(tiles_parquet) if tiles_parquet else None
     t0 = time.time()
     with atomic_output(out_zarr) as tmp:
         with open_slide(slide_path) as slide:
@@ -162,7 +214,8 @@ def encode_slide(slide_path: str | Path, st_path: str | Path, out_zarr: str | Pa
             else str(checkpoint), "mpp": float(mpp), "slide_mpp": mpp0,
             "slide": str(slide_path), "strides": enc.strides, "channels": enc.channels,
             "origin_px": [0, 0], "tile_px": int(tile_px), "margin_px": int(margin_px),
-            "crop_um": crop_um, "context_um": float(context_um)})
+            "crop_um": crop_um, "context_um": float(context_um),
+            "encoder_cfg": enc.frozen_cfg})
     log.info("%s: %s features at %g um/px, %d of %d tiles encoded, %d spot crops, %.1f s",
              slide_path, encoder, mpp, int(want.sum()), want.size, len(centres),
              time.time() - t0)
@@ -198,7 +251,7 @@ def _encode_tiles(slide, enc: SlideEncoder, root: zarr.Group, want: np.ndarray,
 def _pool_spot_crops(slide, enc: SlideEncoder, centres: np.ndarray, crop_um: float, mpp0: float,
                      mpp: float, batch_size: int) -> np.ndarray:
     """(spots, features) float16: the encoder's pooled features of each spot's crop."""
-    pooled = np.zeros((len(centres), int(enc.pooled.num_features)), np.float16)
+    pooled = np.zeros((len(centres), enc.num_features), np.float16)
     for i in range(0, len(centres), batch_size):
         crops = np.stack([read_patch(slide, cx, cy, crop_um, mpp0, mpp)
                           for cx, cy in centres[i:i + batch_size]])
@@ -215,16 +268,11 @@ class FeaturePyramid:
     def __init__(self, path: str | Path, levels: Sequence[int] | None = None,
                  max_memory_bytes: int = 2 << 30):
         self.path = Path(path)
-        try:
-            root = zarr.open_group(str(self.path), mode="r")
-        except Exception as exc:  # noqa: BLE001 - any zarr failure is a bad cache
-            raise InputError(self.path, f"cannot open the feature cache: {exc}") from exc
+        root = check_feature_cache(self.path, FORMAT)  # structure; chunks checked as read
         self.attrs = dict(root.attrs)
-        if self.attrs.get("format") != FORMAT:
-            raise InputError(self.path, f"not a histomap feature cache ({FORMAT})")
         self.strides = [int(s) for s in self.attrs["strides"]]
         used = range(len(self.strides)) if levels is None else sorted(set(levels))
-        arrays = {i: root[f"level{i}"] for i in used}
+        arrays = {i: checked_array(root[f"level{i}"], self.path, "feature cache") for i in used}
         nbytes = sum(a.nbytes for a in arrays.values())
         self.in_memory = nbytes <= max_memory_bytes
         self.levels = [None] * len(self.strides)
@@ -235,11 +283,15 @@ class FeaturePyramid:
                      nbytes / 1e9)
         self.origin = np.asarray(self.attrs["origin_px"], dtype=np.int64)
         self.mpp = float(self.attrs["mpp"])
-        self.spot_names = [str(n) for n in root["spot_names"][:]]
-        self.spots = np.asarray(root["spots"][:])
+        names, spots = (checked_array(root[k], path, "feature cache")
+                        for k in ("spot_names", "spots"))
+        self.spot_names = [str(n) for n in names[:]]
+        self.spots = np.asarray(spots[:])
 
-    def check(self, encoder: str, mpp: float, checkpoint: str | Path | None = None) -> None:
-        """InputError unless the cache holds ``encoder`` (with ``checkpoint``) at ``mpp``."""
+    def check(self, encoder: str, mpp: float, checkpoint: str | Path | None = None,
+              encoder_cfg: dict | None = None) -> None:
+        """InputError unless the cache holds ``encoder`` (with ``checkpoint`` and the frozen
+        part of ``encoder_cfg``: a ViT's taps, token stride, architecture) at ``mpp``."""
         if self.attrs["encoder"] != encoder or abs(self.mpp - float(mpp)) > 1e-9:
             raise InputError(self.path, f"feature cache holds {self.attrs['encoder']} at "
                                         f"{self.mpp} um/px; the model needs {encoder} at {mpp}")
@@ -248,6 +300,15 @@ class FeaturePyramid:
         if cached != wanted:
             raise InputError(self.path, f"feature cache holds the weights of {cached}; the "
                                         f"model uses {wanted}")
+        held = _comparable(self.attrs.get("encoder_cfg") or {})
+        want = _comparable(frozen_encoder_config(encoder, encoder_cfg))
+        if held.get("tap_blocks") is not None and want.get("tap_blocks") is None:
+            want["tap_blocks"] = held["tap_blocks"]  # the default taps, resolved by the cache
+            if not _default_taps_match(encoder, held, want):
+                want["tap_blocks"] = None
+        if held != want:
+            raise InputError(self.path, f"feature cache holds {encoder} features configured "
+                                        f"{held}; the model needs {want}")
 
     def crop(self, level: int, x0: int, y0: int, side: int) -> np.ndarray:
         """(C, side / t, side / t) features of input pixels [x0, x0 + side) x [y0, ...);
@@ -273,6 +334,23 @@ class FeaturePyramid:
             raise InputError(self.path, f"{len(missing)} spots have no cached features (e.g. "
                                         f"{missing[:3]}); the cache is older than the spots")
         return self.spots[[index[n] for n in names]].astype(np.float32)
+
+
+def _comparable(cfg: Mapping) -> dict:
+    """A frozen encoder configuration as JSON would store it (lists, not tuples)."""
+    import json
+
+    return json.loads(json.dumps(dict(cfg), default=list))
+
+
+def _default_taps_match(encoder: str, held: Mapping, want: Mapping) -> bool:
+    """Whether the taps a cache resolved are the default taps of the model's ViT."""
+    from histomap.models.foundation import default_taps, vit_arguments
+
+    depth = vit_arguments(encoder, dict(want.get("vit_kwargs") or {}))[1].get("depth")
+    if depth is None:
+        return True  # a timm ViT's own depth: the cache built the same architecture
+    return list(held["tap_blocks"]) == default_taps(int(depth))
 
 
 class CachedWindowDataset(WindowDataset):
@@ -316,24 +394,30 @@ class CachedWindowDataset(WindowDataset):
         return item
 
 
-def frozen_encoder_name(model: nn.Module) -> str:
-    """The encoder a dense model keeps frozen, or ValueError when it trains its encoder (its
-    features then change every step and cannot be cached)."""
+def frozen_encoder_of(model: nn.Module) -> tuple[str, dict]:
+    """(encoder name, frozen part of its configuration) of a dense model that keeps its encoder
+    frozen, or ValueError when it trains its encoder (its features then change every step and
+    cannot be cached)."""
     cfg = model.config
     if "freeze_encoder" in cfg:  # PixNet
         if not cfg["freeze_encoder"]:
             raise ValueError("cached features need a frozen encoder: set pixnet "
                              "freeze_encoder: true (fine-tuning runs the encoder every step)")
-        if cfg.get("encoder_cfg"):
-            raise ValueError("cached features hold every level of the plain encoder; drop "
-                             f"encoder_cfg {cfg['encoder_cfg']} to train from them")
     elif cfg.get("features") != "encoder":  # iStar
         raise ValueError("cached features serve iStar with features: encoder only")
     name = cfg.get("encoder")
-    from histomap.models.pixnet import VIT_ENCODER_NAMES
-    if not name or str(name).lower() in VIT_ENCODER_NAMES:
-        raise ValueError(f"cached features serve timm encoders, not {name!r}")
-    return str(name)
+    if not name:
+        raise ValueError("cached features need an encoder")
+    encoder_cfg = cfg.get("encoder_cfg") or {}
+    if encoder_cfg and not is_vit_name(name):
+        raise ValueError("cached features hold every level of the plain encoder; drop "
+                         f"encoder_cfg {encoder_cfg} to train from them")
+    return str(name), encoder_cfg
+
+
+def frozen_encoder_name(model: nn.Module) -> str:
+    """The encoder a dense model keeps frozen (:func:`frozen_encoder_of`)."""
+    return frozen_encoder_of(model)[0]
 
 
 def cached_datasets(model: nn.Module, caches: Sequence[str | Path],
@@ -343,13 +427,13 @@ def cached_datasets(model: nn.Module, caches: Sequence[str | Path],
                     out_stride: int) -> tuple[CachedWindowDataset, CachedWindowDataset | None]:
     """Training and validation windows of a frozen-encoder dense model from the caches (one
     per sample, the order of the parts), after checking they hold this model's encoder."""
-    encoder = frozen_encoder_name(model)
+    encoder, encoder_cfg = frozen_encoder_of(model)
     if len(caches) != len(train_parts):
         raise ValueError(f"{len(caches)} feature caches for {len(train_parts)} samples")
     needed = getattr(model, "levels", None)  # PixNet's levels; iStar uses every level
     pyramids = [FeaturePyramid(path, levels=needed) for path in caches]
     for pyr in pyramids:
-        pyr.check(encoder, input_mpp, checkpoint)
+        pyr.check(encoder, input_mpp, checkpoint, encoder_cfg)
         if list(pyr.strides) != strides_of(model):
             raise InputError(pyr.path, f"cached strides {pyr.strides} differ from the model's "
                                        f"encoder {strides_of(model)}")
@@ -382,10 +466,11 @@ def cached_dense_batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
 
 
 def strides_of(model: nn.Module) -> list[int]:
-    """Input-pixel strides of every level of a dense model's frozen encoder."""
-    if hasattr(model, "encoder") and hasattr(model.encoder, "strides"):
-        return [int(s) for s in model.encoder.strides]
-    return [int(s) for s in model.features.encoder.strides]
+    """Input-pixel strides of every frozen map of a dense model's encoder (what the cache
+    holds: a CNN's pyramid, a ViT's taps at its token stride)."""
+    enc = model.encoder if hasattr(model, "encoder") and hasattr(model.encoder, "strides") \
+        else model.features.encoder
+    return [int(s) for s in getattr(enc, "cache_strides", enc.strides)]
 
 
 def cached_spot_datasets(caches: Sequence[str | Path], st_paths: Sequence[str | Path],
@@ -394,8 +479,6 @@ def cached_spot_datasets(caches: Sequence[str | Path], st_paths: Sequence[str | 
                          ) -> tuple[TensorDataset, TensorDataset | None, float]:
     """(training, validation, crop_um): the spots' cached pooled crop features and targets,
     validation = the spatial blocks every model validates on (same seeds per sample)."""
-    import anndata as ad
-
     from histomap.data.preprocess import expression_matrix
     from histomap.data.sample import geometry
     from histomap.evaluation.folds import validation_split
@@ -408,7 +491,7 @@ def cached_spot_datasets(caches: Sequence[str | Path], st_paths: Sequence[str | 
         pyr = FeaturePyramid(cache)
         pyr.check(encoder, mpp, checkpoint)
         crops.add(float(pyr.attrs["crop_um"]))
-        spots = ad.read_h5ad(st_path)
+        spots = read_h5ad_checked(st_path, what="spot table")
         feats = pyr.spot_features(list(spots.obs_names))
         targets = expression_matrix(spots, genes, path=st_path)
         xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)

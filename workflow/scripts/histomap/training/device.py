@@ -1,6 +1,14 @@
 """Where training and prediction run (train_{model}, predict_{model}, apply): the device
-(CUDA when present, else the CPU), the mixed-precision dtype and its autocast context, and moving
-a batch to the device. One code path for GPU and CPU.
+(CUDA when present, else the CPU), the mixed-precision dtype and its autocast context, the
+gradient scaler that fp16 needs, and moving a batch to the device. One code path for GPU and CPU.
+
+Mixed precision on CUDA: bf16 autocast where the GPU computes bf16 natively (compute capability
+8.0 and later: A100, H100, L4, RTX 30xx and later); fp16 autocast with a
+:class:`torch.amp.GradScaler` on older GPUs (V100, T4), whose bf16 is only emulated (slow).
+bf16 has fp32's exponent range, so its gradients neither underflow nor overflow and need no
+scaling; fp16's 5-bit exponent flushes small gradients to zero unless the loss is scaled up
+first, and the scaler skips a step whose gradients overflowed (and halves its scale). The
+numerics of both paths against fp32 are tested on the CPU (tests/test_amp.py).
 """
 from __future__ import annotations
 
@@ -21,17 +29,36 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` (a CUDA device) computes bf16 natively: compute capability 8 or later
+    (ROCm: always). ``torch.cuda.is_bf16_supported()`` alone also says yes for the emulated bf16
+    of older GPUs, which is slower than fp16 there."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def amp_dtype(device: torch.device, enabled: bool = True,
               cpu_bf16: bool = False) -> torch.dtype | None:
-    """Autocast dtype: bf16 (or fp16 where bf16 is unsupported) on CUDA; bf16 on the CPU only
-    with ``cpu_bf16`` (prediction and sampling, see :func:`cpu_bf16_enabled`); else None."""
+    """Autocast dtype: on CUDA bf16 where native (:func:`cuda_bf16_native`), else fp16 (train
+    it with :func:`grad_scaler`); bf16 on the CPU only with ``cpu_bf16`` (prediction and
+    sampling, see :func:`cpu_bf16_enabled`); else None (fp32)."""
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_bf16_native(device) else torch.float16
     if device.type == "cpu" and cpu_bf16:
         return torch.bfloat16
     return None
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """The loss scaler of a training under autocast ``dtype``: enabled for fp16 only (on any
+    device type torch supports, the CPU included); a pass-through for bf16 and fp32."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def cpu_has_bf16() -> bool:

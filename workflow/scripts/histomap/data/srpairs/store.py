@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from histomap.checked_io import check_sr_pairs, checked_array, open_zarr_checked
 from histomap.data.srpairs.normalisation import median_library
 from histomap.errors import InputError
 from histomap.outputs import atomic_output
@@ -73,19 +74,17 @@ def pair_specs(n_genes: int, hr_shape: tuple[int, int], lr_shape: tuple[int, int
 
 
 def read_sr_pairs(path: str | Path, *, lazy: bool = False) -> tuple[dict[str, Any], dict]:
-    """(arrays by name, attrs) of an SR-pairs zarr; ``lazy`` gives zarr arrays instead of numpy."""
+    """(arrays by name, attrs) of an SR-pairs zarr; ``lazy`` gives zarr arrays instead of numpy
+    (wrapped so that a chunk that fails to decode is an InputError naming the store)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(path, "SR pairs zarr does not exist (run the build_sr_pairs rule)")
-    try:
-        root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs)
-        arrays = {name: root[name] for name in root.array_keys()}
-    except (KeyError, FileNotFoundError, ValueError) as exc:
-        raise InputError(path, f"not an SR pairs zarr: {exc}") from exc
+    root = open_zarr_checked(path, what="SR pairs zarr", fmt=FORMAT)
+    attrs = dict(root.attrs)
     needed = {"lr", "he", "mask"} | ({"hr"} if has_truth(attrs) else set())
-    if attrs.get("format") != FORMAT or not needed <= set(arrays):
-        raise InputError(path, f"not an SR pairs zarr written by histomap ({FORMAT})")
+    check_sr_pairs(path, FORMAT, sorted(needed))  # shapes; chunks are checked as they are read
+    arrays = {name: checked_array(root[name], path, "SR pairs zarr")
+              for name in root.array_keys()}
     if not lazy:
         arrays = {name: a[...] for name, a in arrays.items()}
     return arrays, attrs

@@ -173,6 +173,15 @@ class DiffusionObjective:
     def scheduled(self) -> float | None:
         return self.schedule.fraction(self.epoch) if self.schedule is not None else None
 
+    def state_dict(self) -> dict:
+        """The running epoch's loss-term sums: saved in ``last.pt`` when a SIGTERM stops the
+        epoch mid-way (:func:`histomap.train.fit`), so its epoch log row is that of an
+        uninterrupted run."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
     def __call__(self, model: nn.Module, batch: Mapping, device: torch.device,
                  loss_fn=None) -> torch.Tensor:
         from histomap.compat import torch

@@ -3,9 +3,17 @@
 Arrow: SR model + pairs -> **HR maps** (maps zarr, format
 :data:`histomap.data.srmaps.MAPS_FORMAT`) and the **HR-bin AnnData**, both written atomically:
 both appear only when both are complete.
+
+Resumable (:mod:`histomap.interrupt`): the maps are written patch by patch into
+``maps.zarr.partial``; after each batch ``_resume/state.json`` in it records the batches done and
+the sampling generator's state. A SIGTERM stops at the next batch with that record kept; the
+rerun with the same model, pairs and sampling settings (the record's key) predicts the remaining
+patches only, rebuilds the done patches' HR bins from their written maps, and ends with the
+maps and bins of an uninterrupted run. Any other failure leaves nothing.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -22,8 +30,9 @@ from histomap.data.srmaps import MAPS_FORMAT
 from histomap.data.srpairs.normalisation import pairs_denormaliser, prediction_denormaliser
 from histomap.data.srpairs.store import has_truth, read_sr_pairs
 from histomap.errors import InputError
+from histomap.interrupt import check, deferred, requested, resumable_output
 from histomap.logs import Progress
-from histomap.outputs import atomic_output, remove_path
+from histomap.outputs import atomic_output, remove_path, write_text_atomic
 from histomap.tasks.superres.bin_centres import hr_pixel_centres
 from histomap.tasks.superres.methods import is_diffusion
 from histomap.tasks.superres.model_file import load_sr_model
@@ -196,9 +205,10 @@ def _batch_stats(model, meta: Mapping, batch: Mapping, to_counts, chains: Mappin
 
 
 def _predict_patches(model, meta: Mapping, loader, to_counts, chains: Mapping,
-                     maps: Mapping[str, zarr.Array], bins: _BinTable, *, n: int, name: str
-                     ) -> float:
-    """Predict every patch of ``loader`` into ``maps`` and ``bins``; the seconds it took."""
+                     maps: Mapping[str, zarr.Array], bins: _BinTable, *, n: int, name: str,
+                     on_batch=None) -> float:
+    """Predict every patch of ``loader`` into ``maps`` and ``bins``; the seconds it took.
+    ``on_batch()`` after each batch's maps are written (records the progress)."""
     start = time.perf_counter()
     bar = Progress(n, f"SR prediction {name}", "patches", logger=log)
     for batch in loader:
@@ -209,8 +219,58 @@ def _predict_patches(model, meta: Mapping, loader, to_counts, chains: Mapping,
             bins.add(i, norm, counts, batch["mask"][b].numpy(),
                      batch["hr"][b] if bins.truth else None)
         bar.update(len(batch["index"]))
+        if on_batch is not None:
+            on_batch(time.perf_counter() - start)
+        if requested():
+            break
     bar.close()
     return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- resume
+RESUME_DIR = "_resume"
+
+
+class _Written:
+    """A written patch's map as :class:`Welford` gives it (mean, std) for :meth:`_BinTable.add`."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray | None):
+        self.mean, self.std = mean, std
+
+
+def _resume_key(model_path, pairs_zarr, settings: Mapping) -> str:
+    from histomap.training.fingerprint import file_identity, fingerprint, source_identity
+
+    return fingerprint({"model": file_identity(model_path), "pairs": file_identity(pairs_zarr),
+                        "settings": dict(settings), "code": source_identity()})
+
+
+def _read_progress(tmp_zarr: Path, key: str) -> dict | None:
+    """The record of an interrupted earlier run in ``tmp_zarr`` if it is this prediction's."""
+    try:
+        state = json.loads((tmp_zarr / RESUME_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("key") != key:
+        log.warning("%s: an interrupted prediction with other inputs or settings; starting "
+                    "over", tmp_zarr)
+        return None
+    return state
+
+
+def _write_progress(tmp_zarr: Path, state: Mapping) -> None:
+    write_text_atomic(tmp_zarr / RESUME_DIR / "state.json", json.dumps(state))
+
+
+def _restore_bins(bins: _BinTable, maps: Mapping[str, zarr.Array], dataset, n_done: int) -> None:
+    """The HR bins of the patches an interrupted run wrote, from their maps (stored in float32:
+    the bins' float32 layers are the same numbers)."""
+    for i in range(n_done):
+        item = dataset[i]
+        std = (lambda name: np.asarray(maps[name][i]) if name in maps else None)
+        bins.add(i, _Written(np.asarray(maps["pred"][i]), std("pred_std")),
+                 _Written(np.asarray(maps["pred_counts"][i]), std("pred_std_counts")),
+                 item["mask"].numpy(), item["hr"] if bins.truth else None)
 
 
 def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: str | Path,
@@ -256,16 +316,53 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                             sample=sample, sampler=sampler, steps=steps, n_samples=n_samples,
                             eta=eta, seed=seed, device=dev, batched=batched, amp_type=amp_type)
     geometry = {k: attrs.get(k) for k in GEOMETRY_KEYS}
+    key = _resume_key(model_path, pairs_zarr, {**{k: v for k, v in info.items()
+                                                   if k not in ("model", "pairs")},
+                                                "batch_size": int(batch_size)})
     renamed: list[Path] = []
     try:
-        with atomic_output(out_maps_zarr) as tmp_zarr:
+        with resumable_output(out_maps_zarr) as (tmp_zarr, existed), \
+                deferred("SR prediction"):
             with atomic_output(out_h5ad) as tmp_h5ad:
-                root = zarr.open_group(tmp_zarr, mode="w")
-                root.attrs.update({"format": MAPS_FORMAT, **geometry, **info, "n_patches": n})
-                maps = _create_maps(root, arrays, attrs, diffusion)
+                state = _read_progress(tmp_zarr, key) if existed else None
                 bins = _BinTable(arrays, attrs, diffusion=diffusion)
-                seconds = _predict_patches(model, meta, loader, to_counts, chains, maps, bins,
-                                           n=n, name=Path(pairs_zarr).name)
+                if state is None:
+                    remove_path(tmp_zarr)
+                    root = zarr.open_group(tmp_zarr, mode="w")
+                    root.attrs.update({"format": MAPS_FORMAT, **geometry, **info,
+                                       "n_patches": n})
+                    maps = _create_maps(root, arrays, attrs, diffusion)
+                    state = {"key": key, "batches": 0, "seconds": 0.0}
+                else:
+                    root = zarr.open_group(tmp_zarr, mode="r+")
+                    maps = {name: root[name] for name in ("pred", "pred_counts", "pred_std",
+                                                          "pred_std_counts") if name in root}
+                    generator.set_state(torch.tensor(list(bytes.fromhex(state["generator"])),
+                                                     dtype=torch.uint8))
+                    n_done = min(n, state["batches"] * int(batch_size))
+                    log.info("%s: resuming an interrupted prediction after %d of %d patches",
+                             out_maps_zarr, n_done, n)
+                    _restore_bins(bins, maps, model_dataset(meta, pairs_zarr), n_done)
+                    loader = DataLoader(model_dataset(meta, pairs_zarr, range(n_done, n)),
+                                        batch_size=int(batch_size), shuffle=False)
+                done_before, seconds_before = state["batches"], float(state["seconds"])
+
+                def record(seconds: float) -> None:
+                    state["batches"] += 1
+                    state["seconds"] = seconds_before + seconds
+                    state["generator"] = bytes(generator.get_state().tolist()).hex()
+                    _write_progress(tmp_zarr, state)
+
+                seconds = seconds_before + _predict_patches(
+                    model, meta, loader, to_counts, chains, maps, bins, n=n - min(
+                        n, done_before * int(batch_size)), name=Path(pairs_zarr).name,
+                    on_batch=record)
+                if requested():
+                    log.warning("%s: stopped after %d of %d patches; %s records them for "
+                                "the rerun", out_maps_zarr,
+                                min(n, state["batches"] * int(batch_size)), n, tmp_zarr)
+                    check("SR prediction")
+                remove_path(tmp_zarr / RESUME_DIR)
                 root.attrs["seconds"] = seconds
                 adata = bins.anndata(list(attrs["genes"]), sample)
                 _describe_bins(adata, attrs, geometry, info, sample, bins.truth)
