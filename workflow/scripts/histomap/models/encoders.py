@@ -39,7 +39,6 @@ from typing import Any
 from torch import nn
 
 from histomap.compat import timm, torch
-from histomap.errors import InputError
 from histomap.imagenorm import IMAGENET_MEAN, IMAGENET_STD
 from histomap.models.checkpoint_io import load_checkpoint, read_checkpoint
 from histomap.models.encoder_specs import PRETRAINED_NAMES, is_vit_name
