@@ -21,7 +21,6 @@ manifest. :func:`verify` never uses that cache: it reads every file.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histomap.checked_io import sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = "histomap.manifest/1"
@@ -40,14 +41,6 @@ NAME = "manifest.json"
 CACHE = ".manifest_cache.json"
 SKIP_NAMES = {NAME, CACHE, "writer.lock", ".snakemake_timestamp"}
 SKIP_SUFFIXES = (".partial", ".old")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _HashCache:

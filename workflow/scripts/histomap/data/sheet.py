@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from histomap.checked_io import sha256_file
 from histomap.errors import InputError
 
 # files holding a sample's measurements, per folder (and its outs/), by platform convention
@@ -115,14 +115,6 @@ def sample_files(path: str | Path, image: str | Path | None = None, *, platform:
     return {"counts": sorted(set(counts)), "image": sorted(p for p in set(images) if p.is_file())}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_distinct_samples(rows: Iterable[tuple[str, str, str | Path, str | Path | None]],
                            sheet: str | Path) -> None:
     """Fail when two samples have a byte-identical count file or image.
@@ -149,7 +141,7 @@ def check_distinct_samples(rows: Iterable[tuple[str, str, str | Path, str | Path
             if not same:
                 for f in (fa, fb):
                     if f not in hashes:
-                        hashes[f] = _sha256(f)
+                        hashes[f] = sha256_file(f)
                 same = hashes[fa] == hashes[fb]
             if same:
                 what = "the same file" if fa.resolve() == fb.resolve() else "identical files"

@@ -25,7 +25,6 @@ Bundle layout (a folder, e.g. ``results/bundles/{model}/seed{seed}/``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from histomap import __version__
-from histomap.checked_io import load_torch_checked, read_h5ad_checked
+from histomap.checked_io import load_torch_checked, read_h5ad_checked, sha256_file
 from histomap.compat import timm, torch
 from histomap.data.sample import geometry
 from histomap.errors import InputError
@@ -81,14 +80,6 @@ class Bundle:
         return list(self.meta["genes"])
 
 
-def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_reference(checkpoint: str | Path | None) -> dict | None:
     """Path, size and SHA-256 of local encoder weights (``None``: random initialisation)."""
     if not checkpoint:
@@ -96,7 +87,7 @@ def checkpoint_reference(checkpoint: str | Path | None) -> dict | None:
     path = Path(checkpoint)
     if not path.is_file():
         return {"path": str(checkpoint)}
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256(path)}
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def versions() -> dict:
@@ -184,7 +175,7 @@ def describe(model_path: str | Path, *, name: str, st_paths: Sequence[str | Path
                      "best_val_loss": extra.get("best_val_loss")},
         "versions": {**versions(), "model_file_histomap": payload.get("histomap_version"),
                      "model_file_torch": payload.get("torch_version")},
-        "model_file": {"name": MODEL_FILE, "sha256": sha256(model_path)},
+        "model_file": {"name": MODEL_FILE, "sha256": sha256_file(model_path)},
     })
 
 
@@ -256,7 +247,7 @@ def read_bundle(path: str | Path, *, check_weights: bool = True) -> Bundle:
                                      f"holds {META_FILE} and {MODEL_FILE}; copy the bundle "
                                      "folder as a whole (or rerun train_final)")
     recorded = meta.get("model_file", {}).get("sha256")
-    if check_weights and recorded and sha256(model_path) != recorded:
+    if check_weights and recorded and sha256_file(model_path) != recorded:
         raise InputError(model_path, f"weights differ from those {META_FILE} describes "
                                      "(SHA-256 mismatch: a corrupt, truncated or replaced "
                                      "copy); copy the bundle folder as a whole again (or "
