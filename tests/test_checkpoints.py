@@ -16,6 +16,7 @@ import pytest
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from histomap.checked_io import sha256_file
 from histomap.compat import torch
 from histomap.data.io.synthetic import read as read_synthetic
 from histomap.data.preprocess import normalise_spots
@@ -86,11 +87,52 @@ def test_checkpoint_without_fingerprint_is_discarded(tmp_path, caplog):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     del ckpt["fingerprint"]
     torch.save(ckpt, tmp_path / "last.pt")
+    (tmp_path / "last.pt.sha256").unlink()  # an older histomap wrote neither
     (tmp_path / "extra_state.csv").write_text("epoch\n1\n")  # a caller's file goes too
     with caplog.at_level(logging.WARNING, logger="histomap.train"):
         _, summary = _fit_linear(tmp_path)
     assert summary["resumed_from"] == 0 and "no fingerprint" in caplog.text
     assert not (tmp_path / "extra_state.csv").exists()
+
+
+def _flip_tensor_byte(path, tensor):
+    """Flip one byte of ``tensor``'s stored values in the torch file ``path`` (it stays a valid
+    zip: torch.load still reads it, with one changed number)."""
+    data = bytearray(path.read_bytes())
+    offset = bytes(data).find(tensor.detach().numpy().tobytes())
+    assert offset > 0
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_have_sidecars_and_a_corrupt_last_pt_is_discarded(tmp_path, caplog):
+    """A last.pt whose bytes changed after it was written (a bad copy, a disk error) may still
+    unpickle: its SHA-256 sidecar catches it, and the training starts again, saying why."""
+    _fit_linear(tmp_path)
+    for name in ("last.pt", "best.pt"):
+        recorded = (tmp_path / f"{name}.sha256").read_text().split()
+        assert recorded == [sha256_file(tmp_path / name), name]
+    last = tmp_path / "last.pt"
+    _flip_tensor_byte(last, torch.load(last, weights_only=True)["model"]["weight"])
+    torch.load(last, weights_only=True)  # still unpickles
+    with caplog.at_level(logging.WARNING, logger="histomap.train"):
+        _, summary = _fit_linear(tmp_path)
+    assert summary["resumed_from"] == 0 and summary["epochs_done"] == 3
+    assert "does not match its checksum" in caplog.text and str(last) in caplog.text
+
+
+def test_a_corrupt_or_missing_best_pt_is_an_error(tmp_path):
+    """best.pt is read when the epochs are done (also when a rerun resumes a finished
+    training): a corrupt one, or one missing though an epoch wrote it, names the folder to
+    delete instead of handing back the last epoch's weights."""
+    _fit_linear(tmp_path)
+    best = tmp_path / "best.pt"
+    _flip_tensor_byte(best, torch.load(best, weights_only=True)["state_dict"]["weight"])
+    with pytest.raises(InputError, match="does not match its checksum.*delete the folder"):
+        _fit_linear(tmp_path)
+    best.unlink()
+    with pytest.raises(InputError, match="missing, though epoch .* wrote it"):
+        _fit_linear(tmp_path)
 
 
 def test_training_fingerprint_follows_inputs_and_weights(tmp_path):

@@ -68,7 +68,7 @@ from histomap.compat import torch
 from histomap.errors import InputError
 from histomap.logs import Progress
 from histomap.training.checkpoints import (CheckpointLock, atomic_save, discard_stale_checkpoints,
-                                           write_log)
+                                           load_checkpoint, write_log)
 from histomap.training.config import TrainConfig
 from histomap.training.device import (amp_dtype, autocast, cpu_bf16_enabled, cpu_has_bf16,
                                       grad_scaler,
@@ -245,7 +245,7 @@ def _fit(model, train_ds, val_ds, *, loss_fn, out_dir: Path, cfg: TrainConfig, b
                        best_path, out_dir, on_epoch_end)
             interrupt.check("training")  # last.pt of the finished epoch is written
 
-    _keep_best_weights(model, best_path, out_dir, model_meta)
+    _keep_best_weights(model, best_path, out_dir, model_meta, state.best_epoch)
     return {"best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
             "epochs_done": state.epochs_done, "stopped_early": state.stopped_early,
             "resumed_from": resumed_from, "history": list(state.history), "device": str(device)}
@@ -329,11 +329,15 @@ def _batches_per_epoch(n_items: int, batch_size: int) -> tuple[bool, int]:
 
 
 def _keep_best_weights(model: nn.Module, best_path: Path, out_dir: Path,
-                       model_meta: Mapping | None) -> None:
-    """Load ``best.pt`` into ``model`` (eval mode) and, with ``model_meta``, save ``model.pt``."""
+                       model_meta: Mapping | None, best_epoch: int) -> None:
+    """Load ``best.pt`` (checked against its sidecar) into ``model`` (eval mode) and, with
+    ``model_meta``, save ``model.pt``. ``best_epoch`` > 0 says a best.pt was written: a missing
+    one then is an error, never a silent switch to the last epoch's weights."""
     if best_path.exists():
-        best = torch.load(best_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(best["state_dict"])
+        model.load_state_dict(load_checkpoint(best_path)["state_dict"])
+    elif best_epoch:
+        raise InputError(best_path, f"missing, though epoch {best_epoch} wrote it; delete the "
+                                    f"folder {out_dir} and rerun (the training starts again)")
     else:
         log.warning("no epoch had a finite validation loss: keeping the last epoch's weights")
     model.eval()

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from histomap.checked_io import check_sidecar, load_torch_checked, save_torch_checked
 from histomap.compat import torch
 from histomap.errors import InputError
 from histomap.outputs import atomic_output
@@ -32,11 +33,19 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary name, then rename: a kill never leaves a half file."""
+    """``torch.save`` to a temporary name, then rename (a kill never leaves a half file), and
+    the SHA-256 sidecar (``last.pt.sha256``) that :func:`discard_stale_checkpoints` and
+    :func:`load_checkpoint` compare before a checkpoint is used."""
+    return save_torch_checked(obj, path)
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """A checkpoint (``last.pt``, ``best.pt``) checked against its sidecar; a corrupt or
+    truncated one is an InputError that says to delete the checkpoint folder."""
     path = Path(path)
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
-    return path
+    return load_torch_checked(path, what="training checkpoint",
+                              remedy=f"delete the folder {path.parent} and rerun (the training "
+                                     "starts again from scratch)")
 
 
 def write_log(rows: Sequence[Mapping], path: str | Path) -> None:
@@ -181,9 +190,10 @@ def discard_stale_checkpoints(out_dir: str | Path, model: nn.Module, cfg: TrainC
         return digest
     reason = None
     try:
+        check_sidecar(last, what="checkpoint")
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is discarded
-        reason = f"it cannot be read ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unreadable checkpoint is discarded
+        reason = f"it cannot be used ({type(exc).__name__}: {exc})"
         ckpt = {}
     if reason is None and "fingerprint" not in ckpt:
         reason = "it has no fingerprint (written by an older histomap)"
