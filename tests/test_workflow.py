@@ -110,6 +110,29 @@ def _legacy_section(folder: Path, counts_text: str) -> None:
     (folder / "S1_selection.tsv").write_text("\n".join(rows) + "\n")
 
 
+def test_keep_dense_maps_false_makes_benchmark_dense_maps_temporary(workdir):
+    """`predict.keep_dense_maps: false`: Snakemake deletes a benchmark run's dense map once its
+    consumers are done (--delete-temp-output lists it), and the SpatialData does not ask for
+    it; by default it is kept."""
+    from histomap.plan import validate_config
+
+    dense = workdir / "results/predictions/pixnet/P1/seed0/synA/dense.zarr"
+    dense.mkdir(parents=True)
+    (dense / "zarr.json").write_text("{}")
+    listed = {}
+    for keep in (True, False):
+        cfg = write_config(workdir, predict={"keep_dense_maps": keep})
+        res = run_snakemake(workdir, "--delete-temp-output", "--dry-run", "--configfile",
+                            str(cfg), timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        listed[keep] = "Would delete results/predictions/pixnet/P1/seed0/synA/dense.zarr" in (
+            res.stdout + res.stderr)
+        plan = validate_config(yaml.safe_load(cfg.read_text()), workdir)
+        assert bool(plan.files.sample_dense_maps("synA")) is keep
+    assert listed == {True: False, False: True}
+    assert dense.is_dir()  # a dry run deletes nothing
+
+
 @pytest.mark.slow
 def test_bad_counts_fail_cleanly_without_partial_output(workdir):
     """Negative counts: the ingest job fails naming the file, and leaves no output behind."""

@@ -71,6 +71,13 @@ native_prediction = PLAN.files.native_prediction
 prediction_files = PLAN.files.prediction_files
 metric_files = PLAN.files.metric_files
 sample_dense_maps = PLAN.files.sample_dense_maps
+
+
+def dense_map_output(path):
+    """A benchmark run's dense map: kept, or temporary with `predict.keep_dense_maps: false`."""
+    return directory(path) if PLAN.keep_dense_maps else temp(directory(path))
+
+
 sample_predictions = PLAN.files.sample_predictions
 training_logs = PLAN.files.training_logs
 

@@ -145,7 +145,7 @@ rule predict_pixnet:
         tiles="results/tiles/{sample}.parquet",
         cover=lambda wc: cross_scale_truth(wc.model, wc.fold, wc.sample),
     output:
-        directory("results/predictions/{model}/{fold}/seed{tseed}/{sample}/dense.zarr"),
+        dense_map_output("results/predictions/{model}/{fold}/seed{tseed}/{sample}/dense.zarr"),
     wildcard_constraints:
         model=model_runs("pixnet"),
     params:

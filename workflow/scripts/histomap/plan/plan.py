@@ -68,6 +68,12 @@ class Plan:
         return BenchmarkFiles(self)
 
     @property
+    def keep_dense_maps(self) -> bool:
+        """``predict.keep_dense_maps`` (default true): false makes a benchmark run's dense maps
+        temporary (deleted after scoring) and leaves them out of the SpatialData."""
+        return bool(self.config.get("predict", {}).get("keep_dense_maps", True))
+
+    @property
     def final_seed(self) -> int:
         """The training seed of train_final's bundles: the first of train_seeds."""
         return self.train_seeds[0]

@@ -136,7 +136,10 @@ class BenchmarkFiles:
                 if sample in plan.folds.samples(f, "test") for t in plan.train_seeds]
 
     def sample_dense_maps(self, sample: str) -> dict[str, str]:
-        """{run name: dense.zarr} of the dense models' runs that hold ``sample`` out."""
+        """{run name: dense.zarr} of the dense models' runs that hold ``sample`` out; none with
+        ``predict.keep_dense_maps: false`` (the maps are deleted after scoring)."""
+        if not self.plan.keep_dense_maps:
+            return {}
         return {name: f"{run_dir('predictions', m, f, t)}/{sample}/dense.zarr"
                 for m, f, t, name in self.sample_runs(sample) if self.plan.models.is_dense(m)}
 
