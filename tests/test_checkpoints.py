@@ -280,7 +280,11 @@ def test_weights_do_not_depend_on_the_cores_given(tmp_path):
 
 def test_thread_count_really_changes_cpu_sums(tmp_path):
     """Control for the test above: training itself with 1 and 2 threads differs, so the
-    equality there is the fixed thread count's doing."""
+    equality there is the fixed thread count's doing. Whether 1 and 2 threads split a sum
+    differently depends on the CPU's kernels (oneDNN picks them per CPU): where they do not, the
+    control has nothing to show and says so instead of failing."""
     one = _stnet_weights(tmp_path, 1, torch_threads=1)
     two = _stnet_weights(tmp_path, 1, torch_threads=2)
-    assert not _same(one, two)
+    if _same(one, two):
+        pytest.skip("1 and 2 torch threads give bit-identical weights on this CPU: the thread "
+                    "count does not reorder these sums here, so the control shows nothing")

@@ -25,3 +25,40 @@ def reordering_atol(model: torch.nn.Module, *, evaluations: int = 1,
     """Absolute tolerance between two runs of ``model`` (``evaluations`` times in a chain) that
     differ only in summation order, for outputs of magnitude ``scale``."""
     return 2.0 * evaluations * longest_reduction(model) * torch.finfo(dtype).eps * scale
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Largest relative error of rounding a value to ``dtype`` (half its machine epsilon)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def stored_rounding_atol(fn, inputs: dict, keys, *, model: torch.nn.Module,
+                         dtype: torch.dtype = torch.float16, probes: int = 2,
+                         factor: float = 4.0) -> dict:
+    """Per-output absolute tolerance between ``fn`` on inputs stored in ``dtype`` (a feature
+    cache) and ``fn`` on the float32 values they were rounded from (the encoder run again).
+
+    Storing rounds each value ``f`` to ``f (1 + r)`` with ``|r| <= u = u(dtype)``; the encoder
+    run again in another batch or tile layout moves ``f`` by its reordering bound, relative
+    ``e = reordering_atol(model)`` for features of order one. How much the outputs move under
+    such a rounding is the computation's own property, so it is measured rather than guessed:
+    ``fn`` is run on the stored inputs rounded to ``dtype`` once more on a shifted grid
+    (``round(f c) / c`` for ``c`` in [1, 2): a fresh rounding error of the same size and
+    structure: equal values get equal errors) and the largest change of each output over
+    ``probes`` such roundings is kept, scaled by ``(u + e) / u`` for the reordering. ``factor``
+    (4) times that covers the one rounding the cache made with room for the probes' scatter;
+    ``e`` times each output's magnitude is added for outputs that hardly respond.
+    ``fn(inputs) -> {name: tensor}``; returns ``{name: atol}`` in the outputs' units."""
+    u, e = unit_roundoff(dtype), reordering_atol(model)
+    base = fn(inputs)
+    change = {name: 0.0 for name in base}
+    for i in range(probes):
+        c = 1.0 + (i + 0.5) / probes / 1.7   # irrational-ish shifts of the grid in [1, 2)
+        probe = dict(inputs)
+        for k in keys:
+            f = inputs[k].float()
+            probe[k] = (f * c).to(dtype).float() / c
+        for name, value in fn(probe).items():
+            change[name] = max(change[name], float((value - base[name]).abs().max()))
+    return {name: factor * ch * (u + e) / u + e * float(base[name].abs().max())
+            for name, ch in change.items()}
