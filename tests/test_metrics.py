@@ -14,11 +14,10 @@ from histomap.evaluation.metrics import (
     evaluate_matrices,
     evaluate_predictions,
     gene_metrics,
-    patch_means,
     pearson_per_gene,
     summarise,
-    summarise_sr,
 )
+from histomap.evaluation.srmetrics import patch_means, summarise_sr
 
 
 def _value(table: pd.DataFrame, **where) -> float:

@@ -22,8 +22,9 @@ from histomap.data.srpairs.points import build_sr_pairs
 from histomap.data.srpairs.spot_grid import build_spot_grid_pairs
 from histomap.data.srpairs.store import read_sr_pairs
 from histomap.data.synthetic import simulate_sample
-from histomap.evaluation import metrics as sr_metrics
-from histomap.evaluation import report as sr_report
+from histomap.data.srpairs.mass import block_sums, lr_counts_of
+from histomap.evaluation import srmetrics as sr_metrics
+from histomap.evaluation import srreport as sr_report
 from histomap.models.diffst import DiffST, normalize_adjacency
 from histomap.models.diffusion import GaussianDiffusion
 from histomap.tasks.superres import methods as sr_methods
@@ -368,13 +369,22 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     # how it was computed: chains batched by default, fp32 on the CPU, the torch threads
     assert m_attrs["batch_chains"] is SR_BATCH_CHAINS_CPU and m_attrs["device"] == "cpu"
     assert m_attrs["autocast"] is None and m_attrs["threads"] == torch.get_num_threads()
-    pred, std = out["pred"][...], out["pred_std"][...]
+    # the maps as sampled (pred_raw) lie in the min-max range; the delivered ones are
+    # mass-projected: every full LR block of predicted counts adds up to the LR pixel's counts
+    assert m_attrs["mass_projection"] is True
+    pred, std = out["pred_raw"][...], out["pred_std"][...]
     assert pred.shape == (n, g, h, w) and np.isfinite(pred).all()
     assert (std > 0).mean() > 0.5 and pred.min() >= -1e-5 and pred.max() <= 1 + 1e-5
     s2 = attrs["scale"] ** 2
+    lr_counts = lr_counts_of(arrays, attrs)
+    for i in range(n):
+        full = (np.array(out["pred_counts"][i].shape[-2:]) // attrs["scale"])
+        sums = block_sums(out["pred_counts"][i], attrs["scale"], arrays["lr"][i].shape[-2:])
+        np.testing.assert_allclose(sums[:, :full[0], :full[1]],
+                                   lr_counts(i)[:, :full[0], :full[1]], rtol=1e-5, atol=1e-4)
     for i in range(n):  # counts: min-max undone with the LR patch's range / scale^2 (linear)
         np.testing.assert_allclose(
-            out["pred_counts"][i], denormalise(pred[i], "minmax", lo=arrays["lr_min"][i] / s2,
+            out["pred_counts_raw"][i], denormalise(pred[i], "minmax", lo=arrays["lr_min"][i] / s2,
                                                hi=arrays["lr_max"][i] / s2), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(out["pred_std_counts"][i],
                                    std[i] * (arrays["lr_max"][i] - arrays["lr_min"][i])
@@ -385,7 +395,7 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     first = adata[adata.obs["patch"] == 0]
     mask0 = arrays["mask"][0]
     np.testing.assert_allclose(first.layers["truth"], arrays["hr"][0][:, mask0].T, rtol=1e-6)
-    np.testing.assert_allclose(first.layers["pred"], pred[0][:, mask0].T, rtol=1e-6)
+    np.testing.assert_allclose(first.layers["pred"], out["pred"][0][:, mask0].T, rtol=1e-6)
     # bin centres: the HR pixel's centre in level-0 px
     side = attrs["hr_um"] / attrs["slide_mpp"]
     i, j = int(first.obs["i"].iloc[0]), int(first.obs["j"].iloc[0])
@@ -398,10 +408,13 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
                                       tmp_path / "m.csv", method="diffst", scale=4, dataset="syn",
                                       samples=["S1"], folds=["F1"])
     per_gene = pd.read_parquet(tmp_path / "m.parquet")
-    assert len(per_gene) == n * g
-    assert {"RMSE", "PCC", "RMSE_counts", "PCC_counts"} == set(summary["metric"])
+    # scored as delivered (mass-projected) and as sampled
+    assert len(per_gene) == 2 * n * g and set(per_gene["mass_projection"]) == {True, False}
+    assert {"RMSE", "PCC", "RMSE_counts", "PCC_counts", "Spearman_std_error", "edge_error_ratio",
+            "mass_ratio"} == set(summary["metric"])
     assert set(summary["fold"]) == {"F1", "all"} and set(per_gene["fold"]) == {"F1"}
-    summary = summary[summary["fold"] == "all"]
+    summary = summary[(summary["fold"] == "all") & ~summary["mass_projection"].astype(bool)]
+    per_gene = per_gene[~per_gene["mass_projection"]]
     rmse = summary.set_index("metric").loc["RMSE", "value"]
     # by hand: per gene over the patch's tissue pixels, mean over genes, then over patches
     by_patch = [np.mean([np.sqrt(np.mean((pred[i, j][arrays["mask"][i]]
@@ -410,7 +423,7 @@ def test_diffst_predict_maps_bins_and_evaluate(trained_diffst, pairs, tmp_path, 
     assert rmse == pytest.approx(np.mean(by_patch), rel=1e-5)
     n_nan = int(per_gene["pcc"].isna().sum())
     assert summary.set_index("metric").loc["PCC", "n_nan_pcc"] == n_nan
-    assert (f"{n_nan} of {n * g}" in caplog.text) == (n_nan > 0)
+    assert (f"{2 * n_nan} of {2 * n * g}" in caplog.text) == (n_nan > 0)
 
 
 def test_baseline_predict_is_lr_up_and_scores_by_hand(synthetic, pairs, tmp_path):
@@ -418,9 +431,9 @@ def test_baseline_predict_is_lr_up_and_scores_by_hand(synthetic, pairs, tmp_path
                      seed=0, out_model=tmp_path / "m.pt", out_log=tmp_path / "l.csv",
                      checkpoint_dir=tmp_path / "ckpt")
     predict_sr(tmp_path / "m.pt", pairs, tmp_path / "maps.zarr", tmp_path / "b.h5ad",
-                       device="cpu")
+                       device="cpu", mass_projection=False)
     out, attrs = srmaps.read_sr_maps(tmp_path / "maps.zarr")
-    assert "pred_std" not in out and attrs["sampler"] is None
+    assert "pred_std" not in out and attrs["sampler"] is None and "pred_raw" not in out
     ds = SRPairDataset(pairs)
     np.testing.assert_allclose(out["pred"][2], ds[2]["lr_up"].numpy(), rtol=1e-6, atol=1e-7)
     table = sr_metrics.evaluate_maps(pairs, tmp_path / "maps.zarr")
@@ -525,7 +538,7 @@ def test_pcc_is_signed_and_constant_maps_are_counted(pairs, tmp_path, caplog):
                          seed=0, out_model=folder / "m.pt", out_log=folder / "l.csv",
                          checkpoint_dir=folder / "ckpt")
         predict_sr(folder / "m.pt", pairs, folder / "maps.zarr", folder / "b.h5ad",
-                           device="cpu")
+                           device="cpu", mass_projection=False)
         with caplog.at_level(logging.WARNING, logger="histomap.tasks.superres"):
             summaries[method] = sr_metrics.evaluate_sr(
                 [pairs], [folder / "maps.zarr"], folder / "m.parquet", folder / "m.csv",

@@ -158,7 +158,9 @@ def test_bad_counts_fail_cleanly_without_partial_output(workdir):
 SPOT_METRIC_RANGE = {"PCC@F": (-1, 1), "PCC@S": (-1, 1), "PCC@M": (-1, 1), "MSE": (0, np.inf),
                      "MAE": (0, np.inf), "n_genes_scored": (0, np.inf),
                      "n_constant_truth": (0, np.inf), "n_genes": (1, np.inf)}
-SR_METRIC_RANGE = {"PCC": (-1, 1), "RMSE": (0, np.inf)}
+SR_METRIC_RANGE = {"PCC": (-1, 1), "RMSE": (0, np.inf), "Spearman_std_error": (-1, 1),
+                   "mass_ratio": (0, np.inf),
+                   "edge_error_ratio": (0, 1.1)}  # the patch-border band's bound: no seams
 TRIVIAL_SR = "bicubic"  # the upsampled LR map: nothing learned
 
 
@@ -199,19 +201,22 @@ def sr_value_failures(sr: pd.DataFrame, scale: int, reference: str = "diffst"
     """Every learned SR method's PCC above 0 in every unit; the reference (Diff-ST) at least
     bicubic's in the benchmark's units (the counts view, predictions turned into counts with
     LR-patch statistics, is for inspection and is not where the methods are ranked)."""
-    from histomap.evaluation.report import SR_COUNTS_UNITS
+    from histomap.evaluation.srreport import SR_COUNTS_UNITS
 
     failures = []
     pcc = sr[(sr["metric"] == "PCC") & (sr["scale"] == scale)]
     if "units" not in pcc.columns:
         pcc = pcc.assign(units="-")
-    for units, part in pcc.groupby("units"):
+    # one comparison per units x fold kind x with / without the mass projection
+    keys = ["units", *(k for k in ("fold_kind", "mass_projection") if k in pcc.columns)]
+    for key, part in pcc.groupby(keys):
+        units, where = key[0], ", ".join(map(str, key))
         by_method = part.set_index("method")["value"]
         for method, value in by_method.items():
             if method != TRIVIAL_SR and not value > 0:
-                failures.append(f"SR {scale}x ({units}): {method} PCC {value:.4f} is not above 0")
+                failures.append(f"SR {scale}x ({where}): {method} PCC {value:.4f} is not above 0")
         if units != SR_COUNTS_UNITS and not by_method[reference] >= by_method[TRIVIAL_SR]:
-            failures.append(f"SR {scale}x ({units}): {reference} PCC {by_method[reference]:.4f} "
+            failures.append(f"SR {scale}x ({where}): {reference} PCC {by_method[reference]:.4f} "
                             f"is below {TRIVIAL_SR}'s {by_method[TRIVIAL_SR]:.4f}")
     return failures
 

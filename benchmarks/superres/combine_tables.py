@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One Table 1 from several pipeline runs: concatenates their ``results/report/superres.csv``
 (e.g. the synthetic 5x/10x run, the HER2ST 2x run) and writes the markdown of
-:func:`histomap.evaluation.report.sr_markdown` (rows methods, columns dataset x factor x RMSE/PCC).
+:func:`histomap.evaluation.srreport.sr_markdown` (rows methods, columns dataset x factor x
+RMSE/PCC).
 
     python benchmarks/superres/combine_tables.py synthetic/results/report/superres.csv \\
         her2st/results/report/superres.csv --out benchmarks/superres/results/table1
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 
-from histomap.evaluation.report import SR_TABLE_COLUMNS, SR_UNITS, sr_markdown  # noqa: E402
+from histomap.evaluation.srreport import SR_TABLE_COLUMNS, SR_UNITS, sr_markdown  # noqa: E402
 
 DEFAULT_ORDER = ["bicubic", "tesla", "unet", "unetpp", "attention_unet", "histogene_sr",
                  "guided", "diffst"]

@@ -25,8 +25,8 @@ import pandas as pd
 from histomap.data.io import read_sample  # noqa: E402
 from histomap.data.slide import prepare_slide  # noqa: E402
 from histomap.data.srpairs.points import build_sr_pairs  # noqa: E402
-from histomap.evaluation import metrics as sr_metrics
-from histomap.evaluation import report as sr_report
+from histomap.evaluation import srmetrics as sr_metrics
+from histomap.evaluation import srreport as sr_report
 from histomap.logs import setup_logging  # noqa: E402
 from histomap.tasks.superres.prediction import predict_sr  # noqa: E402
 from histomap.tasks.superres.training import train_sr  # noqa: E402
@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     n_patches = int(table["n_patches"].max())
     text = (sr_report.sr_markdown(table, methods=args.methods)
             + f"\n{n_patches} patches of {args.patch_um:g} um, LR {args.lr_um:g} um -> HR "
-              f"{args.lr_um / args.scale:g} um, top {args.genes} genes, {args.normalisation} units.\n")
+              f"{args.lr_um / args.scale:g} um, top {args.genes} genes, "
+              f"{args.normalisation} units.\n")
     out.with_suffix(".md").write_text(text)
     print(text)
 

@@ -117,6 +117,7 @@ sr_diffusion_config = PLAN.sr.diffusion_config
 sr_validation = PLAN.sr.validation
 sr_pair_settings = PLAN.sr.pair_settings
 sr_metric_files = PLAN.sr.metric_files
+sr_calibration_files = PLAN.sr.calibration_files
 
 
 def sr_pairs_inputs(wildcards):

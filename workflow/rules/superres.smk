@@ -109,8 +109,10 @@ rule evaluate_sr:
     output:
         parquet="results/sr/metrics/{sr_method}/x{sr_scale}.parquet",
         summary="results/sr/metrics/{sr_method}/x{sr_scale}_summary.csv",
+        calibration="results/sr/metrics/{sr_method}/x{sr_scale}_calibration.csv",
     params:
         runs=sr_test_runs,
+        fold_kinds=lambda wc: [FOLD_KINDS[f] for f, _ in sr_test_runs(wc)],
         dataset=config["dataset"],
     log:
         "logs/evaluate_sr/{sr_method}/x{sr_scale}.log",
@@ -126,7 +128,8 @@ rule evaluate_sr:
 
 rule sr_tables:
     input:
-        sr_metric_files(),
+        metrics=sr_metric_files(),
+        calibration=sr_calibration_files(),
     output:
         csv=report(
             "results/report/superres.csv",

@@ -12,7 +12,8 @@ def main(sm):
                n_samples=s.get("n_samples", 4), batch_size=s.get("batch_size", 4),
                eta=s.get("eta", 0.0), device=sm.params.device, seed=sm.params.seed,
                sample=sm.wildcards.sample, batch_chains=s.get("batch_chains", "auto"),
-               cpu_bf16=s.get("cpu_bf16", "auto"))
+               cpu_bf16=s.get("cpu_bf16", "auto"),
+               mass_projection=s.get("mass_projection", True))
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

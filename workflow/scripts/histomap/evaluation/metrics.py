@@ -1,7 +1,8 @@
 """Evaluation metrics of predicted gene expression against measured expression.
 
-Arrow: spots or bins at any scale -> **metrics** (the ``evaluate``, ``evaluate_cross_scale``
-and ``evaluate_sr`` rules).
+Arrow: spots or bins at any scale -> **metrics** (the ``evaluate`` and ``evaluate_cross_scale``
+rules; the super-resolution maps' metrics, rule ``evaluate_sr``, are
+:mod:`histomap.evaluation.srmetrics`).
 
 Per gene (columns of (n_spots, n_genes) matrices): ``pcc`` (ordinary *signed* Pearson
 correlation), ``mse`` and ``mae``. The PCC rule is the same for every method: a gene whose
@@ -30,10 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histomap.data.sample import UNS_KEY
-from histomap.data.srmaps import read_sr_maps
-from histomap.data.srpairs import pairs_denormaliser, read_sr_pairs, retarget_log1p
 from histomap.errors import InputError
-from histomap.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -273,133 +271,3 @@ def evaluate_predictions(truth: Mapping[str, ad.AnnData], pred: Mapping[str, ad.
             true_spots, pred[sample], genes, sample=sample, pred_path=pred_path,
             truth_path=truth_paths.get(sample, f"<truth of {sample}>"))
     return evaluate_matrices(pairs, genes)
-
-
-# ====================================================================== super-resolution maps
-SR_METRIC_COLUMNS = {"rmse": "RMSE", "pcc": "PCC", "rmse_counts": "RMSE_counts",
-                     "pcc_counts": "PCC_counts"}
-
-
-def patch_gene_metrics(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(RMSE (G,), signed PCC (G,), n pixels) of one patch over its tissue pixels.
-
-    PCC follows :func:`pearson_per_gene`: NaN (left out for every method, counted in
-    ``n_nan_pcc``) for a gene constant over the tissue in the truth or with fewer than two
-    pixels; 0 for a gene whose prediction is constant there (never abs()-ed)."""
-    mask = np.asarray(mask, bool)
-    t = np.asarray(truth, np.float64)[:, mask].T
-    p = np.asarray(pred, np.float64)[:, mask].T
-    if len(t) == 0:
-        return np.full(truth.shape[0], np.nan), np.full(truth.shape[0], np.nan), 0
-    rmse = np.sqrt(((p - t) ** 2).mean(axis=0))
-    return rmse, pearson_per_gene(t, p), len(t)
-
-
-def evaluate_maps(pairs_zarr: str | Path, maps_zarr: str | Path) -> pd.DataFrame:
-    """Per (patch, gene) rows: n_pixels, rmse, pcc (in the model's units: the pairs'
-    normalisation, log1p re-expressed with the model's training target sum, attr ``target_sum``
-    of the maps), rmse_counts, pcc_counts (the measured HR counts against the prediction's
-    counts, which the predictor derived from the LR patch only)."""
-    pairs, p_attrs = read_sr_pairs(pairs_zarr, lazy=True)
-    maps, m_attrs = read_sr_maps(maps_zarr)
-    genes = list(p_attrs["genes"])
-    if list(m_attrs["genes"]) != genes or maps["pred"].shape != pairs["hr"].shape:
-        raise InputError(maps_zarr, f"maps do not match the pairs {pairs_zarr} (genes or shape)")
-    if m_attrs.get("normalisation", p_attrs["normalisation"]) != p_attrs["normalisation"]:
-        raise InputError(maps_zarr, f"maps are in {m_attrs.get('normalisation')!r} units, the "
-                                    f"pairs {pairs_zarr} in {p_attrs['normalisation']!r}")
-    to_counts = pairs_denormaliser(pairs, p_attrs)
-    target_sum = m_attrs.get("target_sum")
-    retarget = p_attrs["normalisation"] == "log1p" and target_sum is not None
-    rows = []
-    for i in range(pairs["hr"].shape[0]):
-        stored = np.asarray(pairs["hr"][i], np.float64)
-        truth = retarget_log1p(stored, float(p_attrs["hr_target_sum"]), float(target_sum)) \
-            if retarget else stored
-        mask = np.asarray(pairs["mask"][i], bool)
-        rmse, pcc, n_px = patch_gene_metrics(truth, maps["pred"][i], mask)
-        rmse_c, pcc_c, _ = patch_gene_metrics(to_counts(stored, i), maps["pred_counts"][i], mask)
-        rows.append(pd.DataFrame({"patch": i, "gene": genes, "n_pixels": n_px, "rmse": rmse,
-                                  "pcc": pcc, "rmse_counts": rmse_c, "pcc_counts": pcc_c}))
-    return pd.concat(rows, ignore_index=True)
-
-
-def patch_means(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Per patch (``keys`` + fold, sample, patch where present): mean over genes of each metric
-    (NaN PCCs, genes constant in the truth, skipped and counted in ``n_nan_pcc``, the others in
-    ``n_pcc_scored``; a patch with no defined PCC has PCC NaN)."""
-    by = [*keys, *[c for c in ("fold", "sample") if c in per_gene.columns and c not in keys],
-          "patch"]
-    grouped = per_gene.groupby(by, sort=False, observed=True)
-    out = grouped[list(SR_METRIC_COLUMNS)].mean()  # pandas mean skips NaN
-    out["n_genes"] = grouped["gene"].size()
-    out["n_nan_pcc"] = grouped["pcc"].apply(lambda s: int(s.isna().sum()))
-    out["n_pcc_scored"] = out["n_genes"] - out["n_nan_pcc"]
-    return out.reset_index()
-
-
-def summarise_sr(per_gene: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Diff-ST Table-1 summary per ``keys``: each metric averaged per patch over genes, then over
-    patches; ``n_patches``, ``n_pcc_scored`` (patch-gene pairs with a PCC), ``n_nan_pcc``
-    (patch-gene pairs left out because the truth is constant over the patch's tissue) and
-    ``n_nan_patches`` (patches without any defined PCC) alongside."""
-    patches = patch_means(per_gene, keys)
-    rows = []
-    for key, part in patches.groupby(list(keys), sort=False, observed=True):
-        key = key if isinstance(key, tuple) else (key,)
-        for column, metric in SR_METRIC_COLUMNS.items():
-            rows.append({**dict(zip(keys, key)), "metric": metric,
-                         "value": float(part[column].mean()),
-                         "n_patches": int(part[column].notna().sum()),
-                         "n_pcc_scored": int(part["n_pcc_scored"].sum()),
-                         "n_nan_pcc": int(part["n_nan_pcc"].sum()),
-                         "n_nan_patches": int(part["pcc"].isna().sum())})
-    return pd.DataFrame(rows)
-
-
-def evaluate_sr(pairs_zarrs: Sequence[str | Path], maps_zarrs: Sequence[str | Path],
-                out_parquet: str | Path, out_summary: str | Path, *, method: str, scale: int,
-                dataset: str, samples: Sequence[str], folds: Sequence[str]) -> pd.DataFrame:
-    """Score the predicted maps of the test samples of every fold (``samples[i]`` held out by
-    ``folds[i]``, scored from ``pairs_zarrs[i]`` and ``maps_zarrs[i]``): per-(patch, gene)
-    parquet (columns dataset, method, scale, normalisation, fold, sample, patch, gene,
-    n_pixels, rmse, pcc, rmse_counts, pcc_counts, plus per sample ``dropped_patches``: patches
-    of the section left out of the pairs for too little tissue, and ``uses_lr_map``: whether
-    the method reads the LR map) and the Table-1 summary CSV (:func:`summarise_sr`) per fold
-    and over all folds (``fold == "all"``). Returns the summary."""
-    n = len(samples)
-    if not n or not (len(pairs_zarrs) == len(maps_zarrs) == len(folds) == n):
-        raise ValueError("need one pairs zarr, one maps zarr and one fold per test sample")
-    parts = []
-    for fold, sample, pairs, maps in zip(folds, samples, pairs_zarrs, maps_zarrs):
-        table = evaluate_maps(pairs, maps)
-        table.insert(0, "sample", sample)
-        table.insert(0, "fold", str(fold))
-        p_attrs = read_sr_pairs(pairs, lazy=True)[1]
-        m_attrs = read_sr_maps(maps)[1]
-        table["normalisation"] = str(p_attrs["normalisation"])
-        table["dropped_patches"] = int(p_attrs.get("n_patches_dropped", 0))
-        table["uses_lr_map"] = bool(m_attrs.get("uses_lr_map", True))
-        parts.append(table)
-    per_gene = pd.concat(parts, ignore_index=True)
-    for col, value in (("scale", int(scale)), ("method", method), ("dataset", dataset)):
-        per_gene.insert(0, col, value)
-    n_nan = int(per_gene["pcc"].isna().sum())
-    if n_nan:
-        log.warning("%s %dx: %d of %d patch-gene PCCs are undefined (gene constant over the "
-                    "patch's tissue in the truth); they are excluded from the "
-                    "per-patch means and counted in n_nan_pcc", method, int(scale), n_nan,
-                    len(per_gene))
-    keys = ["dataset", "method", "scale"]
-    summary = pd.concat([summarise_sr(per_gene, [*keys, "fold"]),
-                         summarise_sr(per_gene.assign(fold="all"), [*keys, "fold"])],
-                        ignore_index=True)
-    with atomic_output(out_parquet) as tmp:
-        per_gene.to_parquet(tmp, index=False)
-    with atomic_output(out_summary) as tmp:
-        summary.to_csv(tmp, index=False)
-    for row in summary[summary["metric"].isin(["RMSE", "PCC"])].itertuples(index=False):
-        log.info("%s %dx fold %s: %s %.4f over %d patches", method, int(scale), row.fold,
-                 row.metric, row.value, row.n_patches)
-    return summary

@@ -71,9 +71,10 @@ from histomap.models.diffst_cam import CrossModalModulation, Disentangler, local
 from histomap.models.diffst_graph import (GeneGraph, coexpression_adjacency, normalize_adjacency,
                                           topk_adjacency)
 from histomap.models.diffst_hierarchy import (CellEncoder, CellToTissueAttention, ConvEncoder,
-                                              TimmTissueEncoder, select_subpatches,
+                                              TimmTissueEncoder, encode_without_border,
+                                              select_subpatches,
                                               split_subpatches, subpatch_entropy)
-from histomap.models.unet import (ResBlock, SelfAttention2d, UNet, as_float_image, resize,
+from histomap.models.unet import (ResBlock, SelfAttention2d, UNet, as_float_image, conv3x3, resize,
                                   timestep_embedding)
 
 
@@ -124,6 +125,11 @@ class DiffSTConfig:
     # reach the denoiser only through the fused condition)
     lr_input: bool = False                   # the LR map upsampled to the HR grid (as SR3)
     rgb_input: bool = False                  # the H&E patch resized to the HR grid
+    # patch borders: "replicate" pads every 3x3 convolution with the border pixel and encodes
+    # the H&E mirrored outward (histomap.models.diffst_hierarchy.encode_without_border);
+    # "zeros" (the former default) pads with zeros, a dark frame around every patch that the model
+    # drew as a band along the patch's left and bottom edges
+    padding_mode: Literal["zeros", "replicate"] = "replicate"
     # ablations
     cam: bool = True
     cigc: bool = True
@@ -139,6 +145,8 @@ class DiffSTConfig:
             "cam_mode must be 'channel' or 'spatial'": self.cam_mode in ("channel", "spatial"),
             "cigc_on must be 'hr' or 'lr'": self.cigc_on in ("hr", "lr"),
             "cam_region must be >= 1": self.cam_region >= 1,
+            "padding_mode must be 'zeros' or 'replicate'":
+                self.padding_mode in ("zeros", "replicate"),
             "cell_grid must be >= 1": self.cell_grid >= 1,
             "fusion_downsample must be >= 1": self.fusion_downsample >= 1,
             "graph_alpha must be in [0, 1]": 0.0 <= self.graph_alpha <= 1.0,
@@ -281,15 +289,17 @@ class DiffST(nn.Module):
         x_ch = graph_width if cfg.cigc_on == "hr" else n_genes
         unet_in = x_ch + (n_genes if cfg.lr_input else 0) + (3 if cfg.rgb_input else 0)
         y_ch = graph_width if cfg.cigc_on == "lr" else n_genes
-        self.lr_encoder = nn.Sequential(nn.Conv2d(y_ch, cf, 3, padding=1), ResBlock(cf, cf))
+        pm = cfg.padding_mode
+        self.lr_encoder = nn.Sequential(conv3x3(y_ch, cf, padding_mode=pm),
+                                        ResBlock(cf, cf, padding_mode=pm))
         if cfg.tissue_backbone:
             self.tissue_encoder: nn.Module = TimmTissueEncoder(
                 cfg.tissue_backbone, cfg.tissue_channels, cfg.backbone_stage,
                 cfg.pretrained_checkpoint, frozen=cfg.freeze_tissue_backbone)
         else:
-            self.tissue_encoder = ConvEncoder(cfg.tissue_channels)
+            self.tissue_encoder = ConvEncoder(cfg.tissue_channels, padding_mode=pm)
         if cfg.hierarchical:
-            self.cell_encoder = CellEncoder(cfg.cell_channels)
+            self.cell_encoder = CellEncoder(cfg.cell_channels, padding_mode=pm)
             self.cell_attention = CellToTissueAttention(cfg.tissue_channels, cfg.cell_channels,
                                                         cfg.attn_channels, cfg.cross_attn_heads)
         self.hist_proj = nn.Conv2d(cfg.tissue_channels, cf, 1)
@@ -298,7 +308,8 @@ class DiffST(nn.Module):
         self.disentangle = Disentangler(cf, cf, cfg.dis_normalize)
         self.unet = UNet(unet_in, n_genes, cfg.base_channels, cfg.channel_mult,
                          cfg.num_res_blocks, cfg.dropout, cond_ch=cf,
-                         bottleneck_attention=cfg.bottleneck_attention, attn_heads=cfg.attn_heads)
+                         bottleneck_attention=cfg.bottleneck_attention, attn_heads=cfg.attn_heads,
+                         padding_mode=pm)
         self.register_buffer("keep_fraction", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("entropy_threshold", torch.tensor(0.0, dtype=torch.float64))
         self.last_cell_mask: Tensor | None = None
@@ -343,7 +354,9 @@ class DiffST(nn.Module):
         cfg = self.cfg
         image = as_float_image(image)
         tissue_in = image if cfg.tissue_px is None else resize(image, (cfg.tissue_px,) * 2)
-        tissue = resize(self.tissue_encoder(tissue_in), grid_hw)
+        tissue = (encode_without_border(self.tissue_encoder, tissue_in)
+                  if cfg.padding_mode == "replicate" else self.tissue_encoder(tissue_in))
+        tissue = resize(tissue, grid_hw)
         if not cfg.hierarchical:
             return tissue, None
         m = cfg.cell_grid ** 2
@@ -412,7 +425,8 @@ class ConditionalUNet(nn.Module):
         self.n_genes, self.cfg = n_genes, cfg
         self.unet = UNet(2 * n_genes + 3, n_genes, cfg.base_channels, cfg.channel_mult,
                          cfg.num_res_blocks, cfg.dropout, cond_ch=None,
-                         bottleneck_attention=cfg.bottleneck_attention, attn_heads=cfg.attn_heads)
+                         bottleneck_attention=cfg.bottleneck_attention, attn_heads=cfg.attn_heads,
+                         padding_mode=cfg.padding_mode)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -11,23 +11,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histomap.imagenorm import IMAGENET_MEAN, IMAGENET_STD
-from histomap.models.unet import as_float_image, group_norm
+from histomap.models.unet import as_float_image, conv3x3, group_norm
 
 
 class ConvEncoder(nn.Module):
-    """Small CNN: 3x3 stem then ``n_down`` stride-2 conv-norm-SiLU stages, 1x1 to ``out_ch``."""
+    """Small CNN: 3x3 stem then ``n_down`` stride-2 conv-norm-SiLU stages, 1x1 to ``out_ch``;
+    ``padding_mode`` of the 3x3 convolutions (:func:`histomap.models.unet.conv3x3`)."""
 
-    def __init__(self, out_ch: int, width: int = 32, n_down: int = 2) -> None:
+    def __init__(self, out_ch: int, width: int = 32, n_down: int = 2,
+                 padding_mode: str = "zeros") -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), group_norm(width), nn.SiLU()]
+        self.stride = 2 ** n_down
+        layers: list[nn.Module] = [conv3x3(3, width, padding_mode=padding_mode),
+                                   group_norm(width), nn.SiLU()]
         for _ in range(n_down):
-            layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), group_norm(width),
-                       nn.SiLU()]
+            layers += [conv3x3(width, width, 2, padding_mode), group_norm(width), nn.SiLU()]
         layers.append(nn.Conv2d(width, out_ch, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
+
+
+def encode_without_border(encoder: nn.Module, image: Tensor) -> Tensor:
+    """``encoder(image)`` (a feature map ``encoder.stride`` times coarser) computed on the image
+    mirrored outward by two feature pixels (``2 x stride`` image pixels) on every side, then
+    cropped back: every feature pixel of the patch sees tissue around it, where zero padding
+    would show the encoder a dark frame at the patch border (a band along the patch edge in
+    every map conditioned on it). Inputs too small to mirror are encoded as they are.
+    """
+    stride = int(getattr(encoder, "stride", 1))
+    margin = 2 * stride
+    h, w = image.shape[-2:]
+    if h % stride or w % stride or margin >= min(h, w):
+        return encoder(image)
+    feats = encoder(F.pad(image, (margin,) * 4, mode="reflect"))
+    crop = 2
+    return feats[..., crop:feats.shape[-2] - crop, crop:feats.shape[-1] - crop]
 
 
 class TimmTissueEncoder(nn.Module):
@@ -53,6 +73,7 @@ class TimmTissueEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD))[None, :, None,
                                                                                 None])
         self.proj = nn.Conv2d(self.backbone.feature_info.channels()[-1], out_ch, 1)
+        self.stride = int(self.backbone.feature_info.reduction()[-1])
         if self.frozen:
             self.backbone.requires_grad_(False).eval()
 
@@ -69,9 +90,10 @@ class TimmTissueEncoder(nn.Module):
 class CellEncoder(nn.Module):
     """Shared CNN turning each sub-patch (N, 3, p, p) into a vector (N, out_ch)."""
 
-    def __init__(self, out_ch: int, width: int = 32, n_down: int = 2) -> None:
+    def __init__(self, out_ch: int, width: int = 32, n_down: int = 2,
+                 padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.conv = ConvEncoder(width, width, n_down)
+        self.conv = ConvEncoder(width, width, n_down, padding_mode)
         self.fc = nn.Linear(width, out_ch)
 
     def forward(self, patches: Tensor) -> Tensor:

@@ -43,14 +43,24 @@ def as_float_image(image: Tensor) -> Tensor:
     return image.float() / 255.0 if image.dtype == torch.uint8 else image
 
 
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, padding_mode: str = "zeros") -> nn.Conv2d:
+    """3x3 convolution padded by one pixel. ``padding_mode="replicate"`` repeats the border
+    pixel instead of adding a frame of zeros: a map whose values sit far from 0 (an H&E patch,
+    a log-expression map) otherwise gets a dark frame that the network learns as a feature of
+    every patch border (the patch-border band)."""
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, padding_mode=padding_mode)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv residual block; an optional embedding scales and shifts the 2nd norm."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = conv3x3(in_ch, out_ch, padding_mode=padding_mode)
+        self.norm2 = group_norm(out_ch)
+        self.conv2 = conv3x3(out_ch, out_ch, padding_mode=padding_mode)
         self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
@@ -85,17 +95,19 @@ class SelfAttention2d(nn.Module):
 
 class UNet(nn.Module):
     """Time-conditioned U-Net; an optional condition map is resized and added (through a 1x1 conv)
-    at the start of every encoder level and at the bottleneck."""
+    at the start of every encoder level and at the bottleneck. ``padding_mode`` of every 3x3
+    convolution (:func:`conv3x3`)."""
 
     def __init__(self, in_ch: int, out_ch: int, base_ch: int = 32,
                  channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
                  dropout: float = 0.0, cond_ch: int | None = None,
-                 bottleneck_attention: bool = True, attn_heads: int = 1) -> None:
+                 bottleneck_attention: bool = True, attn_heads: int = 1,
+                 padding_mode: str = "zeros") -> None:
         super().__init__()
         self.base_ch, self.n_levels = base_ch, len(channel_mult)
-        emb = 4 * base_ch
+        emb, pm = 4 * base_ch, padding_mode
         self.time_mlp = nn.Sequential(nn.Linear(base_ch, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.conv_in = nn.Conv2d(in_ch, base_ch, 3, padding=1)
+        self.conv_in = conv3x3(in_ch, base_ch, padding_mode=pm)
         self.down_blocks, self.downsample, self.inject = nn.ModuleList(), nn.ModuleList(), \
             nn.ModuleList()
         skips, ch = [base_ch], base_ch
@@ -104,28 +116,28 @@ class UNet(nn.Module):
                 self.inject.append(nn.Conv2d(cond_ch, ch, 1))
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, base_ch * mult, emb, dropout))
+                blocks.append(ResBlock(ch, base_ch * mult, emb, dropout, pm))
                 ch = base_ch * mult
                 skips.append(ch)
             self.down_blocks.append(blocks)
             last = level == len(channel_mult) - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, 2, 1))
+            self.downsample.append(nn.Identity() if last else conv3x3(ch, ch, 2, pm))
             if not last:
                 skips.append(ch)
         self.inject_mid = nn.Conv2d(cond_ch, ch, 1) if cond_ch else None
-        self.mid1 = ResBlock(ch, ch, emb, dropout)
+        self.mid1 = ResBlock(ch, ch, emb, dropout, pm)
         self.mid_attn = SelfAttention2d(ch, attn_heads) if bottleneck_attention else nn.Identity()
-        self.mid2 = ResBlock(ch, ch, emb, dropout)
+        self.mid2 = ResBlock(ch, ch, emb, dropout, pm)
         self.up_blocks, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skips.pop(), base_ch * mult, emb, dropout))
+                blocks.append(ResBlock(ch + skips.pop(), base_ch * mult, emb, dropout, pm))
                 ch = base_ch * mult
             self.up_blocks.append(blocks)
             self.upsample.append(nn.Identity() if level == 0 else nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+                nn.Upsample(scale_factor=2, mode="nearest"), conv3x3(ch, ch, padding_mode=pm)))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), conv3x3(ch, out_ch, padding_mode=pm))
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         factor = 2 ** (self.n_levels - 1)

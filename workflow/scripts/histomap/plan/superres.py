@@ -185,6 +185,11 @@ class SuperRes:
         runs = dict.fromkeys((m, sc) for m, sc, _ in self.runs())
         return [f"results/sr/metrics/{m}/x{sc}.parquet" for m, sc in runs]
 
+    def calibration_files(self) -> list[str]:
+        """Error by std decile of every method and factor (evaluate_sr; empty tables for methods
+        without samples' std)."""
+        return [p.replace(".parquet", "_calibration.csv") for p in self.metric_files()]
+
     def report_files(self) -> list[str]:
         """The SR tables (none without SR runs)."""
         if not self.runs():

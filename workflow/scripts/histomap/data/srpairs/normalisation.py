@@ -123,14 +123,27 @@ def lr_library_on_hr(lr_library: np.ndarray, scale: int, hr_shape: Sequence[int]
     return up[:hr_shape[0], :hr_shape[1]] / float(scale) ** 2
 
 
+def require_target_sum(attrs: Mapping, target_sum: float | None) -> float:
+    """The model's training target sum of log1p units; an error without one. The pairs' stored
+    ``hr_target_sum`` is the median library of the sections they were built from (the test
+    section's, for a test fold's pairs): taking it would put a statistic of the truth into the
+    prediction's counts."""
+    if target_sum is None:
+        raise ValueError(
+            f"log1p pairs (stored with target sum {attrs.get('hr_target_sum')!r}) need the "
+            "model's training target_sum to turn a prediction into counts; the model has none "
+            "(retrain it: its model.pt records pairs.target_sum)")
+    return float(target_sum)
+
+
 def prediction_denormaliser(arrays: Mapping, attrs: Mapping, target_sum: float | None = None
                             ) -> Callable[[np.ndarray, int], np.ndarray]:
     """Predicted values (G, h, w) of patch i (in the model's units) -> counts, with statistics
     available at prediction time only: the LR patch and the model's training ``target_sum``
-    (None: the stored one). Min-max: the LR patch's per-gene range / scale^2; log1p: each HR
-    pixel's library estimated from its LR pixel (:func:`lr_library_on_hr`)."""
+    (required for log1p pairs: :func:`require_target_sum`). Min-max: the LR patch's per-gene
+    range / scale^2; log1p: each HR pixel's library estimated from its LR pixel (:func:`lr_library_on_hr`)."""
     kind, scale = attrs["normalisation"], int(attrs["scale"])
-    target = float(target_sum if target_sum is not None else attrs.get("hr_target_sum", 1.0))
+    target = require_target_sum(attrs, target_sum) if kind == "log1p" else None
 
     def counts(values: np.ndarray, i: int) -> np.ndarray:
         if kind == "minmax":

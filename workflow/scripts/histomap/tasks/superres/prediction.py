@@ -27,6 +27,7 @@ import zarr
 
 from histomap.data.scanpy_spatial import add_scanpy_spatial
 from histomap.data.srmaps import MAPS_FORMAT
+from histomap.data.srpairs.mass import lr_counts_of, prediction_normaliser, project_mass
 from histomap.data.srpairs.normalisation import pairs_denormaliser, prediction_denormaliser
 from histomap.data.srpairs.store import has_truth, read_sr_pairs
 from histomap.errors import InputError
@@ -47,6 +48,8 @@ from histomap.tasks.superres.sampling import (
 log = logging.getLogger(__name__)
 
 
+# the maps as sampled, kept beside the mass-projected ones (predict_sr(mass_projection=True))
+RAW_MAPS = ("pred_raw", "pred_counts_raw")
 # pair attrs copied into the maps' attrs and uns["superres"]
 GEOMETRY_KEYS = ("genes", "scale", "lr_um", "hr_um", "hr_um_row", "patch_um", "edge",
                  "normalisation", "source", "slide", "slide_mpp", "image_mpp", "hr_shape",
@@ -86,13 +89,15 @@ def _prediction_info(model, meta: Mapping, *, model_path, pairs_zarr, sample, sa
             "threads": int(torch.get_num_threads())}
 
 
-def _create_maps(root: zarr.Group, arrays: Mapping, attrs: Mapping, diffusion: bool
-                 ) -> dict[str, zarr.Array]:
+def _create_maps(root: zarr.Group, arrays: Mapping, attrs: Mapping, diffusion: bool,
+                 projected: bool = False) -> dict[str, zarr.Array]:
     """The per-patch map arrays of the maps zarr (written as patches are predicted), and the
-    pairs' mask and placement arrays copied."""
+    pairs' mask and placement arrays copied. ``projected``: ``pred``/``pred_counts`` hold the
+    mass-projected maps and ``pred_raw``/``pred_counts_raw`` the maps as sampled."""
     n, g = int(arrays["lr"].shape[0]), len(attrs["genes"])
     h, w = (int(v) for v in attrs["hr_shape"])
-    names = ["pred", "pred_counts"] + (["pred_std", "pred_std_counts"] if diffusion else [])
+    names = ["pred", "pred_counts"] + (["pred_std", "pred_std_counts"] if diffusion else []) \
+        + (list(RAW_MAPS) if projected else [])
     maps = {name: root.create_array(name, shape=(n, g, h, w), dtype="float32",
                                     chunks=(1, g, h, w), fill_value=0,
                                     dimension_names=("patch", "gene", "y", "x"))
@@ -104,9 +109,33 @@ def _create_maps(root: zarr.Group, arrays: Mapping, attrs: Mapping, diffusion: b
     return maps
 
 
+class MassProjection:
+    """A patch's mean maps made to add up to its measured LR map
+    (:func:`histomap.data.srpairs.mass.project_mass`, in counts, with the LR patch and the
+    model's training target sum only). ``__call__(i, norm, counts)`` -> the projected
+    (normalised, counts) maps as (mean, std) pairs: the projection moves the means; the std maps
+    stay the spread of the chains as sampled."""
+
+    def __init__(self, arrays: Mapping, attrs: Mapping, target_sum: float | None,
+                 to_counts) -> None:
+        self.scale, self.to_counts = int(attrs["scale"]), to_counts
+        self.lr_counts = lr_counts_of(arrays, attrs)
+        self.to_values = prediction_normaliser(arrays, attrs, target_sum)
+
+    def __call__(self, i: int, norm, counts) -> tuple[_Written, _Written]:
+        lr = self.lr_counts(i)
+        values = self.to_values(project_mass(self.to_counts(norm.mean, i), lr, self.scale), i)
+        return (_Written(values, norm.std),
+                _Written(project_mass(counts.mean, lr, self.scale), counts.std))
+
+
 def _write_patch_maps(maps: Mapping[str, zarr.Array], i: int, norm: Welford,
-                      counts: Welford) -> None:
-    """Patch ``i``'s mean (and, for diffusion methods, std) maps, normalised and in counts."""
+                      counts: Welford, raw: tuple | None = None) -> None:
+    """Patch ``i``'s mean (and, for diffusion methods, std) maps, normalised and in counts;
+    ``raw``: the (normalised, counts) means as sampled, beside mass-projected ones."""
+    if raw is not None:
+        maps["pred_raw"][i] = raw[0].mean.astype(np.float32)
+        maps["pred_counts_raw"][i] = raw[1].mean.astype(np.float32)
     maps["pred"][i] = norm.mean.astype(np.float32)
     maps["pred_counts"][i] = counts.mean.astype(np.float32)
     if "pred_std" in maps:
@@ -206,16 +235,20 @@ def _batch_stats(model, meta: Mapping, batch: Mapping, to_counts, chains: Mappin
 
 def _predict_patches(model, meta: Mapping, loader, to_counts, chains: Mapping,
                      maps: Mapping[str, zarr.Array], bins: _BinTable, *, n: int, name: str,
-                     on_batch=None) -> float:
+                     on_batch=None, projection: MassProjection | None = None) -> float:
     """Predict every patch of ``loader`` into ``maps`` and ``bins``; the seconds it took.
-    ``on_batch()`` after each batch's maps are written (records the progress)."""
+    ``on_batch()`` after each batch's maps are written (records the progress);
+    ``projection``: the maps and bins get the mass-projected means (the raw ones are kept)."""
     start = time.perf_counter()
     bar = Progress(n, f"SR prediction {name}", "patches", logger=log)
     for batch in loader:
         stats = _batch_stats(model, meta, batch, to_counts, chains)
         for b, i in enumerate(batch["index"].tolist()):
             norm, counts = stats[b]
-            _write_patch_maps(maps, i, norm, counts)
+            raw = None
+            if projection is not None:
+                raw, (norm, counts) = (norm, counts), projection(i, norm, counts)
+            _write_patch_maps(maps, i, norm, counts, raw)
             bins.add(i, norm, counts, batch["mask"][b].numpy(),
                      batch["hr"][b] if bins.truth else None)
         bar.update(len(batch["index"]))
@@ -232,7 +265,7 @@ RESUME_DIR = "_resume"
 
 
 class _Written:
-    """A written patch's map as :class:`Welford` gives it (mean, std) for :meth:`_BinTable.add`."""
+    """A patch's map as :class:`Welford` gives it (mean, std): a written or a projected one."""
 
     def __init__(self, mean: np.ndarray, std: np.ndarray | None):
         self.mean, self.std = mean, std
@@ -277,7 +310,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                out_h5ad: str | Path, *, sampler: str = "respaced", steps: int | None = 20,
                n_samples: int = 4, batch_size: int = 4, device: str = "auto", seed: int = 0,
                eta: float = 0.0, sample: str | None = None, batch_chains: bool | str = "auto",
-               cpu_bf16: bool | str = False) -> dict[str, Any]:
+               cpu_bf16: bool | str = False, mass_projection: bool = True) -> dict[str, Any]:
     """Predict the HR map of every patch of ``pairs_zarr``; write the maps zarr and the HR-bin
     AnnData (:mod:`histomap.tasks.superres` docstring) atomically: both appear only when both
     are complete.
@@ -289,7 +322,10 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     :func:`.sampling.predict_chains`; "auto": on CUDA, and on the CPU where measured faster);
     ``cpu_bf16``: bf16 autocast on the CPU (true / false / "auto",
     :func:`histomap.train.cpu_bf16_enabled`). Both, and the torch thread count, are recorded in the
-    maps' attrs and ``uns["superres"]``.
+    maps' attrs and ``uns["superres"]``. ``mass_projection``: the maps and bins hold the
+    mean maps projected onto the measured LR map (:class:`MassProjection`: every LR pixel's HR
+    pixels add up to its counts) and the maps zarr keeps the sampled ones as ``pred_raw`` /
+    ``pred_counts_raw``; recorded as attr ``mass_projection``.
     """
     from torch.utils.data import DataLoader
 
@@ -315,6 +351,9 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
     info = _prediction_info(model, meta, model_path=model_path, pairs_zarr=pairs_zarr,
                             sample=sample, sampler=sampler, steps=steps, n_samples=n_samples,
                             eta=eta, seed=seed, device=dev, batched=batched, amp_type=amp_type)
+    info["mass_projection"] = bool(mass_projection)
+    projection = (MassProjection(arrays, attrs, meta["pairs"].get("target_sum"), to_counts)
+                  if mass_projection else None)
     geometry = {k: attrs.get(k) for k in GEOMETRY_KEYS}
     key = _resume_key(model_path, pairs_zarr, {**{k: v for k, v in info.items()
                                                    if k not in ("model", "pairs")},
@@ -331,12 +370,13 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                     root = zarr.open_group(tmp_zarr, mode="w")
                     root.attrs.update({"format": MAPS_FORMAT, **geometry, **info,
                                        "n_patches": n})
-                    maps = _create_maps(root, arrays, attrs, diffusion)
+                    maps = _create_maps(root, arrays, attrs, diffusion, bool(mass_projection))
                     state = {"key": key, "batches": 0, "seconds": 0.0}
                 else:
                     root = zarr.open_group(tmp_zarr, mode="r+")
                     maps = {name: root[name] for name in ("pred", "pred_counts", "pred_std",
-                                                          "pred_std_counts") if name in root}
+                                                          "pred_std_counts", *RAW_MAPS)
+                            if name in root}
                     generator.set_state(torch.tensor(list(bytes.fromhex(state["generator"])),
                                                      dtype=torch.uint8))
                     n_done = min(n, state["batches"] * int(batch_size))
@@ -356,7 +396,7 @@ def predict_sr(model_path: str | Path, pairs_zarr: str | Path, out_maps_zarr: st
                 seconds = seconds_before + _predict_patches(
                     model, meta, loader, to_counts, chains, maps, bins, n=n - min(
                         n, done_before * int(batch_size)), name=Path(pairs_zarr).name,
-                    on_batch=record)
+                    on_batch=record, projection=projection)
                 if requested():
                     log.warning("%s: stopped after %d of %d patches; %s records them for "
                                 "the rerun", out_maps_zarr,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histomap.data.srpairs.dataset import SRPairDataset
+from histomap.data.srpairs.normalisation import require_target_sum
 from histomap.tasks.superres.methods import DEFAULT_DIFFUSION, gaussian_diffusion, is_diffusion
 from histomap.tasks.superres.objectives import DiffusionTarget, ValueRange
 
@@ -43,7 +44,11 @@ def meta_diffusion_target(meta: Mapping) -> DiffusionTarget:
 
 def model_dataset(meta: Mapping, pairs_zarr: str | Path,
                   indices: Sequence[int] | None = None) -> SRPairDataset:
-    """The pairs as a trained model saw them: its LR upsampling and its H&E patch size."""
+    """The pairs as a trained model saw them: its LR upsampling, its H&E patch size and, for
+    log1p units, its training target sum (required: the pairs' stored one is the sections' own,
+    :func:`histomap.data.srpairs.normalisation.require_target_sum`)."""
+    if meta["pairs"].get("normalisation") == "log1p":
+        require_target_sum({}, meta["pairs"].get("target_sum"))
     return SRPairDataset(pairs_zarr, upsample=meta["pairs"].get("upsample", "bicubic"),
                          indices=indices, image_hw=meta["pairs"].get("image_hw"),
                          target_sum=meta["pairs"].get("target_sum"))

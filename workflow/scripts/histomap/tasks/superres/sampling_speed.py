@@ -16,7 +16,7 @@ import pandas as pd
 
 from histomap.data.srpairs.store import read_sr_pairs
 from histomap.errors import InputError
-from histomap.evaluation.metrics import patch_gene_metrics, summarise_sr
+from histomap.evaluation.srmetrics import patch_gene_metrics, summarise_sr
 from histomap.tasks.superres.methods import is_diffusion
 from histomap.tasks.superres.model_file import load_sr_model
 from histomap.tasks.superres.sampling import (
