@@ -1,27 +1,33 @@
 #!/usr/bin/env python
-"""Whole-slide throughput: tiling (index only), PixNet dense map, spot tables at five scales.
+"""Whole-slide throughput: tiling, PixNet dense map, spot and bin tables at five scales, each
+stage against the encoder's one-pass floor.
 
-Issue 17's end-to-end benchmark. A square slide of ``--side-mm`` at 0.5 um/px (a pyramidal JPEG
-TIFF written tile by tile by ``benchmarks/tiling.py``'s ``write_slide``: H&E texture inside an
-elliptical tissue region, so the slide is never in memory) goes through the pipeline's own
-functions, stage by stage in one process:
+The end-to-end benchmark. A square slide of ``--side-mm`` at 0.5 um/px (a
+pyramidal JPEG TIFF written tile by tile by ``benchmarks/tiling.py``'s ``write_slide``: H&E
+texture inside an elliptical tissue region, so the slide is never in memory) goes through the
+pipeline's own functions, stage by stage in one process:
 
 * ``tiling``: :func:`histomap.data.tiling.tile_slide` with no tile store (the pipeline's default:
   tissue mask and tile index; 224 px tiles at 1 um/px as the demo config);
+* ``encoder floor``: the frozen encoder alone over as many ``--tile-px`` tiles as the tissue has
+  input pixels (each pixel once; no reading, decoding, stitching or writing): the cost below
+  which no frozen-encoder dense map can go on this machine. Every stage's ``x_floor`` is its
+  seconds over the floor's;
 * ``dense_map``: :func:`histomap.tasks.dense_map.predict_dense_map` over the tissue tiles with a
   freshly initialised PixNet (weights do not change cost; ``freeze_encoder`` on, the frozen
   encoder mode, which changes nothing at inference), at ``--input-mpp``;
-* ``spots_<d>um``: :func:`histomap.tasks.dense_map.spots_from_dense` for discs of ``d`` um
-  (100, 55, 16, 8, 2) on a square grid of pitch max(d, ``--min-pitch-um``) over the tissue
-  tiles (e.g. Visium HD's 2, 8 and 16 um bins; the finest bins are sub-sampled to the pitch).
+* ``spots <d> um`` (100, 55: discs on the hexagonal lattice of touching discs) and ``bins <d> um``
+  (16, 8, 2: Visium HD's square bins, every bin over the tissue):
+  :func:`histomap.tasks.apply.stream_dense_table`, the ``apply_dense_tables`` rule's code,
+  streaming each table to an ``.h5ad`` in row blocks (deleted after the stage).
 
 Per stage: seconds, mm^2 of tissue (the tile index's area) per second, the peak RSS during the
 stage (Linux: VmHWM reset before each stage; elsewhere the process maximum) and, with
 ``--device cuda``, ``torch.cuda.max_memory_allocated`` (peak reset before each stage). The total
-row sums the stages. Output: ``<out-dir>/whole_slide.csv`` and ``whole_slide.md`` (machine, load
-average before and after, torch threads, autocast, and this command).
+row sums the stages but the floor. Output: ``<out-dir>/<--name>.csv`` and ``.md`` (whole_slide)
+(machine, load average before and after, torch threads, autocast, and this command).
 
-    python benchmarks/whole_slide.py --side-mm 6.5 --input-mpp 2 --threads 1   # Visium HD size
+    python benchmarks/whole_slide.py --side-mm 6.5 --input-mpp 1 --threads 2  # Visium HD size
     python benchmarks/whole_slide.py --side-mm 20 --device cuda --input-mpp 1  # a GPU machine
     python benchmarks/whole_slide.py --quick --out-dir /tmp/ws                 # smoke run (tests)
 """
@@ -29,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -42,12 +46,15 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 
-from histomap.machine import cpu_model, load_average  # noqa: E402
+from histomap.machine import Stage, load_average, machine  # noqa: E402
 from histomap.compat import torch  # noqa: E402
 from histomap.outputs import atomic_output, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("whole_slide")
-SCALES = (100.0, 55.0, 16.0, 8.0, 2.0)
+SPOT_UM = (100.0, 55.0)      # pseudo-spots: discs on a hexagonal lattice (Visium-like)
+BIN_UM = (16.0, 8.0, 2.0)    # square bins (Visium HD's)
+FLOOR = "encoder floor (1 pass per tissue px)"
+TOTAL = "total (tiling + dense map + 5 tables)"
 SLIDE_MPP = 0.5   # tiling.py's write_slide
 
 
@@ -65,13 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "16,16,24,32,32)")
     p.add_argument("--n-genes", type=int, default=None, help="genes (50; quick 8)")
     p.add_argument("--tile-px", type=int, default=None, help="prediction tile (160; quick 64)")
+    p.add_argument("--overlap-px", type=int, default=None, help="tile overlap (tile / 4)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--min-pitch-um", type=float, default=16.0,
-                   help="smallest spot-grid pitch (finer bins are sub-sampled to it)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     p.add_argument("--cpu-bf16", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
+    p.add_argument("--name", default="whole_slide", help="output file stem")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
     q = args.quick
@@ -81,85 +88,53 @@ def parse_args(argv=None) -> argparse.Namespace:
         "16,16,24,32,32" if q else "16,32,64,128,128")).split(",")]
     args.n_genes = args.n_genes or (8 if q else 50)
     args.tile_px = args.tile_px or (64 if q else 160)
+    args.overlap_px = args.tile_px // 4 if args.overlap_px is None else args.overlap_px
     return args
 
 
-# ------------------------------------------------------------------------------- memory
-def _status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-class Stage:
-    """Times a stage and records its peak RSS (and CUDA peak) into ``rows``."""
-
-    def __init__(self, rows: list[dict], name: str, device: torch.device, tissue_mm2: float,
-                 **extra):
-        self.rows, self.name, self.device = rows, name, device
-        self.tissue_mm2, self.extra = tissue_mm2, extra
-
-    def __enter__(self):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM to the current RSS
-            self.rss_method = "VmHWM reset"
-        except OSError:
-            self.rss_method = "ru_maxrss"
-        self.rss_before = _status_mib("VmRSS")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is not None:
-            return False
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.start
-        import resource
-        peak = _status_mib("VmHWM") if self.rss_method == "VmHWM reset" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        row = {"stage": self.name, "seconds": seconds,
-               "tissue_mm2": self.tissue_mm2,
-               "mm2_per_s": self.tissue_mm2 / seconds if seconds > 0 else np.nan,
-               "peak_rss_mib": peak, "rss_before_mib": self.rss_before,
-               "cuda_max_allocated_mib": torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-               if self.device.type == "cuda" else np.nan, **self.extra}
-        self.rows.append(row)
-        log.info("%s: %.1f s, %.3g mm^2/s, peak RSS %.0f MiB", self.name, seconds,
-                 row["mm2_per_s"], peak)
-        return False
-
-
-def spot_grid(tiles: pd.DataFrame, pitch_um: float, slide_mpp: float) -> np.ndarray:
-    """Centres (level-0 px) of a square grid of ``pitch_um`` whose centres lie in a tissue tile."""
-    step = pitch_um / slide_mpp
-    x0, y0 = tiles["x0_px"].to_numpy(np.float64), tiles["y0_px"].to_numpy(np.float64)
-    size = tiles["size_px0"].to_numpy(np.float64)
-    parts = []
-    for a, b, s in zip(x0, y0, size):   # grid anchored at (0, 0): no duplicates across tiles
-        xs = np.arange(np.ceil(a / step - 0.5), np.ceil((a + s) / step - 0.5)) * step + step / 2
-        ys = np.arange(np.ceil(b / step - 0.5), np.ceil((b + s) / step - 0.5)) * step + step / 2
-        if len(xs) and len(ys):
-            gx, gy = np.meshgrid(xs, ys)
-            parts.append(np.column_stack([gx.ravel(), gy.ravel()]))
-    return np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 2))
-
-
 # ------------------------------------------------------------------------------- run
+def encoder_floor(model, n_px: float, tile_px: int, batch_size: int, device, amp_type) -> int:
+    """The bare encoder pass over ``n_px`` input pixels: ceil(n_px / tile^2) tiles of
+    ``tile_px`` through the frozen encoder, channels-last, no reading, decoding or writing.
+    Returns the number of tiles."""
+    from histomap.training.device import autocast
+
+    n_tiles = max(1, int(np.ceil(n_px / tile_px ** 2)))
+    x = torch.rand(batch_size, 3, tile_px, tile_px, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
+    with torch.no_grad(), autocast(device, amp_type):
+        for start in range(0, n_tiles, batch_size):
+            encoder.frozen_maps(x[:min(batch_size, n_tiles - start)])
+    return n_tiles
+
+
+def tables(rows, dense, tiles, slide, work: Path, device, tissue_mm2: float) -> None:
+    """Pseudo-spot tables (hexagonal lattices of touching discs) and bin tables (square
+    lattices), each streamed to ``.h5ad`` by the pipeline's ``apply_dense_tables`` code."""
+    from histomap.tasks.apply import stream_dense_table, tissue_lookup
+
+    tissue = tissue_lookup(slide, 16.0)
+    geo = {"sample": "bench", "platform": "he", "mpp": SLIDE_MPP, "image": str(slide),
+           "spatial": {}}
+    for shape, d in [("disc", d) for d in SPOT_UM] + [("square", b) for b in BIN_UM]:
+        label = f"{'spots' if shape == 'disc' else 'bins'} {d:g} um"
+        path = work / f"{label.replace(' ', '_')}.h5ad"
+        with Stage(rows, label, device, tissue_mm2):
+            n = stream_dense_table(dense, tiles, shape, d, path, geo=geo, tissue=tissue,
+                                   info={"model": "pixnet (benchmark)"})
+        rows[-1].update(items=n, file_mib=path.stat().st_size / 2 ** 20)
+        path.unlink()
+
+
 def run(work: Path, args) -> tuple[list[dict], dict]:
     from tiling import write_slide
 
     from histomap.data.tiling import tile_slide
     from histomap.models.pixnet import PixNet
-    from histomap.tasks.dense_map import CPU_BF16_DEFAULT, predict_dense_map, spots_from_dense
+    from histomap.tasks.dense_map import CPU_BF16_DEFAULT, predict_dense_map
     from histomap.train import cpu_bf16_enabled, resolve_device
+    from histomap.training.device import amp_dtype
 
     device = resolve_device(args.device)
     side_px = int(round(args.side_mm * 1000 / SLIDE_MPP))
@@ -168,9 +143,8 @@ def run(work: Path, args) -> tuple[list[dict], dict]:
     write_slide(slide, side_px)
     info = {"slide_px": side_px, "slide_write_s": time.perf_counter() - start}
     rows: list[dict] = []
-    tiles_parquet = work / "tiles.parquet"
     with Stage(rows, "tiling (index only)", device, np.nan):
-        tiles = tile_slide(slide, None, tiles_parquet, tile_px=224, tile_mpp=1.0,
+        tiles = tile_slide(slide, None, work / "tiles.parquet", tile_px=224, tile_mpp=1.0,
                            mask_mpp=16.0)
     tissue_mm2 = float((tiles["size_px0"].to_numpy(np.float64) ** 2).sum()
                        * SLIDE_MPP ** 2 / 1e6)
@@ -180,48 +154,41 @@ def run(work: Path, args) -> tuple[list[dict], dict]:
     model = PixNet(args.n_genes, encoder=args.encoder, decoder_channels=args.decoder_channels,
                    fusion="safb", out_stride=4, freeze_encoder=True)
     bf16 = cpu_bf16_enabled(args.cpu_bf16, CPU_BF16_DEFAULT) and device.type == "cpu"
+    with Stage(rows, FLOOR, device, tissue_mm2):
+        rows[-1]["items"] = encoder_floor(model, tissue_mm2 * 1e6 / args.input_mpp ** 2,
+                                          args.tile_px, args.batch_size, device,
+                                          amp_dtype(device, True, cpu_bf16=bf16))
     with Stage(rows, "dense_map", device, tissue_mm2):
         dense = predict_dense_map(model, slide, tiles, input_mpp=args.input_mpp,
-                                  tile_px=args.tile_px, overlap_px=args.tile_px // 4,
+                                  tile_px=args.tile_px, overlap_px=args.overlap_px,
                                   out_zarr=work / "dense.zarr", batch_size=args.batch_size,
                                   device=device, cpu_bf16=bf16)
     rows[-1]["items"] = int(dense.attrs["n_tiles"])
     info.update(autocast=dense.attrs.get("autocast"), threads=dense.attrs.get("threads"),
                 map_px=list(dense.mask.shape), map_mpp=dense.mpp)
     del model
-    for d in SCALES:
-        centres = spot_grid(tiles, max(d, args.min_pitch_um), SLIDE_MPP)
-        with Stage(rows, f"spots {d:g} um", device, tissue_mm2,
-                   pitch_um=max(d, args.min_pitch_um)):
-            values = spots_from_dense(dense, centres, d, SLIDE_MPP)
-        rows[-1]["items"] = len(centres)
-        if not np.isfinite(values).all(axis=1).mean() > 0.9:
-            log.warning("%g um: %.0f%% of the spots read NaN", d,
-                        100 * (1 - np.isfinite(values).all(axis=1).mean()))
-    stages = pd.DataFrame(rows)
-    rows.append({"stage": "total (tiling + dense map + 5 spot tables)", "items": None,
-                 "seconds": float(stages["seconds"].sum()), "tissue_mm2": tissue_mm2,
+    tables(rows, dense, tiles, slide, work, device, tissue_mm2)
+    stages = pd.DataFrame([r for r in rows if r["stage"] != FLOOR])
+    rows.append({"stage": TOTAL, "items": None, "seconds": float(stages["seconds"].sum()),
+                 "tissue_mm2": tissue_mm2,
                  "mm2_per_s": tissue_mm2 / float(stages["seconds"].sum()),
                  "peak_rss_mib": float(stages["peak_rss_mib"].max()),
                  "cuda_max_allocated_mib": float(stages["cuda_max_allocated_mib"].max())})
+    floor = next(r["seconds"] for r in rows if r["stage"] == FLOOR)
+    for r in rows:
+        r["x_floor"] = r["seconds"] / floor
     info["device"] = str(device)
     return rows, info
-
-
-def machine() -> str:
-    cpu = cpu_model() or platform.processor() or "unknown CPU"
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
 
 
 def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table["items"] = table["items"].astype("Int64")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(args.out_dir / "whole_slide.csv") as tmp:
+    with atomic_output(args.out_dir / f"{args.name}.csv") as tmp:
         table.to_csv(tmp, index=False)
     load_after = load_average()
-    cols = ["stage", "items", "seconds", "mm2_per_s", "peak_rss_mib"]
+    cols = ["stage", "items", "seconds", "x_floor", "mm2_per_s", "peak_rss_mib", "file_mib"]
     if info["device"].startswith("cuda"):
         cols.append("cuda_max_allocated_mib")
     text = "\n".join([
@@ -237,11 +204,15 @@ def write_report(rows, info, args, argv, load_before: str, wall: float) -> pd.Da
         f"{args.encoder} (frozen-encoder mode), freshly initialised decoder "
         f"{args.decoder_channels}, "
         f"{args.n_genes} genes, input {args.input_mpp:g} um/px, {args.tile_px} px tiles "
-        f"(overlap {args.tile_px // 4}), map {info['map_px'][1]} x {info['map_px'][0]} px at "
-        f"{info['map_mpp']:g} um. Spot grids: pitch max(diameter, {args.min_pitch_um:g} um). "
+        f"(overlap {args.overlap_px}), channels-last, batch {args.batch_size}, map "
+        f"{info['map_px'][1]} x {info['map_px'][0]} px at {info['map_mpp']:g} um. Tables: "
+        "pseudo-spots (discs, hexagonal lattice of touching discs) and square bins over the "
+        "tissue, every lattice point, streamed to .h5ad in row blocks (`file_mib`: the file). "
+        "`x_floor`: seconds / the encoder floor's (each tissue pixel through the frozen encoder "
+        f"once, {args.tile_px} px tiles, nothing else); the total leaves the floor out. "
         f"{args.note}\n",
         table[cols].to_markdown(index=False, floatfmt=".4g") + "\n"])
-    write_text_atomic(args.out_dir / "whole_slide.md", text)
+    write_text_atomic(args.out_dir / f"{args.name}.md", text)
     print(text)
     return table
 

@@ -122,9 +122,11 @@ def test_tables_and_figure(demo):
                                   root / "synthetic" / "synC" / "he.tif")
     apply_dense(demo["bundle"], slide, tiles, root / "t" / "dense.zarr", device="cpu")
     out = [root / "t" / "spots_55um.h5ad", root / "t" / "bins_16um.h5ad"]
-    spots55, bins16 = dense_tables(demo["bundle"], root / "t" / "dense.zarr", tiles, spots,
-                                   slide, mask_mpp=8.0, spot_diameters_um=[55], bin_um=[16],
-                                   out_spots=out[:1], out_bins=out[1:])
+    written = dense_tables(demo["bundle"], root / "t" / "dense.zarr", tiles, spots, slide,
+                           mask_mpp=8.0, spot_diameters_um=[55], bin_um=[16],
+                           out_spots=out[:1], out_bins=out[1:])
+    assert written == out
+    spots55, bins16 = (ad.read_h5ad(p) for p in written)
     # lattice points in tissue tiles and on tissue (tiles also hold glass at the edge)
     for table in (spots55, bins16):
         assert on_tissue(slide, table.obsm["spatial"], 8.0).all()

@@ -292,3 +292,27 @@ def test_cpu_bf16_config_values():
     assert cpu_bf16_enabled("true", False) is True and cpu_bf16_enabled(False, True) is False
     with pytest.raises(ValueError, match="auto, true or false"):
         cpu_bf16_enabled("yes", True)
+
+
+def test_layout_and_threads_change_the_map_by_reordering_only(slide_path, tmp_path):
+    """The fast path (channels-last tensors, two torch threads) gives the map of the plain one
+    (contiguous layout, one thread) up to the summation order of the network's dot products."""
+    from histomap.models.pixnet import PixNet
+    from histomap.threads import torch_threads
+    from tolerances import reordering_atol
+
+    torch.manual_seed(0)
+    model = PixNet(5, encoder="test_resnet", decoder_channels=[8, 8, 16, 16, 16], fusion="safb",
+                   out_stride=STRIDE, freeze_encoder=True)
+    maps = {}
+    for name, threads, last in (("plain", 1, False), ("fast", 2, True)):
+        with torch_threads(threads):
+            maps[name] = predict_dense_map(model, slide_path, REGION, input_mpp=MPP, tile_px=64,
+                                           overlap_px=16, out_zarr=tmp_path / f"{name}.zarr",
+                                           device="cpu", batch_size=3, channels_last=last)
+    assert maps["fast"].attrs["memory_format"] == "channels_last"
+    assert maps["plain"].attrs["memory_format"] == "contiguous"
+    plain, fast = maps["plain"].read(), maps["fast"].read()
+    atol = reordering_atol(model, scale=max(1.0, float(np.abs(plain).max())))
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=atol)
+    assert np.ptp(plain) > 10 * atol

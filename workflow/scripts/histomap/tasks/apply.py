@@ -40,37 +40,20 @@ import scipy.sparse as sp
 
 from histomap.data.sample import annotate_spots
 from histomap.data.slide import open_slide, read_region, slide_mpp
+from histomap.data.streamed_table import StreamedTable
 from histomap.data.tiling import tissue_mask
 from histomap.errors import InputError
+from histomap.outputs import atomic_output
 from histomap.tasks.bundle import Bundle, read_bundle
 from histomap.tasks.dense import predict_dense
-from histomap.tasks.dense_map import DenseMap, read_dense, spots_from_dense
+from histomap.tasks.dense_map import DenseMap, read_dense
+from histomap.tasks.dense_readout import (BinReader, hex_blocks, readout_blocks, rows_per_block,
+                                          square_blocks)
 from histomap.tasks.predict import spots_prediction_anndata
 
 log = logging.getLogger(__name__)
 
-BIN_ROWS_PER_READ = 8  # bin rows read out of the dense map at once
-
-
 # --------------------------------------------------------------------------- lattices
-def _in_tiles(centres_px: np.ndarray, tiles: pd.DataFrame) -> np.ndarray:
-    """Whether each level-0 centre lies in a tile of the index (x0_px, y0_px, size_px0)."""
-    inside = np.zeros(len(centres_px), dtype=bool)
-    for x0, y0, s in tiles[["x0_px", "y0_px", "size_px0"]].to_numpy(float):
-        inside |= ((centres_px[:, 0] >= x0) & (centres_px[:, 0] < x0 + s)
-                   & (centres_px[:, 1] >= y0) & (centres_px[:, 1] < y0 + s))
-    return inside
-
-
-def _tiles_bbox(tiles: pd.DataFrame) -> tuple[float, float, float, float]:
-    if tiles.empty:
-        raise ValueError("the tile index has no tissue tile")
-    x0, y0 = tiles["x0_px"].min(), tiles["y0_px"].min()
-    x1 = (tiles["x0_px"] + tiles["size_px0"]).max()
-    y1 = (tiles["y0_px"] + tiles["size_px0"]).max()
-    return float(x0), float(y0), float(x1), float(y1)
-
-
 def tissue_lookup(slide_path: str | Path, mask_mpp: float = 16.0
                   ) -> Callable[[np.ndarray], np.ndarray]:
     """A function telling whether level-0 centres fall on tissue in the slide's tissue mask at
@@ -118,15 +101,7 @@ def hex_lattice(tiles: pd.DataFrame, mpp: float, spacing_um: float
     """Pseudo-spot centres over tissue: a hexagonal lattice (centre-to-centre ``spacing_um``;
     rows ``spacing * sqrt(3) / 2`` apart, odd rows shifted by half a spacing) anchored at the
     slide's top-left corner. Returns (level-0 (x, y) centres, (row, col) lattice positions)."""
-    step = spacing_um / mpp
-    row_step = step * math.sqrt(3) / 2
-    x0, y0, x1, y1 = _tiles_bbox(tiles)
-    rows = np.arange(math.floor(y0 / row_step), math.ceil(y1 / row_step) + 1)
-    cols = np.arange(math.floor(x0 / step) - 1, math.ceil(x1 / step) + 1)
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    xy = np.column_stack([(cc.ravel() + 0.5 * (rr.ravel() % 2)) * step, rr.ravel() * row_step])
-    keep = _in_tiles(xy, tiles)
-    return xy[keep], np.column_stack([rr.ravel(), cc.ravel()])[keep]
+    return _concat(hex_blocks(tiles, mpp, spacing_um, 256))
 
 
 def square_lattice(tiles: pd.DataFrame, mpp: float, bin_um: float
@@ -134,15 +109,13 @@ def square_lattice(tiles: pd.DataFrame, mpp: float, bin_um: float
     """Bins over tissue: squares of side ``bin_um`` tiling the slide from its top-left corner
     (bin (r, c) covers [c b, (c + 1) b) x [r b, (r + 1) b) um); kept when the bin's centre lies
     in a tissue tile. Returns (level-0 centres, (row, col))."""
-    step = bin_um / mpp
-    x0, y0, x1, y1 = _tiles_bbox(tiles)
-    rows = np.arange(math.floor(y0 / step), math.ceil(y1 / step))
-    cols = np.arange(math.floor(x0 / step), math.ceil(x1 / step))
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    rc = np.column_stack([rr.ravel(), cc.ravel()])
-    xy = (rc[:, ::-1] + 0.5) * step
-    keep = _in_tiles(xy, tiles)
-    return xy[keep], rc[keep]
+    return _concat(square_blocks(tiles, mpp, bin_um, 256))
+
+
+def _concat(blocks) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(blocks)
+    return (np.concatenate([xy for xy, _ in parts]).reshape(-1, 2),
+            np.concatenate([rc for _, rc in parts]).reshape(-1, 2).astype(np.int64))
 
 
 def lattice_spots(centres_px: np.ndarray, rowcol: np.ndarray, *, sample: str, platform: str,
@@ -150,7 +123,7 @@ def lattice_spots(centres_px: np.ndarray, rowcol: np.ndarray, *, sample: str, pl
                   ) -> ad.AnnData:
     """Pseudo-spots or bins as a spot table without counts (centres, lattice positions,
     geometry), the input of the spot models' predictions."""
-    names = [f"{prefix}_{r}_{c}" for r, c in rowcol]
+    names = [f"{prefix}_{r}_{c}" for r, c in np.asarray(rowcol).tolist()]
     spots = ad.AnnData(X=sp.csr_matrix((len(names), 0), dtype=np.int32),
                        obs=pd.DataFrame({"array_row": rowcol[:, 0].astype(np.int64),
                                          "array_col": rowcol[:, 1].astype(np.int64)},
@@ -162,59 +135,20 @@ def lattice_spots(centres_px: np.ndarray, rowcol: np.ndarray, *, sample: str, pl
 
 
 # --------------------------------------------------------------------------- read-out
-def _overlap_weights(edges_um: np.ndarray, origin_um: float, pixel_um: float, n_pixels: int
-                     ) -> sp.csr_matrix:
-    """(bins, pixels) fraction of each map pixel's width lying in each bin interval
-    [edges[k], edges[k] + side) along one axis."""
-    side = edges_um[1] - edges_um[0] if len(edges_um) > 1 else None
-    rows, cols, vals = [], [], []
-    for k, lo in enumerate(edges_um):
-        hi = lo + (side if side is not None else pixel_um)
-        first = max(0, int(math.floor((lo - origin_um) / pixel_um)))
-        last = min(n_pixels, int(math.ceil((hi - origin_um) / pixel_um)))
-        for j in range(first, last):
-            a = max(lo, origin_um + j * pixel_um)
-            b = min(hi, origin_um + (j + 1) * pixel_um)
-            if b > a:
-                rows.append(k)
-                cols.append(j)
-                vals.append((b - a) / pixel_um)
-    return sp.csr_matrix((vals, (rows, cols)), shape=(len(edges_um), n_pixels))
-
-
 def bins_from_dense(dmap: DenseMap, rowcol: np.ndarray, bin_um: float) -> np.ndarray:
     """(n, genes) float32: area-weighted mean of the dense map over each square bin (r, c) of
     side ``bin_um`` (bin lattice anchored at the slide's top-left corner), counting only map
-    pixels in the tissue mask; NaN for a bin that covers none. Reads
-    :data:`BIN_ROWS_PER_READ` bin rows of the map at a time."""
-    n, n_genes = len(rowcol), len(dmap.genes)
-    out = np.full((n, n_genes), np.nan, dtype=np.float32)
-    if n == 0:
-        return out
-    height, width = dmap.mask.shape
-    ox_um, oy_um = (float(v) * dmap.slide_mpp for v in dmap.origin_px)
-    col_ids = np.unique(rowcol[:, 1])
-    wx = _overlap_weights(col_ids * bin_um, ox_um, dmap.mpp, width)  # (cols, W)
-    col_index = {int(c): i for i, c in enumerate(col_ids)}
-    row_ids = np.unique(rowcol[:, 0])
-    for start in range(0, len(row_ids), BIN_ROWS_PER_READ):
-        block = row_ids[start:start + BIN_ROWS_PER_READ]
-        wy = _overlap_weights(block * bin_um, oy_um, dmap.mpp, height)  # (rows, H)
-        touched = np.flatnonzero(np.asarray(wy.sum(axis=0)).ravel() > 0)
-        if len(touched) == 0:
-            continue
-        y0, y1 = int(touched[0]), int(touched[-1]) + 1
-        mask = np.asarray(dmap.mask[y0:y1, :], dtype=np.float32)
-        values = dmap.read(y0, y1) * mask[None]
-        wy_b = wy[:, y0:y1].toarray().astype(np.float32)
-        wx_t = wx.T.toarray().astype(np.float32)  # (W, cols)
-        covered = wy_b @ mask @ wx_t  # (rows, cols)
-        sums = np.einsum("ry,gyx,xc->rcg", wy_b, values, wx_t, optimize=True)
-        for i, r in enumerate(block):
-            pick = np.flatnonzero(rowcol[:, 0] == r)
-            cols = np.array([col_index[int(c)] for c in rowcol[pick, 1]])
-            ok = covered[i, cols] > 1e-9
-            out[pick[ok]] = sums[i, cols[ok]] / covered[i, cols[ok], None]
+    pixels in the tissue mask; NaN for a bin that covers none. Reads the map one chunk row at a
+    time (:class:`histomap.tasks.dense_readout.BinReader`); :func:`dense_tables` streams the
+    same values to disk block by block."""
+    rowcol = np.asarray(rowcol, dtype=np.int64).reshape(-1, 2)
+    order = np.lexsort((rowcol[:, 1], rowcol[:, 0]))  # top to bottom: each map row read once
+    reader, out = BinReader(dmap, bin_um), np.empty((len(rowcol), len(dmap.genes)), np.float32)
+    per_block = rows_per_block(len(np.unique(rowcol[:, 1])), len(dmap.genes))
+    rows = rowcol[order, 0]
+    starts = np.searchsorted(rows, np.unique(rows)[::per_block]) if len(rows) else []
+    for a, b in zip(starts, [*starts[1:], len(rows)]):
+        out[order[a:b]] = reader.read(rowcol[order[a:b]])
     return out
 
 
@@ -272,8 +206,8 @@ def _table(pred: np.ndarray, lattice: ad.AnnData, genes: Sequence[str], shape: s
 
 def _write(adata: ad.AnnData, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(path)
+    with atomic_output(path) as tmp:
+        adata.write_h5ad(tmp)
     log.info("%d %ss x %d genes -> %s", adata.n_obs, adata.obs["shape"].iloc[0]
              if adata.n_obs else "row", adata.n_vars, path)
 
@@ -300,12 +234,14 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
                  spot_diameters_um: Sequence[float] = (),
                  spot_spacing_um: float | None = None, bin_um: Sequence[float] = (),
                  out_spots: Sequence[str | Path] = (), out_bins: Sequence[str | Path] = ()
-                 ) -> list[ad.AnnData]:
+                 ) -> list[Path]:
     """Pseudo-spot tables (one per diameter, ``out_spots``) and bin tables (one per side,
     ``out_bins``) read out of an applied dense map; ``spots_h5ad`` is the sample's ingested spot
     table (its geometry: sample, mpp, image), ``slide_path`` its slide (the tissue mask, at
     ``mask_mpp``). Pseudo-spots lie on a hexagonal lattice of
-    ``spot_spacing_um`` (default: the diameter, touching discs)."""
+    ``spot_spacing_um`` (default: the diameter, touching discs). Each table is streamed to its
+    file block by block (:func:`stream_dense_table`: memory does not grow with the number of
+    bins); returns the paths written."""
     bundle = _bundle(bundle)
     dmap = read_dense(dense_zarr)
     geo = _geometry(spots_h5ad)
@@ -316,22 +252,53 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
     outputs = list(out_spots) + list(out_bins)
     if len(out_spots) != len(spot_diameters_um) or len(out_bins) != len(bin_um):
         raise ValueError("one output per spot diameter and per bin side")
-    tables = []
-    for (shape, size, lattice), path in zip(
-            _lattices(tiles, geo, slide_path, mask_mpp, spot_diameters_um, spot_spacing_um,
-                      bin_um), outputs):
-        xy = np.asarray(lattice.obsm["spatial"])
-        if shape == "disc":
-            pred = spots_from_dense(dmap, xy, size, dmap.slide_mpp, mode="mean")
-        else:
-            pred = bins_from_dense(dmap, lattice.obs[["array_row", "array_col"]].to_numpy(),
-                                   size)
-        table = _table(pred, lattice, dmap.genes, shape, size,
-                       _model_info(bundle, dense_map=str(dense_zarr), aggregation="mean"),
-                       spatial=geo["spatial"])
-        _write(table, path)
-        tables.append(table)
-    return tables
+    tissue = tissue_lookup(slide_path, mask_mpp)
+    info = _model_info(bundle, dense_map=str(dense_zarr), aggregation="mean")
+    scales = [("disc", float(d)) for d in spot_diameters_um] + \
+        [("square", float(b)) for b in bin_um]
+    for (shape, size), path in zip(scales, outputs):
+        stream_dense_table(dmap, tiles, shape, size, path, geo=geo, tissue=tissue, info=info,
+                           spacing_um=spot_spacing_um)
+    return [Path(p) for p in outputs]
+
+
+def stream_dense_table(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: float,
+                       path: str | Path, *, geo: dict, tissue: Callable[[np.ndarray], np.ndarray],
+                       info: dict, spacing_um: float | None = None) -> int:
+    """One pseudo-spot (``shape="disc"``) or bin (``"square"``) table of ``size_um`` read out of
+    ``dmap`` over the tissue tiles and written to ``path`` block by block
+    (:class:`~histomap.data.streamed_table.StreamedTable`): the table :func:`_table` would make
+    of the whole lattice, never held in memory. ``tissue`` tells which level-0 centres lie on
+    tissue (:func:`tissue_lookup`). Returns the number of rows written."""
+    prefix = "spot" if shape == "disc" else "bin"
+    common = dict(sample=geo["sample"], platform=geo["platform"], mpp=float(geo["mpp"]),
+                  image=geo["image"])
+    empty = lattice_spots(np.zeros((0, 2)), np.zeros((0, 2), np.int64), diameter_um=size_um,
+                          prefix=prefix, **common)
+    template = _table(np.zeros((0, len(dmap.genes)), np.float32), empty, dmap.genes, shape,
+                      size_um, info, spatial=geo.get("spatial"))
+    n_lattice = n_tissue = n_nan = 0
+    with StreamedTable(path, dmap.genes, uns=template.uns, obsm={"spatial": 2},
+                       obs_columns={"diameter_um": np.float64, "shape": [shape],
+                                    "array_row": np.int64, "array_col": np.int64}) as table:
+        for xy, rc, values in readout_blocks(dmap, tiles, shape, size_um, mpp=float(geo["mpp"]),
+                                             spacing_um=spacing_um):
+            on = tissue(xy)
+            nan = np.isnan(values).any(axis=1) & on
+            keep = on & ~nan
+            n_lattice, n_tissue, n_nan = n_lattice + len(on), n_tissue + int(on.sum()), \
+                n_nan + int(nan.sum())
+            n = int(keep.sum())
+            table.append([f"{prefix}_{r}_{c}" for r, c in rc[keep].tolist()], values[keep],
+                         {"diameter_um": np.full(n, float(size_um)), "shape": [shape] * n,
+                          "array_row": rc[keep, 0], "array_col": rc[keep, 1]},
+                         {"spatial": xy[keep]})
+        log.info("%g um %ss: %d of %d lattice points in tissue tiles lie on tissue", size_um,
+                 shape, n_tissue, n_lattice)
+        if n_nan:
+            log.warning("%d of %d %ss touch no covered map pixel and are left out", n_nan,
+                        n_tissue, shape)
+    return table.n_rows
 
 
 def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,

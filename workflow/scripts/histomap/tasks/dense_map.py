@@ -152,7 +152,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                       batch_size: int = 8, device: str | torch.device = "auto",
                       genes: Sequence[str] | None = None, dtype: str = "float32",
                       band_tile_rows: int | None = 1, amp: bool = True,
-                      cpu_bf16: bool = False, extra_attrs: dict | None = None) -> DenseMap:
+                      cpu_bf16: bool = False, channels_last: bool = True,
+                      extra_attrs: dict | None = None) -> DenseMap:
     """Predict a dense map over the tissue tiles of a slide and write it as ``out_zarr``.
 
     Args:
@@ -183,7 +184,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
     boxes = tissue_boxes(tiles)
     device = resolve_device(device)
     amp_type = amp_dtype(device, amp, cpu_bf16=cpu_bf16)
-    model.to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format).eval()
     start = time.perf_counter()
     with open_slide(slide_path) as slide:
         mpp0 = slide_mpp(slide, slide_path)
@@ -199,7 +201,9 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
         attrs = {"slide": str(slide_path), "tile_px": int(tile_px),
                  "overlap_px": int(overlap_px), "device": str(device),
                  "autocast": None if amp_type is None else str(amp_type).removeprefix("torch."),
-                 "threads": int(torch.get_num_threads()), **(extra_attrs or {})}
+                 "threads": int(torch.get_num_threads()),
+                 "memory_format": "channels_last" if channels_last else "contiguous",
+                 **(extra_attrs or {})}
         check_dense_map_space(out_zarr, len(genes), grid.height, grid.width, dtype)
         key = _resume_key(model, slide_path, grid, boxes, genes=genes, dtype=dtype,
                           batch_size=batch_size, band_tile_rows=band_tile_rows, attrs=attrs)
@@ -207,7 +211,8 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
             resume = _read_progress(tmp, key) if existed else None
             _write_dense(model, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
                          batch_size=batch_size, band_tile_rows=band_tile_rows, device=device,
-                         amp_type=amp_type, attrs=attrs, key=key, resume=resume)
+                         amp_type=amp_type, attrs=attrs, key=key, resume=resume,
+                         memory_format=memory_format)
     elapsed = time.perf_counter() - start
     log.info("%s: wrote %s in %.1f s (%.2f tiles/s)", slide_path.name, out_zarr, elapsed,
              len(todo) / max(elapsed, 1e-9))
@@ -284,7 +289,8 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                  todo: list[tuple[int, int]], path: Path, *, genes: list[str], dtype: str,
                  batch_size: int, band_tile_rows: int | None, device: torch.device,
                  amp_type: torch.dtype | None, attrs: dict, key: str = "",
-                 resume: dict | None = None) -> None:
+                 resume: dict | None = None,
+                 memory_format: torch.memory_format = torch.channels_last) -> None:
     chunk = chunk_side(grid.step)
     root, dense, bands_done = _open_level0(
         path, (len(genes), grid.height, grid.width),
@@ -324,7 +330,7 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
             band = _predict_bands(model, slide, grid, acc, batches, weights, path,
                                   rows_per_band=rows_per_band, device=device, amp_type=amp_type,
                                   n_genes=len(genes), band=max(bands_done - 1, 0),
-                                  flushed=flushed)
+                                  flushed=flushed, memory_format=memory_format)
             if requested():
                 log.warning("%s: stopped after %d of %d bands; the rerun goes on from there",
                             path, progress["bands_done"], n_bands)
@@ -344,7 +350,7 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
 
 def _predict_bands(model, slide, grid: DenseGrid, acc: BandAccumulator, batches, weights,
                    path: Path, *, rows_per_band: int, device, amp_type, n_genes: int, band: int,
-                   flushed) -> int:
+                   flushed, memory_format: torch.memory_format) -> int:
     """Run ``batches`` into ``acc``, flushing each band as the next begins (``flushed(bands
     done)`` records it); stops early after a SIGTERM. Returns the band last accumulated."""
     s0 = grid.px0_per_input
@@ -365,7 +371,7 @@ def _predict_bands(model, slide, grid: DenseGrid, acc: BandAccumulator, batches,
                 band += 1
                 acc.flush(min(band * rows_per_band, grid.n_rows) * grid.step)
                 flushed(band)
-            out = _run_model(model, images, device, amp_type, grid.tile, n_genes)
+            out = _run_model(model, images, device, amp_type, grid.tile, n_genes, memory_format)
             for (r, c), values in zip(items, out):
                 acc.add(values, weights, r * grid.step, c * grid.step)
             bar.update(len(items))
@@ -400,9 +406,11 @@ def _band_batches(todo: list[tuple[int, int]], n_rows: int, rows_per_band: int,
 
 
 def _run_model(model: nn.Module, images: np.ndarray, device: torch.device,
-               amp_type: torch.dtype | None, tile: int, n_genes: int) -> np.ndarray:
+               amp_type: torch.dtype | None, tile: int, n_genes: int,
+               memory_format: torch.memory_format = torch.channels_last) -> np.ndarray:
     x = torch.from_numpy(images).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, H, W, 3) bytes: channels-last already
+    x = x.contiguous(memory_format=memory_format)  # a no-op for channels-last
     with autocast(device, amp_type):
         out = model(x)
     out = out.float().cpu().numpy()
