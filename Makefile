@@ -34,8 +34,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-# Every GPU / full-size config executed on the CPU through tests/shrink.yaml (sizes only):
-# 20-45 minutes on 2 cores and ~20 GB of temporary files, so not part of `make test`.
+# Every GPU / full-size config executed on the CPU through tests/shrink.yaml (sizes only): about
+# 30 minutes on 2 cores and up to 16 GB of temporary files, so a target of its own; CI runs it
+# after `make test` (.ci/run).
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -m full tests/test_full_configs.py
 

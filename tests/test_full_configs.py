@@ -11,13 +11,15 @@ of its sample sheet, and the folds that name them. HER2ST runs need the four sec
 ``../shared/data/her2st`` (skipped with the reason when absent). The CPU-sized configs
 (``her2st.yaml`` alone, the demo) are recorded benchmarks and run elsewhere.
 
-Measured on the shared 2-core machine under a load average of 4-6 (other jobs): the synthetic SR
-case 12 min (10 CPU-min), her2st + her2st_full 30 min (37 CPU-min: encode_slide at 0.5 um/px,
-one PixNet / iStar epoch of 512 px windows at the paper's widths, dense maps at 0.5 um/px).
+Both run in CI (``.ci/run``: ``make test-full``). Measured on an otherwise idle 2-core machine:
+the synthetic SR case 6 min (88 jobs), her2st + her2st_full 19 min (134 jobs on two sections cropped to 2.4 mm: encode_slide at
+0.5 um/px, one epoch of every model at the paper's widths, dense maps at 0.5 um/px, seven SR
+methods and ablations at 2x; about 16 GB of results, deleted when the test passes).
 """
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -31,14 +33,48 @@ REPO = Path(__file__).resolve().parents[1]
 SHRINK = REPO / "tests" / "shrink.yaml"
 HER2ST = REPO.parent / "shared" / "data" / "her2st"
 
+CROP_STEPS = 12  # HER2ST sections are cropped to 12 x 12 spot-grid steps (2.4 mm; about half
+                 # the spots, a seventh of the image): crop_her2st
+
 # per config: the sections kept (sample sheet rows by name) and config overrides that name them
 SECTIONS = {
-    # leave_one_sample_out over two sections of two patients: folds B4 and C2, cross-patient
-    "her2st": {"keep": ["B4", "C2"], "config": {"data_dir": str(HER2ST)}},
+    # leave_one_sample_out over two sections of two patients: folds B4 and C2, cross-patient;
+    # data_dir is set to the cropped copies (crop_her2st)
+    "her2st": {"keep": ["B4", "C2"], "config": {}},
     # one test section a fold (F1 tests synA, F2 synD), synB trains in both
     "synthetic_sr": {"keep": ["synA", "synB", "synD"],
                      "config": {"folds": {"explicit": {"F1": ["synA"], "F2": ["synD"]}}}},
 }
+
+
+def crop_her2st(section: str, out_dir: Path, steps: int = CROP_STEPS) -> Path:
+    """A smaller copy of a HER2ST section in its own format (a size change only): the square of
+    ``steps`` x ``steps`` spot-grid positions holding the most spots, those spots' counts and
+    selection rows (pixel centres shifted), and the H&E cropped to them plus one grid step."""
+    from PIL import Image
+
+    src, dst = HER2ST / section, out_dir / section
+    dst.mkdir(parents=True, exist_ok=True)
+    sel = pd.read_csv(src / f"{section}_selection.tsv", sep="\t")
+    windows = [sel.x.between(x0, x0 + steps - 1) & sel.y.between(y0, y0 + steps - 1)
+               for x0 in range(sel.x.min(), sel.x.max() + 1)
+               for y0 in range(sel.y.min(), sel.y.max() + 1)]
+    sel = sel[max(windows, key=lambda inside: int(inside.sum()))]  # the first of the fullest
+    step_px = float(sel.pixel_x.max() - sel.pixel_x.min()) / max(1, sel.x.max() - sel.x.min())
+    image_path = next(src.glob("*.jpg"))
+    Image.MAX_IMAGE_PIXELS = None  # a known 92 Mpx section image, not a decompression bomb
+    with Image.open(image_path) as image:
+        left = max(0, int(sel.pixel_x.min() - step_px))
+        top = max(0, int(sel.pixel_y.min() - step_px))
+        right = min(image.width, int(sel.pixel_x.max() + step_px) + 1)
+        bottom = min(image.height, int(sel.pixel_y.max() + step_px) + 1)
+        image.crop((left, top, right, bottom)).save(dst / image_path.name, quality=95)
+    sel = sel.assign(pixel_x=sel.pixel_x - left, pixel_y=sel.pixel_y - top)
+    sel.to_csv(dst / f"{section}_selection.tsv", sep="\t", index=False)
+    counts = pd.read_csv(src / f"{section}.tsv.gz", sep="\t", index_col=0)
+    names = {f"{x}x{y}" for x, y in zip(sel.x, sel.y)}
+    counts[counts.index.isin(names)].to_csv(dst / f"{section}.tsv.gz", sep="\t")
+    return dst
 
 
 def layer_names(layers: list[str]) -> str:
@@ -116,7 +152,11 @@ def her2st_workdir(tmp_path_factory) -> Path:
     if not (HER2ST / "B4" / "B4.tsv.gz").is_file():
         pytest.skip(f"HER2ST sections not found at {HER2ST} (the shared data folder: developers' "
                     "checkout and CI only)")
-    return tmp_path_factory.mktemp("her2st")
+    workdir = tmp_path_factory.mktemp("her2st")
+    for section in SECTIONS["her2st"]["keep"]:
+        crop_her2st(section, workdir / "her2st_cropped")
+    SECTIONS["her2st"]["config"]["data_dir"] = str(workdir / "her2st_cropped")
+    return workdir
 
 
 def test_shrink_changes_only_sizes():
@@ -135,7 +175,8 @@ def test_shrink_changes_only_sizes():
                "synthetic.size_um", "superres.scales.synthetic", "superres.patch_um",
                "superres.validation.block_um", "superres.train.epochs",
                "superres.train.patience", "superres.sampling.steps",
-               "superres.sampling.n_samples"}
+               "superres.sampling.n_samples", "superres.diffusion.T",
+               "superres.spot_grid.patch_spots"}
     allowed |= {f"{m}.train.{k}" for m in ("stnet", "histogene", "istar", "pixnet")
                 for k in ("epochs", "patience")}
     assert set(keys(shrink)) <= allowed, set(keys(shrink)) - allowed
@@ -151,6 +192,7 @@ def test_superres_synthetic_paper_layout_runs(tmp_path):
     layers = ["benchmarks/superres/synthetic.yaml"]
     run_config(tmp_path, layers, "synthetic_sr", ["results/report/superres.md"])
     check_superres_table(tmp_path, merged(layers))
+    shutil.rmtree(tmp_path / "results")  # passed: free the disk (a failure keeps its files)
 
 
 @pytest.mark.slow
@@ -158,9 +200,12 @@ def test_superres_synthetic_paper_layout_runs(tmp_path):
 def test_her2st_full_runs(her2st_workdir):
     """config/her2st.yaml + config/her2st_full.yaml (the GPU config: paper-width PixNet at
     0.5 um/px, 512 px windows, ST-Net-sized crops, the large HisToGene, iStar's filter bank at
-    0.5 um/px) to its benchmark tables. Its super-resolution part (the paper-sized Diff-ST, as
-    benchmarks/superres/synthetic.yaml's, with the full DDPM sampler) is left to the synthetic
-    case: T = 1000 sampling steps are not a size the shrink may cut."""
+    0.5 um/px; the paper-sized Diff-ST and every SR baseline and ablation at 2x on the spot
+    grid, with the DDPM sampler) to its benchmark tables, on two cropped sections."""
     layers = ["config/her2st.yaml", "config/her2st_full.yaml"]
-    run_config(her2st_workdir, layers, "her2st", ["results/report/benchmark.csv"])
-    check_benchmark_table(her2st_workdir, merged(layers))
+    run_config(her2st_workdir, layers, "her2st",
+               ["results/report/benchmark.csv", "results/report/superres.md"])
+    config = merged(layers)
+    check_benchmark_table(her2st_workdir, config)
+    check_superres_table(her2st_workdir, config)
+    shutil.rmtree(her2st_workdir / "results")  # passed: free ~16 GB (a failure keeps its files)
