@@ -155,9 +155,9 @@ def run(work: Path, args) -> tuple[list[dict], dict]:
                    fusion="safb", out_stride=4, freeze_encoder=True)
     bf16 = cpu_bf16_enabled(args.cpu_bf16, CPU_BF16_DEFAULT) and device.type == "cpu"
     with Stage(rows, FLOOR, device, tissue_mm2):
-        rows[-1]["items"] = encoder_floor(model, tissue_mm2 * 1e6 / args.input_mpp ** 2,
-                                          args.tile_px, args.batch_size, device,
-                                          amp_dtype(device, True, cpu_bf16=bf16))
+        n_floor = encoder_floor(model, tissue_mm2 * 1e6 / args.input_mpp ** 2, args.tile_px,
+                                args.batch_size, device, amp_dtype(device, True, cpu_bf16=bf16))
+    rows[-1]["items"] = n_floor  # (the stage's row is appended when its block ends)
     with Stage(rows, "dense_map", device, tissue_mm2):
         dense = predict_dense_map(model, slide, tiles, input_mpp=args.input_mpp,
                                   tile_px=args.tile_px, overlap_px=args.overlap_px,

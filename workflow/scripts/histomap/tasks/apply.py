@@ -144,7 +144,7 @@ def bins_from_dense(dmap: DenseMap, rowcol: np.ndarray, bin_um: float) -> np.nda
     rowcol = np.asarray(rowcol, dtype=np.int64).reshape(-1, 2)
     order = np.lexsort((rowcol[:, 1], rowcol[:, 0]))  # top to bottom: each map row read once
     reader, out = BinReader(dmap, bin_um), np.empty((len(rowcol), len(dmap.genes)), np.float32)
-    per_block = rows_per_block(len(np.unique(rowcol[:, 1])), len(dmap.genes))
+    per_block = rows_per_block(len(np.unique(rowcol[:, 1])), len(dmap.genes), bin_um / dmap.mpp)
     rows = rowcol[order, 0]
     starts = np.searchsorted(rows, np.unique(rows)[::per_block]) if len(rows) else []
     for a, b in zip(starts, [*starts[1:], len(rows)]):

@@ -25,6 +25,7 @@ from histomap.tasks.dense_map import DenseMap, spots_from_dense
 log = logging.getLogger(__name__)
 
 BLOCK_VALUES = 4_000_000  # bins x genes of one read-out block (16 MB of float32)
+BLOCK_MAP_ROWS = 256  # map rows a read-out block spans at most (one chunk row of the map)
 Block = tuple[np.ndarray, np.ndarray]  # level-0 (x, y) centres, (row, col) lattice positions
 
 
@@ -186,9 +187,14 @@ class BinReader:
 
 
 # --------------------------------------------------------------------------- tables
-def rows_per_block(n_cols: float, n_genes: int) -> int:
-    """Lattice rows per read-out block: about :data:`BLOCK_VALUES` values."""
-    return max(1, int(BLOCK_VALUES // max(1.0, n_cols * n_genes)))
+def rows_per_block(n_cols: float, n_genes: int, row_px: float | None = None) -> int:
+    """Lattice rows per read-out block: about :data:`BLOCK_VALUES` values, and (given the
+    lattice's row step in map pixels, ``row_px``) at most :data:`BLOCK_MAP_ROWS` map rows, so
+    large bins do not read a tall band of the map at once."""
+    rows = max(1, int(BLOCK_VALUES // max(1.0, n_cols * n_genes)))
+    if row_px:
+        rows = min(rows, max(1, int(BLOCK_MAP_ROWS // row_px)))
+    return rows
 
 
 def readout_blocks(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: float, *,
@@ -202,12 +208,14 @@ def readout_blocks(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: flo
     if shape == "disc":
         spacing = float(spacing_um or size_um)
         n_cols = (x1 - x0) * mpp / spacing
-        blocks = hex_blocks(tiles, mpp, spacing, rows_per_block(n_cols, n_genes))
+        blocks = hex_blocks(tiles, mpp, spacing, rows_per_block(
+            n_cols, n_genes, spacing * math.sqrt(3) / 2 / dmap.mpp))
         read: Callable[[np.ndarray, np.ndarray], np.ndarray] = \
             lambda xy, rc: spots_from_dense(dmap, xy, size_um, dmap.slide_mpp, mode="mean")
     elif shape == "square":
         n_cols = (x1 - x0) * mpp / size_um
-        blocks = square_blocks(tiles, mpp, size_um, rows_per_block(n_cols, n_genes))
+        blocks = square_blocks(tiles, mpp, size_um,
+                               rows_per_block(n_cols, n_genes, size_um / dmap.mpp))
         reader = BinReader(dmap, size_um)
         read = lambda xy, rc: reader.read(rc)  # noqa: E731
     else:
