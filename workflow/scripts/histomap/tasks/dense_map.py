@@ -10,8 +10,9 @@ SpatialData) with
 
 * ``0``, ``1``, ...: the resolution pyramid of the map, float32 (or float16) arrays
   (genes, H_k, W_k); level ``k`` is the 2^k x 2^k block mean of level 0 (edges padded by
-  repetition). Chunks hold **one gene** each (``(1, chunk_px, chunk_px)``), so a viewer reads
-  one gene without reading all. Level 0 holds expression per unit map-pixel area, the unit
+  repetition). Chunks hold **one gene** each, so a viewer reads one gene without reading all:
+  level 0 in rows one grid step tall (every band flush writes whole chunks,
+  :func:`~histomap.tasks.dense_zarr.level0_chunks`), the other levels in 256 px squares. Level 0 holds expression per unit map-pixel area, the unit
   :func:`histomap.models.roi.roi_aggregate` expects (log-normalised expression for PixNet);
 * ``labels/mask``: the tissue mask as an OME-Zarr label image (uint8 (H_k, W_k) pyramid,
   nearest-neighbour downsampling): 1 where the map pixel's centre lies in a tissue tile (or
@@ -92,7 +93,7 @@ from histomap.models.roi import discs_from_spots, roi_aggregate
 from histomap.outputs import remove_path, write_text_atomic
 from histomap.tasks.dense_grid import (BandAccumulator, DenseGrid, blend_weights, coverage_mask,
                                        plan_grid, tiles_to_run, tissue_boxes)
-from histomap.tasks.dense_zarr import (PYRAMID_MIN_PX, chunk_side, write_mask_labels,
+from histomap.tasks.dense_zarr import (PYRAMID_MIN_PX, level0_chunks, write_mask_labels,
                                        write_ome_metadata, write_pyramid_levels)
 from histomap.training.device import amp_dtype, autocast, resolve_device
 
@@ -291,10 +292,9 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                  amp_type: torch.dtype | None, attrs: dict, key: str = "",
                  resume: dict | None = None,
                  memory_format: torch.memory_format = torch.channels_last) -> None:
-    chunk = chunk_side(grid.step)
     root, dense, bands_done = _open_level0(
         path, (len(genes), grid.height, grid.width),
-        (1, min(chunk, grid.height), min(chunk, grid.width)), dtype, resume)
+        (1, *level0_chunks(grid.step, grid.height, grid.width)), dtype, resume)
 
     def write(top: int, rows: np.ndarray) -> None:
         dense[:, top:top + rows.shape[1], :] = rows.astype(dtype, copy=False)
@@ -490,7 +490,7 @@ def read_dense(path: str | Path) -> DenseMap:
 def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
                      diameter_um: float | np.ndarray, slide_mpp: float | None = None,
                      mode: str = "mean", block_px: int = 256,
-                     square: np.ndarray | bool = False) -> np.ndarray:
+                     square: np.ndarray | bool = False, map_rows=None) -> np.ndarray:
     """Spot values (n, genes) float32 from a dense map, for discs at level-0 ``centres_px``
     (``square``: (n,) bool or one bool, square bins of side ``diameter_um`` instead).
 
@@ -499,7 +499,9 @@ def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
     value x overlap area (map-pixel area units). Spots whose disc touches no covered pixel come
     back NaN (logged). Spots are grouped by ``block_px`` map-pixel cells and each cell reads
     only its window (cell plus the largest radius) from zarr, so memory stays at about
-    ``4 * genes * (block_px + 2 r)^2`` bytes.
+    ``4 * genes * (block_px + 2 r)^2`` bytes. Cells go top to bottom; ``map_rows`` (a
+    :class:`histomap.tasks.dense_readout.MapRows` of this map) reads whole rows of the map
+    once and keeps them while the cells move down (the streamed tables' read-out).
     """
     if mode not in ("mean", "sum"):
         raise ValueError(f"mode must be 'mean' or 'sum', got {mode!r}")
@@ -519,7 +521,7 @@ def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
         raise ValueError("spot centres must be finite and diameters >= 0")
     height, width = dmap.mask.shape
     cells = np.floor(centres / block_px).astype(np.int64)
-    _, group = np.unique(cells, axis=0, return_inverse=True)
+    _, group = np.unique(cells[:, ::-1], axis=0, return_inverse=True)  # row-major cells
     group = group.reshape(-1)
     for g in range(int(group.max()) + 1):
         idx = np.flatnonzero(group == g)
@@ -530,8 +532,12 @@ def spots_from_dense(dense_map: DenseMap | str | Path, centres_px: np.ndarray,
         x1, y1 = min(int(hi[0]), width), min(int(hi[1]), height)
         if x1 <= x0 or y1 <= y0:
             continue  # every disc of the cell lies off the map: NaN
-        crop = np.concatenate([dmap.read(y0, y1, x0, x1),
-                               np.asarray(dmap.mask[y0:y1, x0:x1], np.float32)[None]])
+        if map_rows is None:
+            crop = np.concatenate([dmap.read(y0, y1, x0, x1),
+                                   np.asarray(dmap.mask[y0:y1, x0:x1], np.float32)[None]])
+        else:  # (values x mask: level 0 is 0 off the mask already)
+            values, mask = map_rows.rows(y0, y1)
+            crop = np.concatenate([values[:, :, x0:x1], mask[None, :, x0:x1]])
         local = torch.from_numpy(centres[idx] - np.array([x0, y0], dtype=np.float64))
         sums = roi_aggregate(torch.from_numpy(crop)[None], local[None],
                              torch.from_numpy(radii[idx])[None], mode="sum",

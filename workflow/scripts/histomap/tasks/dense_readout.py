@@ -210,8 +210,10 @@ def readout_blocks(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: flo
         n_cols = (x1 - x0) * mpp / spacing
         blocks = hex_blocks(tiles, mpp, spacing, rows_per_block(
             n_cols, n_genes, spacing * math.sqrt(3) / 2 / dmap.mpp))
+        maps = MapRows(dmap)
         read: Callable[[np.ndarray, np.ndarray], np.ndarray] = \
-            lambda xy, rc: spots_from_dense(dmap, xy, size_um, dmap.slide_mpp, mode="mean")
+            lambda xy, rc: spots_from_dense(dmap, xy, size_um, dmap.slide_mpp, mode="mean",
+                                            map_rows=maps)
     elif shape == "square":
         n_cols = (x1 - x0) * mpp / size_um
         blocks = square_blocks(tiles, mpp, size_um,

@@ -12,6 +12,7 @@ from histomap.tasks.dense_grid import DenseGrid
 
 PYRAMID_MIN_PX = 64   # the pyramid stops at the first level whose longer side is <= this
 CHUNK_TARGET_PX = 256
+LEVEL0_CHUNK_COLS = 1024  # level 0's chunk width (map px)
 
 
 def chunk_side(step: int) -> int:
@@ -19,6 +20,13 @@ def chunk_side(step: int) -> int:
     band flushes mostly fill whole chunks."""
     step = max(1, int(step))
     return step * max(1, round(CHUNK_TARGET_PX / step))
+
+
+def level0_chunks(step: int, height: int, width: int) -> tuple[int, int]:
+    """Level 0's spatial chunks (rows, columns): one grid step tall, so that every band flush of
+    the map writes whole chunks (a partly written chunk is read, decompressed, merged and
+    recompressed at each flush that touches it), and :data:`LEVEL0_CHUNK_COLS` wide."""
+    return min(max(1, int(step)), height), min(LEVEL0_CHUNK_COLS, width)
 
 
 def n_pyramid_levels(height: int, width: int, min_px: int = PYRAMID_MIN_PX) -> int:
@@ -51,11 +59,13 @@ def write_pyramid_levels(group: zarr.Group, min_px: int = PYRAMID_MIN_PX,
 
     base = group["0"]
     n_levels = n_pyramid_levels(*base.shape[-2:], min_px=min_px)
+    lead = (1,) * (base.ndim - 2)  # one gene (channel) a chunk
     for k in range(1, n_levels):
         below = group[str(k - 1)]
-        src = da.from_zarr(below)
+        # square blocks of the level below (level 0 is chunked in thin rows)
+        src = da.from_zarr(below).rechunk(lead + (2 * CHUNK_TARGET_PX,) * 2)
         out = halve(src, mode)
-        chunks = tuple(min(c, s) for c, s in zip(base.chunks, out.shape))
+        chunks = lead + tuple(min(CHUNK_TARGET_PX, s) for s in out.shape[-2:])
         target = group.create_array(str(k), shape=out.shape, dtype=base.dtype, chunks=chunks,
                                     fill_value=0, dimension_names=base.metadata.dimension_names)
         da.store(out.rechunk(chunks), target, lock=False, scheduler="synchronous")
