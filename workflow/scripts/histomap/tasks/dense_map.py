@@ -12,7 +12,8 @@ SpatialData) with
   (genes, H_k, W_k); level ``k`` is the 2^k x 2^k block mean of level 0 (edges padded by
   repetition). Chunks hold **one gene** each, so a viewer reads one gene without reading all:
   level 0 in rows one grid step tall (every band flush writes whole chunks,
-  :func:`~histomap.tasks.dense_zarr.level0_chunks`), the other levels in 256 px squares. Level 0 holds expression per unit map-pixel area, the unit
+  :func:`~histomap.tasks.dense_zarr.level0_chunks`), the other levels in 256 px squares.
+  Level 0 holds expression per unit map-pixel area, the unit
   :func:`histomap.models.roi.roi_aggregate` expects (log-normalised expression for PixNet);
 * ``labels/mask``: the tissue mask as an OME-Zarr label image (uint8 (H_k, W_k) pyramid,
   nearest-neighbour downsampling): 1 where the map pixel's centre lies in a tissue tile (or
