@@ -240,14 +240,39 @@ def test_stale_lock_is_taken_over(tmp_path, caplog):
     assert not (tmp_path / CheckpointLock.NAME).exists()  # released at the end
 
 
-def test_lock_of_another_host(tmp_path):
+def test_lock_of_another_host(tmp_path, monkeypatch):
+    """A lock of another host is watched: refreshed (its writer alive) it is an error; left
+    alone for STALE_S (a job SIGKILLed there, retried here) it is taken over."""
+    import threading
+
+    monkeypatch.setattr(CheckpointLock, "STALE_S", 1.5)
+    monkeypatch.setattr(CheckpointLock, "POLL_S", 0.05)
+    lock = tmp_path / CheckpointLock.NAME
     _write_lock(tmp_path, 12345, "some-other-node")
-    with pytest.raises(InputError, match="some-other-node"):
-        _fit_linear(tmp_path)
-    old = time.time() - CheckpointLock.STALE_S - 10
-    os.utime(tmp_path / CheckpointLock.NAME, (old, old))  # not refreshed: that job died
-    _, summary = _fit_linear(tmp_path)
+    stop = threading.Event()
+
+    def heartbeat():  # the other node's training, alive
+        while not stop.wait(0.2):
+            t = time.time()
+            os.utime(lock, (t, t))
+
+    alive = threading.Thread(target=heartbeat)
+    alive.start()
+    try:
+        with pytest.raises(InputError, match="some-other-node.*being refreshed"):
+            _fit_linear(tmp_path)
+    finally:
+        stop.set()
+        alive.join()
+    assert not (tmp_path / "last.pt").exists()
+    start = time.perf_counter()
+    _, summary = _fit_linear(tmp_path)  # the other node went silent: waited for, taken over
     assert summary["epochs_done"] == 3
+    assert 0.5 < time.perf_counter() - start  # it did wait for the lock to go stale
+    old = time.time() - CheckpointLock.STALE_S - 10
+    _write_lock(tmp_path, 12345, "some-other-node")
+    os.utime(lock, (old, old))  # stale already: taken over at once
+    assert _fit_linear(tmp_path)[1]["epochs_done"] == 3
 
 
 # --------------------------------------------------------------------------- threads

@@ -70,14 +70,18 @@ class CheckpointLock:
     """``writer.lock`` in a checkpoint folder: one training writes it at a time.
 
     The lock file holds the writer's process id and host and is refreshed every
-    :attr:`HEARTBEAT_S` seconds. Another live process on this host, or a lock from another host
-    refreshed within :attr:`STALE_S` seconds, is an error; a stale lock (dead process, or a
-    silent other host) is taken over with a log line. Re-entrant within one process.
+    :attr:`HEARTBEAT_S` seconds. Another live process on this host is an error. A lock from
+    another host cannot be checked for a live process, so it is watched: refreshed while we
+    wait, its writer is alive (an error); not refreshed for :attr:`STALE_S` seconds, it is
+    stale and taken over (a training SIGKILLed on one node and retried by SLURM on another
+    waits here for at most that long instead of failing its retries). A stale lock of this
+    host (dead process) is taken over at once, with a log line. Re-entrant within one process.
     """
 
     NAME = "writer.lock"
     HEARTBEAT_S = 30.0
     STALE_S = 180.0
+    POLL_S = 5.0  # how often a lock of another host is looked at while it is watched
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / self.NAME
@@ -141,13 +145,30 @@ class CheckpointLock:
                 "two runs of one training would overwrite each other. Wait for it or stop it "
                 f"(if that process is no training, delete {self.path})"))
         if host != me["host"]:
-            with contextlib.suppress(FileNotFoundError):
-                age = time.time() - self.path.stat().st_mtime
-                if age < self.STALE_S:
-                    raise InputError(self.path.parent, (
-                        f"another training (process {pid} on host {host}) is writing these "
-                        f"checkpoints (its lock was refreshed {age:.0f} s ago). Wait for it or "
-                        f"stop it; a lock not refreshed for {self.STALE_S:.0f} s is taken over"))
+            self._watch_other_host(pid, host)
+
+    def _watch_other_host(self, pid, host) -> None:
+        """Return once the lock of ``host`` is stale or gone; raise if it is refreshed."""
+        try:
+            seen = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if time.time() - seen >= self.STALE_S:
+            return
+        log.warning("%s: the checkpoint lock of process %s on host %s was refreshed %.0f s ago; "
+                    "waiting up to %.0f s to see whether that training is alive",
+                    self.path.parent, pid, host, time.time() - seen, self.STALE_S)
+        while time.time() - seen < self.STALE_S:
+            time.sleep(min(self.POLL_S, max(0.0, self.STALE_S - (time.time() - seen))))
+            try:
+                now = self.path.stat().st_mtime
+            except FileNotFoundError:
+                return  # released
+            if now != seen:
+                raise InputError(self.path.parent, (
+                    f"another training (process {pid} on host {host}) is writing these "
+                    "checkpoints (its lock is being refreshed). Wait for it or stop it; a "
+                    f"lock not refreshed for {self.STALE_S:.0f} s is taken over"))
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT_S):
