@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from histomap.plan import load_config, validate_config
-from tests.test_plan import DEMO, REPO, tiny_config
+from test_plan import DEMO, REPO, tiny_config
 
 PIXNET = load_config([], defaults=DEMO)["pixnet"]
 

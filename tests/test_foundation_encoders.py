@@ -20,7 +20,7 @@ from histomap.errors import InputError
 from histomap.models import build_model
 from histomap.models.encoders import create_encoder
 from histomap.models.foundation import UNI2H_TIMM_NAME, vit_arguments
-from tests.tolerances import reordering_atol, stored_rounding_atol
+from tolerances import reordering_atol, stored_rounding_atol
 
 # UNI2-h's family (patch 14, SwiGLU-packed MLP, LayerScale, 8 register tokens, no class-token
 # position embedding) at a width and depth that run in a second

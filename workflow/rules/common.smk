@@ -71,6 +71,8 @@ native_prediction = PLAN.files.native_prediction
 prediction_files = PLAN.files.prediction_files
 metric_files = PLAN.files.metric_files
 sample_dense_maps = PLAN.files.sample_dense_maps
+model_slide = PLAN.files.stain.slide
+stain_reference_slides = PLAN.files.stain.reference_slides
 
 
 def dense_map_output(path):

@@ -115,3 +115,57 @@ rule encode_slide:
         "../../envs/models.yaml"
     script:
         "../scripts/encode_slide.py"
+
+
+# Stain normalisation (a model's `stain_normalise`; histomap.data.stain): each fold's reference
+# is fitted on that fold's training slides only; every slide a model of the fold reads is
+# normalised to it, and the features of a frozen encoder are cached per reference.
+rule stain_reference:
+    input:
+        slides=lambda wc: stain_reference_slides(wc.fold),
+    output:
+        "results/stain/{method}/{fold}/reference.json",
+    wildcard_constraints:
+        method="macenko|reinhard",
+    log:
+        "logs/stain_reference/{method}/{fold}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/stain_reference.py"
+
+
+rule stain_slide:
+    input:
+        slide="results/ingest/{sample}/slide.tif",
+        reference="results/stain/{method}/{fold}/reference.json",
+    output:
+        slide="results/stain/{method}/{fold}/{sample}/slide.tif",
+        profile="results/stain/{method}/{fold}/{sample}/source.json",
+    wildcard_constraints:
+        method="macenko|reinhard",
+    log:
+        "logs/stain_slide/{method}/{fold}/{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/stain_slide.py"
+
+
+use rule encode_slide as encode_stained_slide with:
+    input:
+        slide="results/stain/{method}/{fold}/{sample}/slide.tif",
+        st="results/st/{sample}.h5ad",
+        tiles="results/tiles/{sample}.parquet",
+    output:
+        directory("results/features/{encoder}/{mpp}/stain_{method}/{fold}/{sample}.zarr"),
+    log:
+        "logs/encode_slide/{encoder}/{mpp}/stain_{method}/{fold}/{sample}.log",

@@ -105,7 +105,7 @@ rule predict_stnet:
     input:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         st="results/st/{sample}.h5ad",
-        slide="results/ingest/{sample}/slide.tif",
+        slide=lambda wc: model_slide(wc.model, wc.fold, wc.sample),
     output:
         "results/predictions/{model}/{fold}/seed{tseed}/{sample}/spots_{um}um.h5ad",
     wildcard_constraints:
@@ -141,7 +141,7 @@ rule predict_pixnet:
     input:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         st="results/st/{sample}.h5ad",
-        slide="results/ingest/{sample}/slide.tif",
+        slide=lambda wc: model_slide(wc.model, wc.fold, wc.sample),
         tiles="results/tiles/{sample}.parquet",
         cover=lambda wc: cross_scale_truth(wc.model, wc.fold, wc.sample),
     output:

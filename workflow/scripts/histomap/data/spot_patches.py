@@ -82,11 +82,12 @@ class SpotDataset(Dataset):
     ``patches``: uint8 (n, s, s, 3); ``targets``: float32 (n, genes) log-normalised expression or
     None (prediction: items are the patch tensor alone). ``augment`` applies one of the eight
     dihedral transforms (90-degree rotations and flips) per item, drawn from torch's RNG (which
-    the DataLoader seeds per worker), and nothing else: colours and scale stay untouched.
+    the DataLoader seeds per worker), then ``color`` (a :class:`histomap.data.stain.StainJitter`
+    or None: colours untouched) to the RGB in [0, 1].
     """
 
     def __init__(self, patches: np.ndarray, targets: np.ndarray | None = None, *,
-                 augment: bool = False):
+                 augment: bool = False, color=None):
         patches = np.asarray(patches)
         if patches.ndim != 4 or patches.shape[3] != 3 or patches.dtype != np.uint8:
             raise ValueError(f"patches must be uint8 (n, s, s, 3), got {patches.dtype} "
@@ -100,6 +101,7 @@ class SpotDataset(Dataset):
                                  f"{targets.shape}")
             self.targets = torch.from_numpy(np.ascontiguousarray(targets))
         self.augment = bool(augment)
+        self.color = color if augment else None
         self._normalize = ImageNormalize()
 
     def __len__(self) -> int:
@@ -109,6 +111,8 @@ class SpotDataset(Dataset):
         image = self.patches[i].permute(2, 0, 1).float().div_(255.0)
         if self.augment:
             image = dihedral(image, int(torch.randint(8, ()).item()))
+        if self.color is not None:
+            image = self.color(image)
         image = self._normalize(image)
         if self.targets is None:
             return image

@@ -17,7 +17,7 @@ from histomap.plan.inherit import Resolved, resolve_base
 # keys of a model block the pipeline reads; the rest configures the network (model_params)
 # (`pretrained: false` only tells the start-up checks that a random encoder is meant)
 PIPELINE_KEYS = ("train", "predict_spot_diameters_um", "train_diameters_um", "feature_cache",
-                 "pretrained")
+                 "pretrained", "stain_normalise")
 VARIANT_ROOTS = SPOT_MODELS + DENSE_MODELS  # what a variant may be built on (no baseline)
 
 

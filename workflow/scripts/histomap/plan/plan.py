@@ -19,6 +19,7 @@ from histomap.plan.encoders import check_encoders
 from histomap.plan.folds import Folds
 from histomap.plan.models import ModelSet
 from histomap.plan.samples import SampleSheet
+from histomap.plan.stain import check_stain
 from histomap.plan.superres import SuperRes
 from histomap.plan.targets import BenchmarkFiles
 
@@ -60,6 +61,7 @@ class Plan:
         apply_sr = ApplySuperRes(config, sheet, sr)
         sr.check_methods()
         check_encoders(config, models, sr, workdir)
+        check_stain(models, apply.settings["models"])
         return cls(config, sheet, folds, models, cross_scale, sr, apply, apply_sr, benchmark,
                    train_seeds, config["genes"]["name"])
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from histomap.models import BASELINE_MODELS
 from histomap.plan.crossscale import scale_label
 from histomap.plan.folds import FINAL_FOLD
+from histomap.plan.stain import StainFiles
 
 if TYPE_CHECKING:
     from histomap.plan.plan import Plan
@@ -26,6 +27,7 @@ class BenchmarkFiles:
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self.stain = StainFiles(plan.models, plan.folds)
 
     # ------------------------------------------------------------------ training inputs
     def genes_for_fold(self, fold: str) -> str:
@@ -55,9 +57,8 @@ class BenchmarkFiles:
         if not (self.plan.models.family(model) == "probe" or block.get("feature_cache")):
             return []
         encoder = block.get("encoder") or block.get("backbone")
-        mpp = scale_label(block["input_mpp"])
-        return [f"results/features/{encoder}/{mpp}/{s}.zarr"
-                for s in self.plan.folds.samples(fold, "train")]
+        folder = self.stain.feature_dir(model, fold, encoder, scale_label(block["input_mpp"]))
+        return [f"{folder}/{s}.zarr" for s in self.plan.folds.samples(fold, "train")]
 
     def train_inputs(self, model: str, fold: str) -> dict:
         """train_{model}'s inputs: the fold's training spots and slides, its gene panel, extra
@@ -66,7 +67,7 @@ class BenchmarkFiles:
         extra = self.extra_train_spots(model, fold)
         return {
             "st": [f"results/st/{s}.h5ad" for s in train],
-            "slides": [f"results/ingest/{s}/slide.tif" for s in train],
+            "slides": [self.stain.slide(model, fold, s) for s in train],
             "genes": self.genes_for_fold(fold),
             "extra": [path for paths in extra for path in paths],
             "features": self.feature_cache_files(model, fold),
@@ -91,7 +92,7 @@ class BenchmarkFiles:
         extra = self.extra_spots_of(model, train)
         return {
             "st": [f"results/st/{s}.h5ad" for s in train],
-            "slides": [f"results/ingest/{s}/slide.tif" for s in train],
+            "slides": [self.stain.slide(model, FINAL_FOLD, s) for s in train],
             "genes": self.genes_for_fold(FINAL_FOLD),
             "extra": [path for paths in extra for path in paths],
         }

@@ -38,6 +38,7 @@ from histomap.compat import torch
 from histomap.data.preprocess import expression_matrix
 from histomap.data.sample import geometry, square_mask
 from histomap.data.slide import open_slide, slide_mpp
+from histomap.data.stain import StainJitter
 from histomap.errors import InputError
 from histomap.evaluation.folds import validation_split
 from histomap.models import build_model
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 from histomap.models import DENSE_MODELS  # noqa: E402  models with forward_spots and out_stride
 TASK_KEYS = ("input_mpp", "window_px", "checkpoint", "loss", "pcc_weight", "mse_weight",
-             "jitter_um", "anchor_stride_um", "predict_tile_px", "predict_overlap_px")
+             "jitter_um", "anchor_stride_um", "predict_tile_px", "predict_overlap_px",
+             "stain_augment")
 
 
 # --------------------------------------------------------------------------- training
@@ -136,7 +138,8 @@ def _window_datasets(model, task: Mapping, train_parts: list[SlideSpots],
                                            **window)
         return train_ds, val_ds, cached_dense_batch_loss
     train_ds = WindowDataset(train_parts, augment=True, jitter_um=task.get("jitter_um"),
-                             anchor_stride_um=task.get("anchor_stride_um"), **window)
+                             anchor_stride_um=task.get("anchor_stride_um"),
+                             color=StainJitter.from_config(task.get("stain_augment")), **window)
     val_ds = None
     if any(len(p.centres_px) for p in val_parts):
         val_ds = WindowDataset(val_parts, augment=False,

@@ -145,7 +145,9 @@ class WindowDataset(Dataset):
     One window per anchor spot (every spot, or one per ``anchor_stride_um`` cell), centred on
     it; with ``augment`` the window is shifted by a uniform integer jitter that keeps the anchor's
     disc inside (capped by ``jitter_um``) and one of the 8 dihedral transforms is applied to the
-    image and the disc centres together. Images are cached once as uint8 blocks.
+    image and the disc centres together, and ``color`` (a
+    :class:`histomap.data.stain.StainJitter`, or None) to the image. Images are cached once as
+    uint8 blocks.
 
     Items are dicts: ``image`` uint8 (3, w, w) (RGB; divide by 255 for PixNet), ``centres``
     float32 (max_spots, 2) disc centres (x, y) in dense-map pixels of the window (map pixel =
@@ -158,7 +160,7 @@ class WindowDataset(Dataset):
     def __init__(self, slides: Sequence[SlideSpots], *, window_px: int, input_mpp: float,
                  out_stride: int, augment: bool = False, jitter_um: float | None = None,
                  anchor_stride_um: float | None = None, max_spots: int | None = None,
-                 block_px: int = BLOCK_PX, read_images: bool = True):
+                 block_px: int = BLOCK_PX, read_images: bool = True, color=None):
         if window_px < 1 or window_px % out_stride:
             raise ValueError(f"window_px ({window_px}) must be a positive multiple of "
                              f"out_stride ({out_stride})")
@@ -167,6 +169,7 @@ class WindowDataset(Dataset):
         self.window_px, self.input_mpp, self.out_stride = int(window_px), float(input_mpp), \
             int(out_stride)
         self.augment = bool(augment)
+        self.color = color if augment else None
         self.slides: list[SlideSpots] = []
         self._px0_per_input: list[float] = []
         self._slide_mpp: list[float] = []
@@ -296,7 +299,10 @@ class WindowDataset(Dataset):
                 "targets": torch.from_numpy(out_t)}
         if self._caches[s_idx] is not None:
             image = self._caches[s_idx].crop(x0, y0, self.window_px)
-            item["image"] = dihedral(torch.from_numpy(image).permute(2, 0, 1), k)
+            image = dihedral(torch.from_numpy(image).permute(2, 0, 1), k)
+            if self.color is not None:
+                image = self.color(image.float() / 255.0).mul_(255.0).round_().to(torch.uint8)
+            item["image"] = image
         return item
 
     @property

@@ -26,6 +26,7 @@ from histomap.compat import torch
 from histomap.data.preprocess import expression_matrix
 from histomap.data.sample import geometry
 from histomap.data.spot_patches import SpotDataset, extract_spot_patches
+from histomap.data.stain import StainJitter
 from histomap.evaluation.folds import validation_split
 from histomap.models import build_model
 from histomap.tasks.predict import predict_spots, spots_prediction_anndata
@@ -43,7 +44,7 @@ def crop_um_for(model_cfg: Mapping, spots: ad.AnnData) -> float:
 
 def _slide_datasets(spots: ad.AnnData, slide: str | Path, genes: Sequence[str], *,
                     crop_um: float, input_mpp: float, validation: Mapping, seed: int,
-                    path: str | Path) -> tuple[SpotDataset, SpotDataset | None]:
+                    path: str | Path, color=None) -> tuple[SpotDataset, SpotDataset | None]:
     """Training and validation datasets of one training slide (validation = spatial blocks)."""
     xy = np.asarray(spots.obsm["spatial"])
     patches = extract_spot_patches(slide, xy, crop_um=crop_um, out_mpp=input_mpp)
@@ -53,7 +54,7 @@ def _slide_datasets(spots: ad.AnnData, slide: str | Path, genes: Sequence[str], 
                            seed=seed)
     log.info("%s: %d training spots, %d validation spots (spatial blocks of %g um)",
              Path(path).name, int((~val).sum()), int(val.sum()), validation["block_um"])
-    train_ds = SpotDataset(patches[~val], targets[~val], augment=True)
+    train_ds = SpotDataset(patches[~val], targets[~val], augment=True, color=color)
     val_ds = SpotDataset(patches[val], targets[val], augment=False) if val.any() else None
     return train_ds, val_ds
 
@@ -79,6 +80,7 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
     input_mpp = float(model_cfg.pop("input_mpp"))
     crop_cfg = model_cfg.pop("crop_um", None)
     checkpoint = model_cfg.pop("checkpoint", None)
+    color = StainJitter.from_config(model_cfg.pop("stain_augment", None))
     if feature_caches:
         return _train_spot_head_cached(st_paths, genes, model_name=model_name,
                                        model_cfg=model_cfg, input_mpp=input_mpp,
@@ -91,7 +93,8 @@ def train_spot_model(st_paths: Sequence[str | Path], slide_paths: Sequence[str |
         spots = ad.read_h5ad(st_path)
         crop_um = float(crop_cfg or geometry(spots)["spot_diameter_um"])
         tr, va = _slide_datasets(spots, slide, genes, crop_um=crop_um, input_mpp=input_mpp,
-                                 validation=validation, seed=seed + i, path=st_path)
+                                 validation=validation, seed=seed + i, path=st_path,
+                                 color=color)
         train_parts.append(tr)
         if va is not None:
             val_parts.append(va)
