@@ -586,6 +586,8 @@ def test_workflow_plans_the_new_platforms(layouts, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
         cross_scale = "evaluate_cross_scale" in res.stdout
         assert cross_scale == (platform == "visium_hd"), platform
+        # ST-Net and the probe predict at the 16 um truth bins, the dense models' bins
+        assert ("predict_spot_scale" in res.stdout) == (platform == "visium_hd"), platform
         if platform == "visium":
             assert str(layouts / "hires") not in res.stdout  # a keyword, not a file
 
