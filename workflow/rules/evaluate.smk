@@ -61,7 +61,8 @@ use rule evaluate as evaluate_cross_scale with:
             for s, um in cross_scale_pairs(wc.fold, wc.model)
         ],
         truth=lambda wc: [
-            f"results/scales/{s}/truth_{um}um.h5ad" for s, um in cross_scale_pairs(wc.fold, wc.model)
+            f"results/scales/{s}/truth_{um}um.h5ad"
+            for s, um in cross_scale_pairs(wc.fold, wc.model)
         ],
         genes=lambda wc: genes_for_fold(wc.fold),
     output:

@@ -5,10 +5,11 @@ rules; the super-resolution maps' metrics, rule ``evaluate_sr``, are
 :mod:`histomap.evaluation.srmetrics`).
 
 Per gene (columns of (n_spots, n_genes) matrices): ``pcc`` (ordinary *signed* Pearson
-correlation), ``mse``, ``mae`` and ``n_spots`` (how many spots or bins it was scored on). The PCC rule is the same for every method: a gene whose
-measured expression is constant (or that has fewer than two spots) has no PCC (NaN) and is left
-out of the PCC summaries of every method alike; a gene whose *prediction* is constant (up to
-float32 rounding) or not finite scores PCC 0, so a flat prediction never helps a method.
+correlation), ``mse``, ``mae`` and ``n_spots`` (how many spots or bins it was scored on).
+The PCC rule is the same for every method: a gene whose measured expression is constant (or
+that has fewer than two spots) has no PCC (NaN) and is left out of the PCC summaries of every
+method alike; a gene whose *prediction* is constant (up to float32 rounding) or not finite
+scores PCC 0, so a flat prediction never helps a method.
 Summaries (:func:`summarise`), as in the spot-prediction papers: ``PCC@F``, ``PCC@S``, ``PCC@M``
 = first quartile, median, mean of per-gene PCC over the scored genes; ``n_genes_scored`` = genes
 with a PCC; ``n_constant_truth`` = genes left out because the truth is constant (both are
