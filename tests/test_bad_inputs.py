@@ -48,7 +48,7 @@ def layouts(tmp_path_factory) -> Path:
     """Visium HD, Xenium and HEST layouts of one small synthetic section (about a second)."""
     root = tmp_path_factory.mktemp("bad_layouts")
     for layout in ("visium_hd", "xenium", "hest"):
-        write_layout(layout, root / layout / "S3", seed=3, **SIZE)
+        write_layout(layout, root / layout / "S3", seed=3, dataset_seed=0, **SIZE)
     return root
 
 

@@ -66,7 +66,7 @@ def test_constant_truth_is_left_out_and_constant_prediction_scores_zero():
     broken[3, 0] = np.nan
     assert pearson_per_gene(y_true, broken)[0] == 0.0, "a non-finite prediction scores 0"
     table = gene_metrics(y_true, y_pred, ["a", "b", "c", "d", "e"])
-    assert len(table) == 15, "every gene keeps its rows"
+    assert len(table) == 20, "every gene keeps its rows (pcc, mse, mae, n_spots)"
     summary = summarise(table)
     assert _value(summary, metric="n_genes_scored") == 4
     assert _value(summary, metric="n_constant_truth") == 1
@@ -260,3 +260,48 @@ def test_summarise_sr_by_hand():
     both = summarise_sr(pd.concat([_sr_table(), other]), ["method", "fold"])
     pcc = both[both["metric"] == "PCC"].set_index("fold")["value"]
     assert pcc["F"] == pytest.approx(0.35) and pcc["G"] == pytest.approx(0.2)
+
+
+# --------------------------------------------------------------------------- one set per column
+def test_models_with_different_spot_sets_are_scored_on_the_truths():
+    """Two models of one cross-scale column predict on different bin sets (one on more bins than
+    the truth has): both are scored on the truth's bins, and the count is recorded; a model that
+    lacks truth bins is an error naming its file, never scored on its own subset."""
+    from histomap.evaluation.report import benchmark_long
+
+    rng = np.random.default_rng(7)
+    genes = ["g1", "g2"]
+    truth_x = rng.normal(size=(6, 2))
+    truth = _spots([f"b{i}" for i in range(6)], genes, truth_x)
+    wide = _spots([f"b{i}" for i in range(9)], genes, rng.normal(size=(9, 2)))  # + 3 extra
+    exact = _spots([f"b{i}" for i in range(6)], genes, truth_x + rng.normal(size=(6, 2)))
+    frames = []
+    for model, pred in (("dense", wide), ("spot", exact)):
+        table = evaluate_predictions({"S": truth}, {"S": pred}, genes)
+        assert _value(summarise(table), sample="S", metric="n_spots_scored") == 6
+        frames.append(table.assign(task="cross_scale", dataset="d", model=model, fold="F",
+                                   scale_um=16.0, gene_set="all"))
+    long_df = benchmark_long(pd.concat(frames, ignore_index=True))
+    counts = long_df[long_df["metric"] == "n_spots_scored"]
+    assert set(counts["value"]) == {6.0} and set(counts["model"]) == {"dense", "spot"}
+    qc_only = _spots([f"b{i}" for i in range(4)], genes, truth_x[:4])  # QC dropped 2 bins
+    with pytest.raises(InputError, match=r"spot\.h5ad.*lacks 2 of 6 truth spots"):
+        evaluate_predictions({"S": truth}, {"S": qc_only}, genes,
+                             pred_paths={"S": "spot.h5ad"})
+
+
+def test_report_refuses_a_column_scored_on_different_sets():
+    """Metric files of two models of one column scored on different truths (the old mix: spot
+    models on the QC-filtered spots, dense models on every bin) are an error, not a table."""
+    from histomap.evaluation.report import benchmark_long
+
+    rng = np.random.default_rng(8)
+    genes = ["g1", "g2"]
+    frames = []
+    for model, n in (("istar", 9), ("stnet", 6)):
+        x = rng.normal(size=(n, 2))
+        table = evaluate_matrices({"S": (x, x + rng.normal(size=(n, 2)))}, genes)
+        frames.append(table.assign(task="cross_scale", dataset="d", model=model, fold="F",
+                                   scale_um=16.0, gene_set="all"))
+    with pytest.raises(InputError, match=r"different spots or bins.*istar 9, stnet 6"):
+        benchmark_long(pd.concat(frames, ignore_index=True))

@@ -277,13 +277,23 @@ def test_cross_scale_runs_and_training_diameters(tmp_path):
     cross = {"enabled": True, "models": ["pixnet", "mean", "stnet"], "diameters_um": [55, 8],
              "min_spacing_um": 10, "min_counts": 1}
     plan = plan_of(tmp_path, models=["mean", "pixnet", "stnet"], cross_scale=cross)
-    assert plan.cross_scale.models() == ["mean", "pixnet"]  # stnet is no dense model
+    assert plan.cross_scale.models() == ["mean", "pixnet", "stnet"]
     assert plan.cross_scale.labels == ["55", "8"]
     assert plan.cross_scale.preprocess["min_counts"] == 1
     assert plan.cross_scale.truth("pixnet", "P1", "synA") == [
         "results/scales/synA/truth_55um.h5ad", "results/scales/synA/truth_8um.h5ad"]
+    # a spot model: scored at its training size only, on the same truth discs as the others
     assert plan.cross_scale.truth("stnet", "P1", "synA") == []
-    assert "results/metrics/cross_scale/pixnet/P3/seed0.parquet" in plan.files.metric_files()
+    assert plan.cross_scale.diameters("stnet", "P1") == [55]
+    assert plan.cross_scale.pairs("P1", "stnet") == [("synA", "55")]
+    assert plan.cross_scale.pairs("P1", "pixnet") == [("synA", "55"), ("synA", "8")]
+    metric_files = plan.files.metric_files()
+    assert "results/metrics/cross_scale/pixnet/P3/seed0.parquet" in metric_files
+    assert "results/metrics/cross_scale/stnet/P3/seed0.parquet" in metric_files
+    no_size = dict(cross, diameters_um=[8])  # the training size is not re-measured
+    plan = plan_of(tmp_path, models=["mean", "pixnet", "stnet"], cross_scale=no_size)
+    assert plan.cross_scale.diameters("stnet", "P1") == []
+    assert not [f for f in plan.files.metric_files() if "cross_scale/stnet" in f]
     assert "results/report/figures/cross_scale.png" in plan.all_targets()
     variants = {"mixed": {"base": "pixnet", "train_diameters_um": [8]}}
     plan = plan_of(tmp_path, models=["mixed"], cross_scale=cross, variants=variants)

@@ -29,6 +29,7 @@ from PIL import Image
 
 VISIUM_FIXTURE = SHARED_DATA / "visium_heart_fixture"
 SIZE = {"size_um": (300.0, 300.0), "mpp": 0.5, "n_genes": 60, "tissue_margin_um": 20.0}
+DATASET_SEED = 0  # one biology for every section written here, as in the configs
 
 
 def dense(x) -> np.ndarray:
@@ -38,12 +39,14 @@ def dense(x) -> np.ndarray:
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> Path:
     """The synthetic layouts of one simulated section (seed 3) and, for the two-sample sheets of
-    the workflow test, of a second one (seed 4), written once."""
+    the workflow test, of a second one (seed 4), written once; both with one dataset seed."""
     root = tmp_path_factory.mktemp("layouts")
     for layout in ("visium_hd", "visium", "hest", "xenium"):
-        write_layout(layout, root / layout / "S3", seed=3, **SIZE)
+        write_layout(layout, root / layout / "S3", seed=3, dataset_seed=DATASET_SEED,
+                     **SIZE)
     for layout in ("visium_hd", "visium", "hest"):
-        write_layout(layout, root / layout / "S4", seed=4, **SIZE)
+        write_layout(layout, root / layout / "S4", seed=4, dataset_seed=DATASET_SEED,
+                     **SIZE)
     return root
 
 
@@ -490,11 +493,40 @@ def test_visium_without_opt_in_needs_full_resolution(visium_fixture):
 # --------------------------------------------------------------------------- command
 
 def test_write_layouts_command(tmp_path, capsys):
-    assert write_layouts_main(["hest", str(tmp_path / "out"), "--seeds", "5",
-                               "--size-um", "200", "200"]) == 0
+    assert write_layouts_main(["hest", str(tmp_path / "out"), "--dataset-seed", "0",
+                               "--seeds", "5", "--size-um", "200", "200"]) == 0
     assert (tmp_path / "out" / "S5" / "st" / "S5.h5ad").is_file()
     assert read_sample("hest", "S5", tmp_path / "out" / "S5").spots.n_obs > 0
     assert not list(tmp_path.glob("out/.*partial*"))
+
+
+def test_write_layouts_needs_a_dataset_seed(tmp_path, capsys):
+    """Without --dataset-seed each section would carry its own biology: argparse refuses."""
+    with pytest.raises(SystemExit) as exc:
+        write_layouts_main(["hest", str(tmp_path / "out"), "--seeds", "5"])
+    assert exc.value.code == 2
+    assert "--dataset-seed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sections_of_one_dataset_seed_share_the_biology(layouts, tmp_path):
+    """Two sections (seeds 3 and 4) of one dataset seed: the same genes, the same programme of
+    each gene and the same cell-type profiles, different layouts; the same section seed with
+    another dataset seed: the same layout, other profiles."""
+    a = ad.read_h5ad(layouts / "visium_hd" / "S3" / "cells_truth.h5ad")
+    b = ad.read_h5ad(layouts / "visium_hd" / "S4" / "cells_truth.h5ad")
+    for cells, seed in ((a, 3), (b, 4)):
+        assert cells.uns["synthetic"]["dataset_seed"] == DATASET_SEED
+        assert cells.uns["synthetic"]["seed"] == seed
+    assert list(a.var_names) == list(b.var_names)
+    pd.testing.assert_frame_equal(a.var, b.var)
+    np.testing.assert_array_equal(a.varm["type_profile"], b.varm["type_profile"])
+    assert a.n_obs != b.n_obs or not np.allclose(a.obsm["spatial"], b.obsm["spatial"])
+    other = write_layout("visium_hd", tmp_path / "S3", seed=3, dataset_seed=DATASET_SEED + 1,
+                         **SIZE)
+    c = ad.read_h5ad(other / "cells_truth.h5ad")
+    np.testing.assert_array_equal(c.obsm["spatial"], a.obsm["spatial"])  # same section layout
+    assert not np.allclose(c.varm["type_profile"], a.varm["type_profile"])
 
 
 def test_square_bins_read_out_of_a_dense_map():
@@ -554,6 +586,8 @@ def test_workflow_plans_the_new_platforms(layouts, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
         cross_scale = "evaluate_cross_scale" in res.stdout
         assert cross_scale == (platform == "visium_hd"), platform
+        # ST-Net and the probe predict at the 16 um truth bins, the dense models' bins
+        assert ("predict_spot_scale" in res.stdout) == (platform == "visium_hd"), platform
         if platform == "visium":
             assert str(layouts / "hires") not in res.stdout  # a keyword, not a file
 
@@ -561,7 +595,8 @@ def test_workflow_plans_the_new_platforms(layouts, tmp_path):
 def test_hest_xenium_sample_has_transcript_bins(tmp_path):
     """A Xenium sample of HEST with transcripts/{id}_transcripts.parquet: its pseudo-Visium spots
     for training and its transcripts, in H&E pixels, binned as ground truth at other scales."""
-    root = write_layout("hest", tmp_path / "X1", seed=4, technology="Xenium", **SIZE)
+    root = write_layout("hest", tmp_path / "X1", seed=4, dataset_seed=DATASET_SEED,
+                        technology="Xenium", **SIZE)
     smp = read_sample("hest", "X1", root)
     cells = ad.read_h5ad(root / "cells_truth.h5ad")
     assert smp.spots.uns["hest"]["st_technology"] == "Xenium"

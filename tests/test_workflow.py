@@ -157,7 +157,8 @@ def test_bad_counts_fail_cleanly_without_partial_output(workdir):
 
 SPOT_METRIC_RANGE = {"PCC@F": (-1, 1), "PCC@S": (-1, 1), "PCC@M": (-1, 1), "MSE": (0, np.inf),
                      "MAE": (0, np.inf), "n_genes_scored": (0, np.inf),
-                     "n_constant_truth": (0, np.inf), "n_genes": (1, np.inf)}
+                     "n_constant_truth": (0, np.inf), "n_spots_scored": (1, np.inf),
+                     "n_genes": (1, np.inf)}
 SR_METRIC_RANGE = {"PCC": (-1, 1), "RMSE": (0, np.inf), "Spearman_std_error": (-1, 1),
                    "mass_ratio": (0, np.inf),
                    "edge_error_ratio": (0, 1.1)}  # the patch-border band's bound: no seams

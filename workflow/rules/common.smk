@@ -46,6 +46,7 @@ model_params = PLAN.models.params
 model_train = PLAN.models.train
 model_runs = PLAN.models.runs
 DENSE_RUNS = PLAN.models.dense_runs
+SPOT_RUNS = PLAN.models.spot_runs
 
 
 wildcard_constraints:

@@ -25,8 +25,10 @@ rule evaluate:
 
 # Cross-scale: ground truth re-measured from highres.h5ad with discs of each diameter on a
 # lattice, every disc whose centre is in the H&E tissue mask (empty ones: zeros), normalised like
-# the training spots (histomap.evaluation.scales), and the dense models scored on it; qc_* keeps
-# the discs that pass the spot QC, the targets of mixed-scale training.
+# the training spots (histomap.evaluation.scales), and every cross-scale model scored on exactly
+# its discs (dense models at every diameter, spot models at their training one, predicted at
+# the same centres: one set of discs per column, its size recorded as n_spots_scored); qc_*
+# keeps the discs that pass the spot QC, the targets of mixed-scale training.
 rule truth_at_scale:
     input:
         highres="results/ingest/{sample}/highres.h5ad",
@@ -56,10 +58,11 @@ use rule evaluate as evaluate_cross_scale with:
     input:
         predictions=lambda wc: [
             f"{run_dir('predictions', wc.model, wc.fold, wc.tseed)}/{s}/scale_{um}um.h5ad"
-            for s, um in cross_scale_pairs(wc.fold)
+            for s, um in cross_scale_pairs(wc.fold, wc.model)
         ],
         truth=lambda wc: [
-            f"results/scales/{s}/truth_{um}um.h5ad" for s, um in cross_scale_pairs(wc.fold)
+            f"results/scales/{s}/truth_{um}um.h5ad"
+            for s, um in cross_scale_pairs(wc.fold, wc.model)
         ],
         genes=lambda wc: genes_for_fold(wc.fold),
     output:
@@ -69,7 +72,7 @@ use rule evaluate as evaluate_cross_scale with:
         dataset=config["dataset"],
         gene_set=GENE_PANEL,
         fold_kind=lambda wc: FOLD_KINDS[wc.fold],
-        samples=lambda wc: [s for s, _ in cross_scale_pairs(wc.fold)],
+        samples=lambda wc: [s for s, _ in cross_scale_pairs(wc.fold, wc.model)],
     log:
         "logs/evaluate/cross_scale/{model}/{fold}/seed{tseed}.log",
 

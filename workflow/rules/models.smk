@@ -127,6 +127,21 @@ rule predict_stnet:
         "../scripts/predict_spot_model.py"
 
 
+# A spot model at the centres of the cross-scale ground truth of its training size
+# (results/scales): scored on the same discs or bins as the dense models in that column.
+use rule predict_stnet as predict_spot_scale with:
+    input:
+        model="results/models/{model}/{fold}/seed{tseed}/model.pt",
+        st="results/scales/{sample}/truth_{um}um.h5ad",
+        slide="results/ingest/{sample}/slide.tif",
+    output:
+        "results/predictions/{model}/{fold}/seed{tseed}/{sample}/scale_{um}um.h5ad",
+    wildcard_constraints:
+        model=SPOT_RUNS,
+    log:
+        "logs/predict/{model}/{fold}/seed{tseed}/{sample}_scale_{um}um.log",
+
+
 use rule predict_stnet as predict_histogene with:
     wildcard_constraints:
         model=model_runs("histogene"),

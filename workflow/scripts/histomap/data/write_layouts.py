@@ -25,10 +25,15 @@ written as
 
 Command (a user can try the pipeline on a layout before their data arrive)::
 
-    python -m histomap.data.write_layouts visium_hd data/synthetic_visium_hd --seeds 1 2 3 \\
-        --size-um 300 300
+    python -m histomap.data.write_layouts visium_hd data/synthetic_visium_hd --dataset-seed 0 \\
+        --seeds 1 2 3 --size-um 300 300
 
 writes ``data/synthetic_visium_hd/{S1,S2,S3}/`` (run with ``PYTHONPATH=workflow/scripts``).
+**One biology per cohort**: ``--dataset-seed`` (required) draws the gene programmes and the
+neighbourhood induction strengths shared by every section written
+(:func:`histomap.data.synthetic_expression.dataset_biology`); each ``--seeds`` value is one
+section (its layout, composition, staining, depth). The configs' sections use dataset seed 0,
+the workflow's ``seed``.
 Each folder is written under a temporary name and renamed at the end (no partial output).
 """
 from __future__ import annotations
@@ -288,16 +293,22 @@ def write_ome_rgb(image: np.ndarray, path: Path, mpp: float) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def write_layout(layout: str, out_dir: str | Path, *, seed: int, name: str | None = None,
-                 technology: str = "Visium", **params) -> Path:
+def write_layout(layout: str, out_dir: str | Path, *, seed: int, dataset_seed: int,
+                 name: str | None = None, technology: str = "Visium", **params) -> Path:
     """Simulate one section (``params``: :class:`SyntheticConfig` fields) and write it in
-    ``layout`` to ``out_dir`` (atomically: a temporary sibling renamed at the end);
+    ``layout`` to ``out_dir`` (atomically: a temporary sibling renamed at the end).
+
+    ``seed``: the section (layout, composition, staining, depth); ``dataset_seed``: the
+    biology (gene programmes, induction strengths), the same for every section of a cohort;
     ``technology``: the HEST sample's ``st_technology`` (``Visium`` or ``Xenium``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if dataset_seed is None:
+        raise ValueError("write_layout: dataset_seed is required (the biology shared by every "
+                         "section of the cohort)")
     out_dir = Path(out_dir)
     name = name or out_dir.name
-    data = simulate(SyntheticConfig(seed=seed, **params))
+    data = simulate(SyntheticConfig(seed=seed, dataset_seed=int(dataset_seed), **params))
     with atomic_output(out_dir) as tmp:
         if layout == "visium_hd":
             write_visium_hd(data, tmp)
@@ -317,7 +328,13 @@ def main(argv=None) -> int:
         description="Write synthetic sections in a real platform's layout (see module doc).")
     parser.add_argument("layout", choices=LAYOUTS)
     parser.add_argument("out", help="folder; one sub-folder S{seed} per section")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--dataset-seed", type=int, required=True,
+                        help="the biology shared by all sections written (gene programmes, "
+                             "induction strengths); the configs' sections use 0, the "
+                             "workflow's `seed`")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1],
+                        help="one section per value (its layout, composition, staining, "
+                             "depth), written to OUT/S{seed}")
     parser.add_argument("--size-um", type=float, nargs=2, default=(300.0, 300.0),
                         metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--mpp", type=float, default=0.5)
@@ -328,7 +345,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for seed in args.seeds:
         path = write_layout(args.layout, Path(args.out) / f"S{seed}", seed=seed,
-                            size_um=tuple(args.size_um), mpp=args.mpp, n_genes=args.n_genes,
+                            dataset_seed=args.dataset_seed, size_um=tuple(args.size_um),
+                            mpp=args.mpp, n_genes=args.n_genes,
                             tissue_margin_um=args.tissue_margin_um,
                             technology=args.technology)
         print(path)

@@ -5,14 +5,18 @@ rules; the super-resolution maps' metrics, rule ``evaluate_sr``, are
 :mod:`histomap.evaluation.srmetrics`).
 
 Per gene (columns of (n_spots, n_genes) matrices): ``pcc`` (ordinary *signed* Pearson
-correlation), ``mse`` and ``mae``. The PCC rule is the same for every method: a gene whose
-measured expression is constant (or that has fewer than two spots) has no PCC (NaN) and is left
-out of the PCC summaries of every method alike; a gene whose *prediction* is constant (up to
-float32 rounding) or not finite scores PCC 0, so a flat prediction never helps a method.
+correlation), ``mse``, ``mae`` and ``n_spots`` (how many spots or bins it was scored on).
+The PCC rule is the same for every method: a gene whose measured expression is constant (or
+that has fewer than two spots) has no PCC (NaN) and is left out of the PCC summaries of every
+method alike; a gene whose *prediction* is constant (up to float32 rounding) or not finite
+scores PCC 0, so a flat prediction never helps a method.
 Summaries (:func:`summarise`), as in the spot-prediction papers: ``PCC@F``, ``PCC@S``, ``PCC@M``
 = first quartile, median, mean of per-gene PCC over the scored genes; ``n_genes_scored`` = genes
 with a PCC; ``n_constant_truth`` = genes left out because the truth is constant (both are
-reported, never hidden); ``MSE``, ``MAE`` = mean over all genes of the per-gene values.
+reported, never hidden); ``MSE``, ``MAE`` = mean over all genes of the per-gene values;
+``n_spots_scored`` = the spots or bins scored (the truth's: every model of a table column is
+scored on the same set, so the count must agree between models,
+:func:`histomap.evaluation.report.check_same_spots`).
 
 Tables are long: one row per (keys..., gene, metric) with a ``value`` column, so every scale,
 sample and model stacks into the benchmark table. :func:`evaluate_predictions` scores each slide
@@ -35,9 +39,11 @@ from histomap.errors import InputError
 
 log = logging.getLogger(__name__)
 
-GENE_METRICS = ("pcc", "mse", "mae")
-SUMMARY_METRICS = ("PCC@F", "PCC@S", "PCC@M", "n_genes_scored", "n_constant_truth", "MSE", "MAE")
-COUNT_METRICS = ("n_genes_scored", "n_constant_truth")  # totalled, not averaged, over slides
+GENE_METRICS = ("pcc", "mse", "mae", "n_spots")
+SUMMARY_METRICS = ("PCC@F", "PCC@S", "PCC@M", "n_genes_scored", "n_constant_truth", "MSE", "MAE",
+                   "n_spots_scored")
+# totalled, not averaged, over slides
+COUNT_METRICS = ("n_genes_scored", "n_constant_truth", "n_spots_scored")
 # a prediction column whose range is within this fraction of its magnitude is constant (float32
 # rounding): its PCC would be noise, so it scores 0
 FLAT_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
@@ -87,7 +93,8 @@ def pearson_per_gene(y_true, y_pred) -> np.ndarray:
 
 
 def gene_metrics(y_true, y_pred, genes: Sequence[str]) -> pd.DataFrame:
-    """Long table (gene, metric, value) of pcc, mse and mae for every gene (column)."""
+    """Long table (gene, metric, value) of pcc, mse, mae and n_spots (the rows scored) for
+    every gene (column)."""
     y_true, y_pred = _paired(y_true, y_pred)
     genes = [str(g) for g in genes]
     if len(genes) != y_true.shape[1]:
@@ -95,7 +102,8 @@ def gene_metrics(y_true, y_pred, genes: Sequence[str]) -> pd.DataFrame:
     err = y_pred - y_true
     values = {"pcc": pearson_per_gene(y_true, y_pred),
               "mse": (err ** 2).mean(axis=0),
-              "mae": np.abs(err).mean(axis=0)}
+              "mae": np.abs(err).mean(axis=0),
+              "n_spots": np.full(len(genes), float(y_true.shape[0]))}
     return pd.DataFrame({
         "gene": np.tile(genes, len(GENE_METRICS)),
         "metric": np.repeat(GENE_METRICS, len(genes)),
@@ -121,6 +129,8 @@ def _summary_values(rows: pd.DataFrame) -> dict[str, float]:
         out["MSE"] = float(np.mean(by_metric["mse"]))
     if by_metric["mae"].size:
         out["MAE"] = float(np.mean(by_metric["mae"]))
+    if by_metric["n_spots"].size:
+        out["n_spots_scored"] = float(np.max(by_metric["n_spots"]))
     return out
 
 
@@ -155,7 +165,8 @@ def aggregate_over_slides(summary_per_slide: pd.DataFrame) -> pd.DataFrame:
     """Average per-slide summaries over slides ("computed per slide and averaged").
 
     Rows with ``sample == "pooled"`` are ignored. The counts (``n_genes_scored``,
-    ``n_constant_truth``) are summed (gene-slide pairs); every other metric is the plain mean
+    ``n_constant_truth``: gene-slide pairs; ``n_spots_scored``) are summed; every other metric
+    is the plain mean
     over slides, a NaN slide giving NaN.
     Returns a long table (keys without sample..., metric, value).
     """

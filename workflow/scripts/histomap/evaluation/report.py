@@ -12,9 +12,12 @@ Output (the ``benchmark_tables`` contract): a long table ``task, dataset, model,
 scale_um, gene_set, metric, value`` (``fold_kind`` after ``fold`` when given) whose metrics are
 the per-gene summaries PCC@F / PCC@S / PCC@M (first quartile, median, mean of per-gene PCC over
 the scored genes; a constant prediction scores 0), n_genes_scored, n_constant_truth (genes left
-out because the truth is constant), MSE, MAE (means over genes) and n_genes, for every slide, for
-``pooled``, and for ``mean_over_slides`` (the mean of the per-slide summaries of one fold; for the
-two gene counts their total). Cross-patient and within-patient folds are never averaged
+out because the truth is constant), MSE, MAE (means over genes), n_spots_scored and n_genes, for
+every slide, for ``pooled``, and for ``mean_over_slides`` (the mean of the per-slide summaries
+of one fold; for the counts their total). Every model of one table column (task, dataset,
+fold, seed, sample, scale) is scored on the same spots or bins, the truth's: a different
+``n_spots_scored`` between models is an error (:func:`check_same_spots`), never a silent
+comparison of different sets. Cross-patient and within-patient folds are never averaged
 together: they are separate rows of every table. The summaries themselves are
 :mod:`histomap.evaluation.metrics`'s, so evaluation and report cannot disagree. Super-resolution
 tables are :mod:`histomap.evaluation.srreport`.
@@ -46,7 +49,8 @@ INPUT_COLUMNS = ["task", "dataset", "model", "fold", "sample", "scale_um", "gene
 LONG_COLUMNS = ["task", "dataset", "model", "fold", "sample", "scale_um", "gene_set", "metric",
                 "value"]
 SUMMARY_METRICS = ["MSE", "MAE", "PCC@F", "PCC@S", "PCC@M", "n_genes_scored", "n_constant_truth",
-                   "n_genes"]
+                   "n_spots_scored", "n_genes"]
+SPOT_COUNT = "n_spots_scored"
 OPTIONAL_COLUMNS = ["fold_kind", "seed"]
 FOLD_KIND_LABELS = {"cross_patient": "cross-patient", "within_patient": "within-patient",
                     "mixed": "mixed"}
@@ -124,6 +128,7 @@ def benchmark_long(metric_files: Iterable[str | Path] | pd.DataFrame) -> pd.Data
                                            f"{first[keys + ['gene', 'metric']].to_dict()}")
     per_sample = pd.concat([summarise(metrics[keys + ["gene", "metric", "value"]]),
                             _n_genes(metrics, keys)], ignore_index=True)
+    check_same_spots(per_sample)
     over_slides = aggregate_over_slides(per_sample)
     if over_slides.empty:
         log.warning("no per-slide summaries (only pooled); no mean_over_slides rows")
@@ -133,6 +138,38 @@ def benchmark_long(metric_files: Iterable[str | Path] | pd.DataFrame) -> pd.Data
              + LONG_COLUMNS[4:])
     long_df = long_df[order].sort_values(keys + ["metric"], kind="stable")
     return long_df.reset_index(drop=True)
+
+
+def check_same_spots(summaries: pd.DataFrame) -> None:
+    """Every model of one table cell group (task, dataset, fold, seed, sample, scale, gene set)
+    must have been scored on as many spots or bins (``n_spots_scored``, the truth's): InputError
+    naming the models and counts otherwise. Tables of files without the count pass."""
+    counts = summaries[summaries["metric"] == SPOT_COUNT]
+    if counts.empty:
+        return
+    keys = [c for c in _key_columns(counts) if c != "model"]
+    for key, rows in counts.groupby(keys, sort=True, dropna=False):
+        if rows["value"].nunique(dropna=False) > 1:
+            by_model = ", ".join(f"{m} {v:.0f}" for m, v in zip(rows["model"], rows["value"]))
+            raise InputError("<metric files>", (
+                f"models of one column were scored on different spots or bins "
+                f"({dict(zip(keys, key))}): {by_model}; every model must be scored on the "
+                "truth's spots (rerun the evaluation of the odd model)"))
+
+
+def spots_sentence(long_df: pd.DataFrame, task: str) -> str:
+    """How many spots or bins every model of a task's columns was scored on, per scale and
+    fold (summed over the fold's slides)."""
+    part = long_df[(long_df["task"] == task) & (long_df["metric"] == SPOT_COUNT)
+                   & (long_df["sample"] == MEAN_OVER_SLIDES)]
+    if part.empty:
+        return ""
+    cells = []
+    for scale, rows in sorted(part.groupby("scale_um"), key=lambda kv: -kv[0]):
+        per_fold = rows.groupby("fold", sort=True)["value"].max()
+        cells.append(f"{scale:g} µm: " + ", ".join(f"{f} {v:.0f}" for f, v in per_fold.items()))
+    return ("Every model of a column is scored on the same spots or bins, the truth's "
+            "(per fold, summed over its slides): " + "; ".join(cells) + ".")
 
 
 def across_folds(long_df: pd.DataFrame) -> pd.DataFrame:
@@ -334,8 +371,10 @@ def benchmark_markdown(long_df: pd.DataFrame) -> str:
         if task == "cross_scale" and (i == 0 or groups[i - 1][0][0] != "cross_scale"):
             out += ["## Cross-scale: PCC@M by spot diameter (mean over slides)", "",
                     "Models trained at the samples' own spot size, scored against ground "
-                    "truth re-measured at each diameter from the high-resolution data.", "",
-                    scale_table(agg, "cross_scale"), ""]
+                    "truth re-measured at each diameter from the high-resolution data (spot "
+                    "models at their training size only).", "",
+                    scale_table(agg, "cross_scale"), "", spots_sentence(long_df, "cross_scale"),
+                    ""]
         sub = agg[(agg["task"] == task) & (agg["dataset"] == dataset)
                   & (agg["scale_um"] == scale) & (agg["gene_set"] == gene_set)]
         folds = sorted(pd.unique(part["fold"]).astype(str).tolist())

@@ -87,6 +87,11 @@ class ModelSet:
         return alternation(self.of_family(family))
 
     @property
+    def spot_runs(self) -> str:
+        """Wildcard regex of the configured spot models (one crop per spot)."""
+        return alternation(self.of_family(*SPOT_MODELS))
+
+    @property
     def dense_runs(self) -> str:
         """Wildcard regex of the configured dense models (dense_spots, dense figures)."""
         return alternation(self.of_family(*DENSE_MODELS))

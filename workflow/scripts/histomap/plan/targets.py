@@ -126,7 +126,7 @@ class BenchmarkFiles:
         spot = [f"results/metrics/spot/{m}/{f}/seed{t}.parquet"
                 for m in plan.models.names for f in plan.folds.names for t in plan.train_seeds]
         scales = [f"results/metrics/cross_scale/{m}/{f}/seed{t}.parquet"
-                  for m in cross.models() for f in cross.fold_names() for t in plan.train_seeds]
+                  for m in cross.models() for f in cross.scored(m) for t in plan.train_seeds]
         return spot + scales
 
     # ------------------------------------------------------------------ per sample
