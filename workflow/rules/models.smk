@@ -133,7 +133,7 @@ use rule predict_stnet as predict_spot_scale with:
     input:
         model="results/models/{model}/{fold}/seed{tseed}/model.pt",
         st="results/scales/{sample}/truth_{um}um.h5ad",
-        slide="results/ingest/{sample}/slide.tif",
+        slide=lambda wc: model_slide(wc.model, wc.fold, wc.sample),
     output:
         "results/predictions/{model}/{fold}/seed{tseed}/{sample}/scale_{um}um.h5ad",
     wildcard_constraints:
