@@ -11,7 +11,8 @@ One seed gives one sample folder (see :func:`simulate_sample`)::
                  X = exact sum of the counts of the cells whose centre lies inside each disc;
                  layers["rate"] the summed rates; obs n_cells, array_row, array_col,
                  diameter_um; obsm["spatial"] px; obs_names spot_{row}x{col}
-    meta.json    the config, seed, dataset seed, section variation, mpp and spot geometry
+    meta.json    the config, seed, dataset seed, section variation, patient and its effects
+                 (``patient_effects``, null when off), mpp and spot geometry
 
 Pixel coordinates follow the image: pixel (row i, column j) is centred at (x=j, y=i).
 
@@ -34,11 +35,20 @@ scale) and sequencing depth (``depth_log_sd``: a per-section library-size factor
 batch effect on the profiles themselves (log-normal, ``batch_effect_sd``) is a separate knob,
 off (0) by default.
 
+**Patients of a cohort.** A section may name its ``patient`` (the workflow passes the sample
+sheet's column); with ``patient_effects`` (off by default: every sd 0) the patient's staining
+(H and E stain vectors and amounts), per-gene expression levels and composition shift are drawn
+from (dataset seed, patient) alone, so every section of a patient shares them and sections of
+other patients differ (:mod:`~histomap.data.synthetic_patient`). They are recorded in meta.json
+and ``cells.uns["synthetic"]["patient_effects"]``. Off, nothing is drawn and the output is
+bit-identical to a section without a patient.
+
 The steps live beside this module, which assembles and writes a sample:
 :mod:`~histomap.data.synthetic_config` (cell types, gene programmes, :class:`SyntheticConfig`),
 :mod:`~histomap.data.synthetic_layout` (tissue, regions, cells),
 :mod:`~histomap.data.synthetic_expression` (the biology and the counts),
-:mod:`~histomap.data.synthetic_render` (the H&E image). :mod:`histomap.data.aggregate` sums any
+:mod:`~histomap.data.synthetic_render` (the H&E image),
+:mod:`~histomap.data.synthetic_patient` (patient effects). :mod:`histomap.data.aggregate` sums any
 point-like high-resolution AnnData (cells here, Xenium transcripts elsewhere) into discs or
 square bins of any size: ground truth at any resolution. :mod:`histomap.data.write_layouts`
 writes the same sections in real platforms' layouts (Space Ranger HD bins, Visium as published,

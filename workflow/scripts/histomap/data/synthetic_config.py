@@ -113,7 +113,12 @@ class PatientEffects:
 
 @dataclass
 class SyntheticConfig:
-    """Every parameter of a synthetic sample; lengths in um unless named ``_px``."""
+    """Every parameter of a synthetic sample; lengths in um unless named ``_px``.
+
+    ``patient``: the section's patient (a string or an integer, one identity by its string
+    form); with ``patient_effects`` (a :class:`PatientEffects` or its mapping; off by default)
+    the sections of one patient share its staining, expression levels and composition shift.
+    """
     seed: int = 0
     size_um: tuple[float, float] = (1500.0, 1500.0)     # (width, height)
     mpp: float = 0.5                                      # um per level-0 pixel of he.tif
