@@ -119,7 +119,7 @@ def test_stain_shift_is_visible_in_the_image():
     assert spread > stain["intensity_sd"] / 2, f"patients' OD spread {spread:.3f}"
 
 
-def test_expression_level_shift_multiplies_each_gene_rate():
+def test_expression_level_shift_multiplies_each_gene_rate(tmp_path):
     base = simulate(SyntheticConfig(seed=3, dataset_seed=0, size_um=SMALL))
     data = simulate(SyntheticConfig(seed=3, dataset_seed=0, size_um=SMALL, patient="P5",
                                     patient_effects={"level_sd": 0.3}))
@@ -130,9 +130,12 @@ def test_expression_level_shift_multiplies_each_gene_rate():
                                rtol=1e-5)
     np.testing.assert_array_equal(data.image, base.image)   # image untouched by expression
     assert 0.15 < np.std(np.log(factor)) < 0.45
-    # stored with the cells
-    assert data.cells.uns["synthetic"]["patient"] == "P5"
-    assert data.cells.uns["synthetic"]["patient_effects"]["level_shift_log"] == level
+    # stored with the cells; no OD transform recorded for an unchanged staining
+    assert "od_transform" not in data.meta["patient_effects"]
+    data.cells.write_h5ad(tmp_path / "cells.h5ad")
+    stored = ad.read_h5ad(tmp_path / "cells.h5ad").uns["synthetic"]
+    assert stored["patient"] == "P5"
+    assert stored["patient_effects"]["level_shift_log"] == pytest.approx(level)
 
 
 def test_composition_shift_moves_type_fractions_its_way():

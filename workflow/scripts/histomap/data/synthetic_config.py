@@ -5,6 +5,7 @@ a sample (:class:`SyntheticConfig`).
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from dataclasses import dataclass, field, fields
 
 from histomap.errors import InputError
@@ -168,10 +169,12 @@ class SyntheticConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         self.patient_effects = PatientEffects.of(self.patient_effects)
         if self.patient is not None and (isinstance(self.patient, bool)
-                                         or not isinstance(self.patient, (str, int))
+                                         or not isinstance(self.patient, (str, Integral))
                                          or str(self.patient) == ""):
             problems.append(f"patient must be a non-empty string or an integer, "
                             f"got {self.patient!r}")
+        elif isinstance(self.patient, Integral):
+            self.patient = int(self.patient)   # numpy integers too (meta.json is JSON)
         elif self.patient is None and self.patient_effects.active:
             problems.append("patient_effects need the section's `patient` (the sample sheet's "
                             "patient column)")

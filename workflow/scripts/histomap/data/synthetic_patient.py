@@ -84,16 +84,19 @@ class Patient:
         return {t: float(bias[t] + d) for t, d in zip(CELL_TYPES, self.composition)}
 
     def record(self, genes: list[str]) -> dict:
-        """JSON-able effects for meta.json and ``cells.uns["synthetic"]["patient_effects"]``."""
-        return {"patient": self.patient,
-                "stain_vectors": {"H": [float(v) for v in self.stains[0]],
-                                  "E": [float(v) for v in self.stains[1]]},
-                "stain_intensity": {"H": float(self.intensity[0]),
-                                    "E": float(self.intensity[1])},
-                "composition_shift": {t: float(d) for t, d in zip(CELL_TYPES, self.composition)},
-                "level_shift_log": {g: float(v) for g, v in zip(genes, self.level)},
-                "od_transform": (None if not self.stained else
-                                 [[float(v) for v in row] for row in self.od_transform()])}
+        """JSON-able effects for meta.json and ``cells.uns["synthetic"]["patient_effects"]``
+        (``od_transform`` only when the staining is the patient's: h5ad stores no None)."""
+        record = {"patient": self.patient,
+                  "stain_vectors": {"H": [float(v) for v in self.stains[0]],
+                                    "E": [float(v) for v in self.stains[1]]},
+                  "stain_intensity": {"H": float(self.intensity[0]),
+                                      "E": float(self.intensity[1])},
+                  "composition_shift": {t: float(d)
+                                        for t, d in zip(CELL_TYPES, self.composition)},
+                  "level_shift_log": {g: float(v) for g, v in zip(genes, self.level)}}
+        if self.stained:
+            record["od_transform"] = [[float(v) for v in row] for row in self.od_transform()]
+        return record
 
 
 def draw_patient(cfg: SyntheticConfig) -> Patient | None:
