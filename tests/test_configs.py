@@ -14,7 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 HER2ST = REPO.parent / "shared" / "data" / "her2st"
 
-# (config layers, target) as written in docs/benchmarks.md and benchmarks/superres/README.md
+# (config layers, target) as written in docs/benchmarks.md, benchmarks/superres/README.md and the
+# configs' header comments
 COMMANDS = [
     (["config/her2st.yaml"], "results/report/benchmark.md"),
     (["config/her2st.yaml"], "results/report/superres.md"),
@@ -25,6 +26,7 @@ COMMANDS = [
       "config/her2st_pixnet_mse_3seeds.yaml"], "results/report/benchmark.md"),
     (["config/cross_scale.yaml"], None),
     (["config/cross_scale.yaml", "config/pixnet_ablation.yaml"], None),
+    (["config/cohort_synthetic.yaml"], "results/report/benchmark.md"),
     (["benchmarks/superres/synthetic_cpu.yaml"], "results/report/superres.md"),
     (["benchmarks/superres/synthetic_cpu.yaml", "benchmarks/superres/synthetic_cpu_seed1.yaml"],
      "results/report/superres.md"),

@@ -19,6 +19,10 @@ image_keyword = PLAN.sheet.image_keyword
 reader_options = PLAN.sheet.reader_options
 
 
+def synthetic_params(wildcards):
+    return PLAN.sheet.synthetic_params(wildcards.sample, config["synthetic"])
+
+
 def ingest_inputs(wildcards):
     return PLAN.sheet.ingest_inputs(wildcards.sample)
 

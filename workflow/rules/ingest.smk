@@ -2,7 +2,7 @@ rule simulate_sample:
     output:
         directory("results/synthetic/{sample}"),
     params:
-        synthetic=config["synthetic"],
+        synthetic=synthetic_params,
         seed=config["seed"],
     log:
         "logs/simulate_sample/{sample}.log",

@@ -1,5 +1,6 @@
 """Snakemake adapter: generate one synthetic section (H&E, cells, spots): the dataset's biology
-from the workflow seed, the section's layout, composition, staining and depth from its own."""
+from the workflow seed, the section's layout, composition, staining and depth from its own, and
+with `synthetic.patient_effects` its patient's (the sheet's patient column, in params.synthetic)."""
 import zlib
 
 from histomap.data.synthetic import simulate_sample

@@ -11,7 +11,8 @@ One seed gives one sample folder (see :func:`simulate_sample`)::
                  X = exact sum of the counts of the cells whose centre lies inside each disc;
                  layers["rate"] the summed rates; obs n_cells, array_row, array_col,
                  diameter_um; obsm["spatial"] px; obs_names spot_{row}x{col}
-    meta.json    the config, seed, dataset seed, section variation, mpp and spot geometry
+    meta.json    the config, seed, dataset seed, section variation, patient and its effects
+                 (``patient_effects``, null when off), mpp and spot geometry
 
 Pixel coordinates follow the image: pixel (row i, column j) is centred at (x=j, y=i).
 
@@ -34,11 +35,20 @@ scale) and sequencing depth (``depth_log_sd``: a per-section library-size factor
 batch effect on the profiles themselves (log-normal, ``batch_effect_sd``) is a separate knob,
 off (0) by default.
 
+**Patients of a cohort.** A section may name its ``patient`` (the workflow passes the sample
+sheet's column); with ``patient_effects`` (off by default: every sd 0) the patient's staining
+(H and E stain vectors and amounts), per-gene expression levels and composition shift are drawn
+from (dataset seed, patient) alone, so every section of a patient shares them and sections of
+other patients differ (:mod:`~histomap.data.synthetic_patient`). They are recorded in meta.json
+and ``cells.uns["synthetic"]["patient_effects"]``. Off, nothing is drawn and the output is
+bit-identical to a section without a patient.
+
 The steps live beside this module, which assembles and writes a sample:
 :mod:`~histomap.data.synthetic_config` (cell types, gene programmes, :class:`SyntheticConfig`),
 :mod:`~histomap.data.synthetic_layout` (tissue, regions, cells),
 :mod:`~histomap.data.synthetic_expression` (the biology and the counts),
-:mod:`~histomap.data.synthetic_render` (the H&E image). :mod:`histomap.data.aggregate` sums any
+:mod:`~histomap.data.synthetic_render` (the H&E image),
+:mod:`~histomap.data.synthetic_patient` (patient effects). :mod:`histomap.data.aggregate` sums any
 point-like high-resolution AnnData (cells here, Xenium transcripts elsewhere) into discs or
 square bins of any size: ground truth at any resolution. :mod:`histomap.data.write_layouts`
 writes the same sections in real platforms' layouts (Space Ranger HD bins, Visium as published,
@@ -61,6 +71,7 @@ from histomap.data.synthetic_config import CELL_TYPES, SyntheticConfig
 from histomap.data.synthetic_expression import (dataset_biology, section_profiles,
                                                 simulate_expression)
 from histomap.data.synthetic_layout import make_layout
+from histomap.data.synthetic_patient import draw_patient
 from histomap.data.synthetic_render import render_he
 from histomap.outputs import atomic_output
 
@@ -137,12 +148,15 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
     layout_rng, expr_rng, image_rng, section_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
     section = section_variation(cfg, section_rng)
+    patient = draw_patient(cfg)   # None unless cfg.patient_effects has an sd above 0
     biology = dataset_biology(cfg)
     profiles = section_profiles(biology, cfg.batch_effect_sd, section_rng)
-    layout = make_layout(replace(cfg, region_bias=section["region_bias"]), layout_rng)
+    bias = section["region_bias"] if patient is None else patient.region_bias(
+        section["region_bias"])
+    layout = make_layout(replace(cfg, region_bias=bias), layout_rng)
     counts, rate, var, library, frac = simulate_expression(
         cfg, layout.xy_um, layout.cell_type, expr_rng, biology=biology, profiles=profiles,
-        depth=section["depth"])
+        depth=section["depth"], level=None if patient is None else patient.level_factor())
     xy_px = layout.xy_um / cfg.mpp
     obs = pd.DataFrame(
         {"cell_type": pd.Categorical.from_codes(layout.cell_type.astype(np.int64),
@@ -159,11 +173,18 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
                               "mpp": float(cfg.mpp),
                               "neighbourhood_um": float(cfg.neighbourhood_um),
                               "cell_types": list(CELL_TYPES)}
+    effects = None if patient is None else patient.record(list(var.index))
+    if cfg.patient is not None:
+        cells.uns["synthetic"]["patient"] = str(cfg.patient)
+    if effects is not None:
+        cells.uns["synthetic"]["patient_effects"] = effects
     spots, n_dropped = make_spots(cfg, cells)
-    image = render_he(cfg, layout, image_rng, stain=np.asarray(section["stain"]))
+    image = render_he(cfg, layout, image_rng, stain=np.asarray(section["stain"]),
+                      patient_stain=None if patient is None else patient.stain_transform())
     H, W = cfg.shape_px
     meta = {"format": FORMAT, "seed": int(cfg.seed), "dataset_seed": dataset_seed,
-            "section": section, "mpp": float(cfg.mpp),
+            "section": section, "patient": None if cfg.patient is None else str(cfg.patient),
+            "patient_effects": effects, "mpp": float(cfg.mpp),
             "spot_diameter_um": float(cfg.spot_diameter_um),
             "spot_spacing_um": float(cfg.spot_spacing_um), "spot_grid": cfg.spot_grid,
             "size_px": [W, H], "cell_types": list(CELL_TYPES), "n_cells": int(cells.n_obs),

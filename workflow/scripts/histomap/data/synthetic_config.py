@@ -4,7 +4,9 @@ a sample (:class:`SyntheticConfig`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from numbers import Integral
+from dataclasses import dataclass, field, fields
 
 from histomap.errors import InputError
 
@@ -56,8 +58,68 @@ def _default_library_size() -> dict[str, float]:
 
 
 @dataclass
+class PatientEffects:
+    """How the patients of a cohort differ (config ``synthetic.patient_effects``); every sd 0
+    (the default): no patient effects, the generator's output is the same as without a patient.
+
+    Drawn once per (dataset seed, patient) by :func:`histomap.data.synthetic_patient.draw_patient`
+    and shared by every section of that patient, on top of the per-section variation:
+
+    ``stain_sd``: the H and E stain vectors (unit optical-density vectors, Ruifrok & Johnston's)
+    each times a log-normal factor per RGB component with this sd, renormalised (the stains'
+    hue); ``intensity_sd``: the amount of H and of E, each times a log-normal factor with this
+    sd (how dark the staining is); ``level_sd``: a per-gene log-expression level shift (every
+    cell's rate of a gene times ``exp(N(0, level_sd))``); ``composition_sd``: a shift of the
+    cell-type region biases (``N(0, composition_sd)`` per type, added to the section's own).
+    """
+    stain_sd: float = 0.0
+    intensity_sd: float = 0.0
+    level_sd: float = 0.0
+    composition_sd: float = 0.0
+
+    def __post_init__(self):
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"patient_effects.{f.name} must be a number, got {value!r}")
+            elif not math.isfinite(value) or value < 0:
+                problems.append(f"patient_effects.{f.name} must be >= 0 and finite, got {value}")
+            else:
+                setattr(self, f.name, float(value))
+        if problems:
+            raise InputError("config `synthetic.patient_effects`", "; ".join(problems))
+
+    @classmethod
+    def of(cls, value) -> PatientEffects:
+        """From a config mapping (None: off); an unknown key is an error naming it."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise InputError("config `synthetic.patient_effects`",
+                             f"must be a mapping of sds, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InputError("config `synthetic.patient_effects`",
+                             f"unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, f.name) > 0 for f in fields(self))
+
+
+@dataclass
 class SyntheticConfig:
-    """Every parameter of a synthetic sample; lengths in um unless named ``_px``."""
+    """Every parameter of a synthetic sample; lengths in um unless named ``_px``.
+
+    ``patient``: the section's patient (a string or an integer, one identity by its string
+    form); with ``patient_effects`` (a :class:`PatientEffects` or its mapping; off by default)
+    the sections of one patient share its staining, expression levels and composition shift.
+    """
     seed: int = 0
     size_um: tuple[float, float] = (1500.0, 1500.0)     # (width, height)
     mpp: float = 0.5                                      # um per level-0 pixel of he.tif
@@ -84,6 +146,8 @@ class SyntheticConfig:
     stain_sd: float = 0.05                                # per-section stain (log OD scale) sd
     depth_log_sd: float = 0.2                             # per-section library-size factor sd
     batch_effect_sd: float = 0.0                          # per-section profile noise (log), off
+    patient: str | int | None = None                      # the section's patient (sheet column)
+    patient_effects: PatientEffects = field(default_factory=PatientEffects)  # off: every sd 0
 
     def __post_init__(self):
         self.size_um = (float(self.size_um[0]), float(self.size_um[1]))
@@ -103,6 +167,17 @@ class SyntheticConfig:
         for name in ("composition_sd", "stain_sd", "depth_log_sd", "batch_effect_sd"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.patient_effects = PatientEffects.of(self.patient_effects)
+        if self.patient is not None and (isinstance(self.patient, bool)
+                                         or not isinstance(self.patient, (str, Integral))
+                                         or str(self.patient) == ""):
+            problems.append(f"patient must be a non-empty string or an integer, "
+                            f"got {self.patient!r}")
+        elif isinstance(self.patient, Integral):
+            self.patient = int(self.patient)   # numpy integers too (meta.json is JSON)
+        elif self.patient is None and self.patient_effects.active:
+            problems.append("patient_effects need the section's `patient` (the sample sheet's "
+                            "patient column)")
         if problems:  # config `synthetic` (histomap/plan/schemas/config.schema.yaml has the limits)
             raise InputError("config `synthetic`", "; ".join(problems))
 

@@ -102,11 +102,14 @@ def section_profiles(biology: Biology, batch_effect_sd: float,
 
 def simulate_expression(cfg: SyntheticConfig, xy_um: np.ndarray, cell_type: np.ndarray,
                         rng: np.random.Generator, *, biology: Biology | None = None,
-                        profiles: np.ndarray | None = None, depth: float = 1.0):
+                        profiles: np.ndarray | None = None, depth: float = 1.0,
+                        level: np.ndarray | None = None):
     """Expected rates and Poisson counts per cell.
 
     ``biology``: the dataset's (default :func:`dataset_biology` of ``cfg``); ``profiles``: the
-    section's profiles (default the dataset's); ``depth``: the section's library-size factor.
+    section's profiles (default the dataset's); ``depth``: the section's library-size factor;
+    ``level``: (n_genes,) factors every cell's rate of each gene is multiplied by (the patient's
+    expression level, :mod:`histomap.data.synthetic_patient`; None: none).
     Returns (counts CSR int32 (n, G), rate float32 (n, G), var, library float (n,),
     neighbour fractions (n, T)).
     """
@@ -124,5 +127,7 @@ def simulate_expression(cfg: SyntheticConfig, xy_um: np.ndarray, cell_type: np.n
         strength = biology.induction[programme]
         resp = np.isin(cell_type, responders)
         rate[np.ix_(resp, idx)] += (library[resp] * frac[resp, source])[:, None] * strength[None]
+    if level is not None:
+        rate *= np.asarray(level, dtype=np.float64)[None, :]
     counts = sp.csr_matrix(rng.poisson(rate).astype(np.int32))
     return counts, rate.astype(np.float32), var, library, frac

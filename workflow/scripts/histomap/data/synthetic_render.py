@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 from histomap.data.synthetic_config import (ADIPOCYTE, CELL_TYPES, DUCT, GLASS, LYMPHOCYTE, STROMA,
                                             TUMOUR, SyntheticConfig)
 from histomap.data.synthetic_layout import Layout, resize_field, smooth_field
+from histomap.data.synthetic_patient import apply_stain
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,12 @@ def _draw_adipocytes(canvas, layout, cfg, rng, grain) -> None:
 
 
 def render_he(cfg: SyntheticConfig, layout: Layout, rng: np.random.Generator,
-              stain: np.ndarray | None = None) -> np.ndarray:
+              stain: np.ndarray | None = None,
+              patient_stain: np.ndarray | None = None) -> np.ndarray:
     """H&E-like RGB uint8 image (H, W, 3) of a layout at ``cfg.mpp``; ``stain``: per-channel
-    scale of the optical density (the section's staining; None: 1)."""
+    scale of the optical density (the section's staining; None: 1); ``patient_stain``: the
+    patient's (3, 3) optical-density transform (restained H and E vectors and amounts,
+    :meth:`histomap.data.synthetic_patient.Patient.od_transform`; None: none)."""
     section = np.ones(3, np.float32) if stain is None else np.asarray(stain, np.float32)
     H, W = cfg.shape_px
     mpp = cfg.mpp
@@ -243,6 +247,8 @@ def render_he(cfg: SyntheticConfig, layout: Layout, rng: np.random.Generator,
     for t in (STROMA, DUCT, TUMOUR, LYMPHOCYTE):
         _stamp_nuclei(canvas, layout, t, cfg, rng, grain)
 
+    if patient_stain is not None:  # the patient's H and E, before the section's own variation
+        canvas = apply_stain(canvas, patient_stain)
     # stain intensity variation, optical blur, sensor noise
     stain = resize_field(smooth_field(layout.region.shape, 150.0 / cfg.grid_um, rng), (H, W))
     canvas = 255 - (255 - canvas) * ((1 + 0.08 * stain)[..., None] * section)

@@ -92,6 +92,15 @@ class SampleSheet:
         value = self.table.loc[sample, column] if column in self.table.columns else ""
         return value if value != "" else None
 
+    def synthetic_params(self, sample: str, synthetic: dict) -> dict:
+        """simulate_sample's SyntheticConfig fields: the config's ``synthetic`` block, plus the
+        sheet's ``patient`` when the block has ``patient_effects`` (without it the block alone,
+        so existing runs' parameters are unchanged)."""
+        params = dict(synthetic)
+        if "patient_effects" in params:
+            params["patient"] = str(self.table.loc[sample, "patient"])
+        return params
+
     def on_disk(self, path: str | Path) -> Path:
         """Where a workflow path is on disk (relative paths start at ``workdir``)."""
         return Path(path) if self.workdir is None else self.workdir / path
