@@ -23,6 +23,7 @@ COMMANDS = [
      "results/report/benchmark.md"),
     (["config/her2st.yaml", "config/her2st_pixnet_ablation.yaml",
       "config/her2st_pixnet_mse_3seeds.yaml"], "results/report/benchmark.md"),
+    (["config/her2st.yaml", "config/her2st_nested.yaml"], "results/report/nested_choices.md"),
     (["config/cross_scale.yaml"], None),
     (["config/cross_scale.yaml", "config/pixnet_ablation.yaml"], None),
     (["benchmarks/superres/synthetic_cpu.yaml"], "results/report/superres.md"),
