@@ -24,6 +24,7 @@ COMMANDS = [
      "results/report/benchmark.md"),
     (["config/her2st.yaml", "config/her2st_pixnet_ablation.yaml",
       "config/her2st_pixnet_mse_3seeds.yaml"], "results/report/benchmark.md"),
+    (["config/her2st.yaml", "config/her2st_nested.yaml"], "results/report/nested_choices.md"),
     (["config/cross_scale.yaml"], None),
     (["config/cross_scale.yaml", "config/pixnet_ablation.yaml"], None),
     (["config/cohort_synthetic.yaml"], "results/report/benchmark.md"),

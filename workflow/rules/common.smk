@@ -55,7 +55,7 @@ SPOT_RUNS = PLAN.models.spot_runs
 
 wildcard_constraints:
     sample="|".join(samples["sample"]),
-    fold="|".join([*FOLDS, FINAL_FOLD]),
+    fold="|".join([*PLAN.folds.all_names, FINAL_FOLD]),  # with the nested choice's inner folds
     model="|".join(MODELS),
     tseed=r"\d+",
 
@@ -74,7 +74,7 @@ extra_spots_of = PLAN.files.extra_spots_of
 final_train_samples = PLAN.files.final_train_samples
 native_prediction = PLAN.files.native_prediction
 prediction_files = PLAN.files.prediction_files
-metric_files = PLAN.files.metric_files
+metric_files = PLAN.report_metric_files  # every run's, then the nested rows'
 sample_dense_maps = PLAN.files.sample_dense_maps
 model_slide = PLAN.files.stain.slide
 stain_reference_slides = PLAN.files.stain.reference_slides

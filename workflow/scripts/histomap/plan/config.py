@@ -80,4 +80,5 @@ def validate_config(config: dict, workdir: Path) -> Plan:
     plan = Plan.from_config(config, workdir)
     plan.all_targets()  # checks made while listing files (e.g. SR runs need a fold)
     plan.files.training_logs()
+    plan.nested.check_isolation(plan.files)  # no inner job reads an outer test sample's file
     return plan

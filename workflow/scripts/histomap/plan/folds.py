@@ -3,11 +3,14 @@ and which are held out).
 
 Folds split the sheet's ST samples (image-only samples never enter a fold) by patient, by sample
 or explicitly (:func:`histomap.evaluation.folds.make_folds`); ``benchmark: false`` plans none.
-The fold ``final`` is train_final's: every ST sample trains, none is tested.
+The fold ``final`` is train_final's: every ST sample trains, none is tested. Inner folds of the
+nested choice (:mod:`histomap.plan.nested`: ``{outer}~i{patient}``, made of one outer fold's
+training samples) are registered with :meth:`Folds.add_inner`; they run through the same rules
+but are not benchmark folds (``names`` lists the outer folds only).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from histomap.evaluation.folds import fold_kinds, make_folds
 from histomap.plan.samples import SampleSheet
@@ -23,6 +26,7 @@ class Folds:
     folds: dict[str, dict[str, list[str]]]
     kinds: dict[str, str]
     st_samples: list[str]
+    inner: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: dict, sheet: SampleSheet) -> Folds:
@@ -37,14 +41,28 @@ class Folds:
 
     @property
     def names(self) -> list[str]:
+        """The benchmark's (outer) folds."""
         return list(self.folds)
+
+    @property
+    def all_names(self) -> list[str]:
+        """Every fold a run may have: the outer folds, then the nested choice's inner folds."""
+        return [*self.folds, *self.inner]
+
+    def add_inner(self, inner: dict[str, dict[str, list[str]]], kinds: dict[str, str]) -> None:
+        """Register inner folds (name -> train/test samples) and their kinds."""
+        clash = sorted(set(inner) & {*self.folds, FINAL_FOLD})
+        if clash:
+            raise ValueError(f"inner fold names {clash} clash with the benchmark's folds")
+        self.inner.update(inner)
+        self.kinds.update(kinds)
 
     def samples(self, fold: str, part: str) -> list[str]:
         """Samples of a fold's part (``train`` or ``test``); the fold `final` (train_final's
         bundles) trains on every ST sample and tests none."""
         if fold == FINAL_FOLD:
             return list(self.st_samples) if part == "train" else []
-        return self.folds[fold][part]
+        return (self.inner[fold] if fold in self.inner else self.folds[fold])[part]
 
     def check_final_name(self, sheet: str) -> None:
         if FINAL_FOLD in self.folds:

@@ -18,6 +18,7 @@ from histomap.plan.crossscale import CrossScale
 from histomap.plan.encoders import check_encoders
 from histomap.plan.folds import Folds
 from histomap.plan.models import ModelSet
+from histomap.plan.nested import NestedPlan
 from histomap.plan.samples import SampleSheet
 from histomap.plan.stain import check_stain
 from histomap.plan.superres import SuperRes
@@ -39,6 +40,7 @@ class Plan:
     benchmark: bool
     train_seeds: list[int]
     gene_panel: str
+    nested: NestedPlan
 
     @classmethod
     def from_config(cls, config: dict, workdir: str | Path | None = None) -> Plan:
@@ -51,6 +53,7 @@ class Plan:
         folds = Folds.from_config(config, sheet)
         models = ModelSet(config)
         train_seeds = [int(s) for s in config.get("train_seeds", [config["seed"]])]
+        nested = NestedPlan(config, sheet, folds, models, train_seeds)  # adds the inner folds
         cross_scale = CrossScale(config, sheet, folds, models)
         sheet.check_distinct()
         cross_scale.check_train_diameters()
@@ -63,7 +66,7 @@ class Plan:
         check_encoders(config, models, sr, workdir)
         check_stain(models, apply.settings["models"])
         return cls(config, sheet, folds, models, cross_scale, sr, apply, apply_sr, benchmark,
-                   train_seeds, config["genes"]["name"])
+                   train_seeds, config["genes"]["name"], nested)
 
     @cached_property
     def files(self) -> BenchmarkFiles:
@@ -88,6 +91,10 @@ class Plan:
             out["zarr"] = "results/tiles/{sample}.zarr"
         return out
 
+    def report_metric_files(self) -> list[str]:
+        """benchmark_tables' inputs: every run's metrics and the nested rows'."""
+        return [*self.files.metric_files(), *self.nested.metric_files()]
+
     def apply_targets(self) -> list[str]:
         """The bundles, their applications and the super-resolution applications."""
         return self.apply.targets() + self.apply_sr.targets()
@@ -98,6 +105,7 @@ class Plan:
         tiles = self.tile_files(self.config["tiling"].get("write_tiles", False))
         return [
             *(self.files.benchmark_targets() if self.benchmark else []),
+            *(self.nested.report_files() if self.benchmark else []),
             *[pattern.format(sample=s) for pattern in tiles.values() for s in self.sheet.names],
             *self.apply_targets(),
         ]
@@ -112,6 +120,7 @@ class Plan:
             f"models: {', '.join(self.models.names)}; training seeds "
             f"{', '.join(map(str, self.train_seeds))}",
             f"cross-scale: {', '.join(self.cross_scale.models()) or 'off'}",
+            *self.nested.describe(),
             f"super-resolution: {len(sr_runs)} runs ({', '.join(self.sr.method_names())})"
             if sr_runs else "super-resolution: off",
             f"apply: {', '.join(self.apply.bundles) or 'nothing'}",
