@@ -26,6 +26,7 @@ COMMANDS = [
       "config/her2st_pixnet_mse_3seeds.yaml"], "results/report/benchmark.md"),
     (["config/her2st.yaml", "config/her2st_nested.yaml"], "results/report/nested_choices.md"),
     (["config/her2st.yaml", "config/her2st_stain.yaml"], "results/report/nested_choices.md"),
+    (["config/her2st.yaml", "config/her2st_sr_data.yaml"], "results/report/superres.md"),
     (["config/cross_scale.yaml"], None),
     (["config/cross_scale.yaml", "config/pixnet_ablation.yaml"], None),
     (["config/cohort_synthetic.yaml"], "results/report/benchmark.md"),

@@ -343,6 +343,23 @@ def test_sr_runs_methods_and_settings(tmp_path):
         plan.files.training_logs()
 
 
+def test_sr_training_samples_get_the_training_stride_and_chains_find_their_architecture(
+        tmp_path):
+    grid = {"patch_spots": 8, "stride_spots": None, "min_measured": 0.25, "image_mpp": 4.0,
+            "train_stride_spots": 2}
+    sr = sr_block(spot_grid=grid)
+    sr["models"]["unet"] = {"base_channels": 8}
+    sr["models"]["unet_small"] = {"base": "unet", "train": {"max_patches": 4}}
+    sr["ablations"] = ["unet_small"]
+    plan = plan_of(tmp_path, superres=sr)
+    train, test = plan.folds.samples("P1", "train")[0], plan.folds.samples("P1", "test")[0]
+    assert plan.sr.pair_settings("P1", train)["spot_grid"]["stride_spots"] == 2
+    assert plan.sr.pair_settings("P1", test)["spot_grid"]["stride_spots"] is None
+    assert "train_stride_spots" not in plan.sr.pair_settings("P1", test)["spot_grid"]
+    assert plan.sr.method("unet_small")[0] == "unet"   # the end of its `base` chain
+    assert plan.sr.train_config("unet_small")["max_patches"] == 4
+
+
 def test_sr_errors_name_the_config_key(tmp_path):
     with pytest.raises(ValueError, match="no fold has training and test samples at a scale"):
         plan_of(tmp_path, superres=sr_block(scales={"xenium": [5]}))

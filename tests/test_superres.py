@@ -289,9 +289,47 @@ def test_flip_augmentation_is_a_training_option(pairs, tmp_path):
                          validation=VALIDATION, seed=0, out_model=out / "model.pt",
                          out_log=out / "log.csv", checkpoint_dir=out / "ckpt")
         model, meta = load_sr_model(out / "model.pt")
-        assert meta["train"]["augment"] is augment
+        assert meta["train"]["augment"] == ("flips" if augment else False)
         states[augment] = model.state_dict()
     assert any(not torch.equal(states[False][k], states[True][k]) for k in states[False])
+
+
+def test_dihedral_augmentation_moves_every_map_and_the_image_together(pairs):
+    """``augment: dihedral``: flips and quarter turns, the same for the HR, LR and upsampled LR
+    maps, the mask and the H&E; an LR pixel still sums the HR block it covers."""
+    plain = SRPairDataset(pairs, indices=[0])[0]
+    seen = set()
+    turned = SRPairDataset(pairs, indices=[0], augment="dihedral")
+    torch.manual_seed(0)
+    for _ in range(40):
+        item = turned[0]
+        for k in range(4):
+            for flip in (False, True):
+                base = {key: plain[key].flip(-1) if flip else plain[key]
+                        for key in ("hr", "lr", "lr_up", "image", "mask")}
+                moved = {key: torch.rot90(v, k, dims=(-2, -1)) for key, v in base.items()}
+                if all(torch.equal(moved[key], item[key]) for key in moved):
+                    seen.add((k, flip))
+    # the 8 symmetries of the square are all drawn (a flip up-down is a turn and a flip)
+    assert len(seen) == 8
+    with pytest.raises(ValueError, match="superres.train.augment"):
+        SRPairDataset(pairs, augment="rotate")
+
+
+def test_max_patches_trains_on_a_fixed_subset_of_the_training_patches():
+    from histomap.tasks.superres.training_data import limit_training_patches
+
+    splits = [(np.arange(10), np.array([10, 11])), (np.arange(6), np.array([], int))]
+    small = limit_training_patches(splits, 5, seed=3)
+    assert sum(len(tr) for tr, _ in small) == 5
+    assert all(set(tr) <= set(full) for (tr, _), (full, _) in zip(small, splits))
+    assert [list(va) for _, va in small] == [[10, 11], []]      # validation untouched
+    again = limit_training_patches(splits, 5, seed=3)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(small, again))
+    assert limit_training_patches(splits, 100, seed=3) is splits
+    assert limit_training_patches(splits, None, seed=3) is splits
+    with pytest.raises(ValueError, match="max_patches"):
+        limit_training_patches(splits, 0, seed=3)
 
 
 def test_sections_with_different_he_sizes_train_together(synthetic, pairs, tmp_path):

@@ -21,7 +21,7 @@ rule build_sr_pairs:
         directory("results/sr/pairs/{fold}/{sample}_x{sr_scale}.zarr"),
     params:
         platform=lambda wc: samples.loc[wc.sample, "platform"],
-        pairs=sr_pair_settings(),
+        pairs=lambda wc: sr_pair_settings(wc.fold, wc.sample),
         n_genes=config["superres"].get("n_genes"),
     log:
         "logs/build_sr_pairs/{fold}/{sample}_x{sr_scale}.log",

@@ -87,9 +87,9 @@ class SuperRes:
 
     def method(self, name: str) -> tuple[str, dict]:
         """(architecture, settings) of a configured SR method, `base` chains resolved."""
-        entry = resolve_base(name, self.settings.get("models", {}),
-                             where="superres.models").settings
-        arch = entry.pop("method", name)
+        resolved = resolve_base(name, self.settings.get("models", {}), where="superres.models")
+        entry = resolved.settings
+        arch = entry.pop("method", resolved.root)  # a `base` chain ending at an architecture
         if not is_sr_architecture(arch):
             raise ValueError(
                 f"config superres: method {name!r} is neither configured under superres.models "
@@ -124,8 +124,19 @@ class SuperRes:
     def validation(self) -> dict:
         return {**self.config["validation"], **self.settings.get("validation", {})}
 
-    def pair_settings(self) -> dict:
-        return {k: self.settings[k] for k in SR_PAIR_KEYS if k in self.settings}
+    def pair_settings(self, fold: str | None = None, sample: str | None = None) -> dict:
+        """build_sr_pairs' settings for ``sample`` in ``fold``: a training sample's spot-grid
+        patches are laid at ``spot_grid.train_stride_spots`` when it is set (overlapping
+        training patches), a test sample's always at ``stride_spots`` (side by side)."""
+        settings = {k: self.settings[k] for k in SR_PAIR_KEYS if k in self.settings}
+        grid = dict(settings.get("spot_grid") or {})
+        train_stride = grid.pop("train_stride_spots", None)
+        if "spot_grid" in settings:
+            settings["spot_grid"] = grid
+        if (train_stride is not None and fold is not None
+                and sample in self.folds.samples(fold, "train")):
+            grid["stride_spots"] = int(train_stride)
+        return settings
 
     # ------------------------------------------------------------------ samples and runs
     def sample_scales(self, sample: str) -> list[int]:

@@ -27,22 +27,25 @@ class SRPairDataset:
     sum (a model's, from its training pairs: :func:`.store.training_target_sum`); None keeps the
     stored one. ``hr`` and ``lr`` are in the same units (the LR map is stored in HR units).
     LR-only inputs (:func:`.lr_only.build_lr_pairs`) have no ``hr``; ``lr_up`` is cropped to the
-    pairs' ``hr_shape``. ``augment`` (training only): each item is flipped left-right and/or
-    up-down at random (torch's global RNG, so a resumed training draws the same flips), every
-    map and the H&E patch alike; it needs pairs whose LR grid covers the HR patch exactly
-    (``scale`` x the LR shape = the HR shape), so the LR map flips onto the same ground.
+    pairs' ``hr_shape``. ``augment`` (training only): ``flips`` (or ``True``): each item is
+    flipped left-right and/or up-down at random (torch's global RNG, so a resumed training draws
+    the same flips), every map and the H&E patch alike; ``dihedral``: also turned by a random
+    number of quarter turns (the 8 symmetries of a square). It needs pairs whose LR grid covers
+    the HR patch exactly (``scale`` x the LR shape = the HR shape), so the LR map moves onto the
+    same ground; ``dihedral`` also needs square patches on a square lattice (a hexagonal spot
+    lattice, ``stagger_px`` not zero, has no quarter-turn symmetry).
     """
 
     def __init__(self, path: str | Path, *, upsample: str = "bicubic",
                  indices: Sequence[int] | None = None,
                  image_hw: tuple[int, int] | None = None,
-                 target_sum: float | None = None, augment: bool = False) -> None:
+                 target_sum: float | None = None, augment: bool | str = False) -> None:
         if upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"upsample must be bicubic, bilinear or nearest, got {upsample!r}")
         self.path = Path(path)
         arrays, self.attrs = read_sr_pairs(self.path, lazy=True)
         n = arrays["lr"].shape[0]
-        self.augment = bool(augment)
+        self.augment = augment_mode(augment)
         if self.augment:
             lr_hw = tuple(int(v) * int(self.attrs["scale"]) for v in arrays["lr"].shape[-2:])
             hr_hw = tuple(int(v) for v in self.attrs["hr_shape"])
@@ -51,6 +54,15 @@ class SRPairDataset:
                                  f"the HR patch exactly; {self.attrs['scale']} x the LR shape "
                                  f"is {lr_hw}, the HR patch {hr_hw} (edge: "
                                  f"{self.attrs.get('edge')})")
+        if self.augment == "dihedral":
+            he_hw = tuple(int(v) for v in arrays["he"].shape[-2:])
+            if (hr_hw[0] != hr_hw[1] or he_hw[0] != he_hw[1]
+                    or any(float(v) for v in self.attrs.get("stagger_px", ()))
+                    or (image_hw is not None and image_hw[0] != image_hw[1])):
+                raise ValueError(f"{self.path}: quarter-turn augmentation (augment: dihedral) "
+                                 f"needs square patches on a square lattice; HR {hr_hw}, H&E "
+                                 f"{he_hw}, odd-row stagger {self.attrs.get('stagger_px')}. Use "
+                                 "augment: flips")
         self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
         self.upsample = upsample
         self.image_hw = tuple(int(v) for v in image_hw) if image_hw is not None else None
@@ -96,7 +108,33 @@ class SRPairDataset:
             item = {"hr": hr, **item}
         if self.augment:
             dims = [d for d, flip in zip((-1, -2), torch.randint(0, 2, (2,)).tolist()) if flip]
-            if dims:
-                item = {k: v.flip(dims) if isinstance(v, torch.Tensor) else v
-                        for k, v in item.items()}
+            turns = int(torch.randint(0, 4, ()).item()) if self.augment == "dihedral" else 0
+            item = {k: _moved(v, dims, turns) if isinstance(v, torch.Tensor) else v
+                    for k, v in item.items()}
         return item
+
+
+AUGMENT_MODES = ("flips", "dihedral")
+
+
+def augment_mode(augment: bool | str | None) -> str | None:
+    """``superres.train.augment``: false / None (off), true or ``flips``, ``dihedral``."""
+    if augment in (None, False):
+        return None
+    if augment is True:
+        return "flips"
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"superres.train.augment must be false, true, {' or '.join(AUGMENT_MODES)}"
+                         f", got {augment!r}")
+    return augment
+
+
+def _moved(tensor, dims: list[int], turns: int):
+    """``tensor`` flipped over ``dims``, then turned by ``turns`` quarter turns (last 2 axes)."""
+    import torch
+
+    if dims:
+        tensor = tensor.flip(dims)
+    if turns:
+        tensor = torch.rot90(tensor, turns, dims=(-2, -1)).contiguous()
+    return tensor

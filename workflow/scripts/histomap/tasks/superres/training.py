@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from histomap.data.srpairs.dataset import augment_mode
 from histomap.data.srpairs.store import training_target_sum
 from histomap.tasks.superres.epoch_log import epochs_done, write_rows_csv, write_train_log
 from histomap.tasks.superres.methods import (
@@ -31,6 +32,7 @@ from histomap.tasks.superres.objectives import (
 )
 from histomap.tasks.superres.training_data import (
     common_image_hw,
+    limit_training_patches,
     pairs_attrs,
     split_patches,
     training_adjacency,
@@ -165,14 +167,17 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
     splits = split_patches(pairs_zarrs, fraction=float(validation.get("fraction", 0.15)),
                            block_um=float(validation.get("block_um", 0.0)), seed=seed)
     train_cfg = dict(train_cfg)
-    augment = bool(train_cfg.pop("augment", False))
+    augment = augment_mode(train_cfg.pop("augment", False)) or False
+    max_patches = train_cfg.pop("max_patches", None)
+    splits = limit_training_patches(splits, max_patches, seed)
     train_ds, val_ds = training_datasets(pairs_zarrs, splits, task["upsample"],
                                          tuple(pairs_meta["image_hw"]), target_sum, augment)
     cfg = TrainConfig.from_dict({**train_cfg, "seed": seed})
     extra_meta: dict[str, Any] = {"diffusion": {}, "value_range": []}
     fingerprint = training_fingerprint(pairs_zarrs, method=method, variant=variant,
                                        model_cfg=model_cfg, diffusion=diffusion,
-                                       validation=validation, seed=seed, augment=augment)
+                                       validation=validation, seed=seed, augment=augment,
+                                       max_patches=max_patches)
     batch_to_loss, hook = baseline_batch_loss, on_epoch_end
     if is_diffusion(method):
         batch_to_loss = _diffusion_objective(
@@ -185,7 +190,8 @@ def train_sr(method: str, pairs_zarrs: Sequence[str | Path], *, model_cfg: Mappi
                   batch_to_loss=batch_to_loss, on_epoch_end=hook, fingerprint=fingerprint)
     _use_every_subpatch(model, summary)
     save_sr_model(out_model, model, method=method, genes=genes, trainable=True,
-                  train={**cfg.to_dict(), "augment": augment}, validation=dict(validation),
+                  train={**cfg.to_dict(), "augment": augment, "max_patches": max_patches},
+                  validation=dict(validation),
                   summary={k: summary[k] for k in ("best_epoch", "best_val_loss",
                                                    "epochs_done", "stopped_early")},
                   **extra_meta, **meta)

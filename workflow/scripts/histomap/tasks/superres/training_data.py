@@ -90,11 +90,36 @@ def common_image_hw(pairs_zarrs: Sequence[str | Path]) -> tuple[int, int]:
     return common
 
 
+def limit_training_patches(splits: list[tuple[np.ndarray, np.ndarray]], max_patches: int | None,
+                           seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """At most ``max_patches`` training patches over every zarr (a random subset drawn with
+    ``seed``, the same for every method of a fold; validation patches unchanged): the points of
+    a learning curve. None: all."""
+    if max_patches is None:
+        return splits
+    if int(max_patches) < 1:
+        raise ValueError(f"superres.train.max_patches must be a positive integer, got "
+                         f"{max_patches!r}")
+    owner = np.concatenate([np.full(len(tr), k) for k, (tr, _) in enumerate(splits)])
+    if len(owner) <= int(max_patches):
+        return splits
+    keep = np.zeros(len(owner), bool)
+    keep[np.random.default_rng(seed).choice(len(owner), int(max_patches), replace=False)] = True
+    out, start = [], 0
+    for tr, va in splits:
+        out.append((tr[keep[start:start + len(tr)]], va))
+        start += len(tr)
+    log.info("learning curve: %d of %d training patches (max_patches)", int(max_patches),
+             len(owner))
+    return out
+
+
 def training_datasets(pairs_zarrs, splits, upsample: str, image_hw: tuple[int, int],
                       target_sum: float | None = None,
-                      augment: bool = False) -> tuple[Dataset, Dataset | None]:
+                      augment: bool | str = False) -> tuple[Dataset, Dataset | None]:
     """(training, validation or None) datasets of the split patches of every training zarr, in
-    the model's units and H&E size; ``augment``: random flips of the training patches only."""
+    the model's units and H&E size; ``augment``: random flips (``dihedral``: and quarter turns)
+    of the training patches only."""
     from torch.utils.data import ConcatDataset
 
     train = [SRPairDataset(p, upsample=upsample, indices=tr, image_hw=image_hw,
