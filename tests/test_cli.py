@@ -115,6 +115,38 @@ def test_apply_writes_every_output(trained, tmp_path):
     assert set(sdata.shapes) == {"pixnet_spots_55um", "pixnet_bins_16um"}
 
 
+def test_a_stain_normalised_bundle_normalises_the_applied_slide(trained, tmp_path):
+    """A bundle with a stain reference (its training slides') normalises every slide it is
+    applied to before the model reads it; the tissue mask still comes from the slide as
+    scanned."""
+    import shutil
+
+    from histomap.data.stain import fit_slides
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(trained["bundle"].path, folder)
+    meta = json.loads((folder / "bundle.json").read_text())
+    reference = fit_slides("macenko", [trained["root"] / "ingest" / "synA" / "slide.tif"])
+    meta["stain"] = {"method": "macenko", "reference": reference.to_json()}
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    assert bundle_summary(folder)["stain_normalisation"] == "macenko"
+    args = [str(trained["slide"]), "--name", "heB", "--spot-um", "55", "--tile-px", "64",
+            "--tile-mpp", "2", "--min-tissue", "0.01", "--device", "cpu"]
+    assert main(["apply", str(folder), *args[:1], "--out", str(tmp_path / "n"), *args[1:]]) == 0
+    assert main(["apply", str(trained["bundle"].path), *args[:1], "--out", str(tmp_path / "p"),
+                 *args[1:]]) == 0
+    stained = tmp_path / "n" / "heB" / "ingest" / "slide_stain_normalised.tif"
+    assert stained.is_file() and (stained.parent / "stain_source.json").is_file()
+    normalised, plain = (read_dense(tmp_path / k / "heB" / "dense.zarr").read()
+                         for k in ("n", "p"))
+    assert normalised.shape == plain.shape and not np.array_equal(normalised, plain)
+    masks = (np.asarray(read_dense(tmp_path / k / "heB" / "dense.zarr").mask) for k in "np")
+    np.testing.assert_array_equal(*masks)
+    meta["stain"]["reference"]["method"] = "vahadane"
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    assert main(["apply", str(folder), *args[:1], "--out", str(tmp_path / "bad"), *args[1:]]) == 1
+
+
 def _tables_equal(a: Path, b: Path) -> None:
     x, y = ad.read_h5ad(a), ad.read_h5ad(b)
     assert list(x.obs_names) == list(y.obs_names) and list(x.var_names) == list(y.var_names)

@@ -409,8 +409,8 @@ def test_apply_targets_of_train_final_bundles(tmp_path):
     apply = {"models": ["pixnet", "stnet"], "spot_diameters_um": [55], "bin_um": [8]}
     plan = plan_of(tmp_path, rows=HE, models=["pixnet", "stnet"], apply=apply, benchmark=False)
     assert plan.apply.samples == ["heA", "heB"]
-    assert plan.apply.bundles == {"pixnet": ("results/bundles/pixnet/seed0", "pixnet"),
-                                  "stnet": ("results/bundles/stnet/seed0", "stnet")}
+    assert plan.apply.bundles == {"pixnet": ("results/bundles/pixnet/seed0", "pixnet", False),
+                                  "stnet": ("results/bundles/stnet/seed0", "stnet", False)}
     assert plan.apply.runs(dense=True) == "pixnet" and plan.apply.runs(dense=False) == "stnet"
     assert plan.apply_targets() == [
         "results/bundles/pixnet/seed0/bundle.json", "results/bundles/stnet/seed0/bundle.json",
@@ -446,7 +446,7 @@ def test_apply_reads_a_bundle_made_elsewhere(tmp_path):
         "input": {"mpp": 1.0}}))
     plan = plan_of(tmp_path, rows=HE, benchmark=False,
                    apply={"bundle": str(bundle), "samples": ["heA"]})
-    assert plan.apply.bundles == {"lab_pixnet": (str(bundle), "pixnet")}
+    assert plan.apply.bundles == {"lab_pixnet": (str(bundle), "pixnet", False)}
     assert "results/apply/lab_pixnet/heA/dense.zarr" in plan.apply_targets()
     assert not [t for t in plan.apply_targets() if t.startswith("results/bundles/")]
     with pytest.raises(ValueError, match=r"config apply.bundle: .*bundle\.json"):

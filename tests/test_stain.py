@@ -202,10 +202,17 @@ def test_stain_keys_that_cannot_work_are_refused_at_start_up(tmp_path, variant, 
         plan_of(tmp_path, models=["mean", "bad"], variants={"bad": variant})
 
 
-def test_applying_a_stain_normalised_model_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="stain reference"):
-        plan_of(tmp_path, models=["pixnet_macenko"], variants=VARIANTS,
-                apply={"models": ["pixnet_macenko"]})
+def test_a_stain_normalised_bundle_records_and_applies_its_reference(tmp_path):
+    plan = plan_of(tmp_path, models=["pixnet", "pixnet_macenko"], variants=VARIANTS,
+                   apply={"models": ["pixnet", "pixnet_macenko"], "samples": ["synA"]})
+    inputs = plan.files.final_inputs("pixnet_macenko")
+    assert inputs["stain_reference"] == "results/stain/macenko/final/reference.json"
+    assert "stain_reference" not in plan.files.final_inputs("pixnet")
+    assert plan.files.stain.reference_slides("final") == [
+        f"results/ingest/{s}/slide.tif" for s in plan.folds.st_samples]
+    assert plan.apply.slide("pixnet_macenko", "synA") == (
+        "results/apply/pixnet_macenko/synA/slide_stain_normalised.tif")
+    assert plan.apply.slide("pixnet", "synA") == "results/ingest/synA/slide.tif"
 
 
 @pytest.mark.slow

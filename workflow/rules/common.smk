@@ -102,6 +102,7 @@ APPLY_SPOT_LABELS = PLAN.apply.spot_labels
 APPLY_BIN_LABELS = PLAN.apply.bin_labels
 APPLY_RUNS = PLAN.apply.figure_runs  # apply_figure: never results/apply/superres/
 apply_bundle = PLAN.apply.bundle
+apply_model_slide = PLAN.apply.slide
 apply_is_dense = PLAN.apply.is_dense
 apply_tables = PLAN.apply.tables
 apply_sample_dense = PLAN.apply.sample_dense

@@ -283,11 +283,32 @@ rule train_final:
         "../scripts/train_final.py"
 
 
+# A bundle trained on stain-normalised slides reads each slide normalised to its reference
+# (recorded in bundle.json, fitted on its training slides).
+rule apply_stain_slide:
+    input:
+        bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
+        slide="results/ingest/{sample}/slide.tif",
+    output:
+        slide="results/apply/{bundle}/{sample}/slide_stain_normalised.tif",
+        profile="results/apply/{bundle}/{sample}/stain_source.json",
+    log:
+        "logs/apply/{bundle}/{sample}_stain.log",
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["mem_mb"]["slide"],
+        runtime=config["resources"]["runtime"]["light"],
+    script:
+        "../scripts/apply_stain_slide.py"
+
+
 rule apply_dense:
     input:
         model=lambda wc: f"{apply_bundle(wc.bundle)}/model.pt",
         bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
-        slide="results/ingest/{sample}/slide.tif",
+        slide=lambda wc: apply_model_slide(wc.bundle, wc.sample),
         tiles="results/tiles/{sample}.parquet",
     output:
         directory("results/apply/{bundle}/{sample}/dense.zarr"),
@@ -345,7 +366,7 @@ rule apply_spot_tables:
     input:
         model=lambda wc: f"{apply_bundle(wc.bundle)}/model.pt",
         bundle=lambda wc: f"{apply_bundle(wc.bundle)}/bundle.json",
-        slide="results/ingest/{sample}/slide.tif",
+        slide=lambda wc: apply_model_slide(wc.bundle, wc.sample),
         tiles="results/tiles/{sample}.parquet",
         spots="results/ingest/{sample}/spots.h5ad",
     output:

@@ -12,7 +12,8 @@ def main(sm):
                  name=sm.wildcards.model, model_cfg=p.model, train_cfg=p.train,
                  validation=p.validation, seed=p.seed, out_dir=Path(sm.output.bundle).parent,
                  checkpoint_dir=p.checkpoint_dir,
-                 extra_st_paths=p.extra_st if p.base in ("pixnet", "istar") else None)
+                 extra_st_paths=p.extra_st if p.base in ("pixnet", "istar") else None,
+                 stain_reference=sm.input.get("stain_reference"))
 
 
 run_step(snakemake.log[0], main, snakemake)  # noqa: F821

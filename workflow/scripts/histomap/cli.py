@@ -68,6 +68,7 @@ def bundle_summary(path: str | Path) -> dict:
         "trained_spot_diameters_um": meta["input"].get("spot_diameters_um"),
         "encoder": (meta.get("encoder") or {}).get("name"),
         "normalisation": meta["normalisation"],
+        "stain_normalisation": (meta.get("stain") or {}).get("method"),
         "training_samples": training.get("samples"),
         "seed": training.get("seed"),
         "best_epoch": training.get("best_epoch"),

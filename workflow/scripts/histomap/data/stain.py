@@ -68,14 +68,18 @@ class StainProfile:
     @classmethod
     def read(cls, path: str | Path) -> StainProfile:
         try:
-            raw = json.loads(Path(path).read_text())
+            return cls.from_json(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
-            raise InputError(path, f"cannot read the stain profile: {exc}") from exc
+            raise InputError(path, f"cannot read the stain profile ({exc}); delete it and "
+                             "rerun to refit it") from exc
+
+    @classmethod
+    def from_json(cls, raw: dict) -> StainProfile:
         keys = {"macenko": ("he", "max_c"), "reinhard": ("means", "stds")}
-        if raw.get("format") != FORMAT or raw.get("method") not in keys or any(
-                k not in raw.get("stats", {}) for k in keys.get(raw.get("method"), ())):
-            raise InputError(path, f"not a {FORMAT} file of a method in {METHODS}; delete it "
-                             "and rerun to refit it")
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get(
+                "method") not in keys or any(k not in raw.get("stats", {})
+                                             for k in keys[raw["method"]]):
+            raise ValueError(f"not a {FORMAT} profile of a method in {METHODS}")
         return cls(raw["method"], raw["stats"], tuple(raw.get("slides", ())),
                    int(raw.get("n_pixels", 0)))
 

@@ -36,17 +36,18 @@ def apply_sr_settings(config: dict) -> dict:
     return {**APPLY_SR_DEFAULTS, **(apply_settings(config).get("superres") or {})}
 
 
-def read_bundle_architecture(folder: str | Path) -> tuple[str, str]:
-    """(name, architecture) recorded in a bundle made elsewhere (its bundle.json; the weights
-    are checked by the apply jobs)."""
+def read_bundle_architecture(folder: str | Path) -> tuple[str, str, bool]:
+    """(name, architecture, stain-normalised) recorded in a bundle made elsewhere (its
+    bundle.json; the weights are checked by the apply jobs)."""
     from histomap.errors import InputError
     from histomap.tasks.bundle import read_bundle
 
     try:
         bundle = read_bundle(folder, check_weights=False)
+        stained = bundle.stain is not None
     except InputError as exc:
         raise ValueError(f"config apply.bundle: {exc}") from exc
-    return bundle.name, bundle.architecture
+    return bundle.name, bundle.architecture, stained
 
 
 class ApplyPlan:
@@ -75,18 +76,29 @@ class ApplyPlan:
         """train_final's bundle folder of a configured model."""
         return f"results/bundles/{model}/seed{self.final_seed}"
 
-    def _bundles(self, models: ModelSet) -> dict[str, tuple[str, str]]:
+    def _bundles(self, models: ModelSet) -> dict[str, tuple[str, str, bool]]:
         """`apply.bundle` (made elsewhere, read now) or one train_final bundle per
-        `apply.models` entry."""
+        `apply.models` entry: (folder, architecture, whether its slides are stain-normalised)."""
+        from histomap.plan.stain import stain_method
+
         if self.settings["bundle"]:
             folder = self.sheet.on_disk(self.settings["bundle"])
-            name, architecture = read_bundle_architecture(folder)
-            return {name: (str(Path(self.settings["bundle"])), architecture)}
+            name, architecture, stained = read_bundle_architecture(folder)
+            return {name: (str(Path(self.settings["bundle"])), architecture, stained)}
         unknown = [m for m in self.settings["models"] if m not in models.names]
         if unknown:
             raise ValueError(f"config: apply.models {unknown} are not in `models` "
                              f"{models.names}")
-        return {m: (self.bundle_dir(m), models.family(m)) for m in self.settings["models"]}
+        return {m: (self.bundle_dir(m), models.family(m),
+                    stain_method(models.block(m)) is not None)
+                for m in self.settings["models"]}
+
+    def slide(self, name: str, sample: str) -> str:
+        """The slide a bundle reads for ``sample``: as ingested, or normalised to the bundle's
+        stain reference (apply_stain_slide)."""
+        if self.bundles[name][2]:
+            return f"results/apply/{name}/{sample}/slide_stain_normalised.tif"
+        return f"results/ingest/{sample}/slide.tif"
 
     def bundle(self, name: str) -> str:
         return self.bundles[name][0]

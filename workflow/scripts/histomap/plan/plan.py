@@ -64,7 +64,7 @@ class Plan:
         apply_sr = ApplySuperRes(config, sheet, sr)
         sr.check_methods()
         check_encoders(config, models, sr, workdir)
-        check_stain(models, apply.settings["models"])
+        check_stain(models)
         return cls(config, sheet, folds, models, cross_scale, sr, apply, apply_sr, benchmark,
                    train_seeds, config["genes"]["name"], nested)
 

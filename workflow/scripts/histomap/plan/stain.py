@@ -27,7 +27,7 @@ def stain_method(block: dict) -> str | None:
     return None if method in (None, "none") else method
 
 
-def check_stain(models: ModelSet, apply_models: list[str]) -> None:
+def check_stain(models: ModelSet) -> None:
     """Refuse stain keys that cannot do what they say, naming the model and the key."""
     for model in models.names:
         block, family = models.block(model), models.family(model)
@@ -35,10 +35,6 @@ def check_stain(models: ModelSet, apply_models: list[str]) -> None:
         if method is not None and method not in METHODS:
             raise ValueError(f"config: {model}.stain_normalise must be none or one of "
                              f"{METHODS}, got {method!r}")
-        if method is not None and model in apply_models:
-            raise ValueError(f"config: apply.models lists {model!r}, which has stain_normalise: "
-                             f"{method}; bundles do not carry a stain reference yet, so an "
-                             "applied slide would not be normalised. Apply a model without it")
         augment = block.get("stain_augment")
         if not augment:
             continue
@@ -76,6 +72,9 @@ class StainFiles:
         method = self.method(model)
         base = f"results/features/{encoder}/{mpp}"
         return base if method is None else f"{base}/stain_{method}/{fold}"
+
+    def reference(self, model: str, fold: str) -> str:
+        return f"results/stain/{self.method(model)}/{fold}/reference.json"
 
     def reference_slides(self, fold: str) -> list[str]:
         """The ingested slides a fold's reference is fitted on: its training samples only."""

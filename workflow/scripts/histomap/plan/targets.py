@@ -90,12 +90,15 @@ class BenchmarkFiles:
         """train_final's inputs: every ST sample, the `final` gene panel."""
         train = self.final_train_samples()
         extra = self.extra_spots_of(model, train)
-        return {
+        inputs = {
             "st": [f"results/st/{s}.h5ad" for s in train],
             "slides": [self.stain.slide(model, FINAL_FOLD, s) for s in train],
             "genes": self.genes_for_fold(FINAL_FOLD),
             "extra": [path for paths in extra for path in paths],
         }
+        if self.stain.method(model):  # recorded in the bundle, applied to every new slide
+            inputs["stain_reference"] = self.stain.reference(model, FINAL_FOLD)
+        return inputs
 
     # ------------------------------------------------------------------ predictions, metrics
     def native_prediction(self, model: str, fold: str, tseed, sample: str) -> str:

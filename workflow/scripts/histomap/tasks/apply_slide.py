@@ -24,6 +24,7 @@ import anndata as ad
 
 from histomap.data.ingest import ingest_sample
 from histomap.data.spatial_data import applied_spatialdata, write_spatialdata
+from histomap.data.stain import normalise_slide
 from histomap.data.tiling import tile_slide
 from histomap.tasks import apply
 from histomap.tasks.bundle import Bundle, read_bundle
@@ -84,7 +85,13 @@ def apply_to_slide(bundle: Bundle | str | Path, slide: str | Path, out_dir: str 
     log.info("%s: tissue tiles", slide)
     tile_slide(slide_tif, None, tiles, source=slide,
                **{"mask_mpp": settings.mask_mpp, **settings.tiling})
-    tables = _apply_tables(bundle, folder, slide_tif, tiles, spots, settings)
+    model_slide = slide_tif
+    if bundle.stain is not None:  # normalised to the bundle's training slides first
+        log.info("%s: stain normalisation (%s) to the bundle's reference", slide,
+                 bundle.stain.method)
+        model_slide = ingest_dir / "slide_stain_normalised.tif"
+        normalise_slide(slide_tif, bundle.stain, model_slide, ingest_dir / "stain_source.json")
+    tables = _apply_tables(bundle, folder, slide_tif, tiles, spots, settings, model_slide)
     dense = folder / "dense.zarr" if bundle.is_dense else None
     figure = folder / "map.png"
     log.info("%s: figure", slide)
@@ -100,22 +107,25 @@ def apply_to_slide(bundle: Bundle | str | Path, slide: str | Path, out_dir: str 
 
 
 def _apply_tables(bundle: Bundle, folder: Path, slide_tif: Path, tiles: Path, spots: Path,
-                  settings: ApplySettings) -> dict[str, Path]:
-    """The dense map (dense bundles) and the pseudo-spot and bin tables of one slide."""
+                  settings: ApplySettings, model_slide: Path) -> dict[str, Path]:
+    """The dense map (dense bundles) and the pseudo-spot and bin tables of one slide; the
+    model reads ``model_slide`` (the slide, stain-normalised for a bundle that asks for it),
+    the tissue mask comes from ``slide_tif`` as scanned."""
     out_spots = [folder / f"spots_{scale_label(um)}um.h5ad" for um in settings.spot_diameters_um]
     if not bundle.is_dense:
         if settings.bin_um:
             raise ValueError(f"bundle {bundle.name!r} is a spot model ({bundle.architecture}): "
                              "it predicts pseudo-spots only; bins need a dense model")
         log.info("%s: pseudo-spots", slide_tif)
-        apply.spot_model_tables(bundle, slide_tif, tiles, spots,
+        apply.spot_model_tables(bundle, model_slide, tiles, spots,
                                 spot_diameters_um=settings.spot_diameters_um,
                                 spot_spacing_um=settings.spot_spacing_um, out_spots=out_spots,
                                 mask_mpp=settings.mask_mpp, device=settings.device)
         out_bins = []
     else:
         log.info("%s: dense map", slide_tif)
-        apply.apply_dense(bundle, slide_tif, tiles, folder / "dense.zarr", device=settings.device)
+        apply.apply_dense(bundle, model_slide, tiles, folder / "dense.zarr",
+                          device=settings.device)
         out_bins = [folder / f"bins_{scale_label(um)}um.h5ad" for um in settings.bin_um]
         log.info("%s: pseudo-spots and bins", slide_tif)
         apply.dense_tables(bundle, folder / "dense.zarr", tiles, spots, slide_tif,

@@ -21,7 +21,9 @@ Bundle layout (a folder, e.g. ``results/bundles/{model}/seed{seed}/``)
   null for random initialisation), ``model_config`` (the network's keyword arguments),
   ``training`` (samples, seed, ``train`` and ``validation`` settings, best epoch and validation
   loss), ``versions`` (histomap, torch, timm, python) and ``model_file`` (``model.pt`` and its
-  SHA-256, checked when the bundle is read).
+  SHA-256, checked when the bundle is read); for a model trained on stain-normalised slides,
+  ``stain`` (``method`` and ``reference``: the :class:`~histomap.data.stain.StainProfile` fitted
+  on its training slides), to which every slide it is applied to is normalised first.
 """
 from __future__ import annotations
 
@@ -78,6 +80,19 @@ class Bundle:
     @property
     def genes(self) -> list[str]:
         return list(self.meta["genes"])
+
+    @property
+    def stain(self):
+        """The stain reference the model's slides were normalised to, or None."""
+        from histomap.data.stain import StainProfile
+
+        block = self.meta.get("stain")
+        if not block:
+            return None
+        try:
+            return StainProfile.from_json(block["reference"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(self.path / META_FILE, f"unreadable stain reference: {exc}") from exc
 
 
 def checkpoint_reference(checkpoint: str | Path | None) -> dict | None:
@@ -188,11 +203,14 @@ def train_bundle(architecture: str, st_paths: Sequence[str | Path],
                  slide_paths: Sequence[str | Path], genes: Sequence[str], *, name: str,
                  model_cfg: Mapping, train_cfg: Mapping, validation: Mapping, seed: int,
                  out_dir: str | Path, checkpoint_dir: str | Path,
-                 extra_st_paths: Sequence[Sequence[str | Path]] | None = None) -> Bundle:
+                 extra_st_paths: Sequence[Sequence[str | Path]] | None = None,
+                 stain_reference: str | Path | None = None) -> Bundle:
     """Train ``architecture`` on every given ST sample (validation blocks carved out of them,
     as in the benchmark folds) and write the bundle folder ``out_dir``: ``model.pt``,
     ``train_log.csv``, ``bundle.json``. The same training functions as the benchmark's
-    ``train_*`` rules, so a bundle and a fold model trained on the same samples agree."""
+    ``train_*`` rules, so a bundle and a fold model trained on the same samples agree.
+    ``stain_reference``: the stain profile the ``slide_paths`` were normalised to (recorded in
+    the bundle, applied to every slide the bundle is applied to)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     common = dict(model_cfg=model_cfg, train_cfg=train_cfg, validation=validation, seed=seed,
@@ -216,6 +234,11 @@ def train_bundle(architecture: str, st_paths: Sequence[str | Path],
                          f"{DENSE_ARCHITECTURES + SPOT_ARCHITECTURES}")
     meta = describe(out_dir / MODEL_FILE, name=name, st_paths=st_paths, model_cfg=model_cfg,
                     seed=seed)
+    if stain_reference is not None:
+        from histomap.data.stain import StainProfile
+
+        reference = StainProfile.read(stain_reference)
+        meta["stain"] = {"method": reference.method, "reference": reference.to_json()}
     write_meta(out_dir, meta)
     log.info("bundle %s (%s, %d genes, trained on %s) -> %s", name, architecture,
              len(meta["genes"]), ", ".join(meta["training"]["samples"]), out_dir)
