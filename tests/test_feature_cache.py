@@ -20,6 +20,7 @@ from histomap.tasks.feature_cache import (
     cached_dense_batch_loss,
     encode_slide,
 )
+from tolerances import reordering_atol, stored_rounding_atol, unit_roundoff
 
 MPP = 1.0
 SIDE = 128  # slide = one window = one cache tile, so both paths see the same pixels
@@ -63,8 +64,11 @@ def test_cache_layout_and_geometry(tiny):
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in encoder_mean_std(ENCODER))
     with torch.no_grad():
         ref = enc((x - mean) / std)[4][0].numpy()
-    np.testing.assert_allclose(np.asarray(root["level4"][:], np.float32), ref, rtol=2e-2,
-                               atol=2e-2)
+    # float16 storage rounds each value by at most u = 2^-11 of it; the encoder run on the
+    # cache tile vs this call differs by its reordering bound at the features' magnitude
+    np.testing.assert_allclose(np.asarray(root["level4"][:], np.float32), ref,
+                               rtol=unit_roundoff(torch.float16),
+                               atol=reordering_atol(enc) * float(np.abs(ref).max()))
     pyr = FeaturePyramid(tiny["cache"])
     assert pyr.spot_features(["s2", "s0"]).shape == (2, 1280)
     with pytest.raises(InputError, match="no cached features"):
@@ -98,21 +102,25 @@ def test_cached_and_uncached_first_step_agree(tiny, model_name, cfg):
     batch_p = {k: v[None] for k, v in item_p.items()}
     batch_c = {k: v[None] for k, v in item_c.items()}
 
-    results = []
-    for batch, loss_fn in ((batch_p, pixnet_batch_loss), (batch_c, cached_dense_batch_loss)):
+    def first_step(batch, loss_fn):
+        """{"loss": the loss, parameter name: its gradient} of a fresh model's first step."""
         torch.manual_seed(0)
         model = build_model(model_name, GENES, **cfg).train()
         loss = loss_fn(model, batch, torch.device("cpu"), None)
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads))
-    (loss_p, grads_p), (loss_c, grads_c) = results
-    assert grads_p.keys() == grads_c.keys() and grads_p
-    torch.testing.assert_close(loss_c, loss_p, rtol=5e-3, atol=5e-3)
-    for name in grads_p:
-        scale = float(grads_p[name].abs().max()) + 1e-6
-        torch.testing.assert_close(grads_c[name] / scale, grads_p[name] / scale, rtol=0,
-                                   atol=2e-2, msg=name)
+        return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.requires_grad}}
+
+    got_p = first_step(batch_p, pixnet_batch_loss)
+    got_c = first_step(batch_c, cached_dense_batch_loss)
+    assert got_p.keys() == got_c.keys() and len(got_p) > 1
+    # float16 storage of the features plus the encoder's reordering: the first step's
+    # measured response to a perturbation of that size (tests/tolerances.py)
+    atol = stored_rounding_atol(lambda b: first_step(b, cached_dense_batch_loss), batch_c,
+                                [k for k in batch_c if k.startswith("level")],
+                                model=build_model(model_name, GENES, **cfg))
+    for name in got_p:
+        torch.testing.assert_close(got_c[name], got_p[name], rtol=0, atol=atol[name], msg=name)
 
 
 def test_fine_tuned_encoder_is_not_cached(tiny):
@@ -139,15 +147,24 @@ def test_stnet_head_from_cached_features_matches_the_crops(tiny):
     patches = extract_spot_patches(tiny["slide"], tiny["spots"].centres_px, crop_um=32.0,
                                    out_mpp=MPP)
     crops = next(iter(DataLoader(SpotDataset(patches, tiny["spots"].targets), batch_size=4)))
-    results = []
-    for batch, loss_fn in ((crops, spot_batch_loss), ((feats, targets), cached_spot_batch_loss)):
+    def first_step(batch, loss_fn):
         torch.manual_seed(0)
         model = build_model("stnet", GENES, backbone=ENCODER, freeze_backbone=True,
                             dropout=0.0).train()
         loss = loss_fn(model, batch, torch.device("cpu"), torch.nn.functional.mse_loss)
         loss.backward()
-        results.append((loss.detach(), model.head.weight.grad.clone()))
         assert not any(p.requires_grad for p in model.backbone.parameters())
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=5e-3, atol=5e-3)
-    scale = float(results[0][1].abs().max())
-    torch.testing.assert_close(results[1][1] / scale, results[0][1] / scale, rtol=0, atol=1e-2)
+        return {"loss": loss.detach(), "head": model.head.weight.grad.clone()}
+
+    got_p = first_step(crops, spot_batch_loss)
+
+    def cached_step(inputs):
+        return first_step((inputs["features"], inputs["targets"]), cached_spot_batch_loss)
+
+    inputs = {"features": feats, "targets": targets}
+    got_c = cached_step(inputs)
+    # float16 pooled features (tests/tolerances.py::stored_rounding_atol)
+    atol = stored_rounding_atol(cached_step, inputs, ["features"],
+                                model=build_model("stnet", GENES, backbone=ENCODER))
+    for name in got_p:
+        torch.testing.assert_close(got_c[name], got_p[name], rtol=0, atol=atol[name], msg=name)
