@@ -37,38 +37,51 @@ def n_pyramid_levels(height: int, width: int, min_px: int = PYRAMID_MIN_PX) -> i
     return n
 
 
-def halve(level, mode: str):
-    """Dask array of one level down: 2x2 block mean (``"mean"``) or the top-left pixel of each
-    block (``"nearest"``, for labels); odd edges padded by repetition."""
-    import dask.array as da
+STRIP_BYTES = 64 * 2**20  # the most of the level below one pyramid step holds in memory
 
-    pad = [(0, 0)] * (level.ndim - 2) + [(0, level.shape[-2] % 2), (0, level.shape[-1] % 2)]
+
+def halve(block: np.ndarray, mode: str) -> np.ndarray:
+    """One level down of a block (..., h, w): 2x2 block mean in float32 (``"mean"``) or the
+    top-left pixel of each block (``"nearest"``, for labels); an odd last row or column is
+    padded by repetition."""
+    pad = [(0, 0)] * (block.ndim - 2) + [(0, block.shape[-2] % 2), (0, block.shape[-1] % 2)]
     if any(p[1] for p in pad):
-        level = da.pad(level, pad, mode="edge")
+        block = np.pad(block, pad, mode="edge")
     if mode == "nearest":
-        return level[..., ::2, ::2]
-    axes = {level.ndim - 2: 2, level.ndim - 1: 2}
-    return da.coarsen(np.mean, level.astype(np.float32), axes).astype(level.dtype)
+        return np.ascontiguousarray(block[..., ::2, ::2])
+    f = block.astype(np.float32, copy=False)
+    out = (f[..., ::2, ::2] + f[..., 1::2, ::2]) + (f[..., ::2, 1::2] + f[..., 1::2, 1::2])
+    out *= np.float32(0.25)
+    return out.astype(block.dtype, copy=False)
 
 
 def write_pyramid_levels(group: zarr.Group, min_px: int = PYRAMID_MIN_PX,
                          mode: str = "mean") -> int:
-    """Add levels ``1``, ``2``, ... to ``group`` from its written level ``0``, each computed
-    chunk-wise from the level below (never the whole map in memory); returns the level count."""
-    import dask.array as da
-
+    """Add levels ``1``, ``2``, ... to ``group`` from its written level ``0``, each computed from
+    the level below in strips of ``2 * CHUNK_TARGET_PX`` rows and as many channels as
+    :data:`STRIP_BYTES` allow (never the whole map in memory), so every write fills whole
+    chunk rows; returns the level count."""
     base = group["0"]
     n_levels = n_pyramid_levels(*base.shape[-2:], min_px=min_px)
-    lead = (1,) * (base.ndim - 2)  # one gene (channel) a chunk
+    lead = base.shape[:-2]       # (genes,) for the map, () for the label image
+    rows = 2 * CHUNK_TARGET_PX
     for k in range(1, n_levels):
         below = group[str(k - 1)]
-        # square blocks of the level below (level 0 is chunked in thin rows)
-        src = da.from_zarr(below).rechunk(lead + (2 * CHUNK_TARGET_PX,) * 2)
-        out = halve(src, mode)
-        chunks = lead + tuple(min(CHUNK_TARGET_PX, s) for s in out.shape[-2:])
-        target = group.create_array(str(k), shape=out.shape, dtype=base.dtype, chunks=chunks,
+        h, w = below.shape[-2:]
+        shape = (*lead, (h + 1) // 2, (w + 1) // 2)
+        chunks = (1,) * len(lead) + tuple(min(CHUNK_TARGET_PX, s) for s in shape[-2:])
+        target = group.create_array(str(k), shape=shape, dtype=base.dtype, chunks=chunks,
                                     fill_value=0, dimension_names=base.metadata.dimension_names)
-        da.store(out.rechunk(chunks), target, lock=False, scheduler="synchronous")
+        step = max(1, STRIP_BYTES // (rows * w * max(4, base.dtype.itemsize)))
+        channels = [slice(c, c + step) for c in range(0, lead[0], step)] if lead else [...]
+        for ch in channels:
+            for r in range(0, h, rows):
+                strip = np.asarray(below[ch, r:r + rows, :] if lead else below[r:r + rows, :])
+                out = halve(strip, mode)
+                if lead:
+                    target[ch, r // 2:r // 2 + out.shape[-2], :] = out
+                else:
+                    target[r // 2:r // 2 + out.shape[-2], :] = out
     return n_levels
 
 
