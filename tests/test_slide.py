@@ -15,6 +15,7 @@ from histomap.data.slide import (
     read_region,
     slide_mpp,
     write_pyramid,
+    write_transformed_pyramid,
 )
 from histomap.errors import InputError
 
@@ -59,6 +60,27 @@ def test_write_pyramid_round_trip(tmp_path):
     # level 1 is the 2x2 mean of level 0
     halved = img.reshape(450, 2, 650, 2, 3).mean(axis=(1, 3))
     assert np.abs(level1 - halved).mean() < 6
+
+
+def test_a_slide_streams_through_a_tile_transform_into_the_same_pyramid(tmp_path):
+    """write_transformed_pyramid: the source's size, mpp and levels, every tile through the
+    transform (here an inversion), edge tiles cut to the image."""
+    img = smooth_rgb(700, 1100)
+    src = write_pyramid(img, tmp_path / "slide.tif", 0.5)
+    with open_slide(src) as slide:
+        dst = write_transformed_pyramid(slide, tmp_path / "inverted.tif", 0.5,
+                                        lambda rgb: 255 - rgb)
+        levels = slide.level_dimensions
+        source0 = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    with open_slide(dst) as out:
+        assert out.level_dimensions == levels and slide_mpp(out) == pytest.approx(0.5)
+        got0 = np.asarray(out.read_region((0, 0), 0, out.dimensions).convert("RGB"))
+        got1 = np.asarray(out.read_region((0, 0), 1, levels[1]).convert("RGB"))
+    # two JPEG encodings (the source's and the output's) at quality 90
+    assert np.abs((255 - got0.astype(int)) - source0).mean() < 6
+    halved = img[:700, :1100].reshape(350, 2, 550, 2, 3).mean(axis=(1, 3))
+    assert np.abs((255 - got1.astype(int)) - halved).mean() < 6
+    assert not (tmp_path / "inverted.tif.partial").exists()
 
 
 def test_write_pyramid_rejects_bad_input(tmp_path):

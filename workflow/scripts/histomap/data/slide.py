@@ -207,3 +207,36 @@ def read_patch(slide: openslide.OpenSlide, cx: float, cy: float, size_um: float,
     side0 = size_um / slide_mpp
     out = max(1, int(round(size_um / out_mpp)))
     return read_region(slide, cx - side0 / 2, cy - side0 / 2, side0, side0, out, out)
+
+
+def write_transformed_pyramid(slide: openslide.OpenSlide, dst: str | Path, mpp: float,
+                              transform, *, tile: int = TILE, quality: int = 90) -> Path:
+    """Write ``slide`` as a pyramidal tiled TIFF (the levels of :func:`write_pyramid`: halvings
+    until one tile holds a level) with every RGB tile passed through ``transform`` (uint8
+    (tile, tile, 3) -> the same), one tile in memory at a time, so a whole-slide image of any
+    size streams through. Level k is read from the source's best level for 2^k (an exact
+    level of a pyramid written by :func:`write_pyramid`). Atomic, as :func:`write_pyramid`."""
+    width, height = slide.dimensions
+    sizes = [(height, width)]
+    while max(sizes[-1]) > tile and min(sizes[-1]) >= 2:
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+
+    def tiles(k: int, h: int, w: int):
+        down = width / w
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                th, tw = min(tile, h - y), min(tile, w - x)
+                rgb = read_region(slide, x * down, y * down, tw * down, th * down, tw, th)
+                out = np.full((tile, tile, 3), 255, np.uint8)
+                out[:th, :tw] = transform(rgb)
+                yield out
+
+    dst = Path(dst)
+    with atomic_output(dst) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for k, (h, w) in enumerate(sizes):
+            px_per_cm = 1e4 / (mpp * width / w)
+            tw.write(tiles(k, h, w), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
+                     photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
+                     subfiletype=0 if k == 0 else 1, metadata=None)
+    return dst

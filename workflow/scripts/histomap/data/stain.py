@@ -41,7 +41,6 @@ METHODS = ("macenko", "reinhard")
 IO, ALPHA, BETA = 240, 1, 0.15  # torchstain's Macenko defaults
 FIT_MPP = 2.0          # tissue pixels are sampled from the slide read at this resolution
 MAX_FIT_PIXELS = 1_000_000  # per slide
-BAND_PX = 1024         # rows normalised at a time when a whole slide is written
 FORMAT = "histomap.stain_profile/1"
 _OD_OF_UINT8 = (-np.log((np.arange(256) + 1.0) / IO)).astype(np.float32)  # torchstain's OD
 
@@ -187,21 +186,15 @@ class StainNormaliser:
 def normalise_slide(slide_path: str | Path, reference: StainProfile, out_slide: str | Path,
                     out_profile: str | Path | None = None, **fit_kwargs) -> StainProfile:
     """Write ``slide_path`` normalised to ``reference`` as a pyramidal TIFF of the same size and
-    mpp (atomically; ``out_profile``: the slide's own fitted source profile, as JSON). Returns
-    the source profile."""
-    from histomap.data.slide import open_slide, slide_mpp, write_pyramid
+    mpp, streamed tile by tile (:func:`histomap.data.slide.write_transformed_pyramid`: any
+    whole-slide image, one tile in memory; atomic); ``out_profile``: the slide's own fitted
+    source profile, as JSON. Returns the source profile."""
+    from histomap.data.slide import open_slide, slide_mpp, write_transformed_pyramid
 
     source = fit_slides(reference.method, [slide_path], **fit_kwargs)
-    normalise = StainNormaliser(source, reference)
     with open_slide(slide_path) as slide:
-        mpp = slide_mpp(slide, slide_path)
-        width, height = slide.dimensions
-        image = np.empty((height, width, 3), np.uint8)
-        for y in range(0, height, BAND_PX):
-            rows = min(BAND_PX, height - y)
-            band = np.asarray(slide.read_region((0, y), 0, (width, rows)).convert("RGB"))
-            image[y:y + rows] = normalise(band)
-    write_pyramid(image, out_slide, mpp)
+        write_transformed_pyramid(slide, out_slide, slide_mpp(slide, slide_path),
+                                  StainNormaliser(source, reference))
     if out_profile is not None:
         source.write(out_profile)
     log.info("%s: normalised (%s) to the reference of %s -> %s", slide_path, reference.method,
