@@ -470,7 +470,8 @@ def hest_copy(ctx: Ctx) -> Path:
 def _(ctx):
     root = hest_copy(ctx)
     (root / "metadata" / "S3.json").unlink()
-    return ingest(ctx, "hest", root, reader_options={"hest_id": "S3"}), root / "metadata" / "S3.json", ctx.out
+    return (ingest(ctx, "hest", root, reader_options={"hest_id": "S3"}),
+            root / "metadata" / "S3.json", ctx.out)
 
 
 @case("HEST: metadata without pixel size", "no pixel size")

@@ -178,7 +178,8 @@ def across_folds(long_df: pd.DataFrame) -> pd.DataFrame:
 
     Returns ``task, dataset, model, [fold_kind,] sample, scale_um, gene_set, metric, mean,
     std, n_folds, n_seeds, folds``: folds of different kinds (cross-patient, within-patient) are
-    aggregated apart, never together; ``folds`` names the folds of each row. With one seed, ``mean``/``std`` (ddof=1) are over folds. With several seeds,
+    aggregated apart, never together; ``folds`` names the folds of each row. With one seed,
+    ``mean``/``std`` (ddof=1) are over folds. With several seeds,
     each seed's metric is first averaged over folds, and ``mean``/``std`` are over seeds: the
     spread says how much a benchmark number moves with the training seed alone. Per-slide rows
     usually occur in one fold only; the rows to compare models by are ``mean_over_slides`` and

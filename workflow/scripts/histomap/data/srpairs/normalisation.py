@@ -141,7 +141,8 @@ def prediction_denormaliser(arrays: Mapping, attrs: Mapping, target_sum: float |
     """Predicted values (G, h, w) of patch i (in the model's units) -> counts, with statistics
     available at prediction time only: the LR patch and the model's training ``target_sum``
     (required for log1p pairs: :func:`require_target_sum`). Min-max: the LR patch's per-gene
-    range / scale^2; log1p: each HR pixel's library estimated from its LR pixel (:func:`lr_library_on_hr`)."""
+    range / scale^2; log1p: each HR pixel's library estimated from its LR pixel
+    (:func:`lr_library_on_hr`)."""
     kind, scale = attrs["normalisation"], int(attrs["scale"])
     target = require_target_sum(attrs, target_sum) if kind == "log1p" else None
 
