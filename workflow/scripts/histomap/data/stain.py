@@ -203,12 +203,6 @@ def normalise_slide(slide_path: str | Path, reference: StainProfile, out_slide: 
 
 
 # ------------------------------------------------------------------------- augmentation
-# Ruifrok and Johnston's H&E-DAB stain matrix (rows: optical density of H, E, DAB), as
-# scikit-image's ``rgb_from_hed``.
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
-
-
 class StainJitter:
     """Random HED, brightness and contrast jitter of float RGB images in [0, 1] with the colour
     axis third from last (``(3, H, W)`` or ``(B, 3, H, W)``); draws from torch's RNG. All
@@ -221,8 +215,10 @@ class StainJitter:
                 raise ValueError(f"stain_augment.{name} must be in [0, 1), got {value!r}")
         self.hed_sigma, self.brightness, self.contrast = (float(hed_sigma), float(brightness),
                                                           float(contrast))
-        self.rgb_from_hed = torch.tensor(RGB_FROM_HED, dtype=torch.float32)
-        self.hed_from_rgb = torch.linalg.inv(self.rgb_from_hed)
+        from histomap.models.istar import hed_from_rgb_matrix  # Ruifrok & Johnston's
+
+        self.hed_from_rgb = hed_from_rgb_matrix()
+        self.rgb_from_hed = torch.linalg.inv(self.hed_from_rgb)
 
     def _uniform(self, lead: tuple, n: int, half: float) -> torch.Tensor:
         return (torch.rand((*lead, n)) * 2.0 - 1.0) * half
