@@ -45,7 +45,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 
 from histomap.compat import torch  # noqa: E402
-from histomap.machine import cpu_model, load_average  # noqa: E402
+from histomap.machine import Stage, cpu_model, load_average  # noqa: E402
 from histomap.outputs import atomic_output, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -88,33 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------ measuring
-class Stage:
-    """Times a stage; resets and reads CUDA peak memory; appends its row to ``rows``."""
-
-    def __init__(self, rows: list[dict], name: str, device: torch.device, unit: str):
-        self.rows, self.name, self.device, self.unit = rows, name, device, unit
-        self.row: dict = {"stage": name, "unit": unit}
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is not None:
-            return False
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.row["seconds"] = time.perf_counter() - self.start
-        self.row["peak_gpu_mib"] = (torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-                                    if self.device.type == "cuda" else np.nan)
-        self.rows.append(self.row)
-        log.info("%s: %s", self.name, self.row)
-        return False
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -217,7 +190,7 @@ def pixnet_stages(work: Path, args, device: torch.device, rows: list[dict]) -> d
     encoder, mpp = model_cfg["encoder"], float(model_cfg["input_mpp"])
     f = config.get("features", {})
     caches = []
-    with Stage(rows, "pixnet feature cache", device, "s per section"):
+    with Stage(rows, "pixnet feature cache", device, unit="s per section"):
         for s in train:
             caches.append(encode_slide(paths[s]["slide"], paths[s]["st"],
                                        work / "features" / f"{s}.zarr", encoder=encoder, mpp=mpp,
@@ -229,7 +202,7 @@ def pixnet_stages(work: Path, args, device: torch.device, rows: list[dict]) -> d
                                        device=str(device)))
     rows[-1]["value"] = rows[-1]["seconds"] / len(train)
     rows[-1]["details"] = f"encoder {encoder} at {mpp:g} um/px, {len(train)} sections"
-    with Stage(rows, "pixnet_train", device, "s per epoch"):
+    with Stage(rows, "pixnet_train", device, unit="s per epoch"):
         summary = train_pixnet([paths[s]["st"] for s in train],
                                [paths[s]["slide"] for s in train], genes, model_cfg=model_cfg,
                                train_cfg=train_cfg, validation=config["validation"], seed=0,
@@ -277,7 +250,7 @@ def diffst_stages(work: Path, args, device: torch.device, rows: list[dict]) -> N
     model_cfg = plan.sr.model_config("diffst")
     train_cfg = {**plan.sr.train_config("diffst"), "epochs": args.epochs,
                  "patience": args.epochs, "device": str(device)}
-    with Stage(rows, "diffst_train", device, "s per epoch"):
+    with Stage(rows, "diffst_train", device, unit="s per epoch"):
         summary = train_sr(method, [pairs["synA"]], model_cfg=model_cfg, train_cfg=train_cfg,
                            validation=plan.sr.validation(), seed=0,
                            out_model=work / "diffst" / "model.pt",
@@ -293,7 +266,7 @@ def diffst_stages(work: Path, args, device: torch.device, rows: list[dict]) -> N
     s = dict(sr["sampling"])
     if args.quick:
         s.update(steps=QUICK_SR["steps"], n_samples=QUICK_SR["n_samples"])
-    with Stage(rows, "diffst_sample", device, "s per patch"):
+    with Stage(rows, "diffst_sample", device, unit="s per patch"):
         info = predict_sr(work / "diffst" / "model.pt", pairs["synB"],
                           work / "diffst" / "maps.zarr", work / "diffst" / "bins.h5ad",
                           sampler=s.get("sampler", "respaced"), steps=s.get("steps"),
@@ -338,7 +311,7 @@ def dense_stage(work: Path, args, device: torch.device, rows: list[dict],
     model = build_model("pixnet", len(pixnet["genes"]),
                         pretrained_checkpoint=task.get("checkpoint"), **pixnet_cfg)
     window = int(task["window_px"])
-    with Stage(rows, "dense_map", device, "mm^2 per s"):
+    with Stage(rows, "dense_map", device, unit="mm^2 per s"):
         dense = predict_dense_map(model, slide, tiles, input_mpp=float(task["input_mpp"]),
                                   tile_px=window, overlap_px=window // 4,
                                   out_zarr=work / "dense.zarr", batch_size=8, device=device)
@@ -354,6 +327,7 @@ def write_report(rows: list[dict], args, argv: list[str], device: torch.device, 
     table = pd.DataFrame(rows)
     name = device_name(device)
     table.insert(0, "device", name)
+    table = table.rename(columns={"cuda_max_allocated_mib": "peak_gpu_mib"})
     table = table[["device", "stage", "value", "unit", "seconds", "peak_gpu_mib", "details"]]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out_dir / "gpu_check.csv") as tmp:

@@ -49,8 +49,8 @@ def _status_mib(key: str) -> float | None:
 class Stage:
     """Times a stage and records its peak RSS (and CUDA peak) into ``rows``."""
 
-    def __init__(self, rows: list[dict], name: str, device: torch.device, tissue_mm2: float,
-                 **extra):
+    def __init__(self, rows: list[dict], name: str, device: torch.device,
+                 tissue_mm2: float = np.nan, **extra):
         self.rows, self.name, self.device = rows, name, device
         self.tissue_mm2, self.extra = tissue_mm2, extra
 
