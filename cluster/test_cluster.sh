@@ -402,7 +402,7 @@ log "time-limit check: train_stnet P1 under a 2-minute SLURM limit"
 # epoch time comes from the local demo run, which shared the CPUs with the SLURM run and can be
 # several times the epoch time here (CI once trained an estimated 200 s in 130 s, inside the
 # limit; another machine an estimated 300 s in 65 s), so a training that no limit stopped is run
-# again with enough epochs for 300 s at the epoch time of its own uninterrupted local run, and at
+# again with enough epochs for 200 s at the epoch time of its own uninterrupted local run, and at
 # least twice as many (up to 3 tries); so is one whose limit struck only after its last epoch.
 TL_TARGET_S=${TL_TARGET_S:-300}
 EPOCHS=$("$PY" - "$WORK/local/results/models/stnet/P1/seed0/train_log.csv" "$TL_TARGET_S" <<'PY'
@@ -444,8 +444,8 @@ for TL_TRY in 1 2 3; do
     break
   fi
   # the epoch time of this try's uninterrupted local run (same thread count, same neighbour)
-  EPOCHS=$("$PY" - "$WORK/local/results/models/stnet/P1/seed0/train_log.csv" "$TL_TARGET_S" \
-           "$EPOCHS" <<'PY'
+  # (200 s: an accurate estimate needs no margin beyond the 150 s a first attempt can last)
+  EPOCHS=$("$PY" - "$WORK/local/results/models/stnet/P1/seed0/train_log.csv" 200 "$EPOCHS" <<'PY'
 import math, sys
 import pandas as pd
 per_epoch = float(pd.read_csv(sys.argv[1])["seconds"].median())
