@@ -118,12 +118,20 @@ def _concat(blocks) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([rc for _, rc in parts]).reshape(-1, 2).astype(np.int64))
 
 
+def lattice_names(prefix: str, rowcol: np.ndarray) -> list[str]:
+    """``{prefix}_{row}_{col}`` per lattice point. Built from two flat lists of ints, not one
+    list per row: millions of small lists make the cyclic garbage collector run over and over
+    (seconds of the 2 um bin table of a whole slide: benchmarks/README.md)."""
+    rowcol = np.asarray(rowcol).reshape(-1, 2)
+    return [f"{prefix}_{r}_{c}" for r, c in zip(rowcol[:, 0].tolist(), rowcol[:, 1].tolist())]
+
+
 def lattice_spots(centres_px: np.ndarray, rowcol: np.ndarray, *, sample: str, platform: str,
                   mpp: float, diameter_um: float, image: str | Path, prefix: str
                   ) -> ad.AnnData:
     """Pseudo-spots or bins as a spot table without counts (centres, lattice positions,
     geometry), the input of the spot models' predictions."""
-    names = [f"{prefix}_{r}_{c}" for r, c in np.asarray(rowcol).tolist()]
+    names = lattice_names(prefix, rowcol)
     spots = ad.AnnData(X=sp.csr_matrix((len(names), 0), dtype=np.int32),
                        obs=pd.DataFrame({"array_row": rowcol[:, 0].astype(np.int64),
                                          "array_col": rowcol[:, 1].astype(np.int64)},
@@ -289,7 +297,7 @@ def stream_dense_table(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um:
             n_lattice, n_tissue, n_nan = n_lattice + len(on), n_tissue + int(on.sum()), \
                 n_nan + int(nan.sum())
             n = int(keep.sum())
-            table.append([f"{prefix}_{r}_{c}" for r, c in rc[keep].tolist()], values[keep],
+            table.append(lattice_names(prefix, rc[keep]), values[keep],
                          {"diameter_um": np.full(n, float(size_um)), "shape": [shape] * n,
                           "array_row": rc[keep, 0], "array_col": rc[keep, 1]},
                          {"spatial": xy[keep]})
