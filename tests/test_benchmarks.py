@@ -232,3 +232,38 @@ def test_feature_shift_by_hand():
         assert t.loc["x", "ratio"] == pytest.approx(between / within)
     finally:
         sys.modules.pop("feature_shift", None)
+
+
+def test_error_decomposition_reads_a_run(tmp_path):
+    """benchmarks/error_decomposition.py on a tiny results tree: offset and spot-to-spot parts
+    of a prediction that is the truth shifted by 1 in one gene and noisy in another."""
+    import anndata as ad
+
+    spec = importlib.util.spec_from_file_location(
+        "error_decomposition", SCRIPT.parent / "error_decomposition.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    spots, genes = [f"s{i}" for i in range(30)], ["g0", "g1", "g2"]
+    y = rng.normal(size=(30, 3))
+    noise = rng.normal(size=30)
+    pred = y + np.array([1.0, 0.0, 0.0])
+    pred[:, 1] += noise
+    results = tmp_path / "results"
+    for rel, x in (("st/S1.h5ad", y), ("predictions/m/F1/seed0/S1/spots_55um.h5ad", pred)):
+        (results / rel).parent.mkdir(parents=True, exist_ok=True)
+        ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame(index=spots),
+                   var=pd.DataFrame(index=genes)).write_h5ad(results / rel)
+    (results / "genes" / "top3").mkdir(parents=True)
+    pd.DataFrame({"gene": genes, "rank": [1, 2, 3]}).to_csv(
+        results / "genes" / "top3" / "F1.tsv", sep="\t", index=False)
+    table = module.main(["--results", str(results), "--models", "m", "--out",
+                         str(tmp_path / "out" / "dec")])
+    row = table.iloc[0]
+    n = noise.astype(np.float32).astype(np.float64)
+    # float32 storage of values of order 1: relative error ~ float32 eps
+    tol = 8 * float(np.finfo(np.float32).eps)
+    assert row["offset"] == pytest.approx((1.0 + n.mean() ** 2) / 3, rel=tol)
+    assert row["spot_to_spot"] == pytest.approx(n.var() / 3, rel=tol)
+    assert row["mse"] == pytest.approx(row["offset"] + row["spot_to_spot"], rel=tol)
+    assert (tmp_path / "out" / "dec.md").read_text().startswith("# MSE")

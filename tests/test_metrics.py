@@ -14,6 +14,7 @@ from histomap.evaluation.metrics import (
     evaluate_matrices,
     evaluate_predictions,
     gene_metrics,
+    mse_decomposition,
     pearson_per_gene,
     summarise,
 )
@@ -305,3 +306,21 @@ def test_report_refuses_a_column_scored_on_different_sets():
                                    scale_um=16.0, gene_set="all"))
     with pytest.raises(InputError, match=r"different spots or bins.*istar 9, stnet 6"):
         benchmark_long(pd.concat(frames, ignore_index=True))
+
+
+def test_mse_decomposition_adds_up_and_separates_a_level_shift():
+    rng = np.random.default_rng(0)
+    y_true = rng.normal(size=(40, 3))
+    pattern = rng.normal(size=(40, 3))
+    # a pure level shift per gene: all offset, no spot-to-spot error
+    offset, spatial = mse_decomposition(y_true, y_true + np.array([0.5, -2.0, 0.0]))
+    np.testing.assert_allclose(offset, [0.25, 4.0, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(spatial, 0.0, atol=1e-24)
+    # shift plus a centred pattern: the parts are the shift squared and the pattern's variance
+    y_pred = y_true + 1.5 + (pattern - pattern.mean(axis=0))
+    offset, spatial = mse_decomposition(y_true, y_pred)
+    np.testing.assert_allclose(offset, 2.25, rtol=1e-12)
+    np.testing.assert_allclose(spatial, pattern.var(axis=0), rtol=1e-12)
+    mse = ((y_pred - y_true) ** 2).mean(axis=0)
+    # float64 sums of 40 terms of order 1: a few ulps of the MSE
+    np.testing.assert_allclose(offset + spatial, mse, rtol=64 * np.finfo(np.float64).eps)

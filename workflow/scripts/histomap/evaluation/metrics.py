@@ -111,6 +111,17 @@ def gene_metrics(y_true, y_pred, genes: Sequence[str]) -> pd.DataFrame:
     })
 
 
+def mse_decomposition(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    """Each gene's MSE split as ``offset + spatial`` (both (n_genes,)): ``offset`` the squared
+    difference of the means over the spots (a level the model gets wrong everywhere alike, e.g.
+    a patient's expression level), ``spatial`` the mean squared error of the centred columns (the
+    spot-to-spot pattern; population variance of the error, so the two add up to the MSE)."""
+    y_true, y_pred = _paired(y_true, y_pred)
+    err = y_pred - y_true
+    mean = err.mean(axis=0)
+    return mean ** 2, ((err - mean) ** 2).mean(axis=0)
+
+
 # --------------------------------------------------------------------------- summaries
 def _summary_values(rows: pd.DataFrame) -> dict[str, float]:
     by_metric = {m: rows.loc[rows["metric"] == m, "value"].to_numpy(dtype=np.float64)
