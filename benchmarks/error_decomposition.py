@@ -5,7 +5,8 @@ run's predictions and the truth it was scored against, for every model, fold and
 Genes: each fold's gene set, as the evaluation scored them.
 
     .venv/bin/python benchmarks/error_decomposition.py --results results \\
-        --models mean probe stnet histogene pixnet --out benchmarks/results/cohort_synthetic/error_decomposition
+        --models mean probe stnet histogene pixnet \\
+        --out benchmarks/results/cohort_synthetic/error_decomposition
 """
 from __future__ import annotations
 
