@@ -18,10 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-
-from histomap.evaluation.metrics import align_prediction, mse_decomposition  # noqa: E402
+from histomap.evaluation.metrics import align_prediction, mse_decomposition
 
 
 def decompose(results: Path, models: list[str], scale: str = "55um",
