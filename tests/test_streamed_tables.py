@@ -155,3 +155,50 @@ def test_streamed_table_bad_blocks_leave_nothing(tmp_path):
     assert not path.exists() and not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="unique"):
         StreamedTable(path, ["a", "a"], obs_columns=cols, obsm={})
+
+
+SCALES = [("disc", 20.0), ("square", 2.0), ("square", 10.0), ("square", 16.0)]
+
+
+def test_tables_streamed_together_read_the_map_once_and_equal_each_alone(slide, tmp_path,
+                                                                         monkeypatch):
+    """The tables of dense_tables move down the map together through one cache of map rows:
+    each chunk row is read once, and every table is the one streamed on its own."""
+    dmap, tiles, values, mask, tissue = slide
+    monkeypatch.setattr(dense_readout, "BLOCK_VALUES", 60)  # many blocks of a few rows
+    alone = [tmp_path / f"alone_{i}.h5ad" for i in range(len(SCALES))]
+    for (shape, size), path in zip(SCALES, alone):
+        apply.stream_dense_table(dmap, tiles, shape, size, path, geo=GEO, tissue=tissue,
+                                 info=INFO)
+    loads = []
+    load = dense_readout.MapRows._load
+    monkeypatch.setattr(dense_readout.MapRows, "_load",
+                        lambda self, k: (loads.append(k) if k not in self.cache else None,
+                                         load(self, k))[1])
+    together = [tmp_path / f"together_{i}.h5ad" for i in range(len(SCALES))]
+    written = apply.stream_dense_tables(dmap, tiles, SCALES, together, geo=GEO, tissue=tissue,
+                                        info=INFO)
+    n_chunk_rows = math.ceil(mask.shape[0] / dmap.dense.chunks[1])
+    assert sorted(loads) == list(range(n_chunk_rows))  # every chunk row read exactly once
+    for a, b, info in zip(alone, together, written):
+        want, got = ad.read_h5ad(a), ad.read_h5ad(b)
+        assert info.path == b and info.n_rows == got.n_obs == want.n_obs > 10
+        pd.testing.assert_frame_equal(got.obs, want.obs)
+        np.testing.assert_array_equal(got.X, want.X)
+        np.testing.assert_array_equal(got.obsm["spatial"], want.obsm["spatial"])
+
+
+def test_a_failing_table_leaves_none_of_them(slide, tmp_path, monkeypatch):
+    dmap, tiles, _, _, tissue = slide
+    paths = [tmp_path / f"t{i}.h5ad" for i in range(len(SCALES))]
+    append = StreamedTable.append
+
+    def failing(self, names, *args, **kwargs):
+        if any(str(n).startswith("bin") for n in names) and self.path == paths[2]:
+            raise OSError("No space left on device")
+        return append(self, names, *args, **kwargs)
+
+    monkeypatch.setattr(StreamedTable, "append", failing)
+    with pytest.raises(OSError, match="No space"):
+        apply.stream_dense_tables(dmap, tiles, SCALES, paths, geo=GEO, tissue=tissue, info=INFO)
+    assert not list(tmp_path.glob("t*"))

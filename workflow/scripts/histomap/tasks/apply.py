@@ -28,9 +28,12 @@ position; ``uns["histomap"]["model"]``: the bundle's name, path and normalisatio
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -47,8 +50,8 @@ from histomap.outputs import atomic_output
 from histomap.tasks.bundle import Bundle, read_bundle
 from histomap.tasks.dense import predict_dense
 from histomap.tasks.dense_map import DenseMap, read_dense
-from histomap.tasks.dense_readout import (BinReader, hex_blocks, readout_blocks, rows_per_block,
-                                          square_blocks)
+from histomap.tasks.dense_readout import (BinReader, MapRows, hex_blocks, readout_blocks,
+                                          rows_per_block, square_blocks)
 from histomap.tasks.predict import spots_prediction_anndata
 
 log = logging.getLogger(__name__)
@@ -248,8 +251,8 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
     table (its geometry: sample, mpp, image), ``slide_path`` its slide (the tissue mask, at
     ``mask_mpp``). Pseudo-spots lie on a hexagonal lattice of
     ``spot_spacing_um`` (default: the diameter, touching discs). Each table is streamed to its
-    file block by block (:func:`stream_dense_table`: memory does not grow with the number of
-    bins); returns the paths written."""
+    file block by block (:func:`stream_dense_tables`: memory does not grow with the number of
+    bins; the map is read once for all tables); returns the paths written."""
     bundle = _bundle(bundle)
     dmap = read_dense(dense_zarr)
     geo = _geometry(spots_h5ad)
@@ -264,49 +267,113 @@ def dense_tables(bundle: Bundle | str | Path, dense_zarr: str | Path, tiles_parq
     info = _model_info(bundle, dense_map=str(dense_zarr), aggregation="mean")
     scales = [("disc", float(d)) for d in spot_diameters_um] + \
         [("square", float(b)) for b in bin_um]
-    for (shape, size), path in zip(scales, outputs):
-        stream_dense_table(dmap, tiles, shape, size, path, geo=geo, tissue=tissue, info=info,
-                           spacing_um=spot_spacing_um)
+    stream_dense_tables(dmap, tiles, scales, outputs, geo=geo, tissue=tissue, info=info,
+                        spacing_um=spot_spacing_um)
     return [Path(p) for p in outputs]
 
 
 def stream_dense_table(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: float,
                        path: str | Path, *, geo: dict, tissue: Callable[[np.ndarray], np.ndarray],
                        info: dict, spacing_um: float | None = None) -> int:
-    """One pseudo-spot (``shape="disc"``) or bin (``"square"``) table of ``size_um`` read out of
-    ``dmap`` over the tissue tiles and written to ``path`` block by block
-    (:class:`~histomap.data.streamed_table.StreamedTable`): the table :func:`_table` would make
-    of the whole lattice, never held in memory. ``tissue`` tells which level-0 centres lie on
-    tissue (:func:`tissue_lookup`). Returns the number of rows written."""
-    prefix = "spot" if shape == "disc" else "bin"
-    common = dict(sample=geo["sample"], platform=geo["platform"], mpp=float(geo["mpp"]),
-                  image=geo["image"])
-    empty = lattice_spots(np.zeros((0, 2)), np.zeros((0, 2), np.int64), diameter_um=size_um,
-                          prefix=prefix, **common)
-    template = _table(np.zeros((0, len(dmap.genes)), np.float32), empty, dmap.genes, shape,
-                      size_um, info, spatial=geo.get("spatial"))
-    n_lattice = n_tissue = n_nan = 0
-    with StreamedTable(path, dmap.genes, uns=template.uns, obsm={"spatial": 2},
-                       obs_columns={"diameter_um": np.float64, "shape": [shape],
-                                    "array_row": np.int64, "array_col": np.int64}) as table:
-        for xy, rc, values in readout_blocks(dmap, tiles, shape, size_um, mpp=float(geo["mpp"]),
-                                             spacing_um=spacing_um):
-            on = tissue(xy)
-            nan = np.isnan(values).any(axis=1) & on
-            keep = on & ~nan
-            n_lattice, n_tissue, n_nan = n_lattice + len(on), n_tissue + int(on.sum()), \
-                n_nan + int(nan.sum())
-            n = int(keep.sum())
-            table.append(lattice_names(prefix, rc[keep]), values[keep],
-                         {"diameter_um": np.full(n, float(size_um)), "shape": [shape] * n,
-                          "array_row": rc[keep, 0], "array_col": rc[keep, 1]},
-                         {"spatial": xy[keep]})
-        log.info("%g um %ss: %d of %d lattice points in tissue tiles lie on tissue", size_um,
-                 shape, n_tissue, n_lattice)
-        if n_nan:
-            log.warning("%d of %d %ss touch no covered map pixel and are left out", n_nan,
-                        n_tissue, shape)
-    return table.n_rows
+    """One table of :func:`stream_dense_tables`; returns the number of rows written."""
+    return stream_dense_tables(dmap, tiles, [(shape, size_um)], [path], geo=geo, tissue=tissue,
+                               info=info, spacing_um=spacing_um)[0].n_rows
+
+
+class _TableStream:
+    """One table of :func:`stream_dense_tables` being written: its lattice's read-out blocks
+    (through the shared map rows) appended to its file; ``seconds`` spent on it."""
+
+    def __init__(self, dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: float,
+                 path: str | Path, table: StreamedTable, *, geo: dict, tissue, maps,
+                 spacing_um: float | None):
+        self.shape, self.size_um, self.path, self.table = shape, float(size_um), path, table
+        self.prefix = "spot" if shape == "disc" else "bin"
+        self.tissue = tissue
+        self.blocks = readout_blocks(dmap, tiles, shape, size_um, mpp=float(geo["mpp"]),
+                                     spacing_um=spacing_um, maps=maps)
+        self.n_lattice = self.n_tissue = self.n_nan = 0
+        self.seconds = 0.0
+
+    def step(self) -> bool:
+        """Read and append the next block; False when the lattice is done."""
+        start = time.perf_counter()
+        try:
+            xy, rc, values = next(self.blocks)
+        except StopIteration:
+            self._finish()
+            return False
+        finally:
+            self.seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        on = self.tissue(xy)
+        nan = np.isnan(values).any(axis=1) & on
+        keep = on & ~nan
+        self.n_lattice, self.n_tissue = self.n_lattice + len(on), self.n_tissue + int(on.sum())
+        self.n_nan += int(nan.sum())
+        n, size = int(keep.sum()), self.size_um
+        self.table.append(lattice_names(self.prefix, rc[keep]), values[keep],
+                          {"diameter_um": np.full(n, size), "shape": [self.shape] * n,
+                           "array_row": rc[keep, 0], "array_col": rc[keep, 1]},
+                          {"spatial": xy[keep]})
+        self.seconds += time.perf_counter() - start
+        return True
+
+    def _finish(self) -> None:
+        log.info("%g um %ss: %d of %d lattice points in tissue tiles lie on tissue",
+                 self.size_um, self.shape, self.n_tissue, self.n_lattice)
+        if self.n_nan:
+            log.warning("%d of %d %ss touch no covered map pixel and are left out", self.n_nan,
+                        self.n_tissue, self.shape)
+
+
+@dataclass
+class StreamedTableInfo:
+    """What :func:`stream_dense_tables` wrote for one table: its file, rows and the seconds
+    spent on it (its lattice, its share of the map reads, its writes)."""
+
+    path: Path
+    n_rows: int
+    seconds: float
+
+
+def stream_dense_tables(dmap: DenseMap, tiles: pd.DataFrame, scales: Sequence[tuple[str, float]],
+                        paths: Sequence[str | Path], *, geo: dict,
+                        tissue: Callable[[np.ndarray], np.ndarray], info: dict,
+                        spacing_um: float | None = None) -> list[StreamedTableInfo]:
+    """Pseudo-spot (``("disc", diameter)``) and bin (``("square", side)``) tables read out of
+    ``dmap`` over the tissue tiles, each written to its ``paths`` entry block by block
+    (:class:`~histomap.data.streamed_table.StreamedTable`): the tables :func:`_table` would make
+    of the whole lattices, never held in memory. The tables move down the map together (the one
+    furthest behind goes next) through one cache of map rows, so the map is read once for all
+    of them. ``tissue`` tells which level-0 centres lie on tissue (:func:`tissue_lookup`)."""
+    if len(scales) != len(paths):
+        raise ValueError("one output path per table")
+    maps = MapRows(dmap, consumers=len(scales))
+    with contextlib.ExitStack() as stack:
+        streams = []
+        for i, ((shape, size), path) in enumerate(zip(scales, paths)):
+            prefix = "spot" if shape == "disc" else "bin"
+            empty = lattice_spots(np.zeros((0, 2)), np.zeros((0, 2), np.int64),
+                                  diameter_um=size, prefix=prefix, sample=geo["sample"],
+                                  platform=geo["platform"], mpp=float(geo["mpp"]),
+                                  image=geo["image"])
+            template = _table(np.zeros((0, len(dmap.genes)), np.float32), empty, dmap.genes,
+                              shape, size, info, spatial=geo.get("spatial"))
+            table = stack.enter_context(StreamedTable(
+                path, dmap.genes, uns=template.uns, obsm={"spatial": 2},
+                obs_columns={"diameter_um": np.float64, "shape": [shape],
+                             "array_row": np.int64, "array_col": np.int64}))
+            streams.append(_TableStream(dmap, tiles, shape, size, path, table, geo=geo,
+                                        tissue=tissue, maps=maps.view(i),
+                                        spacing_um=spacing_um))
+        active = list(range(len(streams)))
+        while active:
+            i = min(active, key=maps.position)
+            if not streams[i].step():
+                maps.done(i)
+                active.remove(i)
+    return [StreamedTableInfo(Path(s.path), s.table.n_rows, s.seconds) for s in streams]
 
 
 def spot_model_tables(bundle: Bundle | str | Path, slide_path: str | Path,

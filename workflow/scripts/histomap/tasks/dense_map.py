@@ -90,6 +90,7 @@ from histomap.disk_space import check_dense_map_space
 from histomap.errors import InputError
 from histomap.interrupt import check, deferred, requested, resumable_output
 from histomap.logs import Progress
+from histomap.models.fuse import fold_batchnorm
 from histomap.models.roi import discs_from_spots, roi_aggregate
 from histomap.outputs import remove_path, write_text_atomic
 from histomap.tasks.dense_grid import (BandAccumulator, DenseGrid, blend_weights, coverage_mask,
@@ -189,6 +190,9 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).eval()
     start = time.perf_counter()
+    probe = torch.rand(1, 3, tile_px, tile_px, generator=torch.Generator().manual_seed(0)).to(
+        device).contiguous(memory_format=memory_format)
+    fused = fold_batchnorm(model, probe)  # the same function, a quarter faster on a CPU
     with open_slide(slide_path) as slide:
         mpp0 = slide_mpp(slide, slide_path)
         grid = plan_grid(boxes, slide_mpp=mpp0, input_mpp=input_mpp, out_stride=out_stride,
@@ -211,7 +215,7 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                           batch_size=batch_size, band_tile_rows=band_tile_rows, attrs=attrs)
         with resumable_output(out_zarr) as (tmp, existed):
             resume = _read_progress(tmp, key) if existed else None
-            _write_dense(model, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
+            _write_dense(fused, slide, grid, mask, todo, tmp, genes=genes, dtype=dtype,
                          batch_size=batch_size, band_tile_rows=band_tile_rows, device=device,
                          amp_type=amp_type, attrs=attrs, key=key, resume=resume,
                          memory_format=memory_format)

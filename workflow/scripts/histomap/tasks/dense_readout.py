@@ -99,12 +99,19 @@ def hex_blocks(tiles: pd.DataFrame, mpp: float, spacing_um: float, rows_per_bloc
 # --------------------------------------------------------------------------- map reading
 class MapRows:
     """Rows of a dense map, masked (value x mask) and float32, read one chunk row at a time and
-    kept while the read-out moves down the map (at most two chunk rows besides a request)."""
+    kept while the read-outs move down the map.
 
-    def __init__(self, dmap: DenseMap):
+    ``consumers`` read-outs (tables) can share it: each says who it is (:meth:`rows`'s
+    ``consumer``) and a chunk row is dropped once every consumer has asked for rows below it
+    (:meth:`done` takes a finished one out), so read-outs that move down together
+    (:func:`stream_tables`) read each chunk of the map once. A row asked for again after it was
+    dropped is read again: the cache changes the speed, never the values."""
+
+    def __init__(self, dmap: DenseMap, consumers: int = 1):
         self.dmap = dmap
         self.band = int(dmap.dense.chunks[1]) if hasattr(dmap.dense, "chunks") else 256
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.first = [0.0] * consumers  # the first chunk row each consumer still needs
 
     def _load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self.cache:
@@ -114,16 +121,44 @@ class MapRows:
             self.cache[k] = (values, mask)
         return self.cache[k]
 
-    def rows(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    def view(self, consumer: int) -> _ConsumerRows:
+        """What consumer ``consumer`` reads through (``rows(y0, y1)``)."""
+        return _ConsumerRows(self, consumer)
+
+    def position(self, consumer: int = 0) -> float:
+        """The first map row that ``consumer`` last asked for (inf once done)."""
+        return self.first[consumer] * self.band
+
+    def done(self, consumer: int = 0) -> None:
+        """``consumer`` reads no more rows."""
+        self.first[consumer] = math.inf
+        self._evict()
+
+    def _evict(self) -> None:
+        low = min(self.first)
+        for k in [k for k in self.cache if k < low]:
+            del self.cache[k]
+
+    def rows(self, y0: int, y1: int, consumer: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(values (genes, y1 - y0, W), mask (y1 - y0, W)) for map rows [y0, y1)."""
         first, last = y0 // self.band, (y1 - 1) // self.band
-        for k in [k for k in self.cache if k < first]:
-            del self.cache[k]
+        self.first[consumer] = first
+        self._evict()
         parts = [self._load(k) for k in range(first, last + 1)]
         lo = y0 - first * self.band
         values = np.concatenate([p[0] for p in parts], axis=1)[:, lo:lo + y1 - y0]
         mask = np.concatenate([p[1] for p in parts], axis=0)[lo:lo + y1 - y0]
         return values, mask
+
+
+class _ConsumerRows:
+    """One consumer's reads of a shared :class:`MapRows`."""
+
+    def __init__(self, maps: MapRows, consumer: int):
+        self.maps, self.consumer = maps, consumer
+
+    def rows(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.maps.rows(y0, y1, self.consumer)
 
 
 # --------------------------------------------------------------------------- bins
@@ -147,7 +182,7 @@ class BinReader:
     """Area-weighted means of a dense map over square bins of side ``bin_um`` (lattice anchored
     at the slide's top-left corner): :meth:`read` takes a block of (row, col) positions."""
 
-    def __init__(self, dmap: DenseMap, bin_um: float, maps: MapRows | None = None):
+    def __init__(self, dmap: DenseMap, bin_um: float, maps: MapRows | _ConsumerRows | None = None):
         self.dmap, self.bin_um = dmap, float(bin_um)
         self.maps = maps or MapRows(dmap)
         self.height, self.width = dmap.mask.shape
@@ -198,11 +233,14 @@ def rows_per_block(n_cols: float, n_genes: int, row_px: float | None = None) -> 
 
 
 def readout_blocks(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: float, *,
-                   mpp: float, spacing_um: float | None = None
+                   mpp: float, spacing_um: float | None = None,
+                   maps: MapRows | _ConsumerRows | None = None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(centres, (row, col), values (n, genes)) per block of a lattice over the tissue tiles:
     discs of ``size_um`` on the hexagonal lattice of ``spacing_um`` (default: touching) read by
-    :func:`spots_from_dense`, or squares of side ``size_um`` by :class:`BinReader`."""
+    :func:`spots_from_dense`, or squares of side ``size_um`` by :class:`BinReader`; the map's
+    rows through ``maps`` (default: a cache of this read-out's own)."""
+    maps = maps or MapRows(dmap)
     x0, _, x1, _ = tiles_bbox(tiles)
     n_genes = len(dmap.genes)
     if shape == "disc":
@@ -210,7 +248,6 @@ def readout_blocks(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: flo
         n_cols = (x1 - x0) * mpp / spacing
         blocks = hex_blocks(tiles, mpp, spacing, rows_per_block(
             n_cols, n_genes, spacing * math.sqrt(3) / 2 / dmap.mpp))
-        maps = MapRows(dmap)
         read: Callable[[np.ndarray, np.ndarray], np.ndarray] = \
             lambda xy, rc: spots_from_dense(dmap, xy, size_um, dmap.slide_mpp, mode="mean",
                                             map_rows=maps)
@@ -218,7 +255,7 @@ def readout_blocks(dmap: DenseMap, tiles: pd.DataFrame, shape: str, size_um: flo
         n_cols = (x1 - x0) * mpp / size_um
         blocks = square_blocks(tiles, mpp, size_um,
                                rows_per_block(n_cols, n_genes, size_um / dmap.mpp))
-        reader = BinReader(dmap, size_um)
+        reader = BinReader(dmap, size_um, maps)
         read = lambda xy, rc: reader.read(rc)  # noqa: E731
     else:
         raise ValueError(f"shape must be 'disc' or 'square', got {shape!r}")
