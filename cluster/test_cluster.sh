@@ -405,13 +405,18 @@ log "time-limit check: train_stnet P1 under a 2-minute SLURM limit"
 # again with enough epochs for 200 s at the epoch time of its own uninterrupted local run, and at
 # least twice as many (up to 3 tries); so is one whose limit struck only after its last epoch.
 TL_TARGET_S=${TL_TARGET_S:-300}
-EPOCHS=$("$PY" - "$WORK/local/results/models/stnet/P1/seed0/train_log.csv" "$TL_TARGET_S" <<'PY'
+TL_LOG="$WORK/local/results/models/stnet/P1/seed0/train_log.csv"
+# epochs_for SECONDS STAT MIN: epochs for SECONDS of training at the STAT ("min" or "median")
+# epoch time of the local run's train log, at most 4000 and at least MIN
+epochs_for() {
+  "$PY" - "$TL_LOG" "$1" "$2" "$3" <<'PY'
 import math, sys
 import pandas as pd
-per_epoch = float(pd.read_csv(sys.argv[1])["seconds"].min())  # the local run shared the CPUs
-print(min(4000, max(8, math.ceil(float(sys.argv[2]) / max(per_epoch, 0.05)))))
+per_epoch = float(getattr(pd.read_csv(sys.argv[1])["seconds"], sys.argv[3])())
+print(max(int(sys.argv[4]), min(4000, math.ceil(float(sys.argv[2]) / max(per_epoch, 0.01)))))
 PY
-)
+}
+EPOCHS=$(epochs_for "$TL_TARGET_S" min 8)  # min: the demo's local run shared the CPUs
 TL_TARGET=results/models/stnet/P1/seed0/model.pt
 # whether an attempt of the last SLURM run was stopped by SIGTERM (a limit that strikes after
 # the last epoch, while Snakemake finishes the job, stops nothing the check can see)
@@ -445,13 +450,7 @@ for TL_TRY in 1 2 3; do
   fi
   # the epoch time of this try's uninterrupted local run (same thread count, same neighbour)
   # (200 s: an accurate estimate needs no margin beyond the 150 s a first attempt can last)
-  EPOCHS=$("$PY" - "$WORK/local/results/models/stnet/P1/seed0/train_log.csv" 200 "$EPOCHS" <<'PY'
-import math, sys
-import pandas as pd
-per_epoch = float(pd.read_csv(sys.argv[1])["seconds"].median())
-print(max(2 * int(sys.argv[3]), math.ceil(float(sys.argv[2]) / max(per_epoch, 0.01))))
-PY
-)
+  EPOCHS=$(epochs_for 200 median $((2 * EPOCHS)))
   log "  no attempt was stopped by the limit during its training; again with $EPOCHS epochs"
 done
 tl_checks() { show_tail "$WORK/slurm/timelimit_run.log" 60; fail "time-limit checks"; }
