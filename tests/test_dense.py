@@ -95,9 +95,9 @@ def test_tiled_map_equals_direct_result_and_geometry(slide_path, tmp_path):
     assert dmap.origin_px == (37.0, 21.0)
     h, w = dmap.mask.shape
     assert (h, w) == (int(np.ceil(250 / 4)), 75)
-    # one gene a chunk; one grid step (24 input px = 6 map px) tall: every band flush writes
-    # whole chunks
-    assert dmap.dense.shape == (3, h, w) and dmap.dense.chunks == (1, 6, w)
+    # one gene a chunk, one band tall: every band flush writes whole chunks (the default band,
+    # "auto", holds every grid row of a map this small)
+    assert dmap.dense.shape == (3, h, w) and dmap.dense.chunks == (1, h, w)
     ms = dmap.attrs["multiscales"][0]
     assert dmap.n_levels == 2 and dmap.level(1).shape == (3, 32, 38)
     assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
@@ -154,13 +154,24 @@ def test_dense_map_is_valid_ome_zarr_with_pyramid(slide_path, tmp_path, caplog):
     assert trans == [0.0, 21 * MPP + 4.0, 37 * MPP + 4.0]
 
 
-def test_band_accumulator_matches_one_shot(slide_path, tmp_path):
+def test_band_accumulator_matches_one_shot(slide_path, tmp_path, monkeypatch):
+    import histomap.tasks.dense_map as dense_map
+
     kwargs = dict(input_mpp=MPP, tile_px=32, overlap_px=12, batch_size=7, device="cpu")
-    maps = [predict_dense_map(ConvModel(), slide_path, REGION, out_zarr=tmp_path / f"{b}.zarr",
-                              band_tile_rows=b, **kwargs).read() for b in (None, 1, 3)]
+    # "auto" bands of 2 grid rows: the accumulator of 4 genes + the weight, float32, 78 map px
+    # wide (15 tiles of 8 px, 5 apart) is 5 * 4 * 78 bytes a row, 8 + 5 rows for 2 grid rows
+    monkeypatch.setattr(dense_map, "BAND_BYTES", 5 * 4 * 78 * (8 + 5))
+    dmaps = [predict_dense_map(ConvModel(), slide_path, REGION, out_zarr=tmp_path / f"{b}.zarr",
+                               band_tile_rows=b, **kwargs) for b in (None, 1, 3, "auto")]
+    maps = [d.read() for d in dmaps]
     assert np.abs(maps[0]).max() > 0
-    np.testing.assert_array_equal(maps[0], maps[1])
-    np.testing.assert_array_equal(maps[0], maps[2])
+    for other in maps[1:]:
+        np.testing.assert_array_equal(maps[0], other)
+    # level-0 chunks are one band tall: 5 map px a grid row (20 input px at stride 4)
+    assert [d.dense.chunks[1] for d in dmaps[1:]] == [5, 15, 10]
+    with pytest.raises(ValueError, match="band_tile_rows"):
+        predict_dense_map(ConvModel(), slide_path, REGION, out_zarr=tmp_path / "bad.zarr",
+                          band_tile_rows="some", **kwargs)
     # a model with context differs from the one-shot result near tile borders (zero padding);
     # the overlap ramps hide those seams: away from the map edge the blend is close to the
     # direct result, far closer than hard-edged tiles

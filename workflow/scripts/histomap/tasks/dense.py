@@ -261,7 +261,7 @@ def predict_dense(model_path: str | Path, slide_path: str | Path, tiles_parquet:
                   spots_h5ad: str | Path | None, out_dense_zarr: str | Path, *,
                   tile_px: int | None = None, overlap_px: int | None = None,
                   batch_size: int = 8, device: str = "auto", dtype: str = "float32",
-                  band_tile_rows: int | None = 1, cover_um: float | None = None,
+                  band_tile_rows: int | str | None = "auto", cover_um: float | None = None,
                   cover: Sequence[tuple[str | Path, float]] = (),
                   cpu_bf16: bool | str = False):
     """Dense map (OME-zarr) of one held-out slide from a trained dense model (PixNet, iStar).

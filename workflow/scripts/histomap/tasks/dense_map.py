@@ -11,7 +11,7 @@ SpatialData) with
 * ``0``, ``1``, ...: the resolution pyramid of the map, float32 (or float16) arrays
   (genes, H_k, W_k); level ``k`` is the 2^k x 2^k block mean of level 0 (edges padded by
   repetition). Chunks hold **one gene** each, so a viewer reads one gene without reading all:
-  level 0 in rows one grid step tall (every band flush writes whole chunks,
+  level 0 in rows one band tall (every band flush writes whole chunks,
   :func:`~histomap.tasks.dense_zarr.level0_chunks`), the other levels in 256 px squares.
   Level 0 holds expression per unit map-pixel area, the unit
   :func:`histomap.models.roi.roi_aggregate` expects (log-normalised expression for PixNet);
@@ -44,12 +44,14 @@ Memory bound
 Tiles are processed one band of ``band_tile_rows`` grid rows at a time. The band accumulator
 holds ``4 * (genes + 1) * band_rows * W`` bytes with ``band_rows = (band_tile_rows - 1) * step +
 tile`` map pixels and ``W`` the map width; finished rows are normalised (one temporary of at
-most the band's size), written to zarr and dropped. Add one batch of input tiles
+most the band's size), written to zarr and dropped. ``band_tile_rows="auto"`` (the default)
+takes as many grid rows as keep the accumulator within :data:`BAND_BYTES` (64 MB), at least
+one: 50 genes on a 4.7 mm wide map at 4 um/px, 8 grid rows. Add one batch of input tiles
 (``batch_size * tile_px^2 * 3`` bytes, plus the model's activations) and the uint8 coverage mask
 (``H * W`` bytes). Example: 250 genes, 224 px tiles at 1 um/px, stride-4 maps (56 px tiles), a
-20 mm wide slide (5000 map px): ~280 MB for the band (~2x at a flush), whatever the slide's
-height. The whole-slide map itself is never held in memory: the pyramid levels are computed
-afterwards from the written level below, one block of chunks at a time (dask).
+20 mm wide slide (5000 map px): one grid row, ~280 MB for the band (~2x at a flush), whatever
+the slide's height. The whole-slide map itself is never held in memory: the pyramid levels are
+computed afterwards from the written level below, in strips of rows.
 
 Interruption and resume
 -----------------------
@@ -135,13 +137,15 @@ def _model_genes(model: nn.Module, genes: Sequence[str] | None) -> list[str]:
 
 
 def _check_options(model: nn.Module, dtype: str, batch_size: int,
-                   band_tile_rows: int | None) -> int:
+                   band_tile_rows: int | str | None) -> int:
     """Refuse bad prediction options; returns the model's ``out_stride``."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if batch_size < 1 or (band_tile_rows is not None and band_tile_rows < 1):
-        raise ValueError(f"batch_size and band_tile_rows must be >= 1, got {batch_size}, "
-                         f"{band_tile_rows}")
+    bad_rows = band_tile_rows != "auto" and band_tile_rows is not None and (
+        not isinstance(band_tile_rows, int) or band_tile_rows < 1)
+    if batch_size < 1 or bad_rows:
+        raise ValueError(f"batch_size must be >= 1 and band_tile_rows 'auto', None or >= 1, got "
+                         f"{batch_size}, {band_tile_rows!r}")
     out_stride = int(getattr(model, "out_stride", 0))
     if out_stride < 1:
         raise ValueError("the model needs an integer `out_stride` attribute (map pixel size in "
@@ -154,7 +158,7 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                       tile_px: int, overlap_px: int, out_zarr: str | Path,
                       batch_size: int = 8, device: str | torch.device = "auto",
                       genes: Sequence[str] | None = None, dtype: str = "float32",
-                      band_tile_rows: int | None = 1, amp: bool = True,
+                      band_tile_rows: int | str | None = "auto", amp: bool = True,
                       cpu_bf16: bool = False, channels_last: bool = True,
                       extra_attrs: dict | None = None) -> DenseMap:
     """Predict a dense map over the tissue tiles of a slide and write it as ``out_zarr``.
@@ -169,8 +173,9 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
         tile_px, overlap_px: prediction tile side and overlap in input pixels (multiples of
             out_stride; overlap <= tile / 2). Use the training window size for models with
             global context (PixNet's SAFB attention sees the whole tile).
-        band_tile_rows: grid rows per band (memory bound, see module docstring); None holds
-            every row at once (one-shot).
+        band_tile_rows: grid rows per band (memory bound, see module docstring); "auto" as
+            many as keep the band accumulator within :data:`BAND_BYTES` (at least one); None
+            holds every row at once (one-shot).
         dtype: "float32" or "float16" for the stored ``dense`` array (blending is float32).
         amp, cpu_bf16: autocast on CUDA (``amp``), and on the CPU too with ``cpu_bf16`` (bf16;
             see :func:`histomap.training.device.cpu_bf16_enabled`). The autocast dtype and the
@@ -210,6 +215,7 @@ def predict_dense_map(model: nn.Module, slide_path: str | Path,
                  "threads": int(torch.get_num_threads()),
                  "memory_format": "channels_last" if channels_last else "contiguous",
                  **(extra_attrs or {})}
+        band_tile_rows = band_rows_for(band_tile_rows, grid, len(genes))
         check_dense_map_space(out_zarr, len(genes), grid.height, grid.width, dtype)
         key = _resume_key(model, slide_path, grid, boxes, genes=genes, dtype=dtype,
                           batch_size=batch_size, band_tile_rows=band_tile_rows, attrs=attrs)
@@ -297,14 +303,14 @@ def _write_dense(model: nn.Module, slide, grid: DenseGrid, mask: np.ndarray,
                  amp_type: torch.dtype | None, attrs: dict, key: str = "",
                  resume: dict | None = None,
                  memory_format: torch.memory_format = torch.channels_last) -> None:
+    rows_per_band = grid.n_rows if band_tile_rows is None else min(band_tile_rows, grid.n_rows)
     root, dense, bands_done = _open_level0(
         path, (len(genes), grid.height, grid.width),
-        (1, *level0_chunks(grid.step, grid.height, grid.width)), dtype, resume)
+        (1, *level0_chunks(rows_per_band * grid.step, grid.height, grid.width)), dtype, resume)
 
     def write(top: int, rows: np.ndarray) -> None:
         dense[:, top:top + rows.shape[1], :] = rows.astype(dtype, copy=False)
 
-    rows_per_band = grid.n_rows if band_tile_rows is None else min(band_tile_rows, grid.n_rows)
     band_rows = (rows_per_band - 1) * grid.step + grid.tile
     width = max(grid.width, (grid.n_cols - 1) * grid.step + grid.tile)
     acc = BandAccumulator(len(genes), band_rows, width, mask, write)
@@ -398,6 +404,25 @@ def _finish_store(root, dense, grid: DenseGrid, mask: np.ndarray, genes: list[st
                               "input_mpp": grid.input_mpp, "out_stride": grid.out_stride,
                               "genes": genes, "n_tiles": n_tiles, **attrs}
     log.info("OME-Zarr: %d pyramid level(s), chunks %s (one gene each)", n_levels, dense.chunks)
+
+
+# "auto" bands: the accumulator holds at most this many bytes (level-0 chunks are a band tall,
+# and writing and reading whole-slide maps in taller chunks is about twice as fast in zarr:
+# benchmarks/README.md "Whole slides")
+BAND_BYTES = 64 * 2 ** 20
+
+
+def band_rows_for(band_tile_rows: int | str | None, grid: DenseGrid, n_genes: int
+                  ) -> int | None:
+    """Grid rows per band: ``band_tile_rows`` as given, or for "auto" the most whose band
+    accumulator (``4 (genes + 1) band_rows W`` bytes, module docstring) stays within
+    :data:`BAND_BYTES`, at least one and at most the grid's rows."""
+    if band_tile_rows != "auto":
+        return band_tile_rows
+    width = max(grid.width, (grid.n_cols - 1) * grid.step + grid.tile)
+    row_bytes = 4 * (n_genes + 1) * width
+    fit = (BAND_BYTES // row_bytes - grid.tile) // grid.step + 1
+    return int(min(max(1, fit), max(1, grid.n_rows)))
 
 
 def _band_batches(todo: list[tuple[int, int]], n_rows: int, rows_per_band: int,

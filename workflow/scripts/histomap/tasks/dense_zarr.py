@@ -22,11 +22,12 @@ def chunk_side(step: int) -> int:
     return step * max(1, round(CHUNK_TARGET_PX / step))
 
 
-def level0_chunks(step: int, height: int, width: int) -> tuple[int, int]:
-    """Level 0's spatial chunks (rows, columns): one grid step tall, so that every band flush of
-    the map writes whole chunks (a partly written chunk is read, decompressed, merged and
-    recompressed at each flush that touches it), and :data:`LEVEL0_CHUNK_COLS` wide."""
-    return min(max(1, int(step)), height), min(LEVEL0_CHUNK_COLS, width)
+def level0_chunks(band_px: int, height: int, width: int) -> tuple[int, int]:
+    """Level 0's spatial chunks (rows, columns): as tall as the rows one band flush writes
+    (``band_px``: the band's grid rows x the grid step), so that every flush writes whole chunks
+    (a partly written chunk is read, decompressed, merged and recompressed at each flush that
+    touches it), and :data:`LEVEL0_CHUNK_COLS` wide."""
+    return min(max(1, int(band_px)), height), min(LEVEL0_CHUNK_COLS, width)
 
 
 def n_pyramid_levels(height: int, width: int, min_px: int = PYRAMID_MIN_PX) -> int:
