@@ -240,3 +240,20 @@ def test_no_valid_spot_keeps_the_graph():
     assert torch.equal(out.detach(), torch.zeros(2, 4, 3))
     out.sum().backward()
     assert torch.equal(dense.grad, torch.zeros_like(dense))
+
+
+def test_discs_sharing_their_place_in_a_pixel_share_one_window_computation():
+    """A lattice's discs (equal radius, equal offset from the pixel grid) are computed once per
+    distinct (place, radius): the windows equal those of each disc computed on its own."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:4, 0:6]
+    lattice = np.column_stack([(cols.ravel() + 0.5 * (rows.ravel() % 2)) * 12.5 + 3.3,
+                               rows.ravel() * 10.825 + 1.7])
+    centres = torch.from_numpy(np.concatenate([lattice, rng.uniform(0, 60, (5, 2))]))
+    radii = torch.cat([torch.full((len(lattice),), 6.25), torch.full((5,), 2.4)]).double()
+    areas, cols_, rows_ = disc_pixel_areas(centres, radii, 7)
+    for i in range(len(centres)):
+        one = disc_pixel_areas(centres[i:i + 1], radii[i:i + 1], 7)
+        assert torch.equal(areas[i], one[0][0])
+        assert torch.equal(cols_[i], one[1][0]) and torch.equal(rows_[i], one[2][0])
+    torch.testing.assert_close(areas.sum(dim=(1, 2)), np.pi * radii ** 2, rtol=1e-9, atol=0)

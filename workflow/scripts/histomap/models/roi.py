@@ -73,9 +73,27 @@ def disc_pixel_areas(centres: torch.Tensor, radii: torch.Tensor, half_width: int
     offsets = torch.arange(-half_width, half_width + 2, device=centres.device,
                            dtype=centres.dtype)                       # 2k + 2 pixel edges
     base = torch.floor(centres)                                       # (N, 2)
+    # the window's areas depend on the centre's place within its pixel and the radius only:
+    # discs on a lattice (a row of pseudo-spots, a Visium array) share them, so each distinct
+    # (place, radius) is computed once
+    key = torch.cat([centres - base, radii[:, None].to(centres.dtype)], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(unique) < len(key):
+        areas = _window_disc_areas(unique[:, :2], unique[:, 2], offsets)[inverse]
+    else:
+        areas = _window_disc_areas(key[:, :2], key[:, 2], offsets)
+    cols = base[:, 0:1].long() + offsets[:-1].long()
+    rows = base[:, 1:2].long() + offsets[:-1].long()
+    return areas, cols, rows
+
+
+def _window_disc_areas(place: torch.Tensor, radii: torch.Tensor, offsets: torch.Tensor
+                       ) -> torch.Tensor:
+    """(N, 2k+1, 2k+1) disc-pixel areas of :func:`disc_pixel_areas` for discs whose centres
+    lie at ``place`` (N, 2) in [0, 1)^2 within their pixel."""
     r = torch.clamp(radii, min=1e-12)[:, None, None]
-    x_edges = (base[:, 0:1] + offsets - centres[:, 0:1])[:, None, :]  # (N, 1, 2k+2)
-    y_edges = (base[:, 1:2] + offsets - centres[:, 1:2])[:, :, None]  # (N, 2k+2, 1)
+    x_edges = (offsets - place[:, 0:1])[:, None, :]                   # (N, 1, 2k+2)
+    y_edges = (offsets - place[:, 1:2])[:, :, None]                   # (N, 2k+2, 1)
     corner = _signed_corner_area(x_edges, y_edges, r)                 # (N, 2k+2, 2k+2)
     areas = corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
     areas = torch.clamp(areas, min=0.0)  # remove round-off negatives far outside the disc
@@ -83,11 +101,8 @@ def disc_pixel_areas(centres: torch.Tensor, radii: torch.Tensor, half_width: int
     # round-off there, which would give a disc lying off the map a spurious mean)
     in_x = (x_edges[..., 1:] > -r) & (x_edges[..., :-1] < r)          # (N, 1, 2k+1)
     in_y = (y_edges[:, 1:, :] > -r) & (y_edges[:, :-1, :] < r)        # (N, 2k+1, 1)
-    areas = torch.where(in_x & in_y, areas, torch.zeros((), dtype=areas.dtype,
-                                                         device=areas.device))
-    cols = base[:, 0:1].long() + offsets[:-1].long()
-    rows = base[:, 1:2].long() + offsets[:-1].long()
-    return areas, cols, rows
+    return torch.where(in_x & in_y, areas, torch.zeros((), dtype=areas.dtype,
+                                                        device=areas.device))
 
 
 def square_pixel_areas(centres: torch.Tensor, half_sides: torch.Tensor, half_width: int

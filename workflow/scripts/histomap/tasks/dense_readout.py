@@ -116,8 +116,9 @@ class MapRows:
     def _load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self.cache:
             y0, y1 = k * self.band, min((k + 1) * self.band, self.dmap.mask.shape[0])
-            mask = np.asarray(self.dmap.mask[y0:y1, :], dtype=np.float32)
+            mask = np.array(self.dmap.mask[y0:y1, :], dtype=np.float32)  # own copy
             values = self.dmap.read(y0, y1) * mask[None]
+            values.flags.writeable = mask.flags.writeable = False  # handed out as views
             self.cache[k] = (values, mask)
         return self.cache[k]
 
@@ -140,15 +141,20 @@ class MapRows:
             del self.cache[k]
 
     def rows(self, y0: int, y1: int, consumer: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(values (genes, y1 - y0, W), mask (y1 - y0, W)) for map rows [y0, y1)."""
+        """(values (genes, y1 - y0, W), mask (y1 - y0, W)) for map rows [y0, y1): views of the
+        cache when the rows lie in one chunk row, else a copy of just those rows (read-only)."""
         first, last = y0 // self.band, (y1 - 1) // self.band
         self.first[consumer] = first
         self._evict()
-        parts = [self._load(k) for k in range(first, last + 1)]
-        lo = y0 - first * self.band
-        values = np.concatenate([p[0] for p in parts], axis=1)[:, lo:lo + y1 - y0]
-        mask = np.concatenate([p[1] for p in parts], axis=0)[lo:lo + y1 - y0]
-        return values, mask
+        parts = []
+        for k in range(first, last + 1):
+            values, mask = self._load(k)
+            a, b = max(y0 - k * self.band, 0), min(y1 - k * self.band, mask.shape[0])
+            parts.append((values[:, a:b], mask[a:b]))
+        if len(parts) == 1:
+            return parts[0]
+        return (np.concatenate([p[0] for p in parts], axis=1),
+                np.concatenate([p[1] for p in parts], axis=0))
 
 
 class _ConsumerRows:
