@@ -26,7 +26,7 @@ COMMANDS = [
       "config/her2st_pixnet_mse_3seeds.yaml"], "results/report/benchmark.md"),
     (["config/her2st.yaml", "config/her2st_nested.yaml"], "results/report/nested_choices.md"),
     (["config/her2st.yaml", "config/her2st_stain.yaml"], "results/report/nested_choices.md"),
-    (["config/her2st.yaml", "config/her2st_stain.yaml", "config/one_seed.yaml"],
+    (["config/her2st.yaml", "config/her2st_stain.yaml", "config/her2st_b4.yaml"],
      "results/report/benchmark.md"),
     (["config/her2st.yaml", "config/her2st_sr_data.yaml"], "results/report/superres.md"),
     (["config/cross_scale.yaml"], None),
