@@ -89,18 +89,14 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor | None = None,
     is returned unchecked."""
     if model.training:
         raise ValueError("fold_batchnorm is for a model in eval mode (model.eval())")
+    if not _pairs(model):
+        return model  # nothing to fold (a ViT, say): no copy of the weights
     fused = copy.deepcopy(model)
-    n = 0
-    for parent in fused.modules():
-        names = list(parent._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = _last_conv(parent._modules[a]), parent._modules[b]
-            if bn is not None and _foldable(conv, bn):
-                _fold_pair(conv, bn)
-                parent._modules[b] = _after_norm(bn)
-                n += 1
-    if n == 0:
-        return model
+    pairs = _pairs(fused)
+    for parent, name, conv, bn in pairs:
+        _fold_pair(conv, bn)
+        parent._modules[name] = _after_norm(bn)
+    n = len(pairs)
     if probe is not None:
         run = forward or (lambda m, x: m(x))
         with torch.no_grad():
@@ -113,6 +109,18 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor | None = None,
             return model
     log.debug("%s: %d BatchNorm(s) folded into their convolutions", type(model).__name__, n)
     return fused
+
+
+def _pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn.Module]]:
+    """(parent, BatchNorm's name, convolution, BatchNorm) of every foldable pair of ``model``."""
+    pairs = []
+    for parent in model.modules():
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = _last_conv(parent._modules[a]), parent._modules[b]
+            if bn is not None and _foldable(conv, bn):
+                pairs.append((parent, b, conv, bn))
+    return pairs
 
 
 def _tensors(out) -> list[torch.Tensor]:

@@ -299,13 +299,16 @@ class _TableStream:
         """Read and append the next block; False when the lattice is done."""
         start = time.perf_counter()
         try:
-            xy, rc, values = next(self.blocks)
-        except StopIteration:
-            self._finish()
-            return False
+            block = next(self.blocks, None)
+            if block is None:
+                self._finish()
+                return False
+            self._append(*block)
+            return True
         finally:
             self.seconds += time.perf_counter() - start
-        start = time.perf_counter()
+
+    def _append(self, xy: np.ndarray, rc: np.ndarray, values: np.ndarray) -> None:
         on = self.tissue(xy)
         nan = np.isnan(values).any(axis=1) & on
         keep = on & ~nan
@@ -316,8 +319,6 @@ class _TableStream:
                           {"diameter_um": np.full(n, size), "shape": [self.shape] * n,
                            "array_row": rc[keep, 0], "array_col": rc[keep, 1]},
                           {"spatial": xy[keep]})
-        self.seconds += time.perf_counter() - start
-        return True
 
     def _finish(self) -> None:
         log.info("%g um %ss: %d of %d lattice points in tissue tiles lie on tissue",
