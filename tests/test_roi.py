@@ -247,8 +247,8 @@ def test_discs_sharing_their_place_in_a_pixel_share_one_window_computation():
     distinct (place, radius): the windows equal those of each disc computed on its own."""
     rng = np.random.default_rng(0)
     rows, cols = np.mgrid[0:4, 0:6]
-    lattice = np.column_stack([(cols.ravel() + 0.5 * (rows.ravel() % 2)) * 12.5 + 3.3,
-                               rows.ravel() * 10.825 + 1.7])
+    xs = (cols.ravel() + 0.5 * (rows.ravel() % 2)) * 12.5 + 3.3
+    lattice = np.column_stack([xs, rows.ravel() * 10.825 + 1.7])
     centres = torch.from_numpy(np.concatenate([lattice, rng.uniform(0, 60, (5, 2))]))
     radii = torch.cat([torch.full((len(lattice),), 6.25), torch.full((5,), 2.4)]).double()
     areas, cols_, rows_ = disc_pixel_areas(centres, radii, 7)

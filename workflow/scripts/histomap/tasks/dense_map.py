@@ -46,9 +46,9 @@ holds ``4 * (genes + 1) * band_rows * W`` bytes with ``band_rows = (band_tile_ro
 tile`` map pixels and ``W`` the map width; finished rows are normalised (one temporary of at
 most the band's size), written to zarr and dropped. ``band_tile_rows="auto"`` (the default)
 takes as many grid rows as keep the accumulator within :data:`BAND_BYTES` (64 MB), at least
-one: 50 genes on a 4.7 mm wide map at 4 um/px, 8 grid rows. Add one batch of input tiles
-(``batch_size * tile_px^2 * 3`` bytes, plus the model's activations) and the uint8 coverage mask
-(``H * W`` bytes). Example: 250 genes, 224 px tiles at 1 um/px, stride-4 maps (56 px tiles), a
+one: 50 genes on a 5.6 mm wide map at 4 um/px, 7 grid rows of 160 px tiles. Add one batch of
+input tiles (``batch_size * tile_px^2 * 3`` bytes, plus the model's activations) and the uint8
+coverage mask (``H * W`` bytes). Example: 250 genes, 224 px tiles at 1 um/px, stride-4 maps (56 px tiles), a
 20 mm wide slide (5000 map px): one grid row, ~280 MB for the band (~2x at a flush), whatever
 the slide's height. The whole-slide map itself is never held in memory: the pyramid levels are
 computed afterwards from the written level below, in strips of rows.

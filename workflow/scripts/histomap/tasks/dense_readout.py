@@ -104,8 +104,9 @@ class MapRows:
     ``consumers`` read-outs (tables) can share it: each says who it is (:meth:`rows`'s
     ``consumer``) and a chunk row is dropped once every consumer has asked for rows below it
     (:meth:`done` takes a finished one out), so read-outs that move down together
-    (:func:`stream_tables`) read each chunk of the map once. A row asked for again after it was
-    dropped is read again: the cache changes the speed, never the values."""
+    (:func:`histomap.tasks.apply.stream_dense_tables`) read each chunk of the map once. A row
+    asked for again after it was dropped is read again: the cache changes the speed, never the
+    values."""
 
     def __init__(self, dmap: DenseMap, consumers: int = 1):
         self.dmap = dmap
@@ -188,7 +189,8 @@ class BinReader:
     """Area-weighted means of a dense map over square bins of side ``bin_um`` (lattice anchored
     at the slide's top-left corner): :meth:`read` takes a block of (row, col) positions."""
 
-    def __init__(self, dmap: DenseMap, bin_um: float, maps: MapRows | _ConsumerRows | None = None):
+    def __init__(self, dmap: DenseMap, bin_um: float,
+                 maps: MapRows | _ConsumerRows | None = None):
         self.dmap, self.bin_um = dmap, float(bin_um)
         self.maps = maps or MapRows(dmap)
         self.height, self.width = dmap.mask.shape
